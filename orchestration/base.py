@@ -1,0 +1,58 @@
+"""The executor interface: run a set of shard plans (each from some stage to the last) to completion."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from shards.spec import TrainSpec
+from shards.storage import Storage
+
+
+@dataclass
+class ShardPlan:
+    """Train ``shard`` from ``start_stage`` (1-based) to the last stage.
+
+    ``prev`` is the manifest entry of the checkpoint after ``start_stage - 1`` (None: fresh init).
+    """
+
+    shard: int
+    start_stage: int
+    slices: list[dict]
+    prev: dict | None = None
+    # filled while running
+    checkpoints: list[dict] = field(default_factory=list)
+    metrics: list[dict] = field(default_factory=list)
+    attempts: int = 0
+
+    @property
+    def next_stage(self) -> int:
+        return self.start_stage + len(self.checkpoints)
+
+    @property
+    def last(self) -> dict | None:
+        return self.checkpoints[-1] if self.checkpoints else self.prev
+
+    def record(self, entry: dict, metrics: dict) -> None:
+        self.checkpoints.append(entry)
+        self.metrics.append(metrics)
+
+
+StageCallback = Callable[[ShardPlan, dict, dict], None]
+
+
+class Executor:
+    """Runs plans; ``on_stage(plan, entry, metrics)`` is called on the driver after every stage."""
+
+    name = "base"
+
+    def run(
+        self, storage: Storage, spec: TrainSpec, plans: list[ShardPlan], on_stage: StageCallback | None = None
+    ) -> list[ShardPlan]:
+        raise NotImplementedError
+
+    def drop_caches(self) -> None:
+        """Forget cached shard data (called after a deletion)."""
+
+    def shutdown(self) -> None:
+        pass

@@ -1,0 +1,39 @@
+"""Runs every shard in this process, one after another. For debugging: no Ray, same weights."""
+
+from __future__ import annotations
+
+from orchestration.base import Executor, ShardPlan, StageCallback
+from shards.errors import ShardTrainingError, SisaError
+from shards.job import StageRunner
+from shards.spec import TrainSpec
+from shards.storage import Storage
+
+
+class InProcessExecutor(Executor):
+    name = "inprocess"
+
+    def __init__(self):
+        self.runner = StageRunner()
+
+    def run(
+        self, storage: Storage, spec: TrainSpec, plans: list[ShardPlan], on_stage: StageCallback | None = None
+    ) -> list[ShardPlan]:
+        for plan in plans:
+            while plan.next_stage <= spec.slices:
+                try:
+                    entry, metrics = self.runner.run(storage, spec, plan.shard, plan.next_stage, plan.slices, plan.last)
+                except SisaError:
+                    raise
+                except Exception as e:
+                    raise ShardTrainingError(
+                        f"shard {plan.shard} failed at stage {plan.next_stage}: {type(e).__name__}: {e}",
+                        shard=plan.shard,
+                        stage=plan.next_stage,
+                    ) from e
+                plan.record(entry, metrics)
+                if on_stage:
+                    on_stage(plan, entry, metrics)
+        return plans
+
+    def drop_caches(self) -> None:
+        self.runner.drop_cache()

@@ -1,0 +1,148 @@
+"""Shards on Ray: a pool of warm actors, one shard per actor at a time, one call per stage.
+
+Each actor imports torch and Lightning once and caches shard data, so deletions do not pay start-up.
+A stage call that fails because its worker or node died is re-sent to a fresh actor, resuming from the
+last stage checkpoint the driver has seen; errors of our own (corrupt checkpoint, bad model) are not
+retried and carry the shard that failed.
+"""
+
+from __future__ import annotations
+
+import ray
+from ray.exceptions import RayActorError, RayError, RayTaskError
+
+from orchestration.base import Executor, ShardPlan, StageCallback
+from orchestration.cluster import capacity, connect
+from shards.errors import ShardTrainingError, SisaError
+from shards.job import StageRunner
+from shards.spec import TrainSpec
+from shards.storage import Storage
+
+
+class ShardWorker:
+    """The actor body; kept warm between calls."""
+
+    def __init__(self, threads: int):
+        import torch
+
+        torch.set_num_threads(threads)
+        self.runner = StageRunner()
+
+    def run(self, storage, spec, shard, stage, slices, prev):
+        return self.runner.run(storage, spec, shard, stage, slices, prev)
+
+    def drop_cache(self):
+        self.runner.drop_cache()
+
+    def ping(self):
+        return True
+
+
+class RayExecutor(Executor):
+    name = "ray"
+
+    def __init__(
+        self,
+        address=None,
+        num_cpus_per_shard=1.0,
+        num_gpus_per_shard=0.0,
+        max_retries=3,
+        local_num_cpus=None,
+        max_workers=None,
+        threads=1,
+    ):
+        self.address, self.local_num_cpus = address, local_num_cpus
+        self.num_cpus, self.num_gpus = num_cpus_per_shard, num_gpus_per_shard
+        self.max_retries, self.max_workers, self.threads = max_retries, max_workers, threads
+        self.actors: list = []
+
+    def _ensure_actors(self, wanted: int) -> None:
+        connect(self.address, self.local_num_cpus)
+        limit = capacity(self.num_cpus, self.num_gpus)
+        if self.max_workers:
+            limit = min(limit, self.max_workers)
+        cls = ray.remote(num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_restarts=0)(ShardWorker)
+        while len(self.actors) < min(wanted, limit):
+            self.actors.append(cls.remote(self.threads))
+
+    def _replace(self, actor):
+        try:
+            ray.kill(actor)
+        except Exception:
+            pass
+        cls = ray.remote(num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_restarts=0)(ShardWorker)
+        new = cls.remote(self.threads)
+        self.actors[self.actors.index(actor)] = new
+        return new
+
+    def run(
+        self, storage: Storage, spec: TrainSpec, plans: list[ShardPlan], on_stage: StageCallback | None = None
+    ) -> list[ShardPlan]:
+        todo = [p for p in plans if p.next_stage <= spec.slices]
+        if not todo:
+            return plans
+        self._ensure_actors(len(todo))
+        queue = list(todo)
+        free = list(self.actors)
+        pending: dict = {}  # ref -> (actor, plan)
+
+        def submit(actor, plan):
+            ref = actor.run.remote(storage, spec, plan.shard, plan.next_stage, plan.slices, plan.last)
+            pending[ref] = (actor, plan)
+
+        while queue and free:
+            submit(free.pop(), queue.pop(0))
+        while pending:
+            [ref], _ = ray.wait(list(pending), num_returns=1)
+            actor, plan = pending.pop(ref)
+            try:
+                entry, metrics = ray.get(ref)
+            except RayError as e:
+                actor = self._handle_failure(e, actor, plan)
+                submit(actor, plan)
+                continue
+            plan.record(entry, metrics)
+            if on_stage:
+                on_stage(plan, entry, metrics)
+            if plan.next_stage <= spec.slices:
+                submit(actor, plan)
+            elif queue:
+                submit(actor, queue.pop(0))
+        return plans
+
+    def _handle_failure(self, e: RayError, actor, plan: ShardPlan):
+        """Decide whether a failed stage call is retried; returns the actor to retry on."""
+        where = f"shard {plan.shard} stage {plan.next_stage}"
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, SisaError):
+            cause.detail.setdefault("shard", plan.shard)
+            cause.detail.setdefault("stage", plan.next_stage)
+            raise cause from None
+        plan.attempts += 1
+        if plan.attempts > self.max_retries:
+            raise ShardTrainingError(
+                f"{where} failed {plan.attempts} times, last: {type(e).__name__}: {_short(e)}. "
+                "Check the workers' logs; raise cluster.max_retries if the cluster is flaky",
+                shard=plan.shard,
+                stage=plan.next_stage,
+            ) from e
+        if isinstance(e, RayActorError) or not isinstance(e, RayTaskError):
+            return self._replace(actor)
+        return actor
+
+    def drop_caches(self) -> None:
+        if self.actors:
+            ray.get([a.drop_cache.remote() for a in self.actors])
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            try:
+                ray.kill(a)
+            except Exception:
+                pass
+        self.actors = []
+
+
+def _short(e: Exception) -> str:
+    s = str(e).strip().splitlines()
+    return s[-1] if s else ""

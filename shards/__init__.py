@@ -1,0 +1,4 @@
+"""Data side of sisa: partitioning, the shard/slice store, checkpoints and one shard's sliced training.
+
+Knows nothing of Ray or MLflow.
+"""

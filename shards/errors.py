@@ -1,0 +1,56 @@
+"""The one exception tree of sisa.
+
+It lives in the lowest layer so that workers can raise it; `sisa.errors` re-exports it. Every error
+pickles across Ray workers with its structured detail (``shard``, ``path``, ``ids`` ...).
+"""
+
+from __future__ import annotations
+
+
+class SisaError(Exception):
+    """Base class of every error sisa raises on purpose."""
+
+    def __init__(self, message: str, **detail):
+        super().__init__(message)
+        self.message = message
+        self.detail = detail
+        for key, value in detail.items():
+            setattr(self, key, value)
+
+    def __reduce__(self):
+        return (_rebuild, (type(self), self.message, self.detail))
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _rebuild(cls, message, detail):
+    return cls(message, **detail)
+
+
+class ConfigError(SisaError):
+    """The config is invalid; ``problems`` lists every problem found."""
+
+
+class DataError(SisaError):
+    """Training or prediction data is unusable (shape, NaN, labels, ids)."""
+
+
+class UnknownIdsError(DataError):
+    """Ids that the ensemble never held; ``ids`` holds (up to a few of) them."""
+
+
+class NotFittedError(SisaError):
+    """The ensemble was used before `fit` (or `open` of a trained workdir)."""
+
+
+class WorkdirError(SisaError):
+    """The workdir is missing, incompatible, locked or outside the allowed root."""
+
+
+class IntegrityError(SisaError):
+    """A checkpoint or store file does not match its recorded digest; ``path`` names it."""
+
+
+class ShardTrainingError(SisaError):
+    """Training a shard failed; ``shard`` and ``stage`` say where."""

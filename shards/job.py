@@ -1,0 +1,82 @@
+"""One stage of one shard as a self-contained job: read its slices and the previous checkpoint from
+storage (digest-checked), train, write the new checkpoint under a content-addressed name.
+
+The executor (in-process or a Ray actor) keeps a `StageRunner` warm: it caches decoded slices and the
+last state it produced, both keyed by digest, so a stale cache can never be used after a deletion.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from shards import training
+from shards.spec import TrainSpec
+from shards.storage import Storage
+from shards.store import read_slice
+
+
+def checkpoint_name(shard: int, stage: int, digest: str) -> str:
+    return f"ckpt/shard-{shard:03d}/stage-{stage:02d}-{digest[:12]}.pt"
+
+
+def lineage(slice_entries: list[dict], stage: int) -> str:
+    """Digest of the exact rows stage ``stage`` trained on: the chain of its slice files' digests."""
+    h = hashlib.sha256()
+    for e in slice_entries[:stage]:
+        h.update(e["sha256"].encode())
+    return h.hexdigest()
+
+
+class StageRunner:
+    def __init__(self, max_cached_slices: int = 256):
+        self._slices: dict[str, np.ndarray] = {}
+        self._state: tuple[str, dict] | None = None
+        self.max_cached_slices = max_cached_slices
+
+    def _rows(self, storage: Storage, entries: list[dict]) -> np.ndarray:
+        parts = []
+        for e in entries:
+            rows = self._slices.get(e["sha256"])
+            if rows is None:
+                rows = read_slice(storage, e)
+                if len(self._slices) >= self.max_cached_slices:
+                    self._slices.clear()
+                self._slices[e["sha256"]] = rows
+            parts.append(rows)
+        return np.concatenate(parts) if parts else np.zeros(0)
+
+    def drop_cache(self) -> None:
+        self._slices.clear()
+        self._state = None
+
+    def run(
+        self, storage: Storage, spec: TrainSpec, shard: int, stage: int, slice_entries: list[dict], prev: dict | None
+    ):
+        """Train ``stage`` (1-based); ``prev`` is the manifest entry of the checkpoint after stage-1, or None."""
+        prev_ckpt = None
+        if prev is not None:
+            if self._state is not None and self._state[0] == prev["sha256"]:
+                prev_ckpt = self._state[1]
+            else:
+                data = storage.read(prev["file"], prev["sha256"])
+                prev_ckpt = training.load_checkpoint(data, storage.describe(prev["file"]))
+        rows = self._rows(storage, slice_entries[:stage])
+        ckpt, metrics = training.run_stage(spec, shard, stage, prev_ckpt, rows, lineage(slice_entries, stage))
+        data = training.save_checkpoint(ckpt)
+        name = checkpoint_name(shard, stage, _sha(data))
+        digest = storage.write(name, data)
+        self._state = (digest, ckpt)
+        entry = {
+            "stage": stage,
+            "file": name,
+            "sha256": digest,
+            "rows": metrics["rows"],
+            "lineage": ckpt["lineage"],
+        }
+        return entry, metrics
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

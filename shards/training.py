@@ -1,0 +1,201 @@
+"""One shard's sliced training: stage r resumes from the state after stage r-1 and trains on slices 1..r.
+
+Every stage goes through the same path, straight run or resume: build the module from its seed, load the
+previous state (weights, optimizer, scheduler), train with a fresh Lightning Trainer, serialize. The data
+order and the torch RNG are re-derived from (seed, shard, stage, epoch) at every epoch start, so nothing
+else needs restoring and a resumed stage is bit-identical to a straight one.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+import warnings
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from shards.errors import IntegrityError
+from shards.models import build_module
+from shards.spec import TrainSpec, derive_seed
+
+FORMAT = 1
+logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*barebones.*")
+
+
+class _Rows(Dataset):
+    def __init__(self, X: torch.Tensor, y: torch.Tensor):
+        self.X, self.y = X, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, idx):
+        return self.X[idx], self.y[idx]
+
+
+class EpochBatches(Sampler):
+    """Yields one index tensor per batch; the order is a function of (seed, shard, stage, epoch)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, shard: int, stage: int):
+        self.n, self.batch_size = n, batch_size
+        self.key = (seed, shard, stage)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self):
+        return -(-self.n // self.batch_size)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(derive_seed(*self.key, self.epoch, "order"))
+        perm = torch.randperm(self.n, generator=g)
+        return iter(perm.split(self.batch_size))
+
+
+class _ExactResume(pl.Callback):
+    """Restores optimizer/scheduler state, reseeds per epoch and records per-epoch metrics."""
+
+    def __init__(self, spec: TrainSpec, shard: int, stage: int, opt_states, sched_states, sampler):
+        self.spec, self.shard, self.stage = spec, shard, stage
+        self.opt_states, self.sched_states, self.sampler = opt_states, sched_states, sampler
+        self.epochs: list[dict] = []
+        self._loss = 0.0
+        self._batches = 0
+        self._t0 = 0.0
+
+    def on_train_start(self, trainer, pl_module):
+        for opt, state in zip(trainer.optimizers, self.opt_states or []):
+            opt.load_state_dict(state)
+        for cfg, state in zip(trainer.lr_scheduler_configs, self.sched_states or []):
+            cfg.scheduler.load_state_dict(state)
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        epoch = trainer.current_epoch
+        torch.manual_seed(derive_seed(self.spec.seed, self.shard, self.stage, epoch, "torch"))
+        self.sampler.set_epoch(epoch)
+        self._loss, self._batches, self._t0 = 0.0, 0, time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None:
+            self._loss += float(loss)
+            self._batches += 1
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.epochs.append(
+            {
+                "epoch": trainer.current_epoch,
+                "loss": self._loss / max(1, self._batches),
+                "seconds": time.perf_counter() - self._t0,
+                "samples": self.sampler.n,
+            }
+        )
+
+    def on_train_end(self, trainer, pl_module):
+        self.opt_states = [opt.state_dict() for opt in trainer.optimizers]
+        self.sched_states = [cfg.scheduler.state_dict() for cfg in trainer.lr_scheduler_configs]
+
+
+def init_module(spec: TrainSpec, shard: int) -> pl.LightningModule:
+    torch.manual_seed(derive_seed(spec.seed, shard, "init"))
+    return build_module(spec.model, spec.model_kwargs, spec.optim, spec.input_shape, spec.num_classes)
+
+
+def load_checkpoint(data: bytes, where: str = "checkpoint") -> dict:
+    try:
+        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated zip, a pickle with forbidden globals, ...
+        raise IntegrityError(f"{where} cannot be loaded safely ({e})", path=where) from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise IntegrityError(f"{where} is not a sisa checkpoint of format {FORMAT}", path=where)
+    return ckpt
+
+
+def save_checkpoint(ckpt: dict) -> bytes:
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    return buf.getvalue()
+
+
+def run_stage(
+    spec: TrainSpec, shard: int, stage: int, prev: dict | None, rows: np.ndarray, lineage: str
+) -> tuple[dict, dict]:
+    """Train stage ``stage`` (1-based) on ``rows`` (slices 1..stage) from ``prev`` (None = fresh init).
+
+    Returns the new checkpoint dict and the stage's metrics.
+    """
+    torch.set_num_threads(spec.threads)
+    module = init_module(spec, shard)
+    opt_states, sched_states = None, None
+    if prev is not None:
+        module.load_state_dict(prev["state_dict"])
+        opt_states, sched_states = prev["optimizers"] or None, prev["schedulers"] or None
+    epochs = spec.epochs_per_stage[stage - 1]
+    n = len(rows)
+    metrics: dict = {"shard": shard, "stage": stage, "rows": n, "epochs": [], "seconds": 0.0}
+    t0 = time.perf_counter()
+    if n > 0 and epochs > 0:
+        X = torch.from_numpy(np.ascontiguousarray(rows["x"]))
+        y = torch.from_numpy(np.ascontiguousarray(rows["y"]))
+        sampler = EpochBatches(n, spec.batch_size, spec.seed, shard, stage)
+        loader = DataLoader(
+            _Rows(X, y),
+            sampler=sampler,
+            batch_size=None,
+            generator=torch.Generator().manual_seed(derive_seed(spec.seed, shard, stage, "loader")),
+        )
+        cb = _ExactResume(spec, shard, stage, opt_states, sched_states, sampler)
+        trainer = pl.Trainer(
+            accelerator=spec.accelerator,
+            devices=1,
+            max_epochs=epochs,
+            barebones=True,
+            callbacks=[cb],
+            deterministic=spec.accelerator != "cpu",
+        )
+        trainer.fit(module, train_dataloaders=loader)
+        opt_states, sched_states = cb.opt_states, cb.sched_states
+        metrics["epochs"] = cb.epochs
+        module = module.cpu()
+        metrics["train_accuracy"] = _accuracy(module, X, y)
+    metrics["seconds"] = time.perf_counter() - t0
+    ckpt = {
+        "format": FORMAT,
+        "shard": shard,
+        "stage": stage,
+        "rows": n,
+        "lineage": lineage,
+        "state_dict": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()},
+        "optimizers": _cpu(opt_states or []),
+        "schedulers": list(sched_states or []),
+    }
+    return ckpt, metrics
+
+
+@torch.no_grad()
+def _accuracy(module, X, y) -> float:
+    was = module.training
+    module.eval()
+    correct = 0
+    for i in range(0, len(y), 4096):
+        correct += int((module(X[i : i + 4096]).argmax(1) == y[i : i + 4096]).sum())
+    module.train(was)
+    return correct / max(1, len(y))
+
+
+def _cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu(v) for v in obj)
+    return obj

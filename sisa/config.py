@@ -1,0 +1,222 @@
+"""Typed config: frozen pydantic v2 models with extra="forbid", loaded from YAML, a dict or an object.
+
+`validate_file` reports every problem at once, each with a hint (and "did you mean ..." for typos).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from shards.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SyntheticData(_Strict):
+    n_samples: int = Field(4000, ge=10)
+    n_features: int = Field(20, ge=2)
+    n_informative: int = Field(10, ge=1)
+    n_classes: int = Field(4, ge=2)
+    class_sep: float = 1.0
+    flip_y: float = Field(0.02, ge=0, le=1)
+
+
+class DataConfig(_Strict):
+    source: Literal["digits", "synthetic", "npz", "csv", "parquet", "arrays"] = "arrays"
+    path: str | None = None
+    id_column: str = "id"
+    label_column: str = "label"
+    test_fraction: float = Field(0.2, ge=0, lt=1)
+    synthetic: SyntheticData = SyntheticData()
+
+    @model_validator(mode="after")
+    def _path_needed(self):
+        if self.source in ("npz", "csv", "parquet") and not self.path:
+            raise ValueError(
+                f"data.source={self.source!r} needs data.path (a file inside the workdir or an absolute path you own)"
+            )
+        return self
+
+
+class ShardingConfig(_Strict):
+    shards: int = Field(5, ge=1, le=4096)
+    slices: int = Field(4, ge=1, le=1024)
+
+
+class ModelConfig(_Strict):
+    name: str = "mlp"
+    kwargs: dict = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v in ("mlp", "cnn") or ":" in v or "." in v:
+            return v
+        hint = difflib.get_close_matches(v, ["mlp", "cnn"], n=1)
+        raise ValueError(
+            f"unknown model {v!r}; "
+            + (f"did you mean {hint[0]!r}? " if hint else "")
+            + "use 'mlp', 'cnn' or an import path 'pkg.module:LightningModuleClass'"
+        )
+
+
+class TrainingConfig(_Strict):
+    epochs: int = Field(10, ge=1)
+    schedule: Literal["paper", "uniform"] | list[int] = "paper"
+    batch_size: int = Field(64, ge=1)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.0, ge=0)
+    lr_gamma: float = Field(1.0, gt=0, le=1)
+    threads: int = Field(1, ge=1)
+
+    @field_validator("schedule")
+    @classmethod
+    def _positive(cls, v):
+        if isinstance(v, list) and (not v or any(e < 0 for e in v)):
+            raise ValueError("an explicit schedule is a non-empty list of epochs per stage, each >= 0")
+        return v
+
+
+class AggregationConfig(_Strict):
+    method: Literal["mean_proba", "majority_vote"] = "mean_proba"
+    weights: list[float] | None = None
+
+
+class ResourcesConfig(_Strict):
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+
+
+class ClusterConfig(_Strict):
+    executor: Literal["ray", "inprocess"] = "ray"
+    address: str | None = None
+    num_cpus: int | None = Field(None, ge=1)
+    max_workers: int | None = Field(None, ge=1)
+    max_retries: int = Field(3, ge=0)
+
+
+class TrackingConfig(_Strict):
+    enabled: bool = True
+    uri: str | None = None
+    experiment: str | None = None
+
+
+class StorageConfig(_Strict):
+    uri: str | None = None
+    options: dict = Field(default_factory=dict)
+
+
+class SisaConfig(_Strict):
+    name: str = "sisa"
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    sharding: ShardingConfig = ShardingConfig()
+    model: ModelConfig = ModelConfig()
+    training: TrainingConfig = TrainingConfig()
+    aggregation: AggregationConfig = AggregationConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    storage: StorageConfig = StorageConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        R, S = self.sharding.slices, self.sharding.shards
+        if isinstance(self.training.schedule, list) and len(self.training.schedule) != R:
+            raise ValueError(
+                f"training.schedule has {len(self.training.schedule)} entries but sharding.slices is {R}; give one epoch count per slice"
+            )
+        w = self.aggregation.weights
+        if w is not None and (len(w) != S or any(x < 0 for x in w) or sum(w) <= 0):
+            raise ValueError(f"aggregation.weights needs {S} non-negative numbers (one per shard), not all zero")
+        return self
+
+    def epochs_per_stage(self) -> tuple[int, ...]:
+        """The paper's schedule gives each stage about 2e/(R+1) epochs, so total work is e epochs on the shard."""
+        R, e, sched = self.sharding.slices, self.training.epochs, self.training.schedule
+        if isinstance(sched, list):
+            return tuple(sched)
+        if sched == "uniform":
+            return (e,) * R
+        return (max(1, round(2 * e / (R + 1))),) * R
+
+    def training_hash(self) -> str:
+        """Hash of everything that changes the weights: two workdirs with equal hashes are comparable."""
+        keep = {k: self.model_dump(mode="json")[k] for k in ("seed", "sharding", "model", "training")}
+        return _hash(keep)
+
+    def config_hash(self) -> str:
+        return _hash(self.model_dump(mode="json"))
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _describe(errors) -> list[str]:
+    out = []
+    for err in errors:
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            parent = _model_at(err["loc"][:-1])
+            hint = difflib.get_close_matches(str(err["loc"][-1]), list(parent.model_fields) if parent else [], n=1)
+            msg = "unknown key" + (
+                f"; did you mean {hint[0]!r}?"
+                if hint
+                else f"; allowed: {', '.join(parent.model_fields) if parent else '?'}"
+            )
+        out.append(f"{loc}: {msg}")
+    return out
+
+
+def _model_at(loc) -> type[BaseModel] | None:
+    model: type[BaseModel] = SisaConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
+def load_config(source) -> SisaConfig:
+    """A path to YAML, a dict, or a SisaConfig; raises ConfigError listing every problem."""
+    if isinstance(source, SisaConfig):
+        return source
+    origin = "config"
+    if isinstance(source, (str, Path)):
+        origin = str(source)
+        try:
+            source = yaml.safe_load(Path(source).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {origin} does not exist", problems=[f"{origin}: not found"]) from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{origin} is not valid YAML: {e}", problems=[str(e)]) from None
+    if not isinstance(source, dict):
+        raise ConfigError(
+            f"{origin}: a config is a mapping of sections, got {type(source).__name__}", problems=["not a mapping"]
+        )
+    try:
+        return SisaConfig.model_validate(source)
+    except ValidationError as e:
+        problems = _describe(e.errors())
+        raise ConfigError(
+            f"{origin} has {len(problems)} problem(s):\n  - " + "\n  - ".join(problems), problems=problems
+        ) from None
+
+
+def dump_yaml(cfg: SisaConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,64 @@
+"""The analytic cost model of SISA (Bourtoule et al. 2021), in sample-epochs.
+
+One implementation shared by `estimate_deletion_cost` and the benchmarks. Stage i of shard s trains on
+slices 1..i for e_i epochs: c_{s,i} = e_i * (d_{s,1} + ... + d_{s,i}); retraining from stage r costs
+C_{s,r} = sum_{i>=r} c_{s,i}. Stages are 1-based here, as in the paper.
+"""
+
+from __future__ import annotations
+
+
+def stage_costs(slice_rows: list[int], epochs: tuple[int, ...]) -> list[int]:
+    out, seen = [], 0
+    for d, e in zip(slice_rows, epochs):
+        seen += d
+        out.append(e * seen)
+    return out
+
+
+def retrain_cost(slice_rows: list[int], epochs: tuple[int, ...], start_stage: int) -> int:
+    """C_{s,r}: sample-epochs to retrain a shard from stage ``start_stage`` (1-based) to the end."""
+    return sum(stage_costs(slice_rows, epochs)[start_stage - 1 :])
+
+
+def full_cost(rows: list[list[int]], epochs: tuple[int, ...]) -> int:
+    """Sample-epochs of training the whole ensemble; ``rows[s][j]`` is the size of slice j of shard s."""
+    return sum(retrain_cost(r, epochs, 1) for r in rows)
+
+
+def expected_single(rows: list[list[int]], epochs: tuple[int, ...]) -> float:
+    """Exact expected cost of deleting one uniformly chosen row: (1/N) sum_rows C_{shard,slice}."""
+    n = sum(map(sum, rows))
+    total = sum(d * retrain_cost(r, epochs, j + 1) for r in rows for j, d in enumerate(r))
+    return total / max(1, n)
+
+
+def expected_batched(rows: list[list[int]], epochs: tuple[int, ...], k: int) -> float:
+    """Expected cost of K uniform, independent requests served in one batch (each shard retrained once,
+    from its earliest affected stage)."""
+    n = sum(map(sum, rows))
+    total = 0.0
+    for r in rows:
+        R = len(r)
+        before = [sum(r[:j]) / n for j in range(R + 1)]  # P(one request hits this shard before slice j)
+        for stage in range(1, R + 1):
+            p = (1 - before[stage - 1]) ** k - (1 - before[stage]) ** k
+            total += p * retrain_cost(r, epochs, stage)
+    return total
+
+
+def speedup_bound(shards: int, slices: int) -> float:
+    """S * 3R / (2R + 1): one deletion vs a full retrain, with equal shards and the paper's schedule."""
+    return shards * 3 * slices / (2 * slices + 1)
+
+
+def plan_cost(rows: list[list[int]], epochs: tuple[int, ...], start: dict[int, int]) -> dict:
+    """Cost of a concrete plan ``{shard: first stage to retrain}`` against a full retrain."""
+    retrain = sum(retrain_cost(rows[s], epochs, r) for s, r in start.items())
+    full = full_cost(rows, epochs)
+    return {
+        "sample_epochs": retrain,
+        "full_retrain_sample_epochs": full,
+        "fraction_of_full": retrain / full if full else 0.0,
+        "speedup": full / retrain if retrain else float("inf"),
+    }

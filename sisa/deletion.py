@@ -1,0 +1,291 @@
+"""Exact deletion: `delete(ids)` retrains only the shards that held the ids, each from the checkpoint
+taken before its earliest affected slice, and leaves no byte of the deleted rows behind.
+
+Order of events (each step is safe to crash after; `recover` finishes the request on reopen):
+  1. the request is committed to the ledger (hashed ids + which slices they sit in): the ack point;
+  2. the affected shards are excluded from prediction (manifest commit);
+  3. the slices are rewritten without the rows and the shards retrained, into new files;
+  4. the receipt is written, then the manifest switches to the new files (the atomic model swap);
+  5. superseded slices and checkpoints are purged, worker caches dropped, the request marked done.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+from orchestration import ShardPlan
+from shards.errors import DataError, UnknownIdsError, WorkdirError
+from shards.partition import canonical_ids
+from shards.store import read_slice, without, write_slice
+from sisa import costmodel
+from sisa.ledger import Ledger
+from sisa.workdir import purge_unreferenced, write_atomic
+
+
+@dataclass(frozen=True)
+class DeletionPlan:
+    shards: dict[int, int]  # shard -> first stage to retrain (1-based)
+    rows: int
+    already_deleted: int
+    sample_epochs: int
+    full_retrain_sample_epochs: int
+    speedup: float
+
+
+@dataclass(frozen=True)
+class Receipt:
+    request_id: str | None
+    created: float
+    finished: float
+    hashed_ids: list[str]
+    rows_deleted: int
+    already_deleted: int
+    shards: dict = field(default_factory=dict)  # shard -> {from_stage, rows_removed, checkpoint digests ...}
+    config_hash: str = ""
+    cost: dict = field(default_factory=dict)
+    wall_seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Receipt:
+        d = dict(d)
+        d["shards"] = {int(k): v for k, v in d.get("shards", {}).items()}
+        return cls(**d)
+
+
+def _ledger(ens) -> Ledger:
+    return Ledger(ens.workdir.path / "ledger.db")
+
+
+def _normalise(ens, ids) -> list:
+    if isinstance(ids, (str, int)):
+        ids = [ids]
+    ids = list(ids)
+    if not ids:
+        raise DataError("delete() needs at least one id; got an empty list")
+    arr, kind = canonical_ids(ids)
+    want = ens.manifest["id_kind"]
+    if kind != want:
+        raise DataError(f"ids are {kind} but this ensemble's ids are {want}; e.g. pass {_example(want)}")
+    return list(dict.fromkeys(arr.tolist()))
+
+
+def _example(kind):
+    return "[17, 942]" if kind == "int" else "['u-17', 'u-942']"
+
+
+def locate(ens, ids: list) -> tuple[dict, list, list]:
+    """Split ids into found {(shard, slice): set(ids)}, already deleted, and unknown."""
+    m, store = ens.manifest, ens.storage()
+    by_slice: dict[tuple[int, int], list] = {}
+    for i in ids:
+        by_slice.setdefault(ens.shard_of(i), []).append(i)
+    found: dict[tuple[int, int], set] = {}
+    missing = []
+    for (s, j), group in by_slice.items():
+        present = set(read_slice(store, m["shards"][s]["slices"][j])["id"].tolist())
+        hit = {i for i in group if i in present}
+        if hit:
+            found[(s, j)] = hit
+        missing += [i for i in group if i not in present]
+    gone = set()
+    if missing:
+        hashes = ens.workdir.hash_ids(missing)
+        known = _ledger(ens).deleted(hashes)
+        gone = {i for i, h in zip(missing, hashes) if h in known}
+    return found, [i for i in missing if i in gone], [i for i in missing if i not in gone]
+
+
+def _first_stages(found) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for s, j in found:
+        out[s] = min(out.get(s, j + 1), j + 1)
+    return out
+
+
+def estimate(ens, ids) -> DeletionPlan:
+    ids = _normalise(ens, ids)
+    found, gone, unknown = locate(ens, ids)
+    if unknown:
+        raise _unknown(unknown)
+    starts = _first_stages(found)
+    rows = [[e["rows"] for e in sh["slices"]] for sh in ens.manifest["shards"]]
+    cost = costmodel.plan_cost(rows, ens.config.epochs_per_stage(), starts)
+    return DeletionPlan(
+        shards=dict(sorted(starts.items())),
+        rows=sum(map(len, found.values())),
+        already_deleted=len(gone),
+        sample_epochs=cost["sample_epochs"],
+        full_retrain_sample_epochs=cost["full_retrain_sample_epochs"],
+        speedup=cost["speedup"],
+    )
+
+
+def _unknown(unknown) -> UnknownIdsError:
+    shown = ", ".join(repr(i) for i in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+    return UnknownIdsError(
+        f"{len(unknown)} id(s) are not in this ensemble and were never deleted from it: {shown}. "
+        "Nothing was changed; check the ids (and their type) and call delete() again",
+        ids=unknown[:5],
+    )
+
+
+def delete(ens, ids, progress=None) -> Receipt:
+    t0 = time.time()
+    ids = _normalise(ens, ids)
+    with ens.workdir.lock(what="delete"):
+        ens._manifest = ens.workdir.read_manifest()
+        recover(ens, locked=True)
+        found, gone, unknown = locate(ens, ids)
+        if unknown:
+            raise _unknown(unknown)
+        if not found:
+            return Receipt(None, t0, time.time(), [], 0, len(gone), config_hash=ens.manifest["config_hash"])
+        hashed = ens.workdir.hash_ids([i for g in found.values() for i in g])
+        plan = {"slices": sorted([s, j] for s, j in found)}
+        rid = _ledger(ens).record(hashed, plan)  # the ack point: from here on the deletion is never lost
+        return _execute(ens, rid, set(hashed), plan, t0, len(gone), progress)
+
+
+def recover(ens, locked: bool = False) -> list[str]:
+    """Finish every request the ledger holds that is not done. Returns their ids."""
+    ledger = _ledger(ens) if (ens.workdir.path / "ledger.db").exists() else None
+    if ledger is None:
+        return []
+    todo = ledger.unfinished()
+    if not todo:
+        return []
+    if not locked:
+        with ens.workdir.lock(what="recovery"):
+            ens._manifest = ens.workdir.read_manifest()
+            return recover(ens, locked=True)
+    for req in todo:
+        rid = req["id"]
+        ens._manifest = ens.workdir.read_manifest()
+        if rid in ens.manifest.get("applied_requests", []):
+            _finish(ens, rid, None)
+        else:
+            purge_unreferenced(ens.storage(), ens.manifest)  # half-written files of the crashed attempt
+            _execute(ens, rid, set(ledger.hashed_ids(rid)), req["plan"], time.time(), 0, None)
+    return [r["id"] for r in todo]
+
+
+def _execute(ens, rid: str, hashed: set, plan: dict, t0: float, already: int, progress) -> Receipt:
+    ledger = _ledger(ens)
+    before = ens.manifest
+    key_hash = ens.workdir.hash_ids
+    affected = sorted({s for s, _ in plan["slices"]})
+    excluded = copy.deepcopy(before)
+    for s in affected:
+        excluded["shards"][s]["excluded"] = True
+    ens.commit(excluded)  # no prediction from a shard that saw the rows, from here on
+    ledger.set_state(rid, "retraining")
+
+    store = ens.storage()
+    after = copy.deepcopy(before)
+    plans, removed, starts = [], {}, {}
+    for s in affected:
+        sh = after["shards"][s]
+        slices = list(sh["slices"])
+        first = None
+        removed[s] = 0
+        for j in sorted(j for s2, j in plan["slices"] if s2 == s):
+            rows = read_slice(store, slices[j])
+            drop = {i for i, h in zip(rows["id"].tolist(), key_hash(rows["id"].tolist())) if h in hashed}
+            if not drop:
+                continue
+            removed[s] += len(drop)
+            slices[j] = write_slice(store, s, j, without(rows, drop, before["id_kind"]))
+            first = j + 1 if first is None else min(first, j + 1)
+        if first is None:  # nothing of this request left in the shard (a re-run after a crash)
+            continue
+        starts[s] = first
+        prev = sh["checkpoints"][first - 2] if first > 1 else None
+        plans.append(ShardPlan(shard=s, start_stage=first, slices=slices, prev=prev))
+        sh["slices"] = slices
+
+    sizes = [[e["rows"] for e in sh["slices"]] for sh in after["shards"]]
+    cost = costmodel.plan_cost(sizes, ens.config.epochs_per_stage(), starts)
+    acc_before = before.get("metrics", {}).get("ensemble_accuracy")
+    with ens.tracker().operation("delete", after, tags={"sisa.request_id": rid}) as run:
+        ens.run_plans(after, plans, _on_stage(run, progress))
+        for p in plans:
+            old = before["shards"][p.shard]["checkpoints"]
+            after["shards"][p.shard]["checkpoints"] = old[: p.start_stage - 1] + p.checkpoints
+        for s in affected:
+            after["shards"][s]["excluded"] = False
+        after["applied_requests"] = before.get("applied_requests", []) + [rid]
+        receipt = Receipt(
+            request_id=rid,
+            created=t0,
+            finished=time.time(),
+            hashed_ids=sorted(hashed),
+            rows_deleted=sum(removed.values()),
+            already_deleted=already,
+            shards={
+                p.shard: {
+                    "from_stage": p.start_stage,
+                    "rows_removed": removed[p.shard],
+                    "resumed_from": p.prev["sha256"] if p.prev else None,
+                    "checkpoints_before": [
+                        c["sha256"] for c in before["shards"][p.shard]["checkpoints"][p.start_stage - 1 :]
+                    ],
+                    "checkpoints_after": [c["sha256"] for c in p.checkpoints],
+                    "lineage_after": p.checkpoints[-1]["lineage"] if p.checkpoints else None,
+                }
+                for p in plans
+            },
+            config_hash=before["config_hash"],
+            cost=cost,
+            wall_seconds=time.time() - t0,
+        )
+        write_atomic(ens.workdir.path / "receipts" / f"{rid}.json", json.dumps(receipt.to_dict(), indent=1).encode())
+        ens.commit(after)  # the atomic swap
+        metrics = ens.evaluate(after)
+        after["metrics"] = {**before.get("metrics", {}), **metrics}
+        ens.commit(after)
+        _finish(ens, rid, receipt)
+        run.finish(
+            ens,
+            plans,
+            {
+                **metrics,
+                "ensemble_accuracy_before": acc_before,
+                "rows_deleted": receipt.rows_deleted,
+                "shards_retrained": len(plans),
+                **{k: v for k, v in cost.items() if v != float("inf")},
+            },
+            extra_tags={"sisa.rows_deleted": receipt.rows_deleted},
+        )
+    return receipt
+
+
+def _on_stage(run, progress):
+    def cb(plan, entry, metrics):
+        run.stage(plan.shard, metrics)
+        if progress:
+            progress(plan, entry, metrics)
+
+    return cb
+
+
+def _finish(ens, rid: str, receipt: Receipt | None) -> None:
+    """Purge what the swap superseded and mark the request done."""
+    purge_unreferenced(ens.storage(), ens.manifest)
+    ens.executor.drop_caches() if ens._executor is not None else None
+    if receipt is None:
+        p = ens.workdir.path / "receipts" / f"{rid}.json"
+        receipt = Receipt.from_dict(json.loads(p.read_text())) if p.exists() else None
+    _ledger(ens).set_state(rid, "done", receipt.to_dict() if receipt else None)
+
+
+def load_receipt(workdir, rid: str) -> Receipt:
+    p = workdir.path / "receipts" / f"{rid}.json"
+    if not p.exists():
+        raise WorkdirError(f"no receipt {rid!r} in {workdir.path}/receipts")
+    return Receipt.from_dict(json.loads(p.read_text()))

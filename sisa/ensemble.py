@@ -1,0 +1,289 @@
+"""`SisaEnsemble`: fit, predict, reopen and delete, the sklearn way (fit returns self)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from orchestration import InProcessExecutor, RayExecutor, ShardPlan
+from shards import training
+from shards.errors import DataError, NotFittedError, WorkdirError
+from shards.partition import shard_of as _shard_of
+from shards.spec import TrainSpec
+from sisa import data as datamod
+from sisa.aggregate import Aggregator, decide
+from sisa.config import SisaConfig, dump_yaml, load_config
+from sisa.workdir import MANIFEST_FORMAT, Workdir, purge_unreferenced, write_atomic
+
+
+class SisaEnsemble:
+    """A sharded, sliced ensemble that can forget rows exactly.
+
+    >>> ens = SisaEnsemble.from_config("configs/digits.yaml", workdir="runs/digits").fit()
+    >>> ens.predict(X_test)
+    """
+
+    def __init__(self, config, workdir, executor: str | None = None, tracking_uri: str | None = None):
+        self.config: SisaConfig = load_config(config)
+        self.workdir = Workdir(workdir)
+        self._executor_name = executor or self.config.cluster.executor
+        self._executor = None
+        self._tracking_uri = tracking_uri
+        self._manifest: dict | None = None
+        self._agg: Aggregator | None = None
+        self._state_lock = threading.RLock()
+        self.last_fit_metrics: dict = {}
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config, workdir, **kwargs) -> SisaEnsemble:
+        """``config``: a YAML path, a dict or a SisaConfig."""
+        return cls(config, workdir, **kwargs)
+
+    @classmethod
+    def open(
+        cls, workdir, executor: str | None = None, tracking_uri: str | None = None, recover: bool = True
+    ) -> SisaEnsemble:
+        """Reopen a trained workdir. Unfinished deletions are finished before anything is served."""
+        wd = Workdir(workdir)
+        manifest = wd.read_manifest()
+        if manifest.get("format") != MANIFEST_FORMAT:
+            raise WorkdirError(
+                f"{wd.path} was written by an incompatible sisa (manifest format {manifest.get('format')})"
+            )
+        ens = cls(wd.path / "config.yaml", wd.path, executor=executor, tracking_uri=tracking_uri)
+        if ens.config.training_hash() != manifest["training_hash"]:
+            raise WorkdirError(
+                f"{wd.path}/config.yaml does not match the config the ensemble was trained with "
+                f"(hash {ens.config.training_hash()} != {manifest['training_hash']}); restore it or train a new workdir"
+            )
+        ens._manifest = manifest
+        if recover:
+            from sisa.deletion import recover as _recover
+
+            _recover(ens)
+        return ens
+
+    # -- plumbing shared with deletion --------------------------------------------------------
+    @property
+    def manifest(self) -> dict:
+        if self._manifest is None:
+            if self.workdir.exists():
+                raise NotFittedError(
+                    f"this SisaEnsemble is not fitted, but {self.workdir.path} holds a trained one: "
+                    f"use SisaEnsemble.open({str(self.workdir.path)!r})"
+                )
+            raise NotFittedError(
+                "this SisaEnsemble is not fitted yet; call .fit(X, y, ids=...) (or .fit() to load the config's dataset) first"
+            )
+        return self._manifest
+
+    def spec(self, manifest: dict | None = None) -> TrainSpec:
+        m = manifest or self.manifest
+        c = self.config
+        return TrainSpec(
+            seed=c.seed,
+            model=c.model.name,
+            model_kwargs=dict(c.model.kwargs),
+            optim={k: getattr(c.training, k) for k in ("optimizer", "lr", "weight_decay", "momentum", "lr_gamma")},
+            epochs_per_stage=c.epochs_per_stage(),
+            batch_size=c.training.batch_size,
+            input_shape=tuple(m["input_shape"]),
+            num_classes=m["num_classes"],
+            threads=c.training.threads,
+            accelerator="gpu" if c.resources.num_gpus > 0 else "cpu",
+        )
+
+    def storage(self):
+        return self.workdir.storage(self.config.storage.uri, self.config.storage.options)
+
+    @property
+    def executor(self):
+        if self._executor is None:
+            if self._executor_name == "inprocess":
+                self._executor = InProcessExecutor()
+            elif self._executor_name == "ray":
+                c = self.config
+                self._executor = RayExecutor(
+                    address=c.cluster.address,
+                    num_cpus_per_shard=c.resources.num_cpus,
+                    num_gpus_per_shard=c.resources.num_gpus,
+                    max_retries=c.cluster.max_retries,
+                    local_num_cpus=c.cluster.num_cpus,
+                    max_workers=c.cluster.max_workers,
+                    threads=c.training.threads,
+                )
+            else:
+                raise DataError(f"unknown executor {self._executor_name!r}; use 'ray' or 'inprocess'")
+        return self._executor
+
+    def tracker(self):
+        from sisa.tracking import Tracker
+
+        return Tracker(self.config, self.workdir, self._tracking_uri)
+
+    def close(self) -> None:
+        """Release warm workers (Ray itself is left running)."""
+        if self._executor is not None:
+            self._executor.shutdown()
+            self._executor = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- training -------------------------------------------------------------------------------
+    def fit(self, X=None, y=None, ids=None, eval_set=None, overwrite: bool = False, progress=None) -> SisaEnsemble:
+        """Partition, store and train every shard. With no arrays, loads the config's dataset.
+
+        ``eval_set=(X_test, y_test)`` is used for the accuracy figures; rows of the config's dataset
+        are held out by ``data.test_fraction``.
+        """
+        from sisa.fitting import fit as _fit
+
+        _fit(self, X, y, ids, eval_set, overwrite, progress)
+        return self
+
+    def run_plans(self, manifest: dict, plans: list[ShardPlan], on_stage=None) -> list[ShardPlan]:
+        if isinstance(self.executor, InProcessExecutor):
+            with torch.random.fork_rng(devices=[]):
+                threads = torch.get_num_threads()
+                try:
+                    return self.executor.run(self.storage(), self.spec(manifest), plans, on_stage)
+                finally:
+                    torch.set_num_threads(threads)
+        return self.executor.run(self.storage(), self.spec(manifest), plans, on_stage)
+
+    def commit(self, manifest: dict) -> None:
+        """Atomically switch to ``manifest`` (the model swap), then drop models it no longer uses."""
+        self.workdir.write_manifest(manifest)
+        with self._state_lock:
+            self._manifest = manifest
+            self._agg = None
+
+    def purge(self) -> list[str]:
+        return purge_unreferenced(self.storage(), self.manifest)
+
+    # -- prediction -----------------------------------------------------------------------------
+    def active_shards(self, manifest: dict | None = None) -> list[int]:
+        m = manifest or self.manifest
+        R = self.config.sharding.slices
+        return [
+            s
+            for s, sh in enumerate(m["shards"])
+            if not sh.get("excluded") and len(sh["checkpoints"]) == R and sh["checkpoints"][-1]["rows"] > 0
+        ]
+
+    def load_shard_model(self, shard: int, manifest: dict | None = None) -> torch.nn.Module:
+        m = manifest or self.manifest
+        entry = m["shards"][shard]["checkpoints"][-1]
+        store = self.storage()
+        ckpt = training.load_checkpoint(store.read(entry["file"], entry["sha256"]), store.describe(entry["file"]))
+        with torch.random.fork_rng(devices=[]):
+            module = training.init_module(self.spec(m), shard)
+        module.load_state_dict(ckpt["state_dict"])
+        return module.eval()
+
+    def aggregator(self) -> Aggregator:
+        with self._state_lock:
+            if self._agg is None:
+                m = self.manifest
+                active = self.active_shards(m)
+                if not active:
+                    raise NotFittedError(
+                        "no shard holds data any more; the ensemble cannot predict until it is refitted"
+                    )
+                c = self.config.aggregation
+                self._agg = Aggregator(
+                    {s: self.load_shard_model(s, m) for s in active}, m["num_classes"], c.method, c.weights
+                )
+            return self._agg
+
+    def predict_proba(self, X) -> np.ndarray:
+        """(n, classes) aggregated class probabilities (vote shares for majority_vote)."""
+        X = datamod.check_features(X, self.manifest["input_shape"])
+        return self.aggregator().predict_proba(X)
+
+    def predict(self, X) -> np.ndarray:
+        return decide(self.predict_proba(X))
+
+    def shard_of(self, id_) -> tuple[int, int]:
+        """(shard, slice) of an id, both 0-based; the slice's rows are first seen at stage slice+1."""
+        c = self.config
+        ids, _ = datamod.canonical_ids([id_])
+        return _shard_of(
+            ids[0].item() if hasattr(ids[0], "item") else ids[0], c.seed, c.sharding.shards, c.sharding.slices
+        )
+
+    def evaluate(self, manifest: dict | None = None) -> dict:
+        """Accuracy of the ensemble and of each active shard on the stored evaluation rows."""
+        path = self.workdir.path / "eval.npy"
+        if not path.exists():
+            return {}
+        rows = np.load(path, allow_pickle=False)
+        if len(rows) == 0:
+            return {}
+        agg = self.aggregator()
+        X, y = np.ascontiguousarray(rows["x"]), rows["y"]
+        per = agg.per_shard_predictions(X)
+        return {
+            "ensemble_accuracy": float((decide(agg.predict_proba(X)) == y).mean()),
+            "shard_accuracy": {str(s): float((p == y).mean()) for s, p in zip(agg.shards, per)},
+            "eval_rows": int(len(y)),
+        }
+
+    def status(self) -> dict:
+        from sisa.ledger import Ledger
+
+        m = self.manifest
+        shards = []
+        for s, sh in enumerate(m["shards"]):
+            shards.append(
+                {
+                    "shard": s,
+                    "rows": sum(e["rows"] for e in sh["slices"]),
+                    "slice_rows": [e["rows"] for e in sh["slices"]],
+                    "checkpoints": len(sh["checkpoints"]),
+                    "active": s in self.active_shards(m),
+                    "accuracy": m.get("metrics", {}).get("shard_accuracy", {}).get(str(s)),
+                }
+            )
+        reqs = Ledger(self.workdir.path / "ledger.db").requests()
+        return {
+            "workdir": str(self.workdir.path),
+            "name": self.config.name,
+            "shards": shards,
+            "slices": self.config.sharding.slices,
+            "epochs_per_stage": list(self.config.epochs_per_stage()),
+            "rows": sum(x["rows"] for x in shards),
+            "ensemble_accuracy": m.get("metrics", {}).get("ensemble_accuracy"),
+            "deletions": {
+                "done": sum(r["state"] == "done" for r in reqs),
+                "unfinished": sum(r["state"] != "done" for r in reqs),
+            },
+            "config_hash": m["config_hash"],
+        }
+
+    # -- deletion -------------------------------------------------------------------------------
+    def estimate_deletion_cost(self, ids):
+        """Dry run of `delete`: shards hit, first stage each retrains from, sample-epochs vs a full retrain."""
+        from sisa.deletion import estimate
+
+        return estimate(self, ids)
+
+    def delete(self, ids, progress=None):
+        """Forget ``ids`` exactly; returns a Receipt once the ensemble no longer depends on them."""
+        from sisa.deletion import delete
+
+        return delete(self, ids, progress)
+
+    def write_config(self) -> None:
+        write_atomic(self.workdir.path / "config.yaml", dump_yaml(self.config).encode())
+
+    def resolve_data_path(self, rel: str) -> Path:
+        return self.workdir.inside(rel, "data.path")

@@ -1,0 +1,23 @@
+"""The exception tree (defined in `shards.errors` so that workers can raise it)."""
+
+from shards.errors import (
+    ConfigError,
+    DataError,
+    IntegrityError,
+    NotFittedError,
+    ShardTrainingError,
+    SisaError,
+    UnknownIdsError,
+    WorkdirError,
+)
+
+__all__ = [
+    "ConfigError",
+    "DataError",
+    "IntegrityError",
+    "NotFittedError",
+    "ShardTrainingError",
+    "SisaError",
+    "UnknownIdsError",
+    "WorkdirError",
+]

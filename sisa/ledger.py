@@ -1,0 +1,104 @@
+"""The deletion ledger: a sqlite file in the workdir, written with synchronous commits.
+
+A request is committed (state "pending") before any work starts and moves pending -> retraining -> done.
+Ids are stored only as keyed hashes (HMAC-SHA256 with the workdir's secret). secure_delete is on, so
+sqlite zeroes freed pages; the ledger never holds raw ids in the first place.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+import uuid
+from pathlib import Path
+
+STATES = ("pending", "retraining", "done")
+
+
+class Ledger:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as db:
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS requests (id TEXT PRIMARY KEY, created REAL, state TEXT, "
+                "plan TEXT, receipt TEXT, updated REAL)"
+            )
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS request_ids (request TEXT, hashed_id TEXT, PRIMARY KEY (request, hashed_id))"
+            )
+            db.execute("CREATE INDEX IF NOT EXISTS by_hash ON request_ids (hashed_id)")
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        db.execute("PRAGMA journal_mode=DELETE")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA secure_delete=ON")
+        return _Closing(db)
+
+    def record(self, hashed_ids: list[str], plan: dict) -> str:
+        """Durably record a new request (state pending) and return its id."""
+        rid = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+        now = time.time()
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("INSERT INTO requests VALUES (?, ?, 'pending', ?, NULL, ?)", (rid, now, json.dumps(plan), now))
+            db.executemany("INSERT INTO request_ids VALUES (?, ?)", [(rid, h) for h in hashed_ids])
+            db.execute("COMMIT")
+        return rid
+
+    def set_state(self, rid: str, state: str, receipt: dict | None = None) -> None:
+        assert state in STATES
+        with self._connect() as db:
+            if receipt is None:
+                db.execute("UPDATE requests SET state=?, updated=? WHERE id=?", (state, time.time(), rid))
+            else:
+                db.execute(
+                    "UPDATE requests SET state=?, updated=?, receipt=? WHERE id=?",
+                    (state, time.time(), json.dumps(receipt), rid),
+                )
+
+    def unfinished(self) -> list[dict]:
+        with self._connect() as db:
+            rows = db.execute("SELECT id, state, plan FROM requests WHERE state != 'done' ORDER BY created").fetchall()
+        return [{"id": r[0], "state": r[1], "plan": json.loads(r[2])} for r in rows]
+
+    def hashed_ids(self, rid: str) -> list[str]:
+        with self._connect() as db:
+            return [r[0] for r in db.execute("SELECT hashed_id FROM request_ids WHERE request=?", (rid,))]
+
+    def deleted(self, hashed_ids: list[str]) -> set[str]:
+        """Which of these hashed ids belong to a request already recorded (in any state)."""
+        out: set[str] = set()
+        with self._connect() as db:
+            for i in range(0, len(hashed_ids), 500):
+                chunk = hashed_ids[i : i + 500]
+                q = f"SELECT hashed_id FROM request_ids WHERE hashed_id IN ({','.join('?' * len(chunk))})"
+                out.update(r[0] for r in db.execute(q, chunk))
+        return out
+
+    def requests(self) -> list[dict]:
+        with self._connect() as db:
+            rows = db.execute("SELECT id, created, state, receipt FROM requests ORDER BY created").fetchall()
+        return [
+            {"id": r[0], "created": r[1], "state": r[2], "receipt": json.loads(r[3]) if r[3] else None} for r in rows
+        ]
+
+    def receipt(self, rid: str) -> dict | None:
+        with self._connect() as db:
+            row = db.execute("SELECT receipt FROM requests WHERE id=?", (rid,)).fetchone()
+        return json.loads(row[0]) if row and row[0] else None
+
+
+class _Closing:
+    """sqlite3.Connection as a context manager that closes (the stdlib one only commits)."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+
+    def __enter__(self) -> sqlite3.Connection:
+        return self.db
+
+    def __exit__(self, *exc) -> None:
+        self.db.close()

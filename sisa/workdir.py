@@ -1,0 +1,162 @@
+"""The workdir: manifest (the commit point of every change), config copy, secret key, lock and paths.
+
+The manifest is rewritten atomically; whatever it does not reference is garbage and is purged. The
+workdir lock (flock, plus a thread lock) serialises training and deletion across threads and processes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from shards.errors import ConfigError, WorkdirError
+from shards.partition import id_bytes
+from shards.storage import Storage
+
+MANIFEST_FORMAT = 1
+_thread_locks: dict[str, threading.RLock] = {}
+_guard = threading.Lock()
+_held = threading.local()
+
+
+class Workdir:
+    def __init__(self, path):
+        self.path = Path(path).expanduser().resolve()
+
+    # -- files ------------------------------------------------------------------------------
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / "manifest.json"
+
+    def exists(self) -> bool:
+        return self.manifest_path.exists()
+
+    def read_manifest(self) -> dict:
+        try:
+            return json.loads(self.manifest_path.read_text())
+        except FileNotFoundError:
+            raise WorkdirError(
+                f"{self.path} holds no trained ensemble (no manifest.json); train one with "
+                "`sisa train CONFIG --workdir ...` or SisaEnsemble.from_config(...).fit(...)"
+            ) from None
+        except json.JSONDecodeError as e:
+            raise WorkdirError(f"{self.manifest_path} is corrupt ({e})", path=str(self.manifest_path)) from None
+
+    def write_manifest(self, manifest: dict) -> None:
+        write_atomic(self.manifest_path, json.dumps(manifest, indent=1, sort_keys=True).encode())
+
+    def secret(self) -> bytes:
+        """Key for hashing ids in the ledger and receipts; created once per workdir."""
+        p = self.path / "secret.key"
+        if not p.exists():
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_bytes(32))
+                f.flush()
+                os.fsync(f.fileno())
+        return p.read_bytes()
+
+    def hash_ids(self, ids) -> list[str]:
+        key = self.secret()
+        return [hmac.new(key, id_bytes(i), hashlib.sha256).hexdigest() for i in ids]
+
+    def storage(self, uri: str | None, options: dict | None = None) -> Storage:
+        return Storage(self.storage_root(uri), options)
+
+    def storage_root(self, uri: str | None) -> str:
+        if uri is None:
+            return str(self.path / "store")
+        if "://" in uri and not uri.startswith("file://"):
+            return uri
+        return str(self.inside(uri.removeprefix("file://"), "storage.uri"))
+
+    def inside(self, rel: str, what: str) -> Path:
+        """Resolve a path from a config against the workdir and refuse anything outside it."""
+        p = (self.path / rel).resolve()
+        if p != self.path and self.path not in p.parents:
+            raise ConfigError(
+                f"{what}={rel!r} points outside the workdir {self.path}; config paths must stay inside it",
+                problems=[f"{what}: outside the workdir"],
+            )
+        return p
+
+    # -- locking ----------------------------------------------------------------------------
+    @contextmanager
+    def lock(self, timeout: float = 600.0, what: str = "this operation"):
+        held = _held.__dict__.setdefault("paths", set())
+        if str(self.path) in held:  # re-entered by the thread that holds it
+            yield
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        with _guard:
+            tlock = _thread_locks.setdefault(str(self.path), threading.RLock())
+        if not tlock.acquire(timeout=timeout):
+            raise WorkdirError(f"{self.path} is busy in another thread; {what} gave up after {timeout:.0f}s")
+        try:
+            with open(self.path / ".lock", "a+") as f:
+                deadline = time.monotonic() + timeout
+                while True:
+                    try:
+                        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if time.monotonic() > deadline:
+                            raise WorkdirError(
+                                f"{self.path} is locked by another process (training or deleting); "
+                                f"{what} gave up after {timeout:.0f}s. Wait for it to finish, or use another workdir"
+                            ) from None
+                        time.sleep(0.05)
+                held.add(str(self.path))
+                try:
+                    yield
+                finally:
+                    held.discard(str(self.path))
+                    fcntl.flock(f, fcntl.LOCK_UN)
+        finally:
+            tlock.release()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def referenced_files(manifest: dict) -> set[str]:
+    out = set()
+    for sh in manifest["shards"]:
+        out.update(e["file"] for e in sh["slices"])
+        out.update(e["file"] for e in sh["checkpoints"])
+    return out
+
+
+def purge_unreferenced(storage: Storage, manifest: dict) -> list[str]:
+    """Delete every data/checkpoint file the manifest does not reference (superseded or half-written)."""
+    keep = referenced_files(manifest)
+    gone = []
+    for rel in storage.listdir():
+        if rel.startswith(("data/", "ckpt/")) and rel not in keep:
+            storage.delete(rel)
+            gone.append(rel)
+        elif os.path.basename(rel).startswith(".tmp-"):
+            storage.delete(rel)
+            gone.append(rel)
+    return gone
