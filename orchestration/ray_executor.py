@@ -1,4 +1,4 @@
-"""Shards on Ray: a pool of warm actors, one shard per actor at a time, one call per stage.
+"""Shards on Ray: warm actors borrowed from a process-wide pool, one shard per actor, one call per stage.
 
 Each actor imports torch and Lightning once and caches shard data, so deletions do not pay start-up.
 A stage call that fails because its worker or node died is re-sent to a fresh actor, resuming from the
@@ -11,6 +11,7 @@ from __future__ import annotations
 import ray
 from ray.exceptions import RayActorError, RayError, RayTaskError
 
+from orchestration import pool
 from orchestration.base import Executor, ShardPlan, StageCallback
 from orchestration.cluster import capacity, connect
 from shards.errors import ShardTrainingError, SisaError
@@ -54,26 +55,10 @@ class RayExecutor(Executor):
         self.address, self.local_num_cpus = address, local_num_cpus
         self.num_cpus, self.num_gpus = num_cpus_per_shard, num_gpus_per_shard
         self.max_retries, self.max_workers, self.threads = max_retries, max_workers, threads
-        self.actors: list = []
 
-    def _ensure_actors(self, wanted: int) -> None:
+    def _key(self) -> tuple:
         connect(self.address, self.local_num_cpus)
-        limit = capacity(self.num_cpus, self.num_gpus)
-        if self.max_workers:
-            limit = min(limit, self.max_workers)
-        cls = ray.remote(num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_restarts=0)(ShardWorker)
-        while len(self.actors) < min(wanted, limit):
-            self.actors.append(cls.remote(self.threads))
-
-    def _replace(self, actor):
-        try:
-            ray.kill(actor)
-        except Exception:
-            pass
-        cls = ray.remote(num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_restarts=0)(ShardWorker)
-        new = cls.remote(self.threads)
-        self.actors[self.actors.index(actor)] = new
-        return new
+        return (ray.get_runtime_context().gcs_address, self.num_cpus, self.num_gpus, self.threads)
 
     def run(
         self, storage: Storage, spec: TrainSpec, plans: list[ShardPlan], on_stage: StageCallback | None = None
@@ -81,38 +66,49 @@ class RayExecutor(Executor):
         todo = [p for p in plans if p.next_stage <= spec.slices]
         if not todo:
             return plans
-        self._ensure_actors(len(todo))
+        key = self._key()
+        limit = capacity(self.num_cpus, self.num_gpus)
+        if self.max_workers:
+            limit = min(limit, self.max_workers)
+        actors = pool.borrow(key, len(todo), limit, ShardWorker)
+        try:
+            self._drive(key, actors, storage, spec, todo, on_stage)
+        finally:
+            pool.give_back(key, actors)
+        return plans
+
+    def _drive(self, key, actors, storage, spec, todo, on_stage):
         queue = list(todo)
-        free = list(self.actors)
         pending: dict = {}  # ref -> (actor, plan)
 
         def submit(actor, plan):
             ref = actor.run.remote(storage, spec, plan.shard, plan.next_stage, plan.slices, plan.last)
             pending[ref] = (actor, plan)
 
-        while queue and free:
-            submit(free.pop(), queue.pop(0))
+        for actor in list(actors):
+            if queue:
+                submit(actor, queue.pop(0))
         while pending:
             [ref], _ = ray.wait(list(pending), num_returns=1)
             actor, plan = pending.pop(ref)
             try:
                 entry, metrics = ray.get(ref)
             except RayError as e:
-                actor = self._handle_failure(e, actor, plan)
-                submit(actor, plan)
+                new = self._handle_failure(key, e, actor, plan)
+                if new is not actor:
+                    actors[actors.index(actor)] = new
+                submit(new, plan)
                 continue
             plan.record(entry, metrics)
-            if on_stage:
-                on_stage(plan, entry, metrics)
             if plan.next_stage <= spec.slices:
                 submit(actor, plan)
             elif queue:
                 submit(actor, queue.pop(0))
-        return plans
+            if on_stage:
+                on_stage(plan, entry, metrics)
 
-    def _handle_failure(self, e: RayError, actor, plan: ShardPlan):
+    def _handle_failure(self, key, e: RayError, actor, plan: ShardPlan):
         """Decide whether a failed stage call is retried; returns the actor to retry on."""
-        where = f"shard {plan.shard} stage {plan.next_stage}"
         cause = getattr(e, "cause", None)
         if isinstance(cause, SisaError):
             cause.detail.setdefault("shard", plan.shard)
@@ -121,26 +117,23 @@ class RayExecutor(Executor):
         plan.attempts += 1
         if plan.attempts > self.max_retries:
             raise ShardTrainingError(
-                f"{where} failed {plan.attempts} times, last: {type(e).__name__}: {_short(e)}. "
-                "Check the workers' logs; raise cluster.max_retries if the cluster is flaky",
+                f"shard {plan.shard} stage {plan.next_stage} failed {plan.attempts} times, last: "
+                f"{type(e).__name__}: {_short(e)}. Check the workers' logs; raise cluster.max_retries if the cluster is flaky",
                 shard=plan.shard,
                 stage=plan.next_stage,
             ) from e
         if isinstance(e, RayActorError) or not isinstance(e, RayTaskError):
-            return self._replace(actor)
+            return pool.replace(key, actor, ShardWorker)
         return actor
 
     def drop_caches(self) -> None:
-        if self.actors:
-            ray.get([a.drop_cache.remote() for a in self.actors])
+        if ray.is_initialized():
+            actors = pool.all_free(self._key())
+            if actors:
+                ray.get([a.drop_cache.remote() for a in actors])
 
     def shutdown(self) -> None:
-        for a in self.actors:
-            try:
-                ray.kill(a)
-            except Exception:
-                pass
-        self.actors = []
+        """Workers stay warm in the process-wide pool; `orchestration.pool.shutdown_all()` ends them."""
 
 
 def _short(e: Exception) -> str:

@@ -2,3 +2,8 @@
 
 Knows nothing of Ray or MLflow.
 """
+
+import warnings
+
+warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+warnings.filterwarnings("ignore", message=".*does not have many workers.*")

@@ -1,5 +1,296 @@
-"""Command line (filled in below)."""
+"""The `sisa` command: train, predict, status, delete, validate, demo, ui."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+
+from shards.errors import SisaError
 
 
+class _Progress:
+    """One tqdm bar per shard (stages done), or one overall bar when there are many shards."""
+
+    def __init__(self, shards: list[int], stages: dict[int, int]):
+        from tqdm import tqdm
+
+        self.per_shard = len(shards) <= 12
+        quiet = not sys.stderr.isatty()
+        if self.per_shard:
+            self.bars = {
+                s: tqdm(
+                    total=stages[s],
+                    desc=f"shard {s:3d}",
+                    unit="stage",
+                    position=i,
+                    leave=True,
+                    file=sys.stderr,
+                    disable=quiet,
+                )
+                for i, s in enumerate(shards)
+            }
+        else:
+            self.bar = tqdm(total=sum(stages.values()), desc="stages", unit="stage", file=sys.stderr, disable=quiet)
+
+    def __call__(self, plan, entry, metrics):
+        bar = self.bars[plan.shard] if self.per_shard else self.bar
+        acc = metrics.get("train_accuracy")
+        bar.set_postfix_str(
+            f"stage {metrics['stage']} rows {metrics['rows']}" + (f" acc {acc:.3f}" if acc is not None else "")
+        )
+        bar.update(1)
+
+    def close(self):
+        for b in self.bars.values() if self.per_shard else [self.bar]:
+            b.close()
+
+
+def _table(rows: list[list], header: list[str]) -> str:
+    cells = [[str(c) for c in header]] + [[_fmt(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return "-" if v is None else str(v)
+
+
+def _status_table(st: dict) -> str:
+    rows = [
+        [
+            s["shard"],
+            s["rows"],
+            "/".join(map(str, s["slice_rows"])),
+            s["checkpoints"],
+            "yes" if s["active"] else "no",
+            s["accuracy"],
+        ]
+        for s in st["shards"]
+    ]
+    out = _table(rows, ["shard", "rows", "rows per slice", "checkpoints", "active", "test acc"])
+    acc = st["ensemble_accuracy"]
+    out += f"\n\nensemble: {len(st['shards'])} shards x {st['slices']} slices, {st['rows']} training rows, "
+    out += f"epochs per stage {st['epochs_per_stage']}, test accuracy {_fmt(acc)}"
+    out += f"\ndeletions: {st['deletions']['done']} done, {st['deletions']['unfinished']} unfinished"
+    return out
+
+
+def _fail(e: SisaError):
+    click.echo(f"error: {e}", err=True)
+    sys.exit(2)
+
+
+@click.group()
 def main():
-    pass
+    """sisa: train ensembles that can forget rows exactly."""
+
+
+@main.command()
+@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+@click.option("--workdir", required=True, type=click.Path(file_okay=False), help="where the ensemble lives")
+@click.option("--executor", type=click.Choice(["ray", "inprocess"]), default=None, help="override cluster.executor")
+@click.option("--overwrite", is_flag=True, help="replace a trained ensemble in WORKDIR")
+@click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite in the workdir)")
+def train(config, workdir, executor, overwrite, tracking_uri):
+    """Train the ensemble described by CONFIG into WORKDIR."""
+    from sisa import SisaEnsemble
+
+    try:
+        ens = SisaEnsemble.from_config(config, workdir, executor=executor, tracking_uri=tracking_uri)
+        S, R = ens.config.sharding.shards, ens.config.sharding.slices
+        prog = _Progress(list(range(S)), dict.fromkeys(range(S), R))
+        try:
+            ens.fit(overwrite=overwrite, progress=prog)
+        finally:
+            prog.close()
+        click.echo(_status_table(ens.status()))
+        ens.close()
+    except SisaError as e:
+        _fail(e)
+
+
+@main.command()
+@click.option("--workdir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--input",
+    "input_",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help=".npz with X (or a CSV/Parquet of features)",
+)
+@click.option("--output", type=click.Path(dir_okay=False), default=None, help="write predictions here (.npy or .csv)")
+@click.option("--proba", is_flag=True, help="print class probabilities instead of labels")
+def predict(workdir, input_, output, proba):
+    """Predict with the ensemble in WORKDIR."""
+    from sisa import SisaEnsemble
+
+    try:
+        ens = SisaEnsemble.open(workdir, executor="inprocess")
+        X = _read_features(Path(input_))
+        out = ens.predict_proba(X) if proba else ens.predict(X)
+        if output:
+            (np.savetxt(output, out, delimiter=",") if output.endswith(".csv") else np.save(output, out))
+            click.echo(f"wrote {len(out)} predictions to {output}")
+        else:
+            np.savetxt(sys.stdout, out, fmt="%.6f" if proba else "%d", delimiter=",")
+    except SisaError as e:
+        _fail(e)
+
+
+def _read_features(path: Path):
+    from sisa.errors import DataError
+
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as z:
+            if "X" not in z.files:
+                raise DataError(f"{path} has no array 'X' (has {z.files}); save it with np.savez(path, X=...)")
+            return z["X"]
+    if path.suffix == ".npy":
+        return np.load(path, allow_pickle=False)
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path) if path.suffix in (".parquet", ".pq") else pacsv.read_csv(path)
+    return np.column_stack([table[c].to_numpy(zero_copy_only=False) for c in table.column_names])
+
+
+@main.command()
+@click.option("--workdir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def status(workdir, as_json):
+    """Shards, slices, sizes, checkpoints, accuracy and deletions of WORKDIR."""
+    from sisa import SisaEnsemble
+
+    try:
+        st = SisaEnsemble.open(workdir, executor="inprocess").status()
+    except SisaError as e:
+        _fail(e)
+    click.echo(json.dumps(st, indent=1) if as_json else _status_table(st))
+
+
+@main.command()
+@click.argument("configs", nargs=-1, required=True, type=click.Path(dir_okay=False))
+def validate(configs):
+    """Check CONFIGS and report every problem at once."""
+    from sisa.config import load_config
+    from sisa.errors import ConfigError
+
+    bad = 0
+    for path in configs:
+        try:
+            load_config(path)
+            click.echo(f"{path}: ok")
+        except ConfigError as e:
+            bad += 1
+            click.echo(f"{path}: {len(e.problems)} problem(s)")
+            for p in e.problems:
+                click.echo(f"  - {p}")
+    sys.exit(1 if bad else 0)
+
+
+@main.command()
+@click.option("--workdir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--ids-file", type=click.Path(exists=True, dir_okay=False), help="one id per line")
+@click.option("--dry-run", is_flag=True, help="only estimate the cost")
+@click.option("--executor", type=click.Choice(["ray", "inprocess"]), default=None)
+@click.argument("ids", nargs=-1)
+def delete(workdir, ids_file, dry_run, executor, ids):
+    """Forget IDS exactly: retrain only the shards that held them, then purge every trace."""
+    from sisa import SisaEnsemble
+
+    wanted = list(ids)
+    if ids_file:
+        wanted += [ln.strip() for ln in Path(ids_file).read_text().splitlines() if ln.strip()]
+    try:
+        ens = SisaEnsemble.open(workdir, executor=executor)
+        if ens.manifest["id_kind"] == "int":
+            bad = [i for i in wanted if not i.lstrip("-").isdigit()]
+            if bad:
+                _fail(SisaError(f"this ensemble has integer ids; {bad[:5]} are not integers"))
+            wanted = [int(i) for i in wanted]
+        if dry_run:
+            plan = ens.estimate_deletion_cost(wanted)
+            click.echo(json.dumps(plan.__dict__, indent=1))
+            return
+        r = ens.delete(wanted)
+        ens.close()
+    except SisaError as e:
+        _fail(e)
+    click.echo(_receipt_text(r))
+
+
+def _receipt_text(r) -> str:
+    if r.request_id is None:
+        return f"nothing to do: {r.already_deleted} id(s) were already deleted"
+    rows = [
+        [
+            s,
+            v["from_stage"],
+            v["rows_removed"],
+            (v["resumed_from"] or "fresh init")[:12],
+            (v["checkpoints_after"] or ["-"])[-1][:12],
+        ]
+        for s, v in sorted(r.shards.items())
+    ]
+    out = f"request {r.request_id}: {r.rows_deleted} row(s) deleted"
+    if r.already_deleted:
+        out += f", {r.already_deleted} already deleted before"
+    out += "\n" + _table(rows, ["shard", "from stage", "rows removed", "resumed from", "final checkpoint"])
+    c = r.cost
+    if c:
+        out += f"\nretrained {c['sample_epochs']} sample-epochs vs {c['full_retrain_sample_epochs']} for a full retrain"
+        out += f" ({c['speedup']:.1f}x cheaper), wall time {r.wall_seconds:.2f}s"
+    return out
+
+
+@main.command()
+@click.option("--workdir", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--executor", type=click.Choice(["ray", "inprocess"]), default=None)
+def demo(workdir, executor):
+    """Train the digits ensemble, delete a few rows, and show what happened."""
+    from sisa.demo import run
+
+    try:
+        run(workdir, executor)
+    except SisaError as e:
+        _fail(e)
+
+
+@main.command()
+@click.option("--workdir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--port", default=5000, show_default=True)
+def ui(workdir, port):
+    """Open the MLflow UI on WORKDIR's tracking store."""
+    import os
+    import subprocess
+
+    wd = Path(workdir).resolve()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{wd / 'mlflow.db'}",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    click.echo(f"MLflow UI on http://127.0.0.1:{port}  (Ctrl-C to stop)")
+    sys.exit(subprocess.call(cmd, env=env))
+
+
+if __name__ == "__main__":
+    main()

@@ -129,7 +129,7 @@ def estimate(ens, ids) -> DeletionPlan:
 def _unknown(unknown) -> UnknownIdsError:
     shown = ", ".join(repr(i) for i in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
     return UnknownIdsError(
-        f"{len(unknown)} id(s) are not in this ensemble and were never deleted from it: {shown}. "
+        f"{len(unknown)} id(s) are not training rows of this ensemble (held-out evaluation rows are not) and were never deleted from it: {shown}. "
         "Nothing was changed; check the ids (and their type) and call delete() again",
         ids=unknown[:5],
     )

@@ -1,0 +1,94 @@
+"""A process-wide pool of warm shard-worker actors, shared by every ensemble in this driver.
+
+Workers are keyed by what makes them interchangeable (resources and torch threads). An executor borrows
+the workers it needs for one run and gives them back, so two ensembles in one process never ask Ray
+for more than the cluster holds, and a later fit or deletion finds its workers already warm.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import ray
+
+from shards.errors import ShardTrainingError
+
+_lock = threading.Condition()
+_free: dict[tuple, list] = {}
+_count: dict[tuple, int] = {}
+
+
+def _new(key: tuple, worker_cls):
+    num_cpus, num_gpus, threads = key[1:]
+    cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)(worker_cls)
+    return cls.remote(threads)
+
+
+def borrow(key: tuple, wanted: int, limit: int, worker_cls, ready_timeout: float = 120.0) -> list:
+    """Up to ``wanted`` warm workers (at least one), creating new ones while under ``limit``."""
+    with _lock:
+        while True:
+            free = _free.setdefault(key, [])
+            room = limit - _count.get(key, 0)
+            if free or room > 0:
+                take = free[:wanted]
+                del free[: len(take)]
+                new = min(wanted - len(take), max(0, room))
+                _count[key] = _count.get(key, 0) + new
+                break
+            _lock.wait()
+    fresh = [_new(key, worker_cls) for _ in range(new)]
+    if fresh:
+        pings = {a.ping.remote(): a for a in fresh}
+        _, not_ready = ray.wait(list(pings), num_returns=len(pings), timeout=ready_timeout)
+        for ref in not_ready:
+            discard(key, pings[ref])
+        fresh = [a for ref, a in pings.items() if ref not in not_ready]
+    got = take + fresh
+    if not got:
+        raise ShardTrainingError(
+            f"no shard worker could be placed within {ready_timeout:.0f}s: the Ray cluster has no free "
+            f"{key[1]} CPU / {key[2]} GPU slot. Lower resources.num_cpus, or free or add nodes"
+        )
+    return got
+
+
+def give_back(key: tuple, actors: list) -> None:
+    with _lock:
+        _free.setdefault(key, []).extend(actors)
+        _lock.notify_all()
+
+
+def discard(key: tuple, actor) -> None:
+    """Forget a dead or unplaceable worker."""
+    try:
+        ray.kill(actor)
+    except Exception:
+        pass
+    with _lock:
+        _count[key] = max(0, _count.get(key, 0) - 1)
+        _lock.notify_all()
+
+
+def replace(key: tuple, actor, worker_cls):
+    discard(key, actor)
+    with _lock:
+        _count[key] = _count.get(key, 0) + 1
+    return _new(key, worker_cls)
+
+
+def all_free(key: tuple) -> list:
+    with _lock:
+        return list(_free.get(key, []))
+
+
+def shutdown_all() -> None:
+    with _lock:
+        for actors in _free.values():
+            for a in actors:
+                try:
+                    ray.kill(a)
+                except Exception:
+                    pass
+        _free.clear()
+        _count.clear()

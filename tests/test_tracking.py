@@ -1,0 +1,40 @@
+"""MLflow: one experiment per ensemble, a parent run per operation with one child run per shard."""
+
+from conftest import tiny_config, tiny_data
+from mlflow.tracking import MlflowClient
+
+from sisa import SisaEnsemble
+
+
+def test_fit_and_delete_runs_with_shard_children(tmp_path):
+    X, y, ids = tiny_data(n=180)
+    ens = SisaEnsemble.from_config(tiny_config(tracking={"enabled": True}), tmp_path / "w")
+    ens.fit(X, y, ids=ids, eval_set=(X[:30], y[:30]))
+    receipt = ens.delete(["u-3", "u-4"])
+    client = MlflowClient(f"sqlite:///{tmp_path / 'w' / 'mlflow.db'}")
+    exps = [e for e in client.search_experiments() if e.name.startswith("sisa-tiny")]
+    assert len(exps) == 1
+    runs = client.search_runs([exps[0].experiment_id], max_results=100)
+    parents = {r.data.tags["sisa.operation"]: r for r in runs if "mlflow.parentRunId" not in r.data.tags}
+    assert set(parents) == {"fit", "delete"}
+    fit_run = parents["fit"]
+    assert fit_run.data.params["shards"] == "3" and fit_run.data.params["slices"] == "3"
+    assert fit_run.data.params["config_hash"] == ens.manifest["config_hash"]
+    assert "ensemble_accuracy" in fit_run.data.metrics
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == fit_run.info.run_id]
+    assert sorted(r.data.tags["sisa.shard"] for r in children) == ["0", "1", "2"]
+    child = children[0]
+    assert {"loss", "stage_rows", "stage_seconds", "test_accuracy"} <= set(child.data.metrics)
+    assert len(client.get_metric_history(child.info.run_id, "loss")) == sum(ens.config.epochs_per_stage())
+    assert "config.yaml" in [a.path for a in client.list_artifacts(fit_run.info.run_id)]
+    dele = parents["delete"]
+    assert dele.data.tags["sisa.request_id"] == receipt.request_id
+    assert dele.data.metrics["rows_deleted"] == 2 and dele.data.metrics["sample_epochs"] > 0
+    del_children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == dele.info.run_id]
+    assert sorted(int(r.data.tags["sisa.shard"]) for r in del_children) == sorted(receipt.shards)
+
+
+def test_tracking_can_be_disabled(tmp_path):
+    X, y, ids = tiny_data(n=90)
+    SisaEnsemble.from_config(tiny_config(), tmp_path / "w").fit(X, y, ids=ids)
+    assert not (tmp_path / "w" / "mlflow.db").exists()
