@@ -223,6 +223,6 @@ def test_concurrent_threads_serialise_and_lose_nothing(tmp_path):
     assert sum(r.rows_deleted for r in receipts) == len(union), "each id deleted exactly once"
     ref = fit(tiny_config(), tmp_path / "b", *drop(X, y, ids, union))
     assert weights_equal(ens, ref)
-    for s, sh in enumerate(ens.manifest["shards"]):
+    for sh in ens.manifest["shards"]:
         for e in sh["slices"]:
             assert not set(read_slice(ens.storage(), e)["id"].tolist()) & set(union)
