@@ -22,8 +22,8 @@ class InProcessExecutor(Executor):
             while plan.next_stage <= spec.slices:
                 try:
                     entry, metrics = self.runner.run(storage, spec, plan.shard, plan.next_stage, plan.slices, plan.last)
-                except SisaError:
-                    raise
+                except SisaError as e:
+                    raise e.add_detail(shard=plan.shard, stage=plan.next_stage) from None
                 except Exception as e:
                     raise ShardTrainingError(
                         f"shard {plan.shard} failed at stage {plan.next_stage}: {type(e).__name__}: {e}",

@@ -70,11 +70,22 @@ def discard(key: tuple, actor) -> None:
         _lock.notify_all()
 
 
-def replace(key: tuple, actor, worker_cls):
-    discard(key, actor)
+def try_new(key: tuple, limit: int, worker_cls, timeout: float):
+    """A fresh worker if the cluster can place one within ``timeout`` seconds, else None."""
     with _lock:
+        if _count.get(key, 0) >= limit:
+            return None
         _count[key] = _count.get(key, 0) + 1
-    return _new(key, worker_cls)
+    actor = _new(key, worker_cls)
+    ready, _ = ray.wait([actor.ping.remote()], timeout=timeout)
+    if ready:
+        try:
+            ray.get(ready[0])
+            return actor
+        except Exception:
+            pass
+    discard(key, actor)
+    return None
 
 
 def all_free(key: tuple) -> list:

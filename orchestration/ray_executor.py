@@ -78,42 +78,60 @@ class RayExecutor(Executor):
         return plans
 
     def _drive(self, key, actors, storage, spec, todo, on_stage):
+        """Keep every actor busy; a shard sticks to its actor between stages (warm caches)."""
         queue = list(todo)
+        free = list(actors)
         pending: dict = {}  # ref -> (actor, plan)
 
         def submit(actor, plan):
             ref = actor.run.remote(storage, spec, plan.shard, plan.next_stage, plan.slices, plan.last)
             pending[ref] = (actor, plan)
 
-        for actor in list(actors):
-            if queue:
-                submit(actor, queue.pop(0))
-        while pending:
+        while queue or pending:
+            while queue and free:
+                submit(free.pop(0), queue.pop(0))
+            if not pending:  # every worker was lost: wait for the cluster to place a new one
+                new = pool.try_new(key, capacity(self.num_cpus, self.num_gpus), ShardWorker, timeout=120)
+                if new is None:
+                    raise ShardTrainingError(
+                        f"all shard workers were lost and no new one could be placed; shard {queue[0].shard} is unfinished. "
+                        "Add nodes or lower resources.num_cpus, then run again (finished stages are kept)",
+                        shard=queue[0].shard,
+                    )
+                actors.append(new)
+                free.append(new)
+                continue
             [ref], _ = ray.wait(list(pending), num_returns=1)
             actor, plan = pending.pop(ref)
             try:
                 entry, metrics = ray.get(ref)
             except RayError as e:
-                new = self._handle_failure(key, e, actor, plan)
-                if new is not actor:
-                    actors[actors.index(actor)] = new
-                submit(new, plan)
+                self._check_retry(e, plan)
+                if isinstance(e, RayActorError) or not isinstance(e, RayTaskError):
+                    # the worker (or its node) is gone: resume this shard elsewhere from its last checkpoint
+                    actors.remove(actor)
+                    pool.discard(key, actor)
+                    new = pool.try_new(key, capacity(self.num_cpus, self.num_gpus), ShardWorker, timeout=10)
+                    if new is not None:
+                        actors.append(new)
+                        free.append(new)
+                    queue.insert(0, plan)
+                else:
+                    submit(actor, plan)
                 continue
             plan.record(entry, metrics)
             if plan.next_stage <= spec.slices:
                 submit(actor, plan)
-            elif queue:
-                submit(actor, queue.pop(0))
+            else:
+                free.append(actor)
             if on_stage:
                 on_stage(plan, entry, metrics)
 
-    def _handle_failure(self, key, e: RayError, actor, plan: ShardPlan):
-        """Decide whether a failed stage call is retried; returns the actor to retry on."""
+    def _check_retry(self, e: RayError, plan: ShardPlan) -> None:
+        """Raise unless the failed stage call should be retried."""
         cause = getattr(e, "cause", None)
         if isinstance(cause, SisaError):
-            cause.detail.setdefault("shard", plan.shard)
-            cause.detail.setdefault("stage", plan.next_stage)
-            raise cause from None
+            raise cause.add_detail(shard=plan.shard, stage=plan.next_stage) from None
         plan.attempts += 1
         if plan.attempts > self.max_retries:
             raise ShardTrainingError(
@@ -122,9 +140,6 @@ class RayExecutor(Executor):
                 shard=plan.shard,
                 stage=plan.next_stage,
             ) from e
-        if isinstance(e, RayActorError) or not isinstance(e, RayTaskError):
-            return pool.replace(key, actor, ShardWorker)
-        return actor
 
     def drop_caches(self) -> None:
         if ray.is_initialized():

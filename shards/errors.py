@@ -17,6 +17,14 @@ class SisaError(Exception):
         for key, value in detail.items():
             setattr(self, key, value)
 
+    def add_detail(self, **detail) -> SisaError:
+        """Add detail (e.g. which shard) without overwriting what the raiser set."""
+        for key, value in detail.items():
+            if key not in self.detail:
+                self.detail[key] = value
+                setattr(self, key, value)
+        return self
+
     def __reduce__(self):
         return (_rebuild, (type(self), self.message, self.detail))
 

@@ -252,6 +252,30 @@ def _receipt_text(r) -> str:
 
 
 @main.command()
+@click.option("--workdir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--executor", type=click.Choice(["ray", "inprocess"]), default=None)
+def repair(workdir, executor):
+    """Rebuild missing or corrupt checkpoints from the last clean one (bit-identical)."""
+    from sisa import SisaEnsemble
+
+    try:
+        ens = SisaEnsemble.open(workdir, executor=executor, recover=False)
+        out = ens.repair()
+        ens.close()
+    except SisaError as e:
+        _fail(e)
+    for s, r in sorted(out["repaired"].items()):
+        click.echo(f"shard {s}: rebuilt checkpoints from stage {r}; identical to the recorded digests")
+    for f in out["unrepairable"]:
+        click.echo(
+            f"{f}: corrupt store file; its rows exist nowhere else. Restore it from a backup, or refit with `sisa train --overwrite`"
+        )
+    if not out["repaired"] and not out["unrepairable"]:
+        click.echo("all checkpoints and store files match their digests")
+    sys.exit(1 if out["unrepairable"] else 0)
+
+
+@main.command()
 @click.option("--workdir", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
 @click.option("--executor", type=click.Choice(["ray", "inprocess"]), default=None)
 def demo(workdir, executor):

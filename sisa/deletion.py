@@ -14,13 +14,14 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from orchestration import ShardPlan
 from shards.errors import DataError, UnknownIdsError, WorkdirError
 from shards.partition import canonical_ids
 from shards.store import read_slice, without, write_slice
 from sisa import costmodel
+from sisa.failpoints import crashpoint
 from sisa.ledger import Ledger
 from sisa.workdir import purge_unreferenced, write_atomic
 
@@ -47,6 +48,7 @@ class Receipt:
     config_hash: str = ""
     cost: dict = field(default_factory=dict)
     wall_seconds: float = 0.0
+    signature: str = ""  # HMAC of every other field with a key derived from the workdir secret (sisa.audit)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -108,6 +110,19 @@ def _first_stages(found) -> dict[int, int]:
     return out
 
 
+def _check_resume_points(ens, starts: dict[int, int]) -> None:
+    """Refuse before the ledger commit if a file the retrain needs (the checkpoint it resumes from, the
+    shard's slices) is damaged, so that a doomed request is never acknowledged."""
+    store = ens.storage()
+    for s, r in starts.items():
+        sh = ens.manifest["shards"][s]
+        if r > 1:
+            c = sh["checkpoints"][r - 2]
+            store.read(c["file"], c["sha256"])
+        for e in sh["slices"]:
+            store.read(e["file"], e["sha256"])
+
+
 def estimate(ens, ids) -> DeletionPlan:
     ids = _normalise(ens, ids)
     found, gone, unknown = locate(ens, ids)
@@ -146,9 +161,12 @@ def delete(ens, ids, progress=None) -> Receipt:
             raise _unknown(unknown)
         if not found:
             return Receipt(None, t0, time.time(), [], 0, len(gone), config_hash=ens.manifest["config_hash"])
+        _check_resume_points(ens, _first_stages(found))
         hashed = ens.workdir.hash_ids([i for g in found.values() for i in g])
         plan = {"slices": sorted([s, j] for s, j in found)}
+        crashpoint("before_ledger")
         rid = _ledger(ens).record(hashed, plan)  # the ack point: from here on the deletion is never lost
+        crashpoint("after_ledger")
         return _execute(ens, rid, set(hashed), plan, t0, len(gone), progress)
 
 
@@ -168,8 +186,12 @@ def recover(ens, locked: bool = False) -> list[str]:
         rid = req["id"]
         ens._manifest = ens.workdir.read_manifest()
         if rid in ens.manifest.get("applied_requests", []):
+            m = copy.deepcopy(ens.manifest)
+            m["metrics"] = {**m.get("metrics", {}), **ens.evaluate(m)}
+            ens.commit(m)
             _finish(ens, rid, None)
         else:
+            ens.workdir.remove_temp_files()
             purge_unreferenced(ens.storage(), ens.manifest)  # half-written files of the crashed attempt
             _execute(ens, rid, set(ledger.hashed_ids(rid)), req["plan"], time.time(), 0, None)
     return [r["id"] for r in todo]
@@ -244,29 +266,37 @@ def _execute(ens, rid: str, hashed: set, plan: dict, t0: float, already: int, pr
             cost=cost,
             wall_seconds=time.time() - t0,
         )
+        from sisa.audit import sign_receipt
+
+        receipt = replace(receipt, signature=sign_receipt(ens.workdir, receipt.to_dict()))
         write_atomic(ens.workdir.path / "receipts" / f"{rid}.json", json.dumps(receipt.to_dict(), indent=1).encode())
+        crashpoint("before_swap")
         ens.commit(after)  # the atomic swap
+        crashpoint("after_swap")
         metrics = ens.evaluate(after)
         after["metrics"] = {**before.get("metrics", {}), **metrics}
         ens.commit(after)
-        _finish(ens, rid, receipt)
+        _finish(ens, rid, receipt, run)
         run.finish(
             ens,
             plans,
             {
                 **metrics,
                 "ensemble_accuracy_before": acc_before,
+                "shard_accuracy_before": before.get("metrics", {}).get("shard_accuracy"),
                 "rows_deleted": receipt.rows_deleted,
                 "shards_retrained": len(plans),
                 **{k: v for k, v in cost.items() if v != float("inf")},
             },
             extra_tags={"sisa.rows_deleted": receipt.rows_deleted},
+            slices_hit=plan["slices"],
         )
     return receipt
 
 
 def _on_stage(run, progress):
     def cb(plan, entry, metrics):
+        crashpoint("during_retrain")
         run.stage(plan.shard, metrics)
         if progress:
             progress(plan, entry, metrics)
@@ -274,10 +304,13 @@ def _on_stage(run, progress):
     return cb
 
 
-def _finish(ens, rid: str, receipt: Receipt | None) -> None:
+def _finish(ens, rid: str, receipt: Receipt | None, run=None) -> None:
     """Purge what the swap superseded and mark the request done."""
-    purge_unreferenced(ens.storage(), ens.manifest)
+    purge_unreferenced(ens.storage(), ens.manifest, on_delete=lambda: crashpoint("during_purge"))
+    ens.workdir.remove_temp_files()
     ens.executor.drop_caches() if ens._executor is not None else None
+    # MLflow: register the new ensemble version, delete every model version and artifact that saw the rows
+    ens.tracker().publish(ens, getattr(run, "run_id", None), purge=True)
     if receipt is None:
         p = ens.workdir.path / "receipts" / f"{rid}.json"
         receipt = Receipt.from_dict(json.loads(p.read_text())) if p.exists() else None

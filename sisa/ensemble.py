@@ -282,6 +282,20 @@ class SisaEnsemble:
 
         return delete(self, ids, progress)
 
+    def verify(self, receipt=None, timeout: float | None = None):
+        """Re-check a deletion certificate: retrain the receipt's shards from scratch in a fresh process and
+        compare bit for bit, check lineage, ledger and signature. ``receipt=None`` audits the whole ensemble.
+        Returns a `sisa.audit.AuditReport` (``.ok``, ``.shards``, ``.failures()``, ``.text()``)."""
+        from sisa.audit import verify
+
+        return verify(self, receipt, timeout)
+
+    def repair(self) -> dict:
+        """Rebuild missing or corrupt checkpoints from the last clean one (bit-identical, same names)."""
+        from sisa.repair import repair
+
+        return repair(self)
+
     def write_config(self) -> None:
         write_atomic(self.workdir.path / "config.yaml", dump_yaml(self.config).encode())
 

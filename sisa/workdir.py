@@ -53,6 +53,12 @@ class Workdir:
     def write_manifest(self, manifest: dict) -> None:
         write_atomic(self.manifest_path, json.dumps(manifest, indent=1, sort_keys=True).encode())
 
+    def remove_temp_files(self) -> None:
+        """Temp files of atomic writes that a killed process left behind."""
+        for p in self.path.rglob(".*.tmp-*"):
+            if p.is_file():
+                p.unlink()
+
     def secret(self) -> bytes:
         """Key for hashing ids in the ledger and receipts; created once per workdir."""
         p = self.path / "secret.key"
@@ -91,7 +97,10 @@ class Workdir:
 
     # -- locking ----------------------------------------------------------------------------
     @contextmanager
-    def lock(self, timeout: float = 600.0, what: str = "this operation"):
+    def lock(self, timeout: float | None = None, what: str = "this operation"):
+        """Exclusive lock on the workdir; waits up to ``timeout`` s ($SISA_LOCK_TIMEOUT, default 600)."""
+        if timeout is None:
+            timeout = float(os.environ.get("SISA_LOCK_TIMEOUT", "600"))
         held = _held.__dict__.setdefault("paths", set())
         if str(self.path) in held:  # re-entered by the thread that holds it
             yield
@@ -148,15 +157,14 @@ def referenced_files(manifest: dict) -> set[str]:
     return out
 
 
-def purge_unreferenced(storage: Storage, manifest: dict) -> list[str]:
+def purge_unreferenced(storage: Storage, manifest: dict, on_delete=None) -> list[str]:
     """Delete every data/checkpoint file the manifest does not reference (superseded or half-written)."""
     keep = referenced_files(manifest)
     gone = []
     for rel in storage.listdir():
-        if rel.startswith(("data/", "ckpt/")) and rel not in keep:
+        if (rel.startswith(("data/", "ckpt/")) and rel not in keep) or os.path.basename(rel).startswith(".tmp-"):
             storage.delete(rel)
             gone.append(rel)
-        elif os.path.basename(rel).startswith(".tmp-"):
-            storage.delete(rel)
-            gone.append(rel)
+            if on_delete:
+                on_delete()
     return gone
