@@ -1,0 +1,447 @@
+"""Re-checkable deletion certificates: anyone with the workdir can re-run the proof that rows were forgotten.
+
+`verify` retrains shards from scratch (stage 1, fresh initialisation) on the live store, in a fresh Python
+process, and checks that every retrained checkpoint has the deployed checkpoint's sha256 and that the final
+weights are bit-identical (torch.equal). Since the retraining only read the live slice files, and the audit
+checks that no id the ledger deleted is among the ids of a live slice, the deployed model provably depends
+on none of the deleted rows. Besides it checks
+  - every slice and checkpoint file against its manifest digest, and every checkpoint's lineage (the chain
+    of its slice files' sha256s, recorded by `shards.job.lineage`) against the live slice files;
+  - receipts: the HMAC signature (key derived from the workdir secret), the ledger's copy and hashed ids,
+    and the chain of checkpoint digests from each receipt to the deployed checkpoints.
+A failure names the file path or the receipt field. The audit writes nothing into the workdir: retrained
+checkpoints go to a scratch directory that is removed afterwards.
+
+``python -m sisa.audit OUT.json`` (job on stdin) is the fresh-process worker that does the retraining.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+from shards.errors import SisaError, WorkdirError
+
+
+# -- receipt signatures -------------------------------------------------------------------------------
+def _receipt_key(workdir) -> bytes:
+    return hmac.new(workdir.secret(), b"sisa receipt signature v1", hashlib.sha256).digest()
+
+
+def _canonical(d: dict) -> bytes:
+    body = json.loads(json.dumps({k: v for k, v in d.items() if k != "signature"}))
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def sign_receipt(workdir, receipt: dict) -> str:
+    """HMAC-SHA256 of the receipt's canonical JSON (every field but ``signature``)."""
+    return hmac.new(_receipt_key(workdir), _canonical(receipt), hashlib.sha256).hexdigest()
+
+
+# -- the report ---------------------------------------------------------------------------------------
+@dataclass
+class Check:
+    target: str  # "shard 3", "receipt <id>", "ledger", "store"
+    check: str  # what was checked
+    ok: bool
+    detail: str = ""  # on failure: where (file path or receipt field) and what differs
+
+
+@dataclass
+class AuditReport:
+    scope: str
+    checks: list[Check] = field(default_factory=list)
+    shards: dict[int, bool] = field(default_factory=dict)  # retrained from scratch == deployed, per shard
+    receipts: dict[str, bool] = field(default_factory=dict)
+    worker_pid: int | None = None
+    retrain_seconds: float = 0.0
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    def failures(self) -> list[Check]:
+        return [c for c in self.checks if not c.ok]
+
+    def add(self, target: str, check: str, problems: list[str]) -> None:
+        self.checks.append(Check(target, check, not problems, "; ".join(problems[:5])))
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "ok": self.ok}
+
+    def text(self) -> str:
+        width = max([len(c.target) for c in self.checks] + [6])
+        lines = [f"{'target'.ljust(width)}  result  check"]
+        for c in self.checks:
+            lines.append(f"{c.target.ljust(width)}  {'pass' if c.ok else 'FAIL'}    {c.check}")
+            if c.detail:
+                lines.append(f"{''.ljust(width)}          -> {c.detail}")
+        per = ", ".join(f"{s}: {'pass' if v else 'FAIL'}" for s, v in sorted(self.shards.items()))
+        lines.append(f"\nshards retrained from scratch in a fresh process (pid {self.worker_pid}): {per or 'none'}")
+        n = len(self.failures())
+        lines.append(
+            f"audit of {self.scope}: {'PASS' if self.ok else f'FAIL ({n} failed check(s))'} in {self.seconds:.1f}s"
+        )
+        return "\n".join(lines)
+
+
+# -- the audit ----------------------------------------------------------------------------------------
+def verify(ens, receipt=None, timeout: float | None = None) -> AuditReport:
+    """Audit one receipt (a Receipt or a request id), or with ``receipt=None`` the whole ensemble."""
+    from sisa.ledger import Ledger
+
+    t0 = time.time()
+    wd = ens.workdir
+    rid = getattr(receipt, "request_id", receipt)
+    if receipt is not None and not isinstance(rid, str):
+        raise WorkdirError("verify() needs a Receipt with a request id, a request id string, or None for --all")
+    report = AuditReport(scope=f"receipt {rid}" if rid else "the whole ensemble")
+    with wd.lock(what="audit"):
+        manifest = wd.read_manifest()
+        if not (wd.path / "secret.key").exists():
+            raise WorkdirError(f"{wd.path}/secret.key is missing: hashed ids and receipt signatures cannot be checked")
+        ledger = Ledger(wd.path / "ledger.db") if (wd.path / "ledger.db").exists() else None
+        requests = ledger.requests() if ledger else []
+        by_id = {r["id"]: r for r in requests}
+        if rid is not None and rid not in by_id:
+            raise WorkdirError(f"the ledger of {wd.path} has no request {rid!r}; see `sisa status` for the deletions")
+        loaded = AuditReport(scope="receipts")
+        receipts = {r["id"]: _check_receipt(loaded, wd, manifest, ledger, r) for r in requests if r["state"] == "done"}
+        if rid is None:
+            _check_ledger(report, manifest, requests)
+            shards = [s for s, sh in enumerate(manifest["shards"]) if sh["checkpoints"]]
+            deleted = {h: q for q in requests for h in ledger.hashed_ids(q["id"])} if ledger else {}
+        else:
+            if by_id[rid]["state"] != "done":
+                report.add(f"receipt {rid}", "request finished", [f"ledger state is {by_id[rid]['state']!r}"])
+            shards = sorted(int(s) for s in (receipts.get(rid) or {}).get("shards", {}))
+            deleted = {h: by_id[rid] for h in ledger.hashed_ids(rid)}
+        # the receipts that speak about these shards (a later one may have retrained a shard again)
+        chain = [
+            (q, r)
+            for q, r in receipts.items()
+            if r and (rid is None or q == rid or {int(k) for k in r.get("shards", {})} & set(shards))
+        ]
+        keep = {f"receipt {q}" for q, _ in chain} | {f"receipt {q}" for q in receipts if rid in (None, q)}
+        report.checks += [c for c in loaded.checks if c.target in keep]
+        store = ens.storage()
+        _check_live_ids(report, wd, store, manifest, deleted)
+        _check_chain(report, manifest, chain, shards)
+        files_ok = {s: _check_files(report, store, manifest, s) for s in shards}
+        _check_retrain(report, ens, manifest, store, [s for s in shards if files_ok[s]], timeout)
+        for s in shards:
+            report.shards[s] = all(c.ok for c in report.checks if c.target == f"shard {s}")
+        report.receipts = {q: all(c.ok for c in report.checks if c.target == f"receipt {q}") for q in sorted(keep)}
+        report.receipts = {k.split(" ", 1)[1]: v for k, v in report.receipts.items()}
+        report.checks.sort(key=_order)
+    report.seconds = time.time() - t0
+    return report
+
+
+def _order(c: Check):
+    kind, _, name = c.target.partition(" ")
+    return ({"receipt": 0, "ledger": 1, "store": 2, "shard": 3}.get(kind, 4), int(name) if name.isdigit() else name)
+
+
+def _check_receipt(report, wd, manifest, ledger, req) -> dict | None:
+    rid = req["id"]
+    path = wd.path / "receipts" / f"{rid}.json"
+    target = f"receipt {rid}"
+    where = f"{path}"
+    try:
+        r = json.loads(path.read_text())
+    except FileNotFoundError:
+        report.add(target, "receipt file exists", [f"{where} is missing"])
+        return None
+    except json.JSONDecodeError as e:
+        report.add(target, "receipt file parses", [f"{where} is not valid JSON ({e})"])
+        return None
+    problems = []
+    sig = r.get("signature") or ""
+    if not sig:
+        problems.append(f"{where}: field 'signature' is missing (receipt not signed)")
+    elif not hmac.compare_digest(sig, sign_receipt(wd, r)):
+        problems.append(f"{where}: field 'signature' does not match the receipt's content (HMAC with the workdir key)")
+    report.add(target, "signature", problems)
+    problems = []
+    if r.get("request_id") != rid:
+        problems.append(f"{where}: field 'request_id' is {r.get('request_id')!r}")
+    copy = req.get("receipt") or {}
+    diff = sorted(
+        k for k in set(r) | set(copy) if json.dumps(r.get(k), sort_keys=True) != json.dumps(copy.get(k), sort_keys=True)
+    )
+    if diff:
+        problems.append(f"{where}: field(s) {', '.join(diff)} differ from the ledger's copy")
+    if sorted(r.get("hashed_ids", [])) != sorted(ledger.hashed_ids(rid)):
+        problems.append(f"{where}: field 'hashed_ids' differs from the ids the ledger recorded")
+    if r.get("config_hash") != manifest["config_hash"]:
+        problems.append(f"{where}: field 'config_hash' is not the ensemble's ({manifest['config_hash']})")
+    if rid not in manifest.get("applied_requests", []):
+        problems.append(f"manifest.json: field 'applied_requests' lacks {rid}")
+    report.add(target, "matches the ledger and the manifest", problems)
+    return r
+
+
+def _check_ledger(report, manifest, requests) -> None:
+    problems = [
+        f"request {q['id']} is {q['state']!r}, not done: open the workdir to finish it"
+        for q in requests
+        if q["state"] != "done"
+    ]
+    known = {q["id"] for q in requests}
+    problems += [
+        f"manifest.json: applied request {a} is not in the ledger"
+        for a in manifest.get("applied_requests", [])
+        if a not in known
+    ]
+    report.add("ledger", "every request is done and recorded in the manifest", problems)
+
+
+def _check_live_ids(report, wd, store, manifest, deleted: dict) -> None:
+    """No hashed id of a deleted row is among the (hashed) ids of any live slice; no stale file is left."""
+    from shards.store import read_slice
+
+    problems = []
+    for sh in manifest["shards"]:
+        for e in sh["slices"]:
+            try:
+                ids = read_slice(store, e)["id"].tolist()
+            except SisaError:
+                continue  # reported by the file check of the shard
+            back = [h for h in wd.hash_ids(ids) if h in deleted]
+            if back:
+                reqs = sorted({deleted[h]["id"] for h in back})
+                problems.append(
+                    f"{store.describe(e['file'])} holds {len(back)} id(s) deleted by request(s) {', '.join(reqs)}"
+                )
+    report.add("ledger", f"no deleted id ({len(deleted)} hashed) is among the live ids", problems)
+    from sisa.workdir import referenced_files
+
+    keep = referenced_files(manifest)
+    stale = [store.describe(f) for f in store.listdir() if f.startswith(("data/", "ckpt/")) and f not in keep]
+    report.add(
+        "store",
+        "no superseded slice or checkpoint file is left",
+        [f"{f} is not referenced by the manifest" for f in stale],
+    )
+
+
+def _check_chain(report, manifest, receipts: list[tuple[str, dict]], shards: list[int]) -> None:
+    """Walk the receipts in ledger order: each one's checkpoints_before / resumed_from must be what the
+    previous ones left, and the last word on each stage must be the deployed checkpoint."""
+    R = max((len(sh["checkpoints"]) for sh in manifest["shards"]), default=0)
+    state: dict[int, dict[int, tuple]] = {s: {} for s in shards}  # stage -> (digest, rid, field)
+    lineage: dict[int, tuple] = {}  # shard -> (lineage_after, rid, field) of the last receipt retraining it
+    problems: dict[str, list[str]] = {}
+    for rid, r in receipts:
+        for key, v in (r.get("shards") or {}).items():
+            s = int(key)
+            if s not in state:
+                continue
+            f = f"receipts/{rid}.json shards.{s}"
+            p = problems.setdefault(rid, [])
+            try:
+                first, before, after = int(v["from_stage"]), list(v["checkpoints_before"]), list(v["checkpoints_after"])
+            except (KeyError, TypeError, ValueError):
+                p.append(f"{f}: fields from_stage / checkpoints_before / checkpoints_after are missing or malformed")
+                continue
+            if len(after) != R - first + 1:
+                p.append(f"{f}.checkpoints_after has {len(after)} digests, expected {R - first + 1}")
+            claims = [(first + k, d, f"{f}.checkpoints_before[{k}]") for k, d in enumerate(before)]
+            if first > 1:
+                claims.append((first - 1, v.get("resumed_from"), f"{f}.resumed_from"))
+            for stage, digest, name in claims:
+                known = state[s].get(stage)
+                if known and known[0] != digest:
+                    p.append(f"{name} = {str(digest)[:12]} but {known[2]} left {known[0][:12]}")
+                elif not known and stage == first - 1:
+                    state[s][stage] = (digest, rid, name)
+            for k, d in enumerate(after):
+                state[s][first + k] = (d, rid, f"{f}.checkpoints_after[{k}]")
+            lineage[s] = (v.get("lineage_after"), rid, f"{f}.lineage_after")
+    for s in shards:
+        cks = manifest["shards"][s]["checkpoints"]
+        for stage, (digest, rid, name) in sorted(state[s].items()):
+            dep = cks[stage - 1] if 0 < stage <= len(cks) else None
+            if dep is None or dep["sha256"] != digest:
+                problems[rid].append(
+                    f"{name} = {str(digest)[:12]} but the deployed stage-{stage} checkpoint "
+                    + (f"{dep['file']} has {dep['sha256'][:12]}" if dep else "is missing")
+                )
+        if s in lineage and cks:
+            digest, rid, name = lineage[s]
+            if digest != cks[-1].get("lineage"):
+                problems[rid].append(f"{name} = {str(digest)[:12]} but the deployed checkpoint's lineage differs")
+    for rid, r in receipts:
+        if any(int(k) in state for k in (r.get("shards") or {})):
+            report.add(f"receipt {rid}", "checkpoint digests lead to the deployed checkpoints", problems.get(rid, []))
+
+
+def _check_files(report, store, manifest, s: int) -> bool:
+    """Every slice and checkpoint file of shard s matches its digest; checkpoint lineage and row counts
+    match the live slice files."""
+    from shards import training
+    from shards.job import lineage
+
+    sh = manifest["shards"][s]
+    problems = []
+    for e in sh["slices"]:
+        try:
+            store.read(e["file"], e["sha256"])
+        except SisaError as err:
+            problems.append(str(err).split(";")[0])
+    report.add(f"shard {s}", "slice files match the manifest digests", problems)
+    files_ok = not problems
+    problems, lin = [], []
+    for k, c in enumerate(sh["checkpoints"]):
+        where = store.describe(c["file"])
+        try:
+            ckpt = training.load_checkpoint(store.read(c["file"], c["sha256"]), where)
+        except SisaError as err:
+            problems.append(str(err).split(";")[0])
+            continue
+        want = lineage(sh["slices"], k + 1)
+        if c.get("lineage") != want:
+            lin.append(
+                f"manifest.json shards.{s}.checkpoints[{k}].lineage is not the digest of the live slices 1..{k + 1}"
+            )
+        if ckpt.get("lineage") != c.get("lineage"):
+            lin.append(f"{where}: the lineage inside the checkpoint differs from the manifest's")
+        if c["rows"] != sum(e["rows"] for e in sh["slices"][: k + 1]):
+            lin.append(f"manifest.json shards.{s}.checkpoints[{k}].rows does not match the live slices")
+    report.add(f"shard {s}", "checkpoint files match the manifest digests", problems)
+    report.add(f"shard {s}", "checkpoint lineage = digest of the live slice files", lin)
+    return files_ok and not problems
+
+
+def _check_retrain(report, ens, manifest, store, shards: list[int], timeout) -> None:
+    import torch
+
+    from shards import training
+
+    if not shards:
+        return
+    scratch = tempfile.mkdtemp(prefix="sisa-audit-")
+    try:
+        job = {
+            "storage": store.root,
+            "options": store.storage_options,
+            "scratch": scratch,
+            "spec": asdict(ens.spec(manifest)),
+            "shards": {str(s): manifest["shards"][s]["slices"] for s in shards},
+        }
+        t0 = time.time()
+        out = os.path.join(scratch, "result.json")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        proc = subprocess.run(
+            [sys.executable, "-m", "sisa.audit", out],
+            input=json.dumps(job),
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout,
+        )
+        report.retrain_seconds = time.time() - t0
+        if proc.returncode != 0 or not os.path.exists(out):
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            for s in shards:
+                report.add(
+                    f"shard {s}", "retrained from scratch", [f"the retraining process failed: {' | '.join(tail)}"]
+                )
+            return
+        result = json.loads(open(out).read())
+        report.worker_pid = result["pid"]
+        from shards.storage import Storage
+
+        fresh = Storage(scratch)
+        for s in shards:
+            _compare(
+                report, s, result["shards"][str(s)], manifest["shards"][s]["checkpoints"], store, fresh, training, torch
+            )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _compare(report, s, got: dict, deployed: list[dict], store, fresh, training, torch) -> None:
+    target = f"shard {s}"
+    if "error" in got:
+        report.add(target, "retrained from scratch", [f"retraining failed: {got['error']}"])
+        return
+    ret = got["checkpoints"]
+    problems = [
+        f"stage {k + 1}: retrained checkpoint sha256 {a['sha256'][:12]} != deployed {store.describe(b['file'])} ({b['sha256'][:12]})"
+        for k, (a, b) in enumerate(zip(ret, deployed))
+        if a["sha256"] != b["sha256"]
+    ]
+    if len(ret) != len(deployed):
+        problems.append(f"{len(ret)} stages retrained but {len(deployed)} checkpoints deployed")
+    report.add(target, "retrained checkpoint digests = deployed digests", problems)
+    a = training.load_checkpoint(fresh.read(ret[-1]["file"], ret[-1]["sha256"]))["state_dict"]
+    b = training.load_checkpoint(store.read(deployed[-1]["file"]), store.describe(deployed[-1]["file"]))["state_dict"]
+    diff = sorted(set(a) ^ set(b)) + [k for k in a if k in b and not torch.equal(a[k], b[k])]
+    report.add(
+        target,
+        "weights retrained from scratch = deployed weights (torch.equal)",
+        [f"{store.describe(deployed[-1]['file'])}: tensor(s) {', '.join(diff[:4])} differ"] if diff else [],
+    )
+
+
+# -- the fresh-process worker -------------------------------------------------------------------------
+class _LiveSlicesScratchCheckpoints:
+    """Reads slice files from the live store (digest-checked); checkpoints go to and come from scratch."""
+
+    def __init__(self, live, scratch):
+        self.live, self.scratch = live, scratch
+
+    def _of(self, rel: str):
+        return self.scratch if rel.startswith("ckpt/") else self.live
+
+    def read(self, rel: str, digest: str | None = None) -> bytes:
+        return self._of(rel).read(rel, digest)
+
+    def write(self, rel: str, data: bytes) -> str:
+        if not rel.startswith("ckpt/"):
+            raise WorkdirError(f"the audit never writes into the live store (asked to write {rel})")
+        return self.scratch.write(rel, data)
+
+    def describe(self, rel: str) -> str:
+        return self._of(rel).describe(rel)
+
+
+def _worker(out_path: str) -> None:
+    from shards.job import StageRunner
+    from shards.spec import TrainSpec
+    from shards.storage import Storage
+
+    job = json.loads(sys.stdin.read())
+    spec = job["spec"]
+    spec = TrainSpec(
+        **{**spec, "epochs_per_stage": tuple(spec["epochs_per_stage"]), "input_shape": tuple(spec["input_shape"])}
+    )
+    storage = _LiveSlicesScratchCheckpoints(Storage(job["storage"], job["options"]), Storage(job["scratch"]))
+    runner = StageRunner()
+    out: dict = {"pid": os.getpid(), "shards": {}}
+    for key, slices in job["shards"].items():
+        entries, prev = [], None
+        try:
+            for stage in range(1, spec.slices + 1):
+                prev, _ = runner.run(storage, spec, int(key), stage, slices, prev)
+                entries.append(prev)
+            out["shards"][key] = {"checkpoints": entries}
+        except SisaError as e:
+            out["shards"][key] = {"error": str(e)}
+    with open(out_path, "w") as f:
+        json.dump(out, f)
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1])
