@@ -55,6 +55,7 @@ class RayExecutor(Executor):
         self.address, self.local_num_cpus = address, local_num_cpus
         self.num_cpus, self.num_gpus = num_cpus_per_shard, num_gpus_per_shard
         self.max_retries, self.max_workers, self.threads = max_retries, max_workers, threads
+        self.lost_workers = 0  # workers that died under a running stage (for reports and tests)
 
     def _key(self) -> tuple:
         connect(self.address, self.local_num_cpus)
@@ -109,6 +110,7 @@ class RayExecutor(Executor):
                 self._check_retry(e, plan)
                 if isinstance(e, RayActorError) or not isinstance(e, RayTaskError):
                     # the worker (or its node) is gone: resume this shard elsewhere from its last checkpoint
+                    self.lost_workers += 1
                     actors.remove(actor)
                     pool.discard(key, actor)
                     new = pool.try_new(key, capacity(self.num_cpus, self.num_gpus), ShardWorker, timeout=10)

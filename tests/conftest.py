@@ -15,7 +15,15 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="sisa-tests")
+        tests = os.path.dirname(os.path.abspath(__file__))  # user modules in tests/ must import on workers
+        path = os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p)
+        ray.init(
+            address="local",
+            num_cpus=2,
+            include_dashboard=False,
+            namespace="sisa-tests",
+            runtime_env={"env_vars": {"PYTHONPATH": path}},
+        )
     yield ray
 
 
