@@ -43,6 +43,7 @@ def main():
     out["fit_workers_lost"] = ens.executor.lost_workers
     ref = SisaEnsemble.from_config(cfg, tmp / "ref", executor="inprocess").fit(X, y, ids=ids)
     out["fit_equal"] = weights_equal(ens, ref)
+    out["joined_address"] = ray.get_runtime_context().gcs_address == cluster.address
 
     nodes.append(cluster.add_node(num_cpus=1))
     gone = [i for i in ids.tolist() if ens.shard_of(i)[1] == 0][:4]  # first slices: long retrains

@@ -30,7 +30,7 @@ def test_node_lost_mid_training_and_mid_deletion():
     out = json.loads(line[0][7:])
     assert out["fit_nodes_lost"] == 1 and out["delete_nodes_lost"] == 1, out
     assert out["fit_workers_lost"] >= 1 and out["delete_workers_lost"] >= 1, f"a stage was interrupted: {out}"
-    assert out["fit_equal"] and out["delete_equal"], out
+    assert out["fit_equal"] and out["delete_equal"] and out["joined_address"], out
 
 
 def test_transient_task_failure_is_retried(tmp_path, ray_session):
