@@ -33,6 +33,7 @@ class SisaEnsemble:
         self._executor = None
         self._tracking_uri = tracking_uri
         self._manifest: dict | None = None
+        self._manifest_sig: tuple | None = None
         self._agg: Aggregator | None = None
         self._state_lock = threading.RLock()
         self.last_fit_metrics: dict = {}
@@ -61,6 +62,7 @@ class SisaEnsemble:
                 f"(hash {ens.config.training_hash()} != {manifest['training_hash']}); restore it or train a new workdir"
             )
         ens._manifest = manifest
+        ens._manifest_sig = ens._disk_sig()
         if recover:
             from sisa.deletion import recover as _recover
 
@@ -164,7 +166,27 @@ class SisaEnsemble:
         self.workdir.write_manifest(manifest)
         with self._state_lock:
             self._manifest = manifest
+            self._manifest_sig = self._disk_sig()
             self._agg = None
+
+    def _disk_sig(self):
+        try:
+            st = self.workdir.manifest_path.stat()
+        except FileNotFoundError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def _follow_disk(self) -> None:
+        """Pick up a manifest another process committed (a deletion excluding or swapping shards), so that
+        this process never keeps serving a model that saw deleted rows. One stat() per call."""
+        if self._manifest is None:
+            return
+        sig = self._disk_sig()
+        if sig is not None and sig != self._manifest_sig:
+            if self._manifest_sig is not None:
+                self._manifest = self.workdir.read_manifest()
+                self._agg = None
+            self._manifest_sig = sig
 
     def purge(self) -> list[str]:
         return purge_unreferenced(self.storage(), self.manifest)
@@ -191,6 +213,7 @@ class SisaEnsemble:
 
     def aggregator(self) -> Aggregator:
         with self._state_lock:
+            self._follow_disk()
             if self._agg is None:
                 m = self.manifest
                 active = self.active_shards(m)

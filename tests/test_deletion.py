@@ -226,3 +226,19 @@ def test_concurrent_threads_serialise_and_lose_nothing(tmp_path):
     for sh in ens.manifest["shards"]:
         for e in sh["slices"]:
             assert not set(read_slice(ens.storage(), e)["id"].tolist()) & set(union)
+
+
+def test_a_serving_process_follows_a_deletion_made_by_another(tmp_path):
+    import subprocess
+    import sys
+
+    X, y, ids = tiny_data(n=180)
+    fit(tiny_config(), tmp_path / "a", X, y, ids)
+    server = SisaEnsemble.open(tmp_path / "a", executor="inprocess")
+    before = server.predict_proba(X)
+    gone = pick(server, ids, [(0, 0), (2, 1)])
+    code = "import sys, json; from sisa import SisaEnsemble; SisaEnsemble.open(sys.argv[1], executor='inprocess').delete(json.loads(sys.argv[2]))"
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "a"), json.dumps(gone)], check=True, capture_output=True)
+    after = server.predict_proba(X)
+    fresh = SisaEnsemble.open(tmp_path / "a", executor="inprocess")
+    assert not np.array_equal(before, after) and np.array_equal(after, fresh.predict_proba(X))
