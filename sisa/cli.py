@@ -316,5 +316,10 @@ def ui(workdir, port):
     sys.exit(subprocess.call(cmd, env=env))
 
 
+from sisa.audit_cli import audit as _audit  # noqa: E402
+
+main.add_command(_audit)
+
+
 if __name__ == "__main__":
     main()
