@@ -90,6 +90,7 @@ def fit(ens, X, y, ids, eval_set, overwrite: bool, progress) -> None:
                 manifest["metrics"]["fit_seconds"] = time.time() - t0
                 ens.commit(manifest)
                 run.finish(ens, plans, manifest["metrics"])
+                run.log_ensemble(ens)  # the first version of the ensemble as a registered pyfunc model
             purge_unreferenced(storage, manifest)
         except BaseException:
             if not wd.exists():

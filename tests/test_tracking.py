@@ -33,6 +33,35 @@ def test_fit_and_delete_runs_with_shard_children(tmp_path):
     del_children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == dele.info.run_id]
     assert sorted(int(r.data.tags["sisa.shard"]) for r in del_children) == sorted(receipt.shards)
 
+    # names, ensemble metrics and per-stage / per-epoch metrics the UI charts
+    assert fit_run.info.run_name == "fit" and dele.info.run_name == f"delete {receipt.request_id[-8:]}"
+    assert {"wall_seconds", "sample_epochs", "shards_trained", "rows"} <= set(fit_run.data.metrics)
+    want = {"ensemble_accuracy", "ensemble_accuracy_before", "shards_retrained", "sample_epochs"}
+    assert want | {"full_retrain_sample_epochs", "speedup", "wall_seconds"} <= set(dele.data.metrics)
+    assert dele.data.metrics["sample_epochs"] == receipt.cost["sample_epochs"]
+    assert dele.data.metrics["sample_epochs"] < dele.data.metrics["full_retrain_sample_epochs"]
+    assert "Deleted 2 row(s)" in dele.data.tags["mlflow.note.content"]
+    epochs = ens.config.epochs_per_stage()
+    for r in del_children:
+        start = int(r.data.tags["sisa.start_stage"])
+        stages = [m.step for m in client.get_metric_history(r.info.run_id, "stage_seconds")]
+        assert stages == list(range(start, len(epochs) + 1))
+        steps = [m.step for m in client.get_metric_history(r.info.run_id, "loss")]
+        assert steps == list(range(sum(epochs[: start - 1]), sum(epochs)))  # aligned with the fit's epochs
+        samples = sum(m.value for m in client.get_metric_history(r.info.run_id, "epoch_samples"))
+        assert r.data.metrics["sample_epochs"] == samples
+        assert {"stage_train_accuracy", "stage_loss", "stage_rows", "test_accuracy"} <= set(r.data.metrics)
+    assert sum(r.data.metrics["sample_epochs"] for r in del_children) == receipt.cost["sample_epochs"]
+
+    # plots: PNGs on the parents, the heat map of retrained stages on the deletion
+    def plots(run):
+        return {a.path: a for a in client.list_artifacts(run.info.run_id, "plots")}
+
+    assert set(plots(fit_run)) == {"plots/shard_accuracy.png", "plots/shard_sizes.png"}
+    assert set(plots(dele)) == {"plots/shard_accuracy.png", "plots/shard_sizes.png", "plots/retrained_stages.png"}
+    png = client.download_artifacts(dele.info.run_id, "plots/retrained_stages.png", str(tmp_path))
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
 
 def test_tracking_can_be_disabled(tmp_path):
     X, y, ids = tiny_data(n=90)

@@ -1,0 +1,78 @@
+"""After a deletion MLflow holds no model that saw the deleted rows: the superseded sub-models' weight bytes,
+the rows' feature bytes and their raw ids are in no artifact and nowhere in the backend database file
+(freed space included), while the run history stays."""
+
+import sqlite3
+
+import numpy as np
+from conftest import tiny_config, tiny_data
+from mlflow.tracking import MlflowClient
+from test_purge import scan
+
+from sisa import SisaEnsemble
+from sisa.mlflow_model import fingerprint
+
+
+def _weight_needles(ens, shards) -> list[bytes]:
+    """The largest tensor of each given shard's sub-model: present in a saved model iff that sub-model is."""
+    out = []
+    for s in shards:
+        sd = ens.load_shard_model(s).state_dict()
+        out.append(max(sd.values(), key=lambda t: t.numel()).numpy().tobytes())
+    return out
+
+
+def test_no_superseded_model_or_deleted_row_left_in_mlflow(tmp_path):
+    X, y, ids = tiny_data(n=240)
+    ids = ids.astype("<U32")
+    marked = [7, 50, 51, 199]
+    for k, r in enumerate(marked):
+        X[r] = np.float32(41337.25 + k) + np.arange(X.shape[1], dtype=np.float32)
+        ids[r] = f"SECRET-ML-{k}-zq"
+    w = tmp_path / "w"
+    ens = SisaEnsemble.from_config(tiny_config(tracking={"enabled": True}), w).fit(
+        X, y, ids=ids, eval_set=(X[-40:], y[-40:])
+    )
+    del_ids = [ids[r] for r in marked]
+    affected = sorted({ens.shard_of(i)[0] for i in del_ids})
+    kept = [s for s in ens.active_shards() if s not in affected]
+    old_weights = _weight_needles(ens, affected)
+    # the superseded version's identity, held by its model-version and logged-model rows in the database
+    old_version = [fingerprint(ens, ens.manifest).encode()]
+    rows = [X[r].tobytes() for r in marked] + [i.encode() for i in del_ids] + [i.encode("utf-32-le") for i in del_ids]
+    ml = [w / "mlartifacts", w / "mlflow.db"]
+
+    def scan_mlflow(needles):
+        return [hit for root in ml for hit in (scan(root, needles) if root.is_dir() else _scan_file(root, needles))]
+
+    assert {n for _, n in scan_mlflow(old_weights)} == set(old_weights), "the scan sees the model before"
+    assert {p for p, _ in scan_mlflow(old_version)} >= {"mlflow.db"}
+    client = MlflowClient(f"sqlite:///{w / 'mlflow.db'}")
+    runs_before = {
+        r.info.run_id
+        for r in client.search_runs([client.get_experiment_by_name(ens.tracker().experiment).experiment_id])
+    }
+
+    ens.delete(del_ids)
+    ens.close()
+    assert scan_mlflow(old_weights + old_version + rows) == []
+    db = sqlite3.connect(w / "mlflow.db")
+    assert db.execute("PRAGMA freelist_count").fetchone()[0] == 0
+    db.close()
+    assert not (w / "mlflow.db-wal").exists() or (w / "mlflow.db-wal").stat().st_size == 0
+    # the live model is there (the unaffected shards' weights are in it), and the run history stays
+    assert {n for _, n in scan_mlflow(_weight_needles(ens, kept + affected))} == set(
+        _weight_needles(ens, kept + affected)
+    )
+    exp = client.get_experiment_by_name(ens.tracker().experiment).experiment_id
+    runs_after = client.search_runs([exp])
+    assert runs_before < {r.info.run_id for r in runs_after}
+    fit_run = next(
+        r for r in runs_after if r.data.tags.get("sisa.operation") == "fit" and "mlflow.parentRunId" not in r.data.tags
+    )
+    assert "ensemble_accuracy" in fit_run.data.metrics
+
+
+def _scan_file(path, needles):
+    data = path.read_bytes()
+    return [(path.name, n) for n in needles if n in data]

@@ -1,0 +1,210 @@
+"""The user's window, end to end: a real `mlflow server` on 127.0.0.1, an ensemble trained and a deletion
+made through its tracking URI, then the MLflow UI loaded in headless Chromium (Debian's `chromium`), which
+must show the fit run, its shard child runs and the deletion run. The screenshot is saved to
+test-artifacts/mlflow-ui.png. Chromium is driven over the DevTools protocol on a pipe
+(--remote-debugging-pipe), so no driver or websocket package is needed."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import tiny_config, tiny_data
+from mlflow.tracking import MlflowClient
+
+from sisa import SisaEnsemble
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+pytestmark = pytest.mark.slow
+
+
+class Chromium:
+    """Headless Chromium driven by Chrome DevTools protocol messages on fds 3/4 (NUL-separated JSON)."""
+
+    FLAGS = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--remote-debugging-pipe",
+    ]
+
+    def __init__(self, binary: str, profile: Path, width=1600, height=1000):
+        to_r, self._to_w = os.pipe()
+        self._from_r, from_w = os.pipe()
+        args = [*self.FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{height}", "about:blank"]
+        self.proc = subprocess.Popen(  # the shell only moves our pipe ends to the fds Chromium expects
+            ["bash", "-c", f'exec 3<&{to_r} 4>&{from_w}; exec "$0" "$@"', binary, *args],
+            pass_fds=(to_r, from_w),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        os.close(to_r)
+        os.close(from_w)
+        self._buf, self._id = b"", 0
+        page = next(t for t in self.call("Target.getTargets")["targetInfos"] if t["type"] == "page")
+        self.session = self.call("Target.attachToTarget", targetId=page["targetId"], flatten=True)["sessionId"]
+
+    def call(self, method: str, session: str | None = None, timeout: float = 30, **params) -> dict:
+        self._id += 1
+        msg = {"id": self._id, "method": method, "params": params, **({"sessionId": session} if session else {})}
+        os.write(self._to_w, json.dumps(msg).encode() + b"\0")
+        end = time.time() + timeout
+        while True:
+            while b"\0" in self._buf:
+                raw, self._buf = self._buf.split(b"\0", 1)
+                reply = json.loads(raw)
+                if reply.get("id") == self._id:
+                    if "error" in reply:
+                        raise RuntimeError(f"{method}: {reply['error']}")
+                    return reply.get("result", {})
+            left = end - time.time()
+            if left <= 0 or not select.select([self._from_r], [], [], left)[0]:
+                raise TimeoutError(f"chromium did not answer {method} within {timeout}s")
+            chunk = os.read(self._from_r, 1 << 20)
+            if not chunk:
+                raise RuntimeError("chromium exited")
+            self._buf += chunk
+
+    def goto(self, url: str) -> None:
+        self.call("Page.navigate", self.session, url=url)
+
+    def js(self, expr: str):
+        res = self.call("Runtime.evaluate", self.session, expression=expr, returnByValue=True)
+        return res.get("result", {}).get("value")
+
+    def text(self) -> str:
+        return self.js("document.body ? document.body.innerText : ''") or ""
+
+    def wait_for(self, needles: list[str], timeout: float = 40, each=None) -> str:
+        end, text = time.time() + timeout, ""
+        while time.time() < end:
+            if each:
+                each()
+            text = self.text()
+            if all(n in text for n in needles):
+                return text
+            time.sleep(0.4)
+        missing = [n for n in needles if n not in text]
+        raise AssertionError(f"the MLflow UI does not show {missing}; it shows:\n{text[:3000]}")
+
+    def screenshot(self, path: Path) -> bytes:
+        png = base64.b64decode(self.call("Page.captureScreenshot", self.session, format="png")["data"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(png)
+        return png
+
+    def close(self) -> None:
+        try:
+            self.call("Browser.close", timeout=5)
+            self.proc.wait(10)
+        except Exception:
+            self.proc.kill()
+            self.proc.wait(10)
+        os.close(self._to_w)
+        os.close(self._from_r)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """`mlflow server` with lean settings: one worker, no job runner, sqlite + local artifacts in tmp."""
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    log = open(tmp_path / "server.log", "wb")
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    cmd += ["--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}"]
+    cmd += ["--artifacts-destination", str(tmp_path / "server-artifacts")]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        end = time.time() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > end:
+                raise RuntimeError(f"mlflow server did not start:\n{(tmp_path / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.3)
+        yield url, tmp_path / "server-artifacts"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the server and its uvicorn worker: the group we started
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        log.close()
+
+
+def test_ui_shows_the_fit_its_shards_and_the_deletion(tmp_path, mlflow_server):
+    if CHROMIUM is None:
+        pytest.skip(
+            "headless Chromium is not installed: `apt-get install chromium` (Debian's package; .ci/run installs it)"
+        )
+    url, server_artifacts = mlflow_server
+    X, y, ids = tiny_data(n=180)
+    cfg = tiny_config(name="demo-ui", tracking={"enabled": True, "uri": url})
+    ens = SisaEnsemble.from_config(cfg, tmp_path / "w").fit(X, y, ids=ids, eval_set=(X[:40], y[:40]))
+    receipt = ens.delete(["u-3", "u-4", "u-5"])
+
+    client = MlflowClient(url)
+    exp = client.get_experiment_by_name(ens.tracker().experiment).experiment_id
+    runs = client.search_runs([exp])
+    parents = {r.data.tags["sisa.operation"]: r for r in runs if "mlflow.parentRunId" not in r.data.tags}
+    delete_name = parents["delete"].info.run_name
+    assert delete_name == f"delete {receipt.request_id[-8:]}"
+    # purged through the server too: only the current version's model folder is left in its artifact store
+    current = client.get_model_version_by_alias(ens.tracker().model_name, "current")
+    models = {p.name for p in (server_artifacts / exp / "models").iterdir()}
+    assert models == {current.source.removeprefix("models:/")}
+
+    b = Chromium(CHROMIUM, tmp_path / "chromium-profile")
+    try:
+        b.goto(f"{url}/#/experiments/{exp}/runs")
+        b.wait_for(["Training runs", "fit", delete_name[:12], "matching runs"])
+        b.js("document.querySelectorAll('[aria-label=\"Close\"]').forEach(e => e.click())")  # the assistant panel
+        expand = (
+            "document.querySelectorAll('button[data-component-id*=\"runnamecellrenderer\"]').forEach(e => e.click())"
+        )
+        shards = [f"shard-{s:03d}" for s in range(3)]
+        text = b.wait_for(shards, each=lambda: b.js(expand) if "shard-000" not in b.text() else None)
+        # the fit's three children and the deletion's children are all listed
+        assert text.count("shard-") == 3 + len(receipt.shards)
+        time.sleep(0.5)
+        png = b.screenshot(ARTIFACTS / "mlflow-ui.png")
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+
+        b.goto(f"{url}/#/experiments/{exp}/runs/{parents['delete'].info.run_id}")
+        b.wait_for([delete_name, "rows_deleted", "speedup", "ensemble_accuracy_before"])
+        b.screenshot(ARTIFACTS / "mlflow-ui-deletion.png")
+    finally:
+        b.close()
+    assert np.array_equal(ens.predict(X), ens.predict(X))  # the ensemble still serves after the UI checks
