@@ -292,27 +292,35 @@ def demo(workdir, executor):
 @click.option("--workdir", required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--port", default=5000, show_default=True)
 def ui(workdir, port):
-    """Open the MLflow UI on WORKDIR's tracking store."""
+    """Open the MLflow UI on WORKDIR's tracking store (a local `mlflow server` on 127.0.0.1)."""
     import os
     import subprocess
 
-    wd = Path(workdir).resolve()
+    from shards.errors import WorkdirError
+    from sisa.config import load_config
+    from sisa.tracking import Tracker, sqlite_path
+    from sisa.workdir import Workdir
+
+    wd = Workdir(workdir)
+    if not (wd.path / "config.yaml").exists():
+        _fail(WorkdirError(f"{wd.path} holds no sisa ensemble (no config.yaml); pass the workdir you trained in"))
+    tracker = Tracker(load_config(wd.path / "config.yaml"), wd)
+    db = sqlite_path(tracker.uri)
+    if db is None:  # tracking.uri is a server: its own UI is the window
+        click.echo(f"{wd.path} logs to {tracker.uri}: open it there (experiment {tracker.experiment!r})")
+        return
+    if not db.exists():
+        _fail(
+            WorkdirError(
+                f"no MLflow store at {db}: tracking.enabled is false in {wd.path / 'config.yaml'} "
+                "or nothing was trained with tracking on"
+            )
+        )
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--backend-store-uri",
-        f"sqlite:///{wd / 'mlflow.db'}",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
-    click.echo(f"MLflow UI on http://127.0.0.1:{port}  (Ctrl-C to stop)")
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracker.uri]
+    cmd += ["--artifacts-destination", str(wd.path / "mlartifacts")]  # never ./mlartifacts in the cwd
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    click.echo(f"MLflow UI on http://127.0.0.1:{port}  experiment {tracker.experiment!r}  (Ctrl-C to stop)")
     sys.exit(subprocess.call(cmd, env=env))
 
 

@@ -16,15 +16,19 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from conftest import tiny_config, tiny_data
 from mlflow.tracking import MlflowClient
 
 from sisa import SisaEnsemble
+from sisa.cli import main
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
@@ -129,16 +133,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """`mlflow server` with lean settings: one worker, no job runner, sqlite + local artifacts in tmp."""
-    port = _free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+@contextmanager
+def _serving(cmd: list[str], port: int, log_path: Path, env: dict | None = None):
+    """Run a server command in its own process group until /health answers; stop the group afterwards."""
+    env = {**os.environ, **(env or {})}
     env.pop("MLFLOW_TRACKING_URI", None)
-    log = open(tmp_path / "server.log", "wb")
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    cmd += ["--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}"]
-    cmd += ["--artifacts-destination", str(tmp_path / "server-artifacts")]
+    log = open(log_path, "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -151,9 +151,9 @@ def mlflow_server(tmp_path):
             except OSError:
                 pass
             if proc.poll() is not None or time.time() > end:
-                raise RuntimeError(f"mlflow server did not start:\n{(tmp_path / 'server.log').read_text()[-3000:]}")
+                raise RuntimeError(f"{cmd[:4]} did not start:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.3)
-        yield url, tmp_path / "server-artifacts"
+        yield url
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # the server and its uvicorn worker: the group we started
         try:
@@ -162,6 +162,43 @@ def mlflow_server(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
         log.close()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """`mlflow server` with lean settings: one worker, no job runner, sqlite + local artifacts in tmp."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    cmd += ["--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}"]
+    cmd += ["--artifacts-destination", str(tmp_path / "server-artifacts")]
+    with _serving(cmd, port, tmp_path / "server.log", {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}) as url:
+        yield url, tmp_path / "server-artifacts"
+
+
+def _get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return r.read()
+
+
+def test_sisa_ui_serves_the_workdirs_store(tmp_path):
+    X, y, ids = tiny_data(n=120)
+    off = SisaEnsemble.from_config(tiny_config(), tmp_path / "off").fit(X, y, ids=ids)
+    res = CliRunner().invoke(main, ["ui", "--workdir", str(off.workdir.path)])
+    assert res.exit_code == 2 and "tracking.enabled is false" in res.output
+
+    ens = SisaEnsemble.from_config(tiny_config(tracking={"enabled": True}), tmp_path / "w").fit(X, y, ids=ids)
+    port = _free_port()
+    cmd = [sys.executable, "-m", "sisa.cli", "ui", "--workdir", str(ens.workdir.path), "--port", str(port)]
+    with _serving(cmd, port, tmp_path / "ui.log") as url:
+        q = urllib.parse.quote(ens.tracker().experiment)
+        exp = json.loads(_get(f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name={q}"))["experiment"]
+        body = {"experiment_ids": [exp["experiment_id"]], "filter": "tags.`sisa.operation` = 'fit'"}
+        req = urllib.request.Request(
+            f"{url}/api/2.0/mlflow/runs/search", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
+        fit = next(r for r in json.loads(_get(req))["runs"] if r["info"]["run_name"] == "fit")
+        png = _get(f"{url}/get-artifact?path=plots/shard_sizes.png&run_uuid={fit['info']['run_id']}")
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"  # the plots in the workdir's mlartifacts are served
 
 
 def test_ui_shows_the_fit_its_shards_and_the_deletion(tmp_path, mlflow_server):
