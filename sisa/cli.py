@@ -19,7 +19,7 @@ class _Progress:
         from tqdm import tqdm
 
         self.per_shard = len(shards) <= 12
-        quiet = not sys.stderr.isatty()
+        quiet = self.quiet = not sys.stderr.isatty()
         if self.per_shard:
             self.bars = {
                 s: tqdm(
@@ -37,6 +37,15 @@ class _Progress:
             self.bar = tqdm(total=sum(stages.values()), desc="stages", unit="stage", file=sys.stderr, disable=quiet)
 
     def __call__(self, plan, entry, metrics):
+        if self.quiet:  # not a terminal (a log file, CI): one plain line per finished shard
+            if metrics["stage"] == len(plan.slices):
+                acc = metrics.get("train_accuracy")
+                click.echo(
+                    f"shard {plan.shard}: stages {plan.start_stage}-{metrics['stage']} done, "
+                    f"{metrics['rows']} rows" + (f", train acc {acc:.3f}" if acc is not None else ""),
+                    err=True,
+                )
+            return
         bar = self.bars[plan.shard] if self.per_shard else self.bar
         acc = metrics.get("train_accuracy")
         bar.set_postfix_str(
