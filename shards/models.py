@@ -2,7 +2,8 @@
 user's own LightningModule named by import path.
 
 The built-ins train with manual optimization: one optimizer step per whole batch, no per-step
-bookkeeping, which keeps the framework's overhead close to a plain torch loop.
+bookkeeping, and they take several batches per Lightning step (`shards.training.EpochChunks`), which
+keeps the framework's overhead close to a plain torch loop.
 """
 
 from __future__ import annotations
@@ -78,12 +79,35 @@ class SisaModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
+        if isinstance(x, (list, tuple)):  # several whole batches at once (shards.training.EpochChunks)
+            return self._chunk_step(x, y)
         opt = self.optimizers()
         opt.zero_grad(set_to_none=True)
         loss = nn.functional.cross_entropy(self.net(x), y)
         self.manual_backward(loss)
         opt.step()
         return loss.detach()
+
+    def _chunk_step(self, xs, ys):
+        """One optimizer step per batch, in order: the same updates as one Lightning step per batch.
+
+        On a single device in 32-bit precision the wrapped torch optimizer is stepped directly (no
+        Lightning hooks per batch); otherwise Lightning's manual_backward / optimizer step are used.
+        """
+        lopt = self.optimizers()
+        plain = self.trainer.precision == "32-true" and type(self.trainer.strategy).__name__ == "SingleDeviceStrategy"
+        opt = lopt.optimizer if plain else lopt
+        total = torch.zeros((), device=xs[0].device)
+        for xb, yb in zip(xs, ys):
+            opt.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(self.net(xb), yb)
+            if plain:
+                loss.backward()
+            else:
+                self.manual_backward(loss)
+            opt.step()
+            total += loss.detach()
+        return {"loss": total / len(xs), "loss_sum": total, "batches": len(xs)}
 
     def on_train_epoch_end(self):
         sch = self.lr_schedulers()
