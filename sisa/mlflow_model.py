@@ -236,7 +236,7 @@ def _log_version(tracker, ens, manifest: dict, run_id: str | None, fp: str):
     active = ens.active_shards(manifest)
     lm = client.create_logged_model(
         tracker.experiment_id(),
-        name="sisa-ensemble",
+        name=name,
         source_run_id=run_id,
         tags={"sisa.ensemble": name, "sisa.fingerprint": fp, "sisa.active_shards": ",".join(map(str, active))},
         model_type="sisa-ensemble",
