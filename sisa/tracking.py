@@ -263,7 +263,8 @@ class _OpRun:
                 + (f"at {speed:.1f}× less work than a full retrain; " if speed else "; ")
                 + (f"test accuracy {before:.4f} → {acc:.4f}." if before is not None and acc is not None else acc_s)
             )
-        return f"{self.kind}: {len(plans)} shard(s) trained; {acc_s}."
+        tail = f"; test accuracy {acc:.4f}." if acc is not None else "."
+        return f"{self.kind}: {len(plans)} shard(s) retrained{tail}" if plans else f"{self.kind}{tail}"
 
     def _log_plots(self, client, plans, metrics: dict, slices_hit) -> None:
         from sisa import plots
@@ -274,7 +275,7 @@ class _OpRun:
         if acc:
             before = _by_shard(metrics.get("shard_accuracy_before")) or None
             files["shard_accuracy.png"] = plots.shard_accuracy(acc, metrics.get("ensemble_accuracy"), before)
-        if self.kind != "fit" and m["shards"]:
+        if self.kind != "fit" and plans and m["shards"]:
             hit = {(int(s), int(j)) for s, j in (slices_hit or [])}
             starts = {p.shard: p.start_stage for p in plans}
             files["retrained_stages.png"] = plots.retrained_stages(
