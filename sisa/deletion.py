@@ -310,7 +310,7 @@ def _finish(ens, rid: str, receipt: Receipt | None, run=None) -> None:
     ens.workdir.remove_temp_files()
     ens.executor.drop_caches() if ens._executor is not None else None
     # MLflow: register the new ensemble version, delete every model version and artifact that saw the rows
-    ens.tracker().publish(ens, getattr(run, "run_id", None), purge=True)
+    ens.tracker().publish(ens, getattr(run, "run_id", None), purge=True, request_id=rid)
     if receipt is None:
         p = ens.workdir.path / "receipts" / f"{rid}.json"
         receipt = Receipt.from_dict(json.loads(p.read_text())) if p.exists() else None

@@ -81,6 +81,8 @@ class Tracker:
         c = self.config
         exp = self.experiment_id()
         tags = {k: str(v) for k, v in (tags or {}).items()}
+        if "sisa.request_id" in tags:  # a re-run after a crash: the dead attempt's run is closed first
+            self.settle(tags["sisa.request_id"])
         title = kind
         if "sisa.request_id" in tags:  # "delete 794324d0": the request id's random part (full id in the tag)
             title += f" {tags['sisa.request_id'].rsplit('-', 1)[-1]}"
@@ -121,14 +123,29 @@ class Tracker:
             raise
         self.client.set_terminated(run.info.run_id, "FINISHED")
 
-    def publish(self, ens, run_id: str | None = None, purge: bool = False):
+    def publish(self, ens, run_id: str | None = None, purge: bool = False, request_id: str | None = None):
         """Log the ensemble's current version as a registered pyfunc model (alias ``current``); with
-        ``purge``, delete every other version of it and its artifacts. Idempotent. None when disabled."""
+        ``purge``, delete every other version of it and its artifacts. Idempotent. None when disabled.
+        ``request_id`` without ``run_id``: a request finished on reopen; its dead attempt's run is closed."""
         if not self.enabled:
             return None
         from sisa.mlflow_model import publish
 
+        if request_id is not None and run_id is None:
+            self.settle(request_id)
         return publish(self, ens, run_id, purge)
+
+    def settle(self, request_id: str) -> None:
+        """Mark the runs of a request's attempt that died (still RUNNING) as KILLED, noting that."""
+        flt = f"tags.`sisa.request_id` = '{request_id}' and attributes.status = 'RUNNING'"
+        for r in self.client.search_runs([self.experiment_id()], filter_string=flt):
+            self.client.set_tag(
+                r.info.run_id,
+                "mlflow.note.content",
+                "The process died here; the request was finished when the workdir was reopened.",
+            )
+            with _no_url_print():
+                self.client.set_terminated(r.info.run_id, "KILLED")
 
 
 class _NullRun:

@@ -1,5 +1,12 @@
 """The ensemble as a registered MLflow pyfunc model: `load_model(...).predict` equals `SisaEnsemble.predict`,
-the `current` alias follows deletions, superseded versions are purged, and nothing else in the store is."""
+the `current` alias follows deletions, superseded versions are purged (also when the deleting process was
+killed and the workdir is reopened), and nothing else in the store is."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import mlflow
 import mlflow.pyfunc
@@ -95,3 +102,33 @@ def test_purge_touches_only_this_ensembles_models(tmp_path, monkeypatch):
     assert (tmp_path / "other" / bystander.info.run_id / "artifacts" / "note.txt").exists()
     loaded = mlflow.pyfunc.load_model(f"models:/{name_b}@current")
     assert np.array_equal(loaded.predict(X), b.predict(X))
+
+
+@pytest.mark.slow
+def test_a_deletion_killed_after_the_swap_is_purged_from_mlflow_on_reopen(tmp_path, monkeypatch):
+    X, y, ids = tiny_data(n=150)
+    w = tmp_path / "w"
+    ens = SisaEnsemble.from_config(tiny_config(tracking={"enabled": True}), w).fit(X, y, ids=ids)
+    client = _store_uri(monkeypatch, f"sqlite:///{w / 'mlflow.db'}")
+    name = ens.tracker().model_name
+    v1 = client.get_model_version_by_alias(name, "current")
+    code = "import sys; from sisa import SisaEnsemble; SisaEnsemble.open(sys.argv[1]).delete(['u-9', 'u-10'])"
+    res = subprocess.run(
+        [sys.executable, "-c", code, str(w)],
+        env={**os.environ, "SISA_CRASH_AT": "after_swap"},
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
+    assert client.get_model_version_by_alias(name, "current").version == v1.version  # not done yet
+
+    reopened = SisaEnsemble.open(w, executor="inprocess")  # finishes the request, MLflow included
+    v2 = client.get_model_version_by_alias(name, "current")
+    assert [v.version for v in client.search_model_versions(f"name = '{name}'")] == [v2.version] != [v1.version]
+    assert not (w / "mlartifacts" / "models" / _model_id(v1)).exists()
+    assert np.array_equal(mlflow.pyfunc.load_model(f"models:/{name}@current").predict(X), reopened.predict(X))
+    # the dead process's deletion run is shown as KILLED, not running forever
+    exp = client.get_experiment_by_name(ens.tracker().experiment).experiment_id
+    dead = client.search_runs([exp], "tags.`sisa.operation` = 'delete'")
+    assert [r.info.status for r in dead] == ["KILLED"]
