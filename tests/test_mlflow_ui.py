@@ -26,6 +26,8 @@ import pytest
 from click.testing import CliRunner
 from conftest import tiny_config, tiny_data
 from mlflow.tracking import MlflowClient
+from test_mlflow_purge import _weight_needles
+from test_purge import scan
 
 from sisa import SisaEnsemble
 from sisa.cli import main
@@ -210,7 +212,10 @@ def test_ui_shows_the_fit_its_shards_and_the_deletion(tmp_path, mlflow_server):
     X, y, ids = tiny_data(n=180)
     cfg = tiny_config(name="demo-ui", tracking={"enabled": True, "uri": url})
     ens = SisaEnsemble.from_config(cfg, tmp_path / "w").fit(X, y, ids=ids, eval_set=(X[:40], y[:40]))
-    receipt = ens.delete(["u-3", "u-4", "u-5"])
+    gone = ["u-3", "u-4", "u-5"]
+    old_weights = _weight_needles(ens, sorted({ens.shard_of(i)[0] for i in gone}))
+    assert {n for _, n in scan(server_artifacts, old_weights)} == set(old_weights)
+    receipt = ens.delete(gone)
 
     client = MlflowClient(url)
     exp = client.get_experiment_by_name(ens.tracker().experiment).experiment_id
@@ -222,6 +227,7 @@ def test_ui_shows_the_fit_its_shards_and_the_deletion(tmp_path, mlflow_server):
     current = client.get_model_version_by_alias(ens.tracker().model_name, "current")
     models = {p.name for p in (server_artifacts / exp / "models").iterdir()}
     assert models == {current.source.removeprefix("models:/")}
+    assert scan(server_artifacts, old_weights) == [] and scan(tmp_path, old_weights) == []
 
     b = Chromium(CHROMIUM, tmp_path / "chromium-profile")
     try:
