@@ -1,8 +1,15 @@
 """Where shard data and checkpoints live: a local directory, a shared mount or an object store.
 
-Built on fsspec so that ``s3://bucket/prefix`` works like a path. Every write is atomic: on a local
-filesystem through a temp file, fsync and rename; on an object store a PUT is already all-or-nothing,
-and the files are never rewritten in place (new names, then the manifest switches to them).
+Built on fsspec so that ``s3://bucket/prefix`` (s3fs; gcs://, abfs:// with their fsspec packages) works
+like a path; ``storage_options`` go to the filesystem (for s3fs: ``key``, ``secret``,
+``client_kwargs: {endpoint_url: ...}``, ``version_aware``). Every write is atomic: on a local filesystem
+through a temp file, fsync and rename; on an object store a PUT (or a completed multipart upload) is
+all-or-nothing, and files are never rewritten in place: names are content-addressed, and the manifest in
+the local workdir switches to new names, which is the commit point.
+
+Deleting on an object store removes the object; on a bucket with versioning the old version stays behind
+unless the filesystem is version-aware (``version_aware: true``), in which case every version and delete
+marker of the key is removed. `versioning_problem` says when a bucket would keep deleted rows.
 """
 
 from __future__ import annotations
@@ -15,7 +22,9 @@ import uuid
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from shards.errors import IntegrityError
+from shards.errors import IntegrityError, WorkdirError
+
+OWNER_FILE = "OWNER"
 
 
 def sha256(data: bytes) -> str:
@@ -33,6 +42,11 @@ class Storage:
 
     def __reduce__(self):
         return (Storage, (self.root, self.storage_options))
+
+    @property
+    def protocol(self) -> str:
+        p = self.fs.protocol
+        return p[0] if isinstance(p, (tuple, list)) else p
 
     def path(self, rel: str) -> str:
         return posixpath.join(self._base, rel) if not self.local else os.path.join(self._base, rel)
@@ -76,10 +90,16 @@ class Storage:
         return data
 
     def exists(self, rel: str) -> bool:
-        return os.path.exists(self.path(rel)) if self.local else self.fs.exists(self.path(rel))
+        if self.local:
+            return os.path.exists(self.path(rel))
+        self.fs.invalidate_cache(self.path(rel))  # other processes (Ray workers) write here too
+        return self.fs.exists(self.path(rel))
 
     def delete(self, rel: str) -> None:
-        """Remove a file; on a local disk overwrite it with zeros first so its bytes are not left in free blocks."""
+        """Remove a file; on a local disk overwrite it with zeros first so its bytes are not left in free blocks.
+
+        On a version-aware S3 filesystem every version of the key is removed, not just the current one.
+        """
         target = self.path(rel)
         if self.local:
             try:
@@ -91,8 +111,14 @@ class Storage:
                 os.remove(target)
             except FileNotFoundError:
                 pass
-        elif self.fs.exists(target):
-            self.fs.rm_file(target)
+        elif self._version_aware_s3():
+            self._delete_all_versions(target)
+        else:
+            try:
+                self.fs.rm_file(target)
+            except FileNotFoundError:
+                pass
+            self.fs.invalidate_cache(target)
 
     def listdir(self, rel: str = "") -> list[str]:
         """Every file under ``rel`` (recursively), as paths relative to the root."""
@@ -102,13 +128,82 @@ class Storage:
             for dirpath, _, files in os.walk(base):
                 for name in files:
                     out.append(os.path.relpath(os.path.join(dirpath, name), self._base))
-        elif self.fs.exists(base):
-            for p in self.fs.find(base):
-                out.append(posixpath.relpath(p, self._base))
+        else:
+            self.fs.invalidate_cache(base)  # listings are cached per process; workers wrote since
+            if self.fs.exists(base):
+                for p in self.fs.find(base):
+                    out.append(posixpath.relpath(p, self._base))
         return sorted(out)
 
     def describe(self, rel: str) -> str:
         return f"{self.root}/{rel}"
+
+    # -- object-store specifics -------------------------------------------------------------------
+    def claim(self, owner: str, label: str) -> None:
+        """Mark this root as used by one workdir (``owner``: a stable token of it; ``label``: its path).
+
+        Purging deletes every data/checkpoint file the workdir's manifest does not reference, so two
+        workdirs sharing one root would delete each other's files; the second one is refused here.
+        Also the first contact with the store, so an unreachable or misconfigured store fails here.
+        """
+        try:
+            if self.exists(OWNER_FILE):
+                held = self.read(OWNER_FILE).decode(errors="replace").split("\n", 1)
+                if held[0] != owner:
+                    raise WorkdirError(
+                        f"storage {self.root} is already used by another workdir ({held[1].strip() if len(held) > 1 else '?'}); "
+                        "give every workdir its own storage.uri prefix (e.g. s3://bucket/<name>). If that workdir is "
+                        f"gone for good, delete {self.describe(OWNER_FILE)} and its data/ and ckpt/ first",
+                        path=self.root,
+                    )
+                return
+            self.write(OWNER_FILE, f"{owner}\n{label}\n".encode())
+        except WorkdirError:
+            raise
+        except Exception as e:
+            raise WorkdirError(
+                f"cannot use storage {self.root}: {type(e).__name__}: {e}. Check storage.uri, that the bucket "
+                "exists, and storage.options (e.g. client_kwargs.endpoint_url, key, secret) or the credentials "
+                "in the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL)",
+                path=self.root,
+            ) from e
+
+    def versioning_problem(self) -> str | None:
+        """A warning when deleted objects would survive as old versions in a versioned bucket, else None."""
+        if self.protocol not in ("s3", "s3a") or self._version_aware_s3():
+            return None
+        bucket = self._base.split("/", 1)[0]
+        try:
+            versioned = self.fs.is_bucket_versioned(bucket)
+        except Exception:  # no s3:GetBucketVersioning permission: cannot tell
+            return None
+        if not versioned:
+            return None
+        return (
+            f"bucket {bucket!r} has versioning enabled: objects sisa deletes (superseded slices holding deleted "
+            "rows, superseded checkpoints) stay there as noncurrent versions. Set storage.options.version_aware: "
+            "true so sisa deletes every version, or add a lifecycle rule expiring noncurrent versions "
+            "(NoncurrentVersionExpiration) under this prefix"
+        )
+
+    def _version_aware_s3(self) -> bool:
+        return not self.local and bool(getattr(self.fs, "version_aware", False)) and hasattr(self.fs, "call_s3")
+
+    def _delete_all_versions(self, target: str) -> None:
+        bucket, key = target.split("/", 1)
+        doomed = []
+        kwargs: dict = {}
+        while True:
+            out = self.fs.call_s3("list_object_versions", Bucket=bucket, Prefix=key, **kwargs)
+            for v in out.get("Versions", []) + out.get("DeleteMarkers", []):
+                if v["Key"] == key:
+                    doomed.append(v["VersionId"])
+            if not out.get("IsTruncated"):
+                break
+            kwargs = {"KeyMarker": out["NextKeyMarker"], "VersionIdMarker": out["NextVersionIdMarker"]}
+        for vid in doomed:
+            self.fs.call_s3("delete_object", Bucket=bucket, Key=key, VersionId=vid)
+        self.fs.invalidate_cache(target)
 
 
 def _fsync_dir(d: str) -> None:

@@ -64,6 +64,29 @@ def from_file(path: Path, id_column: str, label_column: str):
     return X, table[label_column].to_numpy(zero_copy_only=False), table[id_column].to_numpy(zero_copy_only=False)
 
 
+def is_uri(path) -> bool:
+    """True for a URI such as s3://bucket/key (file:// counts as a local path)."""
+    return isinstance(path, str) and "://" in path and not path.startswith("file://")
+
+
+def parquet_source(X, y, ids, eval_set, cfg, resolve) -> str | None:
+    """The Parquet path or URI that `fit` streams from (out of core, see `shards.ingest`), or None.
+
+    Either ``fit("data.parquet")`` / ``fit("s3://bucket/train/")`` (used as given), or no arrays and
+    ``data.source: parquet`` in the config (``data.path`` is a URI, or a path inside the workdir).
+    """
+    if isinstance(X, (str, Path)):
+        if y is not None or ids is not None or eval_set is not None:
+            raise DataError(
+                "fit(path) reads labels and ids from the Parquet columns data.label_column and data.id_column, and "
+                "holds out data.test_fraction of the rows for evaluation; do not also pass y, ids or eval_set"
+            )
+        return str(X)
+    if X is None and y is None and cfg.source == "parquet":
+        return cfg.path if is_uri(cfg.path) else str(resolve(cfg.path.removeprefix("file://")))
+    return None
+
+
 def check_features(X, input_shape=None) -> np.ndarray:
     X = np.asarray(X)
     if X.dtype.kind not in "fiub":

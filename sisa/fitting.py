@@ -6,13 +6,17 @@ created are removed again.
 
 from __future__ import annotations
 
+import hmac
 import io
+import os
 import time
+import warnings
 
 import numpy as np
 
 from orchestration import ShardPlan
 from shards.errors import DataError, WorkdirError
+from shards.ingest import ingest_parquet
 from shards.store import write_partition
 from sisa import data as datamod
 from sisa.workdir import MANIFEST_FORMAT, purge_unreferenced, write_atomic
@@ -46,10 +50,11 @@ def load_arrays(ens, X, y, ids, eval_set):
 
 def fit(ens, X, y, ids, eval_set, overwrite: bool, progress) -> None:
     c = ens.config
-    X, y, ids, kind, eval_set = load_arrays(ens, X, y, ids, eval_set)
-    num_classes = int(c.model.kwargs.get("num_classes", 0)) or int(y.max()) + 1
-    if y.max() >= num_classes:
-        raise DataError(f"labels go up to {int(y.max())} but model.kwargs.num_classes is {num_classes}")
+    parquet = datamod.parquet_source(X, y, ids, eval_set, c.data, ens.resolve_data_path)
+    if parquet is None:
+        X, y, ids, kind, eval_set = load_arrays(ens, X, y, ids, eval_set)
+        num_classes = _num_classes(c, int(y.max()))
+        input_shape = list(X.shape[1:])
     wd = ens.workdir
     with wd.lock(what="fit"):
         if wd.exists() and not overwrite:
@@ -58,12 +63,16 @@ def fit(ens, X, y, ids, eval_set, overwrite: bool, progress) -> None:
                 "pick a new workdir, or pass overwrite=True (--overwrite) to replace it"
             )
         storage = ens.storage()
+        _claim(ens, storage)
+        if parquet is not None:  # out of core: partitioned into the store before anything else changes
+            ingested, num_classes, eval_tmp = _ingest(ens, storage, parquet)
+            kind, input_shape = ingested.id_kind, ingested.input_shape
         manifest = {
             "format": MANIFEST_FORMAT,
             "config_hash": c.config_hash(),
             "training_hash": c.training_hash(),
             "id_kind": kind,
-            "input_shape": list(X.shape[1:]),
+            "input_shape": input_shape,
             "num_classes": num_classes,
             "storage": storage.root,
             "shards": [],
@@ -76,8 +85,12 @@ def fit(ens, X, y, ids, eval_set, overwrite: bool, progress) -> None:
         try:
             ens.write_config()
             wd.secret()
-            _write_eval(wd.path / "eval.npy", eval_set)
-            slices = write_partition(storage, ids, X, y, kind, c.seed, c.sharding.shards, c.sharding.slices)
+            if parquet is None:
+                _write_eval(wd.path / "eval.npy", eval_set)
+                slices = write_partition(storage, ids, X, y, kind, c.seed, c.sharding.shards, c.sharding.slices)
+            else:
+                os.replace(eval_tmp, wd.path / "eval.npy")
+                slices = ingested.slices
             manifest["shards"] = [{"slices": sl, "checkpoints": [], "excluded": False} for sl in slices]
             t0 = time.time()
             with ens.tracker().operation("fit", manifest) as run:
@@ -97,6 +110,54 @@ def fit(ens, X, y, ids, eval_set, overwrite: bool, progress) -> None:
                 _remove_partial(ens, storage)
             raise
     ens.last_fit_metrics = manifest["metrics"]
+
+
+def _num_classes(c, max_label: int) -> int:
+    num_classes = int(c.model.kwargs.get("num_classes", 0)) or max_label + 1
+    if max_label >= num_classes:
+        raise DataError(f"labels go up to {max_label} but model.kwargs.num_classes is {num_classes}")
+    return num_classes
+
+
+def _claim(ens, storage) -> None:
+    """An object-store prefix belongs to one workdir (purging would delete another's files); warn on
+    a versioned bucket, which would keep deleted rows as old versions."""
+    if storage.local:
+        return
+    wd = ens.workdir
+    storage.claim(hmac.new(wd.secret(), b"sisa-storage-owner", "sha256").hexdigest()[:32], str(wd.path))
+    problem = storage.versioning_problem()
+    if problem:
+        warnings.warn(problem, stacklevel=4)
+
+
+def _ingest(ens, storage, source: str):
+    """Partition a Parquet dataset out of core. On bad data, remove what it wrote; nothing else changes."""
+    c = ens.config
+    wd = ens.workdir
+    eval_tmp = wd.path / ".eval-ingest.npy"
+    data_protocol = source.split("://", 1)[0] if "://" in source else "file"
+    options = dict(c.storage.options) if data_protocol == storage.protocol and not storage.local else {}
+    try:
+        ing = ingest_parquet(
+            source,
+            storage,
+            seed=c.seed,
+            shards=c.sharding.shards,
+            slices=c.sharding.slices,
+            id_column=c.data.id_column,
+            label_column=c.data.label_column,
+            test_fraction=c.data.test_fraction,
+            eval_path=str(eval_tmp),
+            spill_dir=os.environ.get("SISA_SPILL_DIR") or str(wd.path),
+            options=options,
+        )
+        return ing, _num_classes(c, ing.max_label), eval_tmp
+    except BaseException:
+        purge_unreferenced(storage, wd.read_manifest() if wd.exists() else {"shards": []})
+        if eval_tmp.exists():
+            eval_tmp.unlink()
+        raise
 
 
 def _callbacks(progress, run):
@@ -123,7 +184,7 @@ def _write_eval(path, eval_set) -> None:
 
 def _remove_partial(ens, storage) -> None:
     purge_unreferenced(storage, {"shards": []})
-    for name in ("config.yaml", "eval.npy"):
+    for name in ("config.yaml", "eval.npy", ".eval-ingest.npy"):
         p = ens.workdir.path / name
         if p.exists():
             p.unlink()

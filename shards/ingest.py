@@ -1,0 +1,380 @@
+"""Out-of-core partitioning of a Parquet dataset into the shard/slice store.
+
+The driver never holds the dataset. One streaming pass reads the Parquet file(s) (a local path or any
+fsspec URI such as ``s3://bucket/train/``) a row group or a batch at a time, checks each chunk, computes
+every row's shard, slice and rank from its id (a pure function of the id, see `shards.partition`) and
+appends the rows to a local spill file per (shard, slice). Then each slice is loaded alone, checked for
+duplicate ids (equal ids always land in the same slice), sorted by its canonical rank and written with
+`shards.store.write_slice`, so the files are byte-identical to those of the in-memory path for the same
+rows and ids. Held-out evaluation rows (a keyed hash of the id, as in memory) go to ``eval_path``.
+
+Peak driver memory is about one chunk plus one slice: a row group is read whole only when it is smaller
+than ``row_group_budget`` bytes; a larger one is read a column at a time into a disk-backed buffer and
+processed in batches from there. Spill files need local disk about the size of the dataset; they are
+overwritten with zeros and removed at the end, also on failure.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+from fsspec.implementations.local import LocalFileSystem
+
+from shards.errors import DataError
+from shards.partition import assign, canonical_ids, holdout_mask
+from shards.storage import Storage, sha256
+from shards.store import _dtype, slice_name
+
+PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
+
+
+@dataclass
+class Ingested:
+    slices: list[list[dict]]  # per shard, the slice entries written to storage
+    id_kind: str
+    input_shape: list[int]
+    max_label: int
+    rows: int  # training rows
+    eval_rows: int
+
+
+def parquet_files(source: str, options: dict | None = None) -> tuple[object, list[str]]:
+    """The fsspec filesystem and the sorted Parquet files of ``source`` (a file, a directory or a URI)."""
+    fs, path = fsspec.core.url_to_fs(str(source), **(options or {}))
+    try:
+        if fs.isdir(path):
+            files = sorted(
+                p
+                for p in fs.find(path)
+                if p.lower().endswith(PARQUET_SUFFIXES) and not posixpath.basename(p).startswith(("_", "."))
+            )
+            if not files:
+                raise DataError(f"{source} is a directory without .parquet files", path=str(source))
+            return fs, files
+        if not fs.exists(path):
+            raise DataError(f"data file {source} does not exist", path=str(source))
+    except DataError:
+        raise
+    except Exception as e:  # unreachable endpoint, no permission ...
+        raise DataError(
+            f"cannot read {source}: {type(e).__name__}: {e}; check the path and, for a URI, storage.options "
+            "or the credentials in the environment",
+            path=str(source),
+        ) from e
+    return fs, [path]
+
+
+def _open(fs, path: str):
+    import pyarrow.parquet as pq
+
+    src = path if isinstance(fs, LocalFileSystem) else fs.open(path, "rb")
+    try:
+        return pq.ParquetFile(src, pre_buffer=False, buffer_size=1 << 20)
+    except Exception as e:
+        raise DataError(f"{path} is not a readable Parquet file ({type(e).__name__}: {e})", path=path) from e
+
+
+class _Columns:
+    """Which columns are ids, labels and features, and the numpy type the features are combined in."""
+
+    def __init__(self, schema, id_column: str, label_column: str, where: str):
+        import pyarrow as pa
+
+        names = schema.names
+        for col, what in ((label_column, "data.label_column"), (id_column, "data.id_column")):
+            if col not in names:
+                raise DataError(
+                    f"{where} has no column {col!r} (columns: {names[:10]}); set {what}"
+                    + (
+                        " (fitting from Parquet needs an id column so rows can be deleted by id)"
+                        if col == id_column
+                        else ""
+                    )
+                )
+        idt = schema.field(id_column).type
+        if not (pa.types.is_integer(idt) or pa.types.is_string(idt) or pa.types.is_large_string(idt)):
+            raise DataError(f"id column {id_column!r} has type {idt}; ids must be integers or strings")
+        self.id, self.label = id_column, label_column
+        self.features = [c for c in names if c not in (id_column, label_column)]
+        if not self.features:
+            raise DataError(f"{where} has no feature columns besides {id_column!r} and {label_column!r}")
+        dtypes = []
+        for c in self.features:
+            t = schema.field(c).type
+            if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)):
+                raise DataError(
+                    f"feature column {c!r} has type {t}; every column other than the id and label columns is a "
+                    "feature and must be numeric: drop or encode it before fitting"
+                )
+            dtypes.append(np.dtype(t.to_pandas_dtype()))
+        self.common = np.result_type(*dtypes)  # what np.column_stack of the columns gives
+        self.names = names
+
+    def check_same(self, other: _Columns, where: str) -> None:
+        if other.names != self.names:
+            raise DataError(f"{where} has columns {other.names[:10]}, unlike the first file's {self.names[:10]}")
+
+
+class _Spill:
+    """Rows appended per (shard, slice) to local files, plus the held-out rows in their original order."""
+
+    def __init__(self, root: str, shards: int, slices: int, seed: int, test_fraction: float):
+        self.root, self.S, self.R = root, shards, slices
+        self.seed, self.test_fraction = seed, test_fraction
+        self.counts = np.zeros(shards * slices, np.int64)
+        self.id_width = np.ones(shards * slices, np.int64)  # longest str id per slice (1 for int ids)
+        self.eval_rows = 0
+        self.kind: str | None = None
+        self.feature_shape: tuple | None = None
+        self.max_label = -1
+        self.seen = 0
+
+    def file(self, b) -> str:
+        return os.path.join(self.root, f"{b}.spill")
+
+    def add(self, ids_arr, labels, X: np.ndarray, id_column: str, label_column: str) -> None:
+        """Check one chunk (arrow id and label arrays, float32 features) and spill it."""
+        n, first = len(X), self.seen
+        self.seen += n
+        for arr, col in ((ids_arr, id_column), (labels, label_column)):
+            if arr.null_count:
+                raise DataError(
+                    f"column {col!r} has {arr.null_count} missing value(s) (first chunk row {first}); drop those rows"
+                )
+        ids, kind = canonical_ids(ids_arr.to_numpy(zero_copy_only=False))
+        if self.kind is None:
+            self.kind = kind
+        elif kind != self.kind:
+            raise DataError(f"ids change type from {self.kind} to {kind} at row {first}; use one id type")
+        if not np.isfinite(X).all():
+            bad = np.argwhere(~np.isfinite(X).reshape(n, -1).all(1)).ravel() + first
+            raise DataError(
+                f"features contain NaN or inf (first at row {bad[0]}); impute or drop those rows",
+                rows=bad[:10].tolist(),
+            )
+        y = labels.to_numpy(zero_copy_only=False)
+        if y.dtype.kind not in "iuf" or (y.dtype.kind == "f" and not np.all(np.mod(y, 1) == 0)) or (n and y.min() < 0):
+            raise DataError(
+                "labels must be integer class indices 0..K-1; encode them, e.g. with sklearn's LabelEncoder"
+            )
+        y = y.astype(np.int64)
+        self.max_label = max(self.max_label, int(y.max()) if n else -1)
+        self.feature_shape = X.shape[1:]
+        held = holdout_mask(ids, self.seed, self.test_fraction)
+        if held.any():
+            self._append("eval", ids[held], y[held], X[held], None)
+            self.eval_rows += int(held.sum())
+        keep = ~held
+        ids, y, X = ids[keep], y[keep], X[keep]
+        shard, sl, rank = assign(ids, self.seed, self.S, self.R)
+        bucket = shard * self.R + sl
+        order = np.argsort(bucket, kind="stable")  # keeps source order inside a bucket (the rank tie-break)
+        bounds = np.searchsorted(bucket[order], np.arange(self.S * self.R + 1))
+        lengths = np.char.str_len(ids) if kind == "str" else None
+        for b in np.flatnonzero(np.diff(bounds)):
+            idx = order[bounds[b] : bounds[b + 1]]
+            self._append(b, ids[idx], y[idx], X[idx], rank[idx])
+            self.counts[b] += len(idx)
+            if lengths is not None:
+                self.id_width[b] = max(self.id_width[b], int(lengths[idx].max()))
+
+    def _append(self, b, ids, y, X, rank) -> None:
+        fields = [("id", ids.dtype), ("y", np.int64), ("x", np.float32, X.shape[1:])]
+        if rank is not None:
+            fields.insert(0, ("rank", np.uint64))
+        rows = np.empty(len(ids), dtype=fields)
+        rows["id"], rows["y"], rows["x"] = ids, y, X
+        if rank is not None:
+            rows["rank"] = rank
+        with open(self.file(b), "ab") as f:
+            np.save(f, rows, allow_pickle=False)
+
+    def chunks(self, b):
+        """The chunks spilled for ``b``, one at a time."""
+        path = self.file(b)
+        if not os.path.exists(path):
+            return
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            while f.tell() < size:
+                yield np.load(f, allow_pickle=False)
+
+    def wipe(self) -> None:
+        """Overwrite every spill file with zeros, then remove the directory (rows must not linger on disk)."""
+        for name in os.listdir(self.root) if os.path.isdir(self.root) else []:
+            p = os.path.join(self.root, name)
+            try:
+                size = os.path.getsize(p)
+                with open(p, "r+b") as f:
+                    for off in range(0, size, 1 << 24):
+                        f.write(b"\0" * min(1 << 24, size - off))
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError:
+                pass
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _unique_or_raise(ids: np.ndarray) -> None:
+    uniq, counts = np.unique(ids, return_counts=True)
+    if len(uniq) != len(ids):
+        dup = uniq[counts > 1][:5].tolist()
+        raise DataError(f"ids must be unique; {int((counts > 1).sum())} are repeated, e.g. {dup}", ids=dup)
+
+
+def _read_file(pf, cols: _Columns, spill: _Spill, batch_bytes: int, row_group_budget: int, scratch: str) -> None:
+    feats = cols.features
+    batch_rows = max(256, batch_bytes // (8 * len(feats) + 64))
+    for g in range(pf.metadata.num_row_groups):
+        if pf.metadata.row_group(g).total_byte_size <= row_group_budget:
+            for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[g], columns=cols.names, use_threads=False):
+                _check_nulls(batch, feats)
+                X = np.column_stack([batch.column(c).to_numpy(zero_copy_only=False) for c in feats])
+                spill.add(batch.column(cols.id), batch.column(cols.label), X.astype(np.float32), cols.id, cols.label)
+            continue
+        # A big row group: one column at a time into a disk-backed (features, rows) buffer.
+        ids = pf.read_row_group(g, columns=[cols.id], use_threads=False).column(0).combine_chunks()
+        labels = pf.read_row_group(g, columns=[cols.label], use_threads=False).column(0).combine_chunks()
+        n = len(ids)
+        path = os.path.join(scratch, "rowgroup.buf")
+        buf = np.memmap(path, dtype=np.float32, mode="w+", shape=(len(feats), max(1, n)))
+        try:
+            for k, c in enumerate(feats):
+                col = pf.read_row_group(g, columns=[c], use_threads=False).column(0)
+                if col.null_count:
+                    raise DataError(f"feature column {c!r} has {col.null_count} missing value(s); impute or drop them")
+                # equal to np.column_stack(columns).astype(float32), element by element
+                buf[k, :n] = col.to_numpy(zero_copy_only=False).astype(cols.common).astype(np.float32)
+                del col
+            for a in range(0, n, batch_rows):
+                b = min(n, a + batch_rows)
+                X = np.ascontiguousarray(buf[:, a:b].T)
+                spill.add(ids.slice(a, b - a), labels.slice(a, b - a), X, cols.id, cols.label)
+        finally:
+            del buf
+            os.remove(path)
+
+
+def _check_nulls(batch, feats) -> None:
+    for c in feats:
+        col = batch.column(c)
+        if col.null_count:
+            raise DataError(f"feature column {c!r} has {col.null_count} missing value(s); impute or drop them")
+
+
+def ingest_parquet(
+    source: str,
+    storage: Storage,
+    *,
+    seed: int,
+    shards: int,
+    slices: int,
+    id_column: str = "id",
+    label_column: str = "label",
+    test_fraction: float = 0.0,
+    eval_path: str | None = None,
+    spill_dir: str | None = None,
+    options: dict | None = None,
+    batch_bytes: int = 8 << 20,
+    row_group_budget: int = 64 << 20,
+) -> Ingested:
+    """Partition the Parquet dataset at ``source`` into ``storage`` without holding it in memory.
+
+    Raises DataError (naming what to change) on bad data; slice files written before the error are
+    left for the caller to purge (they are content-addressed and referenced by no manifest).
+    """
+    fs, files = parquet_files(source, options)
+    os.makedirs(spill_dir or tempfile.gettempdir(), exist_ok=True)
+    root = tempfile.mkdtemp(prefix=".ingest-", dir=spill_dir)
+    spill = _Spill(root, shards, slices, seed, test_fraction)
+    try:
+        first = None
+        for path in files:
+            pf = _open(fs, path)
+            cols = _Columns(pf.schema_arrow, id_column, label_column, path)
+            if first is None:
+                first = cols
+            else:
+                first.check_same(cols, path)
+            _read_file(pf, cols, spill, batch_bytes, row_group_budget, root)
+        train = int(spill.counts.sum())
+        if spill.seen == 0:
+            raise DataError(f"the dataset {source} is empty; fit needs at least shards x slices rows")
+        if train < shards * slices:
+            raise DataError(
+                f"{train} rows is fewer than shards x slices = {shards} x {slices}; lower sharding.shards or sharding.slices"
+            )
+        if spill.eval_rows:
+            _unique_or_raise(np.concatenate([c["id"] for c in spill.chunks("eval")]))
+        out: list[list[dict]] = []
+        for s in range(shards):
+            entries = []
+            for j in range(slices):
+                entries.append(_write_slice(storage, spill, s, j))
+            out.append(entries)
+        if eval_path is not None:
+            _write_eval(spill, eval_path)
+        return Ingested(out, spill.kind, list(spill.feature_shape), spill.max_label, train, spill.eval_rows)
+    finally:
+        spill.wipe()
+
+
+def _write_slice(storage: Storage, spill: _Spill, s: int, j: int) -> dict:
+    """Write one slice: its rows in canonical order, with the dtype and so the bytes of the in-memory path
+    (`shards.store.write_slice`: an .npy of the structured rows). Peak memory is about twice the slice."""
+    b = s * spill.R + j
+    n, shape = int(spill.counts[b]), spill.feature_shape
+    width = int(spill.id_width[b])
+    dtype = _dtype(spill.kind, np.array(["x" * width]) if spill.kind == "str" else np.zeros(0, np.int64), shape)
+    rows = np.zeros(n, dtype=dtype)
+    rank = np.empty(n, np.uint64)
+    at = 0
+    for c in spill.chunks(b):
+        k = len(c)
+        rows["id"][at : at + k], rows["y"][at : at + k], rows["x"][at : at + k] = c["id"], c["y"], c["x"]
+        rank[at : at + k] = c["rank"]
+        at += k
+    assert at == n and dtype == _dtype(spill.kind, rows["id"], shape)
+    _unique_or_raise(rows["id"])
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(rows))
+    h = header.getbuffer().nbytes
+    data = bytearray(h + rows.nbytes)  # what np.save writes, built in place: header, then the sorted rows
+    data[:h] = header.getvalue()
+    order = np.argsort(rank, kind="stable")
+    # mode="clip": the indices are valid anyway, and the default mode would buffer a full copy
+    np.take(rows, order, axis=0, out=np.frombuffer(data, dtype=dtype, offset=h, count=n), mode="clip")
+    del rows, rank
+    digest = sha256(data)
+    name = slice_name(s, j, digest)
+    storage.write(name, data)
+    return {"file": name, "sha256": digest, "rows": n}
+
+
+def _write_eval(spill: _Spill, eval_path: str) -> None:
+    """eval.npy (y, x) of the held-out rows in source order, written chunk by chunk, then renamed."""
+    from numpy.lib.format import open_memmap
+
+    tmp = f"{eval_path}.tmp-{os.getpid()}"
+    dtype = np.dtype([("y", np.int64), ("x", np.float32, spill.feature_shape)])
+    if spill.eval_rows == 0:
+        np.save(tmp, np.zeros(0, dtype), allow_pickle=False)
+        os.replace(tmp + ".npy", eval_path)
+        return
+    out = open_memmap(tmp, mode="w+", dtype=dtype, shape=(spill.eval_rows,))
+    at = 0
+    for c in spill.chunks("eval"):
+        out["y"][at : at + len(c)], out["x"][at : at + len(c)] = c["y"], c["x"]
+        at += len(c)
+    out.flush()
+    del out
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, eval_path)
