@@ -1,0 +1,238 @@
+"""The shard store on a real S3 endpoint: moto's S3 server (PyPI moto[server]) on 127.0.0.1, reached
+through s3fs like any S3. fit -> delete -> reopen -> predict gives the same weights as a local fit
+without the rows, and afterwards no object in the bucket (no version either) holds a deleted row, its id
+or a superseded checkpoint."""
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import tiny_config, tiny_data, weights_equal
+
+from sisa import SisaEnsemble
+from sisa.errors import WorkdirError
+
+s3fs = pytest.importorskip("s3fs", reason="the S3 tests need the test extra: pip install -e '.[test]'")
+
+
+@pytest.fixture(scope="module")
+def endpoint():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/moto-api/", timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"moto_server did not start on {url}")
+            time.sleep(0.2)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+def opts(url, **more) -> dict:
+    return {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": url}, **more}
+
+
+@pytest.fixture
+def bucket(endpoint):
+    fs = s3fs.S3FileSystem(**opts(endpoint), skip_instance_cache=True)
+    name = f"sisa-{uuid.uuid4().hex[:12]}"
+    fs.mkdir(name)
+    return fs, name
+
+
+def all_versions(fs, bucket) -> list[dict]:
+    """Every stored object version (and delete marker) in the bucket."""
+    out, kw = [], {}
+    while True:
+        page = fs.call_s3("list_object_versions", Bucket=bucket, **kw)
+        out += [{**v, "marker": False} for v in page.get("Versions", [])]
+        out += [{**v, "marker": True} for v in page.get("DeleteMarkers", [])]
+        if not page.get("IsTruncated"):
+            return out
+        kw = {"KeyMarker": page["NextKeyMarker"], "VersionIdMarker": page["NextVersionIdMarker"]}
+
+
+def scan_bucket(fs, bucket, needles) -> list[tuple[str, bytes]]:
+    """(key, needle) for every needle found in any stored version of any object."""
+    from fsspec.asyn import sync
+
+    async def get(key, version):
+        body = (await fs._call_s3("get_object", Bucket=bucket, Key=key, VersionId=version))["Body"]
+        async with body as stream:
+            return await stream.read()
+
+    hits = []
+    for v in all_versions(fs, bucket):
+        if not v["marker"]:
+            data = sync(fs.loop, get, v["Key"], v["VersionId"])
+            hits += [(v["Key"], n) for n in needles if n in data]
+    return hits
+
+
+def scan_dir(root: Path, needles) -> list[tuple[str, bytes]]:
+    return [(str(p), n) for p in root.rglob("*") if p.is_file() for n in needles if n in p.read_bytes()]
+
+
+def marked_rows(n=300):
+    """Data whose rows to delete are easy to find as bytes: distinctive float32 values and ids."""
+    X, y, ids = tiny_data(n=n)
+    ids = ids.astype("<U32")
+    marked = [3, 60, 61, 222]
+    for k, r in enumerate(marked):
+        X[r] = np.float32(27183.5 + k) + np.arange(X.shape[1], dtype=np.float32)
+        ids[r] = f"ERASE-ME-{k}-qx"
+    needles = [X[r].tobytes() for r in marked] + [ids[r].encode() for r in marked]
+    needles += [ids[r].encode("utf-32-le") for r in marked]  # how numpy stores str ids
+    return X, y, ids, [ids[r] for r in marked], needles
+
+
+def keys(fs, bucket, prefix="ens/") -> set[str]:
+    fs.invalidate_cache()
+    return {p.split("/", 1)[1].removeprefix(prefix) for p in fs.find(f"{bucket}/{prefix}")}
+
+
+def referenced(ens) -> set[str]:
+    return {e["file"] for sh in ens.manifest["shards"] for e in sh["slices"] + sh["checkpoints"]}
+
+
+def checkpoints(ens) -> set[str]:
+    return {c["file"] for sh in ens.manifest["shards"] for c in sh["checkpoints"]}
+
+
+def test_fit_delete_reopen_predict_on_s3_leaves_nothing_behind(tmp_path, bucket, endpoint):
+    fs, name = bucket
+    X, y, ids, gone, needles = marked_rows()
+    cfg = tiny_config(storage={"uri": f"s3://{name}/ens", "options": opts(endpoint)})
+    wd = tmp_path / "w"
+    ens = SisaEnsemble.from_config(cfg, wd).fit(X, y, ids=ids)
+    assert not (wd / "store").exists(), "data and checkpoints went to the bucket, not the workdir"
+    assert keys(fs, name) == referenced(ens) | {"OWNER"}
+    before = {n for _, n in scan_bucket(fs, name, needles)}
+    assert {X[r].tobytes() for r in (3, 60, 61, 222)} <= before, "the scan finds the rows before the deletion"
+    old_ckpts = checkpoints(ens)
+
+    receipt = ens.delete(gone)
+    ens.close()
+    assert receipt.rows_deleted == len(gone)
+    reopened = SisaEnsemble.open(wd)
+    keep = ~np.isin(ids, gone)
+    ref = SisaEnsemble.from_config(tiny_config(), tmp_path / "ref").fit(X[keep], y[keep], ids=ids[keep])
+    assert weights_equal(reopened, ref), "fit(D).delete(S) on S3 == fit(D \\ S) on a local disk"
+    assert np.array_equal(reopened.predict_proba(X), ref.predict_proba(X))
+    assert referenced(reopened) == referenced(ref), "the same content-addressed names on both stores"
+
+    assert scan_bucket(fs, name, needles) == [], "no object holds a deleted row or id"
+    assert scan_dir(wd, needles) == [], "nor does anything in the local workdir"
+    superseded = old_ckpts - checkpoints(reopened)
+    assert superseded, "the deletion retrained something"
+    assert keys(fs, name) == referenced(reopened) | {"OWNER"}, "no superseded slice or checkpoint is left"
+    assert not superseded & keys(fs, name)
+
+    # purge: objects no manifest references (e.g. of a crashed writer) are removed, nothing else
+    fs.pipe_file(f"{name}/ens/ckpt/shard-000/stage-01-deadbeef0000.pt", b"stray")
+    fs.pipe_file(f"{name}/ens/data/shard-001/slice-00-deadbeef0000.npy", b"stray")
+    assert sorted(reopened.purge()) == [
+        "ckpt/shard-000/stage-01-deadbeef0000.pt",
+        "data/shard-001/slice-00-deadbeef0000.npy",
+    ]
+    assert keys(fs, name) == referenced(reopened) | {"OWNER"}
+
+
+def test_versioned_bucket_keeps_old_versions_unless_version_aware(tmp_path, endpoint):
+    fs = s3fs.S3FileSystem(**opts(endpoint), skip_instance_cache=True)
+    X, y, ids, gone, needles = marked_rows(240)
+    results = {}
+    for aware in (False, True):
+        name = f"sisa-v-{uuid.uuid4().hex[:10]}"
+        fs.mkdir(name)
+        fs.make_bucket_versioned(name)
+        options = opts(endpoint, version_aware=True) if aware else opts(endpoint)
+        cfg = tiny_config(storage={"uri": f"s3://{name}/ens", "options": options})
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ens = SisaEnsemble.from_config(cfg, tmp_path / f"w{aware}").fit(X, y, ids=ids)
+        warned = [str(w.message) for w in caught if "versioning enabled" in str(w.message)]
+        ens.delete(gone)
+        ens.close()
+        results[aware] = (warned, scan_bucket(fs, name, needles), all_versions(fs, name))
+    warned, hits, versions = results[False]
+    assert warned and "version_aware" in warned[0] and "NoncurrentVersionExpiration" in warned[0]
+    assert hits, "a versioned bucket keeps the deleted rows as noncurrent versions: the README's warning"
+    warned, hits, versions = results[True]
+    assert not warned
+    assert hits == [], "version-aware deletion removes every version"
+    assert not any(v["marker"] for v in versions) and all(v["IsLatest"] for v in versions)
+
+
+def test_ray_workers_read_and_write_the_bucket(tmp_path, bucket, endpoint, ray_session):
+    fs, name = bucket
+    X, y, ids = tiny_data(n=240)
+    cfg = tiny_config(storage={"uri": f"s3://{name}/ens", "options": opts(endpoint)}, cluster={"executor": "ray"})
+    ens = SisaEnsemble.from_config(cfg, tmp_path / "ray").fit(X, y, ids=ids)
+    gone = [ids[5], ids[100]]
+    ens.delete(gone)
+    keep = ~np.isin(ids, gone)
+    ref = SisaEnsemble.from_config(tiny_config(), tmp_path / "ref").fit(X[keep], y[keep], ids=ids[keep])
+    assert weights_equal(ens, ref)
+    assert keys(fs, name) == referenced(ens) | {"OWNER"}
+
+
+def test_parquet_dataset_read_from_the_bucket(tmp_path, bucket, endpoint):
+    fs, name = bucket
+    X, y, ids = tiny_data(n=260)
+    t = pa.table({"id": ids, **{f"f{k}": X[:, k] for k in range(X.shape[1])}, "label": y})
+    for k, part in enumerate((t.slice(0, 130), t.slice(130))):
+        with fs.open(f"{name}/in/train/part-{k}.parquet", "wb") as f:
+            pq.write_table(part, f, row_group_size=40)
+    cfg = tiny_config(
+        data={"source": "parquet", "path": f"s3://{name}/in/train", "test_fraction": 0.0},
+        storage={"uri": f"s3://{name}/ens", "options": opts(endpoint)},
+    )
+    a = SisaEnsemble.from_config(cfg, tmp_path / "a").fit()
+    b = SisaEnsemble.from_config(tiny_config(), tmp_path / "b").fit(X, y, ids=ids)
+    assert weights_equal(a, b)
+    assert [e["sha256"] for sh in a.manifest["shards"] for e in sh["slices"]] == [
+        e["sha256"] for sh in b.manifest["shards"] for e in sh["slices"]
+    ]
+
+
+def test_one_prefix_per_workdir_and_clear_errors(tmp_path, bucket, endpoint):
+    fs, name = bucket
+    X, y, ids = tiny_data(n=150)
+    cfg = tiny_config(storage={"uri": f"s3://{name}/ens", "options": opts(endpoint)})
+    first = SisaEnsemble.from_config(cfg, tmp_path / "one").fit(X, y, ids=ids)
+    before = keys(fs, name)
+    with pytest.raises(WorkdirError, match="already used by another workdir.*own storage.uri prefix"):
+        SisaEnsemble.from_config(cfg, tmp_path / "two").fit(X, y, ids=ids)
+    assert keys(fs, name) == before and not (tmp_path / "two" / "manifest.json").exists()
+    # the owner itself may refit (overwrite) into its prefix
+    SisaEnsemble.from_config(cfg, tmp_path / "one").fit(X[:120], y[:120], ids=ids[:120], overwrite=True)
+    assert keys(fs, name) == referenced(SisaEnsemble.open(tmp_path / "one")) | {"OWNER"}
+    assert first.workdir.path == (tmp_path / "one").resolve()
+
+    missing = tiny_config(storage={"uri": "s3://no-such-bucket-zz/ens", "options": opts(endpoint)})
+    with pytest.raises(WorkdirError, match="cannot use storage s3://no-such-bucket-zz/ens.*bucket exists"):
+        SisaEnsemble.from_config(missing, tmp_path / "three").fit(X, y, ids=ids)
+    assert not (tmp_path / "three" / "manifest.json").exists()
