@@ -15,7 +15,7 @@ import warnings
 import numpy as np
 
 from orchestration import ShardPlan
-from shards.errors import DataError, WorkdirError
+from shards.errors import ConfigError, DataError, WorkdirError
 from shards.ingest import ingest_parquet
 from shards.store import write_partition
 from sisa import data as datamod
@@ -50,6 +50,7 @@ def load_arrays(ens, X, y, ids, eval_set):
 
 def fit(ens, X, y, ids, eval_set, overwrite: bool, progress) -> None:
     c = ens.config
+    _check_gpus(ens)
     parquet = datamod.parquet_source(X, y, ids, eval_set, c.data, ens.resolve_data_path)
     if parquet is None:
         X, y, ids, kind, eval_set = load_arrays(ens, X, y, ids, eval_set)
@@ -110,6 +111,20 @@ def fit(ens, X, y, ids, eval_set, overwrite: bool, progress) -> None:
                 _remove_partial(ens, storage)
             raise
     ens.last_fit_metrics = manifest["metrics"]
+
+
+def _check_gpus(ens) -> None:
+    """In-process training runs in this process: with resources.num_gpus it needs a GPU here (on Ray, the
+    workers' nodes need one, and Ray only places shards where the GPUs are)."""
+    if ens.config.resources.num_gpus > 0 and ens._executor_name == "inprocess":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"resources.num_gpus is {ens.config.resources.num_gpus} but this process sees no CUDA GPU and the "
+                "executor is inprocess; set resources.num_gpus: 0, or use the ray executor on a cluster with GPUs",
+                problems=["resources.num_gpus: no GPU for the inprocess executor"],
+            )
 
 
 def _num_classes(c, max_label: int) -> int:

@@ -16,12 +16,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import s3fs  # the test extra installs it (and moto[server])
 from conftest import tiny_config, tiny_data, weights_equal
 
 from sisa import SisaEnsemble
 from sisa.errors import WorkdirError
-
-s3fs = pytest.importorskip("s3fs", reason="the S3 tests need the test extra: pip install -e '.[test]'")
 
 
 @pytest.fixture(scope="module")
