@@ -143,7 +143,8 @@ class Storage:
         """Mark this root as used by one workdir (``owner``: a stable token of it; ``label``: its path).
 
         Purging deletes every data/checkpoint file the workdir's manifest does not reference, so two
-        workdirs sharing one root would delete each other's files; the second one is refused here.
+        workdirs sharing one root would delete each other's files: the second one is refused here, and so
+        is a root that already holds data/ or ckpt/ files without an owner.
         Also the first contact with the store, so an unreachable or misconfigured store fails here.
         """
         try:
@@ -157,6 +158,12 @@ class Storage:
                         path=self.root,
                     )
                 return
+            if self.listdir("data") or self.listdir("ckpt"):
+                raise WorkdirError(
+                    f"storage {self.root} already holds data/ or ckpt/ files that no sisa workdir owns; sisa purges "
+                    "every file there that its manifest does not reference, so point storage.uri at an empty prefix",
+                    path=self.root,
+                )
             self.write(OWNER_FILE, f"{owner}\n{label}\n".encode())
         except WorkdirError:
             raise

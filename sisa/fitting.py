@@ -135,11 +135,11 @@ def _num_classes(c, max_label: int) -> int:
 
 
 def _claim(ens, storage) -> None:
-    """An object-store prefix belongs to one workdir (purging would delete another's files); warn on
-    a versioned bucket, which would keep deleted rows as old versions."""
-    if storage.local:
-        return
+    """A store outside the workdir (object store, shared mount) belongs to one workdir: purging would delete
+    another's files. Warn on a versioned bucket, which would keep deleted rows as old versions."""
     wd = ens.workdir
+    if storage.local and not storage.root.startswith("file://"):  # the default: a store inside the workdir
+        return
     storage.claim(hmac.new(wd.secret(), b"sisa-storage-owner", "sha256").hexdigest()[:32], str(wd.path))
     problem = storage.versioning_problem()
     if problem:

@@ -79,11 +79,23 @@ class Workdir:
         return Storage(self.storage_root(uri), options)
 
     def storage_root(self, uri: str | None) -> str:
+        """``storage.uri``: a path inside the workdir, an object-store URI (s3://...), or an explicit
+        ``file:///abs/path`` (a shared mount every node sees). sisa claims a root outside the workdir only
+        if it is empty or already this workdir's (`Storage.claim`), so it never purges files it did not write."""
         if uri is None:
             return str(self.path / "store")
-        if "://" in uri and not uri.startswith("file://"):
+        if uri.startswith("file://"):
+            path = uri.removeprefix("file://")
+            if not path.startswith("/"):
+                raise ConfigError(
+                    f"storage.uri={uri!r}: a file:// URI needs an absolute path (file:///mnt/shared/sisa/run1); "
+                    "a relative path without file:// is resolved inside the workdir",
+                    problems=["storage.uri: relative file:// URI"],
+                )
             return uri
-        return str(self.inside(uri.removeprefix("file://"), "storage.uri"))
+        if "://" in uri:
+            return uri
+        return str(self.inside(uri, "storage.uri"))
 
     def inside(self, rel: str, what: str) -> Path:
         """Resolve a path from a config against the workdir and refuse anything outside it."""

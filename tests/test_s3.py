@@ -20,7 +20,7 @@ import s3fs  # the test extra installs it (and moto[server])
 from conftest import tiny_config, tiny_data, weights_equal
 
 from sisa import SisaEnsemble
-from sisa.errors import WorkdirError
+from sisa.errors import ConfigError, WorkdirError
 
 
 @pytest.fixture(scope="module")
@@ -163,26 +163,31 @@ def test_versioned_bucket_keeps_old_versions_unless_version_aware(tmp_path, endp
     fs = s3fs.S3FileSystem(**opts(endpoint), skip_instance_cache=True)
     X, y, ids, gone, needles = marked_rows(240)
     results = {}
-    for aware in (False, True):
+    for versioned, aware in ((True, False), (True, True), (False, True)):
         name = f"sisa-v-{uuid.uuid4().hex[:10]}"
         fs.mkdir(name)
-        fs.make_bucket_versioned(name)
+        if versioned:
+            fs.make_bucket_versioned(name)
         options = opts(endpoint, version_aware=True) if aware else opts(endpoint)
         cfg = tiny_config(storage={"uri": f"s3://{name}/ens", "options": options})
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            ens = SisaEnsemble.from_config(cfg, tmp_path / f"w{aware}").fit(X, y, ids=ids)
+            ens = SisaEnsemble.from_config(cfg, tmp_path / f"w{versioned}{aware}").fit(X, y, ids=ids)
         warned = [str(w.message) for w in caught if "versioning enabled" in str(w.message)]
         ens.delete(gone)
         ens.close()
-        results[aware] = (warned, scan_bucket(fs, name, needles), all_versions(fs, name))
-    warned, hits, versions = results[False]
+        reopened = SisaEnsemble.open(tmp_path / f"w{versioned}{aware}")
+        results[versioned, aware] = (warned, scan_bucket(fs, name, needles), all_versions(fs, name), reopened)
+    warned, hits, versions, _ = results[True, False]
     assert warned and "version_aware" in warned[0] and "NoncurrentVersionExpiration" in warned[0]
     assert hits, "a versioned bucket keeps the deleted rows as noncurrent versions: the README's warning"
-    warned, hits, versions = results[True]
-    assert not warned
-    assert hits == [], "version-aware deletion removes every version"
-    assert not any(v["marker"] for v in versions) and all(v["IsLatest"] for v in versions)
+    for case in ((True, True), (False, True)):  # version-aware, on a versioned and on a plain bucket
+        warned, hits, versions, reopened = results[case]
+        assert not warned
+        assert hits == [], "version-aware deletion removes every version"
+        assert not any(v["marker"] for v in versions) and all(v["IsLatest"] for v in versions)
+        assert {v["Key"].removeprefix("ens/") for v in versions} == referenced(reopened) | {"OWNER"}
+    assert weights_equal(results[True, True][3], results[False, True][3])
 
 
 def test_ray_workers_read_and_write_the_bucket(tmp_path, bucket, endpoint, ray_session):
@@ -235,3 +240,37 @@ def test_one_prefix_per_workdir_and_clear_errors(tmp_path, bucket, endpoint):
     with pytest.raises(WorkdirError, match="cannot use storage s3://no-such-bucket-zz/ens.*bucket exists"):
         SisaEnsemble.from_config(missing, tmp_path / "three").fit(X, y, ids=ids)
     assert not (tmp_path / "three" / "manifest.json").exists()
+
+
+def test_an_unowned_prefix_with_files_is_refused(tmp_path, bucket, endpoint):
+    fs, name = bucket
+    fs.pipe_file(f"{name}/ens/data/report.csv", b"someone else's file")
+    X, y, ids = tiny_data(n=120)
+    cfg = tiny_config(storage={"uri": f"s3://{name}/ens", "options": opts(endpoint)})
+    with pytest.raises(WorkdirError, match="no sisa workdir owns.*empty prefix"):
+        SisaEnsemble.from_config(cfg, tmp_path / "w").fit(X, y, ids=ids)
+    assert keys(fs, name) == {"data/report.csv"}, "nothing written, nothing purged"
+
+
+def test_shared_mount_as_file_uri(tmp_path):
+    """A shared mount every node sees (here a directory outside the workdir), named by an explicit
+    file:// URI; the workdir with its ledger stays on local disk."""
+    X, y, ids, gone, needles = marked_rows(240)
+    shared = tmp_path / "mnt" / "shared" / "run1"
+    cfg = tiny_config(storage={"uri": f"file://{shared}"})
+    ens = SisaEnsemble.from_config(cfg, tmp_path / "w").fit(X, y, ids=ids)
+    assert not (tmp_path / "w" / "store").exists()
+    files = {str(p.relative_to(shared)) for p in shared.rglob("*") if p.is_file()}
+    assert files == referenced(ens) | {"OWNER"}
+    ens.delete(gone)
+    ens.close()
+    reopened = SisaEnsemble.open(tmp_path / "w")
+    keep = ~np.isin(ids, gone)
+    ref = SisaEnsemble.from_config(tiny_config(), tmp_path / "ref").fit(X[keep], y[keep], ids=ids[keep])
+    assert weights_equal(reopened, ref)
+    assert scan_dir(shared, needles) == [] and scan_dir(tmp_path / "w", needles) == []
+    assert {str(p.relative_to(shared)) for p in shared.rglob("*") if p.is_file()} == referenced(reopened) | {"OWNER"}
+    with pytest.raises(WorkdirError, match="already used by another workdir"):
+        SisaEnsemble.from_config(cfg, tmp_path / "w2").fit(X, y, ids=ids)
+    with pytest.raises(ConfigError, match="needs an absolute path"):
+        SisaEnsemble.from_config(tiny_config(storage={"uri": "file://rel/dir"}), tmp_path / "w3").storage()
