@@ -80,23 +80,31 @@ class Aggregator:
 
     @torch.no_grad()
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        return self.predict_all(X)[0]
+
+    @torch.no_grad()
+    def predict_all(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(n, classes) aggregated probabilities and (shards, n) each sub-model's predicted class, in one pass."""
         if len(X) == 0:
-            return np.zeros((0, self.num_classes), np.float32)
+            return np.zeros((0, self.num_classes), np.float32), np.zeros((len(self.modules), 0), np.int64)
         X = torch.from_numpy(np.ascontiguousarray(X))
         fused = self._fused_logits(X)
         if fused is not None:
-            return torch.einsum("s,scn->nc", self.weights, self._scores(fused)).contiguous().numpy()
-        out = []
-        for i in range(0, len(X), BLOCK_ROWS):
-            block = X[i : i + BLOCK_ROWS]
-            acc = torch.zeros(self.num_classes, len(block))
-            for w, m in zip(self.weights, self.modules):
-                acc.add_(self._scores(m(block)), alpha=float(w))
-            out.append(acc.t())
-        return torch.cat(out).contiguous().numpy()
+            proba = torch.einsum("s,scn->nc", self.weights, self._scores(fused))
+            return proba.contiguous().numpy(), fused.argmax(-1).numpy()
+        out = torch.empty(self.num_classes, len(X))
+        votes = torch.empty(len(self.modules), len(X), dtype=torch.int64)
+        weights = self.weights.tolist()
+        for i in range(0, len(X), BLOCK_ROWS):  # sub-model by sub-model, each output consumed at once
+            block, acc = X[i : i + BLOCK_ROWS], out[:, i : i + BLOCK_ROWS].zero_()
+            for s, (w, m) in enumerate(zip(weights, self.modules)):
+                logits = m(block)
+                votes[s, i : i + BLOCK_ROWS] = logits.argmax(-1)
+                acc.add_(self._scores(logits), alpha=w)
+        return out.t().contiguous().numpy(), votes.numpy()
 
     def per_shard_predictions(self, X: np.ndarray) -> np.ndarray:
-        return self.logits(torch.from_numpy(np.ascontiguousarray(X))).argmax(-1).numpy()
+        return self.predict_all(X)[1]
 
 
 def _linear_chain(modules: list[nn.Module]):

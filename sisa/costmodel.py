@@ -47,6 +47,18 @@ def expected_batched(rows: list[list[int]], epochs: tuple[int, ...], k: int) -> 
     return total
 
 
+def expected_speedup(rows: list[list[int]], epochs: tuple[int, ...]) -> float:
+    """Full retrain over the expected cost of one uniform deletion, for the real partition and schedule
+    (the exact counterpart of `speedup_bound`)."""
+    e = expected_single(rows, epochs)
+    return full_cost(rows, epochs) / e if e else float("inf")
+
+
+def expected_sequential(rows: list[list[int]], epochs: tuple[int, ...], k: int) -> float:
+    """Expected cost of K uniform requests served one at a time (each retrains its own shard): K * E[C]."""
+    return k * expected_single(rows, epochs)
+
+
 def speedup_bound(shards: int, slices: int) -> float:
     """S * 3R / (2R + 1): one deletion vs a full retrain, with equal shards and the paper's schedule."""
     return shards * 3 * slices / (2 * slices + 1)

@@ -35,6 +35,7 @@ class SisaEnsemble:
         self._manifest: dict | None = None
         self._manifest_sig: tuple | None = None
         self._agg: Aggregator | None = None
+        self._models: dict[tuple[int, str], torch.nn.Module] = {}  # (shard, checkpoint sha256) -> sub-model
         self._state_lock = threading.RLock()
         self.last_fit_metrics: dict = {}
 
@@ -168,6 +169,7 @@ class SisaEnsemble:
             self._manifest = manifest
             self._manifest_sig = self._disk_sig()
             self._agg = None
+            self._prune_models(manifest)
 
     def _disk_sig(self):
         try:
@@ -186,7 +188,13 @@ class SisaEnsemble:
             if self._manifest_sig is not None:
                 self._manifest = self.workdir.read_manifest()
                 self._agg = None
+                self._prune_models(self._manifest)
             self._manifest_sig = sig
+
+    def _prune_models(self, manifest: dict) -> None:
+        """Forget loaded sub-models whose final checkpoint ``manifest`` no longer names."""
+        keep = {(s, sh["checkpoints"][-1]["sha256"]) for s, sh in enumerate(manifest["shards"]) if sh["checkpoints"]}
+        self._models = {k: v for k, v in self._models.items() if k in keep}
 
     def purge(self) -> list[str]:
         return purge_unreferenced(self.storage(), self.manifest)
@@ -222,9 +230,13 @@ class SisaEnsemble:
                         "no shard holds data any more; the ensemble cannot predict until it is refitted"
                     )
                 c = self.config.aggregation
-                self._agg = Aggregator(
-                    {s: self.load_shard_model(s, m) for s in active}, m["num_classes"], c.method, c.weights
-                )
+                models = {}
+                for s in active:  # a deletion retrains a few shards: the others are not loaded again
+                    key = (s, m["shards"][s]["checkpoints"][-1]["sha256"])
+                    if key not in self._models:
+                        self._models[key] = self.load_shard_model(s, m)
+                    models[s] = self._models[key]
+                self._agg = Aggregator(models, m["num_classes"], c.method, c.weights)
             return self._agg
 
     def predict_proba(self, X) -> np.ndarray:
@@ -253,9 +265,9 @@ class SisaEnsemble:
             return {}
         agg = self.aggregator()
         X, y = np.ascontiguousarray(rows["x"]), rows["y"]
-        per = agg.per_shard_predictions(X)
+        proba, per = agg.predict_all(X)  # one forward pass per sub-model for both figures
         return {
-            "ensemble_accuracy": float((decide(agg.predict_proba(X)) == y).mean()),
+            "ensemble_accuracy": float((decide(proba) == y).mean()),
             "shard_accuracy": {str(s): float((p == y).mean()) for s, p in zip(agg.shards, per)},
             "eval_rows": int(len(y)),
         }
