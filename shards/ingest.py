@@ -222,6 +222,18 @@ class _Spill:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+def wipe_stale_spills(directory) -> list[str]:
+    """Zero and remove spill directories a killed ingest left in ``directory`` (they hold raw rows).
+    Call it only while holding the lock of whatever owns ``directory``."""
+    gone = []
+    for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
+        path = os.path.join(directory, name)
+        if name.startswith(".ingest-") and os.path.isdir(path):
+            _Spill(path, 1, 1, 0, 0.0).wipe()
+            gone.append(path)
+    return gone
+
+
 def _unique_or_raise(ids: np.ndarray) -> None:
     uniq, counts = np.unique(ids, return_counts=True)
     if len(uniq) != len(ids):

@@ -165,6 +165,12 @@ class Storage:
                     path=self.root,
                 )
             self.write(OWNER_FILE, f"{owner}\n{label}\n".encode())
+            if self.read(OWNER_FILE).split(b"\n", 1)[0].decode(errors="replace") != owner:
+                raise WorkdirError(
+                    f"storage {self.root} was claimed by another workdir at the same moment; give every workdir "
+                    "its own storage.uri prefix",
+                    path=self.root,
+                )
         except WorkdirError:
             raise
         except Exception as e:

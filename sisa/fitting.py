@@ -16,7 +16,7 @@ import numpy as np
 
 from orchestration import ShardPlan
 from shards.errors import ConfigError, DataError, WorkdirError
-from shards.ingest import ingest_parquet
+from shards.ingest import ingest_parquet, wipe_stale_spills
 from shards.store import write_partition
 from sisa import data as datamod
 from sisa.workdir import MANIFEST_FORMAT, purge_unreferenced, write_atomic
@@ -151,6 +151,7 @@ def _ingest(ens, storage, source: str):
     c = ens.config
     wd = ens.workdir
     eval_tmp = wd.path / ".eval-ingest.npy"
+    wipe_stale_spills(wd.path)  # of a fit that was killed here (we hold the workdir lock)
     data_protocol = source.split("://", 1)[0] if "://" in source else "file"
     options = dict(c.storage.options) if data_protocol == storage.protocol and not storage.local else {}
     try:

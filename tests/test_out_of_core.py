@@ -72,6 +72,17 @@ def test_fit_takes_a_parquet_path_argument(tmp_path):
         SisaEnsemble.from_config(tiny_config(), tmp_path / "c").fit(src, y)
 
 
+def test_a_killed_fits_spill_is_wiped_by_the_next_fit(tmp_path):
+    X, y, ids = tiny_data(n=120)
+    wd = tmp_path / "w"
+    stale = wd / ".ingest-killed"
+    stale.mkdir(parents=True)
+    (stale / "3.spill").write_bytes(X[5].tobytes() * 3)
+    pq.write_table(table(X, y, ids), tmp_path / "t.parquet")
+    SisaEnsemble.from_config(tiny_config(), wd).fit(tmp_path / "t.parquet")
+    assert not stale.exists() and not list(wd.glob(".ingest-*"))
+
+
 def test_big_row_groups_are_read_a_column_at_a_time_with_the_same_result(tmp_path):
     X, y, ids = tiny_data(n=400, features=5)
     src = tmp_path / "one-row-group.parquet"
