@@ -165,7 +165,6 @@ class _Spill:
                 "labels must be integer class indices 0..K-1; encode them, e.g. with sklearn's LabelEncoder"
             )
         y = y.astype(np.int64)
-        self.max_label = max(self.max_label, int(y.max()) if n else -1)
         self.feature_shape = X.shape[1:]
         held = holdout_mask(ids, self.seed, self.test_fraction)
         if held.any():
@@ -173,6 +172,8 @@ class _Spill:
             self.eval_rows += int(held.sum())
         keep = ~held
         ids, y, X = ids[keep], y[keep], X[keep]
+        if len(y):  # like the in-memory path: the class count comes from the training rows
+            self.max_label = max(self.max_label, int(y.max()))
         shard, sl, rank = assign(ids, self.seed, self.S, self.R)
         bucket = shard * self.R + sl
         order = np.argsort(bucket, kind="stable")  # keeps source order inside a bucket (the rank tie-break)
