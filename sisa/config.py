@@ -218,5 +218,20 @@ def load_config(source) -> SisaConfig:
         ) from None
 
 
-def dump_yaml(cfg: SisaConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+def dump_yaml(cfg: SisaConfig, redact: bool = False) -> str:
+    """The config as YAML; ``redact`` masks credential-like values (for logging, never for the workdir copy)."""
+    doc = cfg.model_dump(mode="json")
+    return yaml.safe_dump(_redact(doc) if redact else doc, sort_keys=False)
+
+
+_SECRET_WORDS = ("key", "secret", "token", "password", "credential")
+
+
+def _redact(obj):
+    if isinstance(obj, dict):
+        return {
+            k: "***" if any(w in str(k).lower() for w in _SECRET_WORDS) and v else _redact(v) for k, v in obj.items()
+        }
+    if isinstance(obj, list):
+        return [_redact(v) for v in obj]
+    return obj

@@ -114,7 +114,7 @@ class Tracker:
             "executor": c.cluster.executor,
         }
         self.client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
-        self.client.log_text(run.info.run_id, dump_yaml(c), "config.yaml")
+        self.client.log_text(run.info.run_id, dump_yaml(c, redact=True), "config.yaml")
         op = _OpRun(self, exp, run.info.run_id, kind, manifest)
         try:
             yield op

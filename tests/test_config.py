@@ -73,3 +73,23 @@ def test_config_paths_must_stay_inside_workdir(tmp_path):
         SisaEnsemble.from_config(cfg, tmp_path / "w").fit()
     with pytest.raises(ConfigError, match="outside the workdir"):
         SisaEnsemble.from_config({"storage": {"uri": "/tmp/elsewhere"}}, tmp_path / "w").storage()
+
+
+def test_credentials_are_redacted_when_logged():
+    from sisa.config import dump_yaml
+
+    cfg = load_config(
+        {
+            "storage": {
+                "uri": "s3://b/p",
+                "options": {
+                    "key": "AKIA1",
+                    "secret": "S3CR3T",
+                    "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"},
+                },
+            }
+        }
+    )
+    logged = dump_yaml(cfg, redact=True)
+    assert "S3CR3T" not in logged and "AKIA1" not in logged and "127.0.0.1:9" in logged
+    assert "S3CR3T" in dump_yaml(cfg), "the workdir's own copy keeps them (it is needed to reopen)"
