@@ -12,7 +12,7 @@ CONFIG = Path(__file__).resolve().parent.parent / "configs" / "digits.yaml"
 
 
 def run(workdir: str, executor: str | None) -> None:
-    from sisa import SisaEnsemble, load_config
+    from sisa import SisaEnsemble, costmodel, load_config
     from sisa.cli import _Progress, _receipt_text, _status_table
 
     wd = Path(workdir)
@@ -48,6 +48,12 @@ def run(workdir: str, executor: str | None) -> None:
     plan = ens.estimate_deletion_cost(ids)
     click.echo(
         f"plan: shards {plan.shards} (shard: first stage to retrain), {plan.speedup:.1f}x cheaper than a full retrain"
+    )
+    rows = [[e["rows"] for e in sh["slices"]] for sh in ens.manifest["shards"]]
+    sched = cfg.epochs_per_stage()
+    click.echo(
+        f"(for reference: one random row costs {costmodel.full_cost(rows, sched) / costmodel.expected_single(rows, sched):.1f}x "
+        f"less than a full retrain on average; the bound S*3R/(2R+1) is {costmodel.speedup_bound(S, R):.1f}x)"
     )
     receipt = ens.delete(ids)
     click.echo(_receipt_text(receipt))
