@@ -1,0 +1,172 @@
+"""Deletion figures, on the ensemble fitted on one worker (so wall time is compute: one worker at a time).
+
+- One deletion, stratified: one row from each slice position j (a different shard each), so the mean over
+  a uniformly chosen row is E[T] = sum_j w_j T_j with w_j the share of rows in position j. Its speedup over
+  the full fit is compared with the analytic bound (costmodel, real partition) and with S*3R/(2R+1).
+- K ids in one call: the wall time converted to sample-epochs with the full fit's measured seconds per
+  sample-epoch, against costmodel.expected_batched (and against the plan's exact cost for the ids drawn).
+- Overhead: wall time minus the workers' time inside Lightning's fit, with MLflow tracking off and on.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from benchmarks.common import StageLog, ratio, slice_rows, timed
+from shards.store import read_slice
+from sisa import SisaEnsemble, costmodel
+
+
+def _delete(ens: SisaEnsemble, ids: list[int]) -> dict:
+    rows, epochs = slice_rows(ens), ens.config.epochs_per_stage()
+    plan = ens.estimate_deletion_cost(ids)
+    log = StageLog()
+    with timed() as t:
+        receipt = ens.delete(ids, progress=log)
+    assert receipt.rows_deleted == len(ids), receipt
+    return {
+        "ids": len(ids),
+        "shards": {int(s): int(r) for s, r in plan.shards.items()},
+        "wall_seconds": t.seconds,
+        "cpu_seconds": t.cpu,
+        "retrain_seconds": log.train_seconds,
+        "overhead_seconds": t.seconds - log.train_seconds,
+        "overhead_cpu_seconds": t.cpu - log.cpu_seconds,
+        "stages": len(log.stages),
+        "plan_sample_epochs": plan.sample_epochs,  # the dry run, on the rows before the deletion
+        "receipt_sample_epochs": receipt.cost.get("sample_epochs"),  # the same on the rows that remain
+        "retrained_sample_epochs": log.sample_epochs,  # counted by the workers, epoch by epoch
+        "full_sample_epochs": costmodel.full_cost(rows, epochs),
+        "rows_before": rows,
+    }
+
+
+def _ids_in(ens: SisaEnsemble, shard: int, slice_: int) -> np.ndarray:
+    return read_slice(ens.storage(), ens.manifest["shards"][shard]["slices"][slice_])["id"]
+
+
+def single(ens: SisaEnsemble, fit1: dict, rng: np.random.Generator) -> dict:
+    """One deletion per slice position; the stratified estimate of E[T] and the speedup over the fit."""
+    S, R = len(ens.manifest["shards"]), ens.config.sharding.slices
+    rows0, epochs = slice_rows(ens), ens.config.epochs_per_stage()
+    n = sum(map(sum, rows0))
+    weights = [sum(r[j] for r in rows0) / n for j in range(R)]
+    runs = []
+    for j in range(R):
+        shard = j % S
+        run = _delete(ens, [int(rng.choice(_ids_in(ens, shard, j)))])
+        run["slice"] = j + 1
+        runs.append(run)
+    expected_t = sum(w * r["wall_seconds"] for w, r in zip(weights, runs))
+    expected_cpu = sum(w * r["cpu_seconds"] for w, r in zip(weights, runs))
+    expected_retrain = sum(w * r["retrain_seconds"] for w, r in zip(weights, runs))
+    bound = costmodel.expected_speedup(rows0, epochs)
+    speedup = ratio(fit1["wall_seconds"], expected_t)
+    return {
+        "runs": runs,
+        "slice_weights": weights,
+        "expected_seconds": expected_t,
+        "expected_cpu_seconds": expected_cpu,
+        "expected_retrain_seconds": expected_retrain,
+        "expected_sample_epochs": costmodel.expected_single(rows0, epochs),
+        "speedup_vs_full_ensemble": speedup,
+        "bound_real_partition": bound,
+        "bound_formula": costmodel.speedup_bound(S, R),
+        "speedup_over_bound": ratio(speedup, bound),
+        "cpu_speedup_over_bound": ratio(ratio(fit1["cpu_seconds"], expected_cpu), bound),
+        "retrain_only_speedup_over_bound": ratio(fit1["stage_train_seconds"] / expected_retrain, bound),
+        "overhead_seconds": [r["overhead_seconds"] for r in runs],
+        "overhead_cpu_seconds": [r["overhead_cpu_seconds"] for r in runs],
+    }
+
+
+def batched(ens: SisaEnsemble, ks, fit1: dict, singles: dict, rng: np.random.Generator) -> list[dict]:
+    """K uniformly drawn ids per call; K=1 is the stratified single-deletion estimate."""
+    sec_per_se = fit1["wall_seconds"] / fit1["analytic_sample_epochs"]
+    cpu_per_se = fit1["cpu_seconds"] / fit1["analytic_sample_epochs"]
+    epochs = ens.config.epochs_per_stage()
+    out = []
+    for k in ks:
+        rows = slice_rows(ens)
+        expected = costmodel.expected_batched(rows, epochs, k)
+        if k == 1:
+            wall, plan_se, done_se = singles["expected_seconds"], singles["expected_sample_epochs"], None
+            cpu = singles["expected_cpu_seconds"]
+            run = {"stratified": True}
+        else:
+            live = np.concatenate([_ids_in(ens, s, j) for s in range(len(rows)) for j in range(len(rows[s]))])
+            run = _delete(ens, [int(i) for i in rng.choice(live, size=k, replace=False)])
+            wall, plan_se, done_se = run["wall_seconds"], run["plan_sample_epochs"], run["retrained_sample_epochs"]
+            cpu = run["cpu_seconds"]
+        measured = wall / sec_per_se
+        out.append(
+            {
+                "k": k,
+                "expected_sample_epochs": expected,
+                "sequential_expected_sample_epochs": costmodel.expected_sequential(rows, epochs, k),
+                "plan_sample_epochs": plan_se,
+                "retrained_sample_epochs": done_se,
+                "wall_seconds": wall,
+                "measured_sample_epochs": measured,
+                "measured_over_expected": ratio(measured, expected),
+                "cpu_measured_over_expected": ratio(cpu / cpu_per_se, expected),
+                "measured_over_plan": ratio(measured, plan_se),
+                "plan_over_expected": ratio(plan_se, expected),
+                "full_sample_epochs": costmodel.full_cost(rows, epochs),
+                **{k2: v for k2, v in run.items() if k2 in ("shards", "overhead_seconds", "stratified")},
+            }
+        )
+    return out
+
+
+def tracked(workdir: Path, count: int, rng: np.random.Generator) -> dict:
+    """Deletions with MLflow tracking on (the config in the workdir switched on; weights do not depend on
+    it). The first creates the MLflow store and registered model and is reported apart. Each deletes one
+    row of a last slice, so only one stage is retrained."""
+    import sisa.tracking as tracking
+
+    cfg_path = Path(workdir) / "config.yaml"
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["tracking"] = {**cfg.get("tracking", {}), "enabled": True}
+    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    spent = {"finish": 0.0, "publish": 0.0}
+    originals = (tracking._OpRun.finish, tracking.Tracker.publish)
+
+    def clock(name, fn):
+        def wrapper(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                spent[name] += time.perf_counter() - t0
+
+        return wrapper
+
+    tracking._OpRun.finish = clock("finish", originals[0])
+    tracking.Tracker.publish = clock("publish", originals[1])
+    runs = []
+    try:
+        ens = SisaEnsemble.open(workdir)
+        R = ens.config.sharding.slices
+        for i in range(count + 1):
+            spent.update(finish=0.0, publish=0.0)
+            shard = (i + 1) % len(ens.manifest["shards"])
+            run = _delete(ens, [int(rng.choice(_ids_in(ens, shard, R - 1)))])
+            run.update(mlflow_finish_seconds=spent["finish"], mlflow_publish_seconds=spent["publish"])
+            runs.append(run)
+        ens.close()
+    finally:
+        tracking._OpRun.finish, tracking.Tracker.publish = originals
+    steady = runs[1:]
+    return {
+        "first": runs[0],
+        "runs": steady,
+        "overhead_seconds": [r["overhead_seconds"] for r in steady],
+        "overhead_cpu_seconds": [r["overhead_cpu_seconds"] for r in steady],
+        "mlflow_finish_seconds": [r["mlflow_finish_seconds"] for r in steady],
+        "mlflow_publish_seconds": [r["mlflow_publish_seconds"] for r in steady],
+    }

@@ -1,0 +1,273 @@
+"""Turn the suite's results (results.json) into the markdown table and the PNG plots.
+
+Every figure in the table is a ratio measured within one run; absolute times are given as context only.
+"""
+
+from __future__ import annotations
+
+import io
+
+
+def _fmt(x, digits=2) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def _status(value, op: str, target: float) -> str:
+    if value is None or value != value:  # None or NaN
+        return "–"
+    ok = value >= target if op == ">=" else value <= target
+    return "met" if ok else "**not met**"
+
+
+def figures(r: dict) -> list[dict]:
+    """One row per figure: name, target, measured value (text), status."""
+    rows = []
+    d, t = r.get("deletion", {}), r.get("training", {})
+    one = d.get("single")
+    if one:
+        rows.append(
+            {
+                "figure": f"one-deletion speedup vs full ensemble retrain ÷ analytic bound (S={r['workload']['shards']}, R={r['workload']['slices']})",
+                "target": "≥ 0.90",
+                "value": f"{_fmt(one['speedup_over_bound'])} ({_fmt(one['speedup_vs_full_ensemble'], 1)}× of {_fmt(one['bound_real_partition'], 2)}×; formula {_fmt(one['bound_formula'], 2)}×)",
+                "cpu": _fmt(one.get("cpu_speedup_over_bound")),
+                "status": _status(one["speedup_over_bound"], ">=", 0.90),
+            }
+        )
+        if "vs_monolithic" in d:
+            rows.append(
+                {
+                    "figure": "one-deletion speedup vs retraining one monolithic model on all rows",
+                    "target": "reported",
+                    "value": f"{_fmt(d['vs_monolithic'], 1)}×",
+                    "cpu": f"{_fmt(d.get('cpu_vs_monolithic'), 1)}×",
+                    "status": "",
+                }
+            )
+    for b in d.get("batched", []):
+        note = (
+            "stratified mean of one per slice position"
+            if b.get("stratified")
+            else f"draw: plan/expected {_fmt(b['plan_over_expected'])}"
+        )
+        rows.append(
+            {
+                "figure": f"K={b['k']} ids in one call: measured / expected cost (`costmodel.expected_batched`)",
+                "target": "≤ 1.10",
+                "value": f"{_fmt(b['measured_over_expected'])} (measured/plan {_fmt(b['measured_over_plan'])}; {note})",
+                "cpu": _fmt(b.get("cpu_measured_over_expected")),
+                "status": _status(b["measured_over_expected"], "<=", 1.10),
+            }
+        )
+    if "framework_vs_plain" in t:
+        rows.append(
+            {
+                "figure": "full ensemble training vs a plain torch loop, same sample-epochs, model, batch size, 1 thread",
+                "target": "≤ 1.15",
+                "value": _fmt(t["framework_vs_plain"]),
+                "cpu": f"{_fmt(t.get('framework_cpu_vs_plain_cpu'))} (inside Lightning's fit only: {_fmt(t['framework_stage_cpu_vs_plain_cpu'])})",
+                "status": _status(t["framework_vs_plain"], "<=", 1.15),
+            }
+        )
+    if "scaling_2_vs_1" in t:
+        rows.append(
+            {
+                "figure": "shard-parallel scaling, 2 Ray workers vs 1, on 2 cores",
+                "target": "≥ 1.7×",
+                "value": f"{_fmt(t['scaling_2_vs_1'])}× (weights identical: {t['weights_identical_1_vs_2_workers']})",
+                "cpu": f"cores busy: {_fmt(t.get('cores_used_1_worker'))} with 1 worker, {_fmt(t.get('cores_used_2_workers'))} with 2",
+                "status": _status(t["scaling_2_vs_1"], ">=", 1.7),
+            }
+        )
+    if one:
+        ov = one["overhead_seconds"]
+        rows.append(
+            {
+                "figure": "deletion wall time minus retrain compute, tracking off (warm workers)",
+                "target": "≤ 1 s",
+                "value": f"mean {_fmt(sum(ov) / len(ov))} s, max {_fmt(max(ov))} s",
+                "cpu": _mean_s(one.get("overhead_cpu_seconds")),
+                "status": _status(max(ov), "<=", 1.0),
+            }
+        )
+    tr = d.get("tracked")
+    if tr and tr["overhead_seconds"]:
+        ov = tr["overhead_seconds"]
+        fin, pub = tr["mlflow_finish_seconds"], tr["mlflow_publish_seconds"]
+        rows.append(
+            {
+                "figure": "the same with MLflow tracking on",
+                "target": "≤ 1 s",
+                "value": f"mean {_fmt(sum(ov) / len(ov))} s, max {_fmt(max(ov))} s; of which MLflow runs, metrics and plots {_fmt(sum(fin) / len(fin))} s, model version publish and purge {_fmt(sum(pub) / len(pub))} s",
+                "cpu": _mean_s(tr.get("overhead_cpu_seconds")),
+                "status": _status(max(ov), "<=", 1.0),
+            }
+        )
+    inf = r.get("inference")
+    if inf:
+        big, small = inf["by_rows"][-1], inf["by_rows"][0]
+        rows.append(
+            {
+                "figure": f"`predict_proba` vs the sum of the {inf['shards']} sub-models' forward passes ({big['rows']} rows)",
+                "target": "≤ 1.1",
+                "value": f"{_fmt(big['proba_over_forwards'])} ({small['rows']} row: {_fmt(small['proba_over_forwards'])}, fused)",
+                "status": _status(big["proba_over_forwards"], "<=", 1.1),
+            }
+        )
+    acc = r.get("accuracy", {})
+    for name, a in acc.items():
+        curve = ", ".join(f"S={s}: {v['mean']:.3f}" for s, v in a["accuracy"].items())
+        gap = a.get("gap_pp_s5_vs_s1")
+        digits = name == "digits"
+        rows.append(
+            {
+                "figure": f"accuracy vs S on {name} ({len(a['seeds'])} seed(s))"
+                + ("; S=5 within 2 pp of S=1" if digits else ""),
+                "target": "≤ 2 pp" if digits else "reported",
+                "value": curve + (f"; gap {gap:.2f} pp" if gap is not None else ""),
+                "status": _status(gap, "<=", 2.0) if digits else "",
+            }
+        )
+    return rows
+
+
+def _mean_s(values) -> str:
+    values = [v for v in values or [] if v == v]
+    return f"mean {sum(values) / len(values):.2f} s" if values else "–"
+
+
+def markdown(r: dict) -> str:
+    lines = [
+        "| figure | target | measured (wall time) | same in CPU time | status |",
+        "|---|---|---|---|---|",
+    ]
+    for row in figures(r):
+        lines.append(f"| {row['figure']} | {row['target']} | {row['value']} | {row.get('cpu', '')} | {row['status']} |")
+    lines.append("")
+    lines.append(context(r))
+    return "\n".join(lines) + "\n"
+
+
+def context(r: dict) -> str:
+    w, t, m = r["workload"], r.get("training", {}), r["machine"]
+    parts = [
+        f"Size `{r['size']}`: {w['rows']:,} training rows × {w['features']} features, {w['classes']} classes, "
+        f"MLP {w['hidden']}, batch {w['batch_size']}, e={w['epochs']} (paper schedule {w['epochs_per_stage']} per stage), "
+        f"S={w['shards']}, R={w['slices']}."
+    ]
+    if "fit_1_worker" in t:
+        parts.append(
+            f"Absolute times (context only): ensemble fit {t['fit_1_worker']['wall_seconds']:.1f} s on 1 worker, "
+            f"{t['fit_2_workers']['wall_seconds']:.1f} s on 2; monolithic model {t.get('monolithic', {}).get('wall_seconds', float('nan')):.1f} s; "
+            f"expected one-deletion {r['deletion']['single']['expected_seconds']:.2f} s."
+        )
+    parts.append(
+        f"Machine: {m['cpus']} CPUs, load average {m['load_average']} at start and "
+        f"{r.get('machine_end', {}).get('load_average')} at the end; suite took {r.get('suite_seconds', 0):.0f} s."
+    )
+    return " ".join(parts)
+
+
+# -- plots ---------------------------------------------------------------------------------------
+def _figure(w, h):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(w, h), dpi=110)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def plot_accuracy(r: dict) -> bytes | None:
+    acc = r.get("accuracy")
+    if not acc:
+        return None
+    fig = _figure(5.5, 3.6)
+    ax = fig.add_subplot(1, 1, 1)
+    for name, a in acc.items():
+        s = [int(k) for k in a["accuracy"]]
+        mean = [v["mean"] for v in a["accuracy"].values()]
+        std = [v["std"] for v in a["accuracy"].values()]
+        ax.errorbar(s, mean, yerr=std, marker="o", capsize=3, label=f"{name} ({len(a['seeds'])} seed(s))")
+    ax.set_xscale("log")
+    ax.set_xticks(sorted({int(k) for a in acc.values() for k in a["accuracy"]}))
+    ax.set_xticklabels([str(x) for x in sorted({int(k) for a in acc.values() for k in a["accuracy"]})])
+    ax.set_xlabel("shards S (R as in the config)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("Accuracy vs number of shards")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _png(fig)
+
+
+def plot_deletion_cost(r: dict) -> bytes | None:
+    b = r.get("deletion", {}).get("batched")
+    if not b:
+        return None
+    fig = _figure(5.5, 3.6)
+    ax = fig.add_subplot(1, 1, 1)
+    ks = [x["k"] for x in b]
+    full = [x["full_sample_epochs"] for x in b]
+    pos = range(len(ks))
+    ax.bar(
+        [p - 0.27 for p in pos],
+        [x["expected_sample_epochs"] / f for x, f in zip(b, full)],
+        0.27,
+        label="expected (costmodel)",
+    )
+    ax.bar(pos, [x["plan_sample_epochs"] / f for x, f in zip(b, full)], 0.27, label="plan for the ids drawn")
+    ax.bar(
+        [p + 0.27 for p in pos],
+        [x["measured_sample_epochs"] / f for x, f in zip(b, full)],
+        0.27,
+        label="measured (wall time)",
+    )
+    ax.plot(
+        list(pos),
+        [min(1.5, x["sequential_expected_sample_epochs"] / f) for x, f in zip(b, full)],
+        "k--",
+        marker="x",
+        label="one call per id (expected)",
+    )
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xticks(list(pos))
+    ax.set_xticklabels([f"K={k}" for k in ks])
+    ax.set_ylabel("cost / full retrain")
+    ax.set_title("Cost of deleting K ids in one call")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def plot_speedup(r: dict) -> bytes | None:
+    d = r.get("deletion", {})
+    one = d.get("single")
+    if not one:
+        return None
+    fig = _figure(5.5, 3.2)
+    ax = fig.add_subplot(1, 1, 1)
+    names = ["bound S·3R/(2R+1)", "bound (real partition)", "measured vs ensemble fit"]
+    vals = [one["bound_formula"], one["bound_real_partition"], one["speedup_vs_full_ensemble"]]
+    if "vs_monolithic" in d:
+        names.append("measured vs monolithic fit")
+        vals.append(d["vs_monolithic"])
+    ax.barh(names, vals, color=["#bbbbbb", "#999999", "#1f77b4", "#ff7f0e"][: len(vals)])
+    for i, v in enumerate(vals):
+        ax.text(v, i, f" {v:.1f}×", va="center")
+    ax.set_xlim(0, max(vals) * 1.2)
+    ax.set_xlabel("speedup of one deletion over a full retrain")
+    ax.set_title("One deletion: measured vs analytic")
+    return _png(fig)
+
+
+PLOTS = {"accuracy_vs_shards.png": plot_accuracy, "deletion_cost.png": plot_deletion_cost, "speedup.png": plot_speedup}

@@ -1,0 +1,176 @@
+"""Run the benchmark suite: ``python -m benchmarks.run [--size full|quick|smoke] [--update-readme]``.
+
+Writes benchmarks/out/results.json, results.md (the table) and PNG plots. With ``--update-readme`` it also
+copies the plots to docs/bench/ and rewrites the table between the README's benchmark markers.
+
+Order (one local Ray with 2 CPUs; every timed phase runs on warm workers):
+  1. fit the timing workload on 1 worker, then on 2 (scaling; the weights must be identical);
+  2. the plain torch loop on the same partition and the monolithic model (1 worker);
+  3. deletions on the 1-worker ensemble: one per slice position, K ids per call, then with MLflow on;
+  4. inference on the 2-worker ensemble; 5. accuracy vs S on digits and the synthetic set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # the suite's own local Ray only
+if __package__ in (None, ""):  # run as a script: python benchmarks/run.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+
+from benchmarks import accuracy_bench, deletion_bench, inference_bench, report, training_bench  # noqa: E402
+from benchmarks.common import init_ray, machine, ratio, reset_workers, warm  # noqa: E402
+from benchmarks.workloads import ROOT, SIZES, make_data, warmup_config  # noqa: E402
+
+PHASES = ("plain", "monolithic", "deletion", "tracking", "inference", "accuracy")
+START, END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
+
+
+def run(size_name: str = "full", out: Path | None = None, skip=(), log=print) -> dict:
+    size = SIZES[size_name]
+    out = Path(out or ROOT / "benchmarks" / "out")
+    tmp = out / "work"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    started = init_ray(2)
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the driver's own work (evaluation, inference) on one thread, like each worker
+    t0 = time.perf_counter()
+    say = log
+
+    def log(msg):  # noqa: F811 - the caller's log, with the time since the start
+        say(msg.replace("[bench]", f"[bench +{time.perf_counter() - t0:.0f}s]", 1))
+
+    rng = np.random.default_rng(0)
+    data = make_data(size)
+    res: dict = {"size": size_name, "machine": machine(), "deletion": {}, "accuracy": {}}
+    try:
+        log(f"[bench] fitting {size.rows} rows, S={size.shards} R={size.slices}, on 1 then 2 workers")
+        ens1, ens2, res["training"] = training_bench.fits(size, data, tmp)
+        fit1 = res["training"]["fit_1_worker"]
+        res["workload"] = {
+            **{
+                k: getattr(size, k)
+                for k in ("rows", "eval_rows", "features", "classes", "epochs", "batch_size", "shards", "slices")
+            },
+            "hidden": list(size.hidden),
+            "epochs_per_stage": list(ens1.config.epochs_per_stage()),
+        }
+        log(
+            f"[bench] fit: {fit1['wall_seconds']:.1f} s on 1 worker, {res['training']['fit_2_workers']['wall_seconds']:.1f} s on 2"
+        )
+        reset_workers()  # from here on, one worker: wall time is compute
+        warm(warmup_config(size, 1), data, tmp / "warm1b")
+        if "plain" not in skip:
+            res["training"].update(training_bench.versus_plain_loop(ens2, size, fit1))
+            log(f"[bench] framework / plain loop: {res['training']['framework_vs_plain']:.3f}")
+        if "monolithic" not in skip:
+            res["training"]["monolithic"] = training_bench.monolithic(size, data, tmp)
+            log(f"[bench] monolithic fit: {res['training']['monolithic']['wall_seconds']:.1f} s")
+        if "deletion" not in skip:
+            one = deletion_bench.single(ens1, fit1, rng)
+            res["deletion"]["single"] = one
+            if "monolithic" in res["training"]:
+                mono = res["training"]["monolithic"]
+                res["deletion"]["vs_monolithic"] = ratio(mono["wall_seconds"], one["expected_seconds"])
+                res["deletion"]["cpu_vs_monolithic"] = ratio(mono["cpu_seconds"], one["expected_cpu_seconds"])
+            log(
+                f"[bench] one deletion: {one['speedup_vs_full_ensemble']:.2f}x of bound {one['bound_real_partition']:.2f}x"
+            )
+            res["deletion"]["batched"] = deletion_bench.batched(ens1, size.batch_ks, fit1, one, rng)
+            log(
+                "[bench] K batched: "
+                + ", ".join(f"K={b['k']}: {b['measured_over_expected']:.3f}" for b in res["deletion"]["batched"])
+            )
+            ens1.close()
+            if "tracking" not in skip:
+                res["deletion"]["tracked"] = deletion_bench.tracked(ens1.workdir.path, size.tracked_deletions, rng)
+                log(f"[bench] tracked deletion overhead: {res['deletion']['tracked']['overhead_seconds']}")
+        log("[bench] deletions done")
+        if "inference" not in skip:
+            res["inference"] = inference_bench.run(ens2, data[1][0], size.inference_rows)
+            log(
+                f"[bench] predict_proba / forwards: {[round(b['proba_over_forwards'], 3) for b in res['inference']['by_rows']]}"
+            )
+        if "accuracy" not in skip:
+            res["accuracy"]["digits"] = accuracy_bench.sweep("digits", size, size.digits_seeds, tmp)
+            res["accuracy"]["synthetic"] = accuracy_bench.sweep("synthetic", size, size.synthetic_seeds, tmp)
+            log(f"[bench] digits gap S=5 vs S=1: {res['accuracy']['digits'].get('gap_pp_s5_vs_s1')}")
+        ens2.close()
+    finally:
+        torch.set_num_threads(threads)
+        res["suite_seconds"] = time.perf_counter() - t0
+        res["machine_end"] = machine()
+        write(res, out)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if started:
+            import ray
+
+            reset_workers()
+            ray.shutdown()
+    return res
+
+
+def write(res: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(res, indent=1, default=_plain))
+    if "workload" not in res:
+        return
+    (out / "results.md").write_text(report.markdown(res))
+    for name, plot in report.PLOTS.items():
+        png = plot(res)
+        if png:
+            (out / name).write_bytes(png)
+
+
+def update_readme(out: Path, readme: Path = ROOT / "README.md", docs: Path = ROOT / "docs" / "bench") -> None:
+    """Copy the plots to docs/bench/ and put the table and the plots between the README's markers."""
+    docs.mkdir(parents=True, exist_ok=True)
+    pngs = [n for n in report.PLOTS if (out / n).exists()]
+    for name in pngs:
+        shutil.copyfile(out / name, docs / name)
+    text = readme.read_text()
+    if START not in text or END not in text:
+        raise SystemExit(f"{readme} has no {START} ... {END} markers; add them where the table belongs")
+    body = (out / "results.md").read_text().strip() + "\n\n" + "\n".join(f"![{n[:-4]}](docs/bench/{n})" for n in pngs)
+    head, rest = text.split(START, 1)
+    readme.write_text(head + START + "\n" + body + "\n" + END + rest.split(END, 1)[1])
+
+
+def _plain(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", choices=sorted(SIZES), default="full", help="full (about 10 min on 2 cores), quick, smoke")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out")
+    p.add_argument("--skip", action="append", default=[], choices=PHASES, help="leave out a phase (repeatable)")
+    p.add_argument(
+        "--update-readme", action="store_true", help="copy plots to docs/bench/ and rewrite the README table"
+    )
+    a = p.parse_args(argv)
+    run(a.size, a.out, a.skip)
+    print((a.out / "results.md").read_text())
+    if a.update_readme:
+        update_readme(a.out)
+        print(f"README.md and docs/bench/ updated from {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Smoke test of the benchmark suite: its smallest size end to end on the session's real Ray.
+
+No timing asserts (CI machines are noisy); it checks that every phase runs, that the figures, table and
+plots are written, and the facts the suite relies on: the workers train exactly the sample-epochs the
+cost model predicts, and fits on 1 and 2 workers give identical weights.
+"""
+
+import json
+
+import pytest
+
+from benchmarks import report
+from benchmarks import run as bench
+
+
+@pytest.mark.slow
+def test_benchmark_suite_smoke(ray_session, tmp_path):
+    out = tmp_path / "out"
+    bench.run("smoke", out, log=lambda *a: None)
+    res = json.loads((out / "results.json").read_text())
+
+    tr, de = res["training"], res["deletion"]
+    assert tr["weights_identical_1_vs_2_workers"] is True
+    assert tr["fit_1_worker"]["sample_epochs"] == tr["fit_1_worker"]["analytic_sample_epochs"]
+    assert tr["plain_loop"]["sample_epochs"] > 0 and tr["framework_vs_plain"] > 0
+    runs = de["single"]["runs"] + [b for b in de["batched"] if not b.get("stratified")] + de["tracked"]["runs"]
+    for r in de["single"]["runs"] + de["tracked"]["runs"]:
+        assert r["retrained_sample_epochs"] == r["receipt_sample_epochs"], r
+    assert [r["slice"] for r in de["single"]["runs"]] == list(range(1, res["workload"]["slices"] + 1))
+    assert [b["k"] for b in de["batched"]] == [1, 4]
+    assert all(b["measured_sample_epochs"] > 0 and b["expected_sample_epochs"] > 0 for b in de["batched"])
+    assert all(r["overhead_seconds"] < r["wall_seconds"] for r in runs if "wall_seconds" in r)
+    assert de["single"]["bound_real_partition"] > 1
+    assert res["inference"]["by_rows"][0]["path"] == "fused"
+    assert set(res["accuracy"]) == {"digits", "synthetic"}
+
+    table = (out / "results.md").read_text()
+    for needle in (
+        "analytic bound",
+        "K=4 ids",
+        "plain torch loop",
+        "2 Ray workers",
+        "tracking on",
+        "predict_proba",
+        "on digits",
+    ):
+        assert needle in table, needle
+    for name in report.PLOTS:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n## Benchmarks\n{bench.START}\nold table\n{bench.END}\nafter\n")
+    bench.update_readme(out, readme=readme, docs=tmp_path / "docs")
+    text = readme.read_text()
+    assert "old table" not in text and "| figure | target |" in text and text.endswith(f"{bench.END}\nafter\n")
+    assert (tmp_path / "docs" / "speedup.png").exists()
+
+
+def test_update_readme_needs_markers(tmp_path):
+    (tmp_path / "results.md").write_text("| figure |\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("# no markers\n")
+    with pytest.raises(SystemExit, match="markers"):
+        bench.update_readme(tmp_path, readme=readme, docs=tmp_path / "docs")
