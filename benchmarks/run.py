@@ -4,9 +4,11 @@ Writes benchmarks/out/results.json, results.md (the table) and PNG plots. With `
 copies the plots to docs/bench/ and rewrites the table between the README's benchmark markers.
 
 Order (one local Ray with 2 CPUs; every timed phase runs on warm workers):
-  1. fit the timing workload on 1 worker, then on 2 (scaling; the weights must be identical);
-  2. the plain torch loop on the same partition and the monolithic model (1 worker);
-  3. deletions on the 1-worker ensemble: one per slice position, K ids per call, then with MLflow on;
+  1. fit the timing workload on 1 worker, then two rounds of single deletions on it (one per slice
+     position), then fit on 2 workers and again on 1 worker (scaling and the deletion speedup use the mean
+     of the two 1-worker fits, which bracket what they are compared with; all weights must be identical);
+  2. the plain torch loop on the same partition, next to the second 1-worker fit;
+  3. K ids per call and deletions with MLflow on, on the second 1-worker ensemble; the monolithic model;
   4. inference on the 2-worker ensemble; 5. accuracy vs S on digits and the synthetic set.
 """
 
@@ -27,8 +29,8 @@ if __package__ in (None, ""):  # run as a script: python benchmarks/run.py
 import numpy as np  # noqa: E402
 
 from benchmarks import accuracy_bench, deletion_bench, inference_bench, report, training_bench  # noqa: E402
-from benchmarks.common import init_ray, machine, ratio, reset_workers, warm  # noqa: E402
-from benchmarks.workloads import ROOT, SIZES, make_data, warmup_config  # noqa: E402
+from benchmarks.common import init_ray, machine, ratio, reset_workers, slice_rows  # noqa: E402
+from benchmarks.workloads import ROOT, SIZES, make_data  # noqa: E402
 
 PHASES = ("plain", "monolithic", "deletion", "tracking", "inference", "accuracy")
 START, END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
@@ -54,49 +56,59 @@ def run(size_name: str = "full", out: Path | None = None, skip=(), log=print) ->
     rng = np.random.default_rng(0)
     data = make_data(size)
     res: dict = {"size": size_name, "machine": machine(), "deletion": {}, "accuracy": {}}
+    tb = training_bench
     try:
-        log(f"[bench] fitting {size.rows} rows, S={size.shards} R={size.slices}, on 1 then 2 workers")
-        ens1, ens2, res["training"] = training_bench.fits(size, data, tmp)
-        fit1 = res["training"]["fit_1_worker"]
+        log(f"[bench] fitting {size.rows} rows, S={size.shards} R={size.slices}: 1 worker, 2 workers, 1 worker")
+        ens_a, fit_a = tb.fit_on(size, data, tmp, "w1a", 1, fresh_pool=True)
+        first = tb.weights(ens_a)
+        rows0 = slice_rows(ens_a)
         res["workload"] = {
             **{
                 k: getattr(size, k)
                 for k in ("rows", "eval_rows", "features", "classes", "epochs", "batch_size", "shards", "slices")
             },
             "hidden": list(size.hidden),
-            "epochs_per_stage": list(ens1.config.epochs_per_stage()),
+            "epochs_per_stage": list(ens_a.config.epochs_per_stage()),
         }
-        log(
-            f"[bench] fit: {fit1['wall_seconds']:.1f} s on 1 worker, {res['training']['fit_2_workers']['wall_seconds']:.1f} s on 2"
-        )
-        reset_workers()  # from here on, one worker: wall time is compute
-        warm(warmup_config(size, 1), data, tmp / "warm1b")
-        if "plain" not in skip:
-            res["training"].update(training_bench.versus_plain_loop(ens2, size, fit1))
-            log(f"[bench] framework / plain loop: {res['training']['framework_vs_plain']:.3f}")
-        if "monolithic" not in skip:
-            res["training"]["monolithic"] = training_bench.monolithic(size, data, tmp)
-            log(f"[bench] monolithic fit: {res['training']['monolithic']['wall_seconds']:.1f} s")
+        rounds = []  # one deletion per slice position, twice, on the one warm worker of the first fit
         if "deletion" not in skip:
-            one = deletion_bench.single(ens1, fit1, rng)
+            rounds = [deletion_bench.single_round(ens_a, rng) for _ in range(2)]
+        ens_a.close()
+        ens2, fit2 = tb.fit_on(size, data, tmp, "w2", 2)
+        ens_b, fit_b = tb.fit_on(size, data, tmp, "w1b", 1, fresh_pool=True)  # from here on, one worker
+        ref = tb.reference([fit_a, fit_b])
+        res["training"] = tb.scaling(ref, fit2)
+        res["training"]["weights_identical_1_vs_2_workers"] = tb.same_weights(first, tb.weights(ens2))
+        res["training"]["weights_identical_1_vs_1_worker"] = tb.same_weights(first, tb.weights(ens_b))
+        log(
+            f"[bench] fit: {fit_a['wall_seconds']:.1f} s and {fit_b['wall_seconds']:.1f} s on 1 worker, "
+            f"{fit2['wall_seconds']:.1f} s on 2"
+        )
+        if "plain" not in skip:  # next to the second 1-worker fit, which it is compared with
+            res["training"].update(tb.versus_plain_loop(ens_b, size, fit_b))
+            log(f"[bench] framework / plain loop: {res['training']['framework_vs_plain']:.3f}")
+        if "deletion" not in skip:
+            one = deletion_bench.single(ens_a, ref, rounds, rows0)
             res["deletion"]["single"] = one
-            if "monolithic" in res["training"]:
-                mono = res["training"]["monolithic"]
-                res["deletion"]["vs_monolithic"] = ratio(mono["wall_seconds"], one["expected_seconds"])
-                res["deletion"]["cpu_vs_monolithic"] = ratio(mono["cpu_seconds"], one["expected_cpu_seconds"])
             log(
                 f"[bench] one deletion: {one['speedup_vs_full_ensemble']:.2f}x of bound {one['bound_real_partition']:.2f}x"
             )
-            res["deletion"]["batched"] = deletion_bench.batched(ens1, size.batch_ks, fit1, one, rng)
+            res["deletion"]["batched"] = deletion_bench.batched(ens_b, size.batch_ks, fit_b, one, rng)
             log(
                 "[bench] K batched: "
                 + ", ".join(f"K={b['k']}: {b['measured_over_expected']:.3f}" for b in res["deletion"]["batched"])
             )
-            ens1.close()
+            ens_b.close()
             if "tracking" not in skip:
-                res["deletion"]["tracked"] = deletion_bench.tracked(ens1.workdir.path, size.tracked_deletions, rng)
+                res["deletion"]["tracked"] = deletion_bench.tracked(ens_b.workdir.path, size.tracked_deletions, rng)
                 log(f"[bench] tracked deletion overhead: {res['deletion']['tracked']['overhead_seconds']}")
-        log("[bench] deletions done")
+        if "monolithic" not in skip:
+            mono = res["training"]["monolithic"] = tb.monolithic(size, data, tmp)
+            log(f"[bench] monolithic fit: {mono['wall_seconds']:.1f} s")
+            if "single" in res["deletion"]:
+                one = res["deletion"]["single"]
+                res["deletion"]["vs_monolithic"] = ratio(mono["wall_seconds"], one["expected_seconds"])
+                res["deletion"]["cpu_vs_monolithic"] = ratio(mono["cpu_seconds"], one["expected_cpu_seconds"])
         if "inference" not in skip:
             res["inference"] = inference_bench.run(ens2, data[1][0], size.inference_rows)
             log(

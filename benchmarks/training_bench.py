@@ -1,5 +1,8 @@
 """Training figures: full ensemble fit on 1 and 2 Ray workers (shard-parallel scaling), the framework
-against a hand-written torch loop doing the same sample-epochs, and one monolithic model on all rows."""
+against a hand-written torch loop doing the same sample-epochs, and one monolithic model on all rows.
+
+The 1-worker fit is run twice, before and after the 2-worker one and the first deletions, and the figures
+use their mean: on a shared virtual machine, throughput drifts by 10-20 % over minutes."""
 
 from __future__ import annotations
 
@@ -12,37 +15,44 @@ from benchmarks.common import ratio, reset_workers, timed_fit, warm
 from benchmarks.workloads import Size, sisa_config, warmup_config
 
 
-def fits(size: Size, data, tmp: Path):
-    """Fit the timing workload on one worker, then on two (same data, same config but max_workers).
+def fit_on(size: Size, data, tmp: Path, name: str, workers: int, fresh_pool: bool = False):
+    """Fit the timing workload with ``cluster.max_workers = workers`` on warm workers; (ensemble, figures).
+    ``fresh_pool`` first ends every warm worker, so that a 1-worker fit has exactly one."""
+    if fresh_pool:
+        reset_workers()
+    warm(warmup_config(size, workers), data, tmp / f"warm-{name}")
+    return timed_fit(sisa_config(size, workers), data, tmp / name)
 
-    Returns (ensemble fitted on 1 worker, ensemble fitted on 2 workers, figures)."""
-    reset_workers()
-    warm(warmup_config(size, 1), data, tmp / "warm1")
-    ens1, fit1 = timed_fit(sisa_config(size, 1), data, tmp / "w1")
-    warm(warmup_config(size, 2), data, tmp / "warm2")
-    ens2, fit2 = timed_fit(sisa_config(size, 2), data, tmp / "w2")
-    same = all(
-        all(
-            torch.equal(a, b)
-            for a, b in zip(
-                ens1.load_shard_model(s).state_dict().values(), ens2.load_shard_model(s).state_dict().values()
-            )
-        )
-        for s in ens1.active_shards()
+
+def weights(ens) -> dict:
+    return {s: ens.load_shard_model(s).state_dict() for s in ens.active_shards()}
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return sorted(a) == sorted(b) and all(
+        all(torch.equal(x, y) for x, y in zip(a[s].values(), b[s].values())) for s in a
     )
-    return (
-        ens1,
-        ens2,
-        {
-            "fit_1_worker": fit1,
-            "fit_2_workers": fit2,
-            "scaling_2_vs_1": ratio(fit1["wall_seconds"], fit2["wall_seconds"]),
-            # CPU-seconds the 2-worker fit got per wall second, of the 2 it could use: other jobs lower it
-            "cores_used_2_workers": ratio(fit2["cpu_seconds"], fit2["wall_seconds"]),
-            "cores_used_1_worker": ratio(fit1["cpu_seconds"], fit1["wall_seconds"]),
-            "weights_identical_1_vs_2_workers": same,
-        },
-    )
+
+
+def reference(fits: list[dict]) -> dict:
+    """The 1-worker full fit as the mean of fits taken before and after the phases compared with it, so that
+    a machine that drifts faster or slower during the run does not decide the ratios (bracketing)."""
+    keys = ("wall_seconds", "cpu_seconds", "stage_train_seconds", "stage_cpu_seconds")
+    out = {k: sum(f[k] for f in fits) / len(fits) for k in keys}
+    out.update({k: fits[0][k] for k in ("sample_epochs", "analytic_sample_epochs", "stages", "ensemble_accuracy")})
+    out["runs"] = fits
+    return out
+
+
+def scaling(ref: dict, fit2: dict) -> dict:
+    return {
+        "fit_1_worker": ref,
+        "fit_2_workers": fit2,
+        "scaling_2_vs_1": ratio(ref["wall_seconds"], fit2["wall_seconds"]),
+        # CPU-seconds per wall second, of the 1 or 2 cores a fit can use: other jobs lower it
+        "cores_used_2_workers": ratio(fit2["cpu_seconds"], fit2["wall_seconds"]),
+        "cores_used_1_worker": ratio(ref["cpu_seconds"], ref["wall_seconds"]),
+    }
 
 
 def versus_plain_loop(ens, size: Size, fit1: dict) -> dict:

@@ -20,13 +20,15 @@ def test_benchmark_suite_smoke(ray_session, tmp_path):
     res = json.loads((out / "results.json").read_text())
 
     tr, de = res["training"], res["deletion"]
-    assert tr["weights_identical_1_vs_2_workers"] is True
+    assert tr["weights_identical_1_vs_2_workers"] is True and tr["weights_identical_1_vs_1_worker"] is True
+    assert len(tr["fit_1_worker"]["runs"]) == 2
     assert tr["fit_1_worker"]["sample_epochs"] == tr["fit_1_worker"]["analytic_sample_epochs"]
     assert tr["plain_loop"]["sample_epochs"] > 0 and tr["framework_vs_plain"] > 0
     runs = de["single"]["runs"] + [b for b in de["batched"] if not b.get("stratified")] + de["tracked"]["runs"]
     for r in de["single"]["runs"] + de["tracked"]["runs"]:
         assert r["retrained_sample_epochs"] == r["receipt_sample_epochs"], r
-    assert [r["slice"] for r in de["single"]["runs"]] == list(range(1, res["workload"]["slices"] + 1))
+    assert de["single"]["rounds"] == 2
+    assert [r["slice"] for r in de["single"]["runs"]] == list(range(1, res["workload"]["slices"] + 1)) * 2
     assert [b["k"] for b in de["batched"]] == [1, 4]
     assert all(b["measured_sample_epochs"] > 0 and b["expected_sample_epochs"] > 0 for b in de["batched"])
     assert all(r["overhead_seconds"] < r["wall_seconds"] for r in runs if "wall_seconds" in r)
