@@ -49,18 +49,23 @@ def figures(r: dict) -> list[dict]:
                 }
             )
     for b in d.get("batched", []):
-        note = (
-            "stratified mean of one per slice position"
-            if b.get("stratified")
-            else f"draw: plan/expected {_fmt(b['plan_over_expected'])}"
-        )
+        if b.get("stratified"):
+            value = f"{_fmt(b['measured_over_expected'])} (the stratified mean of one deletion per slice position)"
+            est, cpu = b["measured_over_expected"], b.get("cpu_measured_over_expected")
+        else:
+            est, cpu = b["estimated_measured_over_expected"], b.get("cpu_estimated_measured_over_expected")
+            value = (
+                f"{_fmt(est)} (the one draw run: {_fmt(b['measured_over_expected'])} = measured/plan "
+                f"{_fmt(b['measured_over_plan'])} × plan/expected {_fmt(b['plan_over_expected'])}, "
+                f"a draw at the {b['draw_percentile']:.0f}th percentile of plan costs)"
+            )
         rows.append(
             {
                 "figure": f"K={b['k']} ids in one call: measured / expected cost (`costmodel.expected_batched`)",
                 "target": "≤ 1.10",
-                "value": f"{_fmt(b['measured_over_expected'])} (measured/plan {_fmt(b['measured_over_plan'])}; {note})",
-                "cpu": _fmt(b.get("cpu_measured_over_expected")),
-                "status": _status(b["measured_over_expected"], "<=", 1.10),
+                "value": value,
+                "cpu": _fmt(cpu),
+                "status": _status(est, "<=", 1.10),
             }
         )
     if "framework_vs_plain" in t:
@@ -225,7 +230,9 @@ def plot_deletion_cost(r: dict) -> bytes | None:
         [p - 0.27 for p in pos],
         [x["expected_sample_epochs"] / f for x, f in zip(b, full)],
         0.27,
-        label="expected (costmodel)",
+        yerr=[x.get("simulated_plan_std", 0.0) / f for x, f in zip(b, full)],
+        capsize=3,
+        label="expected (costmodel; bar: ±1 sd of one draw)",
     )
     ax.bar(pos, [x["plan_sample_epochs"] / f for x, f in zip(b, full)], 0.27, label="plan for the ids drawn")
     ax.bar(
