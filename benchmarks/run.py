@@ -5,9 +5,9 @@ copies the plots to docs/bench/ and rewrites the table between the README's benc
 
 Order (one local Ray with 2 CPUs; every timed phase runs on warm workers):
   1. fit the timing workload on 1 worker, then two rounds of single deletions on it (one per slice
-     position), then fit on 2 workers and again on 1 worker (scaling and the deletion speedup use the mean
-     of the two 1-worker fits, which bracket what they are compared with; all weights must be identical);
-  2. the plain torch loop on the same partition, next to the second 1-worker fit;
+     position), then fit on 2 workers, then again on 1 worker and two more rounds (scaling and the deletion
+     speedup use the mean of the two 1-worker fits, which bracket the 2-worker fit; weights must match);
+  2. the plain torch loop on the same partition, compared with the second 1-worker fit;
   3. K ids per call and deletions with MLflow on, on the second 1-worker ensemble; the monolithic model;
   4. inference on the 2-worker ensemble; 5. accuracy vs S on digits and the synthetic set.
 """
@@ -70,9 +70,9 @@ def run(size_name: str = "full", out: Path | None = None, skip=(), log=print) ->
             "hidden": list(size.hidden),
             "epochs_per_stage": list(ens_a.config.epochs_per_stage()),
         }
-        rounds = []  # one deletion per slice position, twice, on the one warm worker of the first fit
+        rounds_a, rounds_b = [], []  # one deletion per slice position, twice after each 1-worker fit
         if "deletion" not in skip:
-            rounds = [deletion_bench.single_round(ens_a, rng) for _ in range(2)]
+            rounds_a = [deletion_bench.single_round(ens_a, rng) for _ in range(2)]
         ens_a.close()
         ens2, fit2 = tb.fit_on(size, data, tmp, "w2", 2)
         ens_b, fit_b = tb.fit_on(size, data, tmp, "w1b", 1, fresh_pool=True)  # from here on, one worker
@@ -80,15 +80,17 @@ def run(size_name: str = "full", out: Path | None = None, skip=(), log=print) ->
         res["training"] = tb.scaling(ref, fit2)
         res["training"]["weights_identical_1_vs_2_workers"] = tb.same_weights(first, tb.weights(ens2))
         res["training"]["weights_identical_1_vs_1_worker"] = tb.same_weights(first, tb.weights(ens_b))
+        if "deletion" not in skip:
+            rounds_b = [deletion_bench.single_round(ens_b, rng) for _ in range(2)]
         log(
             f"[bench] fit: {fit_a['wall_seconds']:.1f} s and {fit_b['wall_seconds']:.1f} s on 1 worker, "
             f"{fit2['wall_seconds']:.1f} s on 2"
         )
-        if "plain" not in skip:  # next to the second 1-worker fit, which it is compared with
+        if "plain" not in skip:  # compared with the second 1-worker fit, a minute before it
             res["training"].update(tb.versus_plain_loop(ens_b, size, fit_b))
             log(f"[bench] framework / plain loop: {res['training']['framework_vs_plain']:.3f}")
         if "deletion" not in skip:
-            one = deletion_bench.single(ens_a, ref, rounds, rows0)
+            one = deletion_bench.single(ens_b, [(fit_a, rounds_a), (fit_b, rounds_b)], rows0)
             res["deletion"]["single"] = one
             log(
                 f"[bench] one deletion: {one['speedup_vs_full_ensemble']:.2f}x of bound {one['bound_real_partition']:.2f}x"
