@@ -57,7 +57,7 @@ def figures(r: dict) -> list[dict]:
             value = (
                 f"{_fmt(est)} (the one draw run: {_fmt(b['measured_over_expected'])} = measured/plan "
                 f"{_fmt(b['measured_over_plan'])} × plan/expected {_fmt(b['plan_over_expected'])}, "
-                f"a draw at the {b['draw_percentile']:.0f}th percentile of plan costs)"
+                f"the draw at percentile {b['draw_percentile']:.0f} of plan costs)"
             )
         rows.append(
             {
