@@ -98,16 +98,25 @@ class SisaModule(pl.LightningModule):
         plain = self.trainer.precision == "32-true" and type(self.trainer.strategy).__name__ == "SingleDeviceStrategy"
         opt = lopt.optimizer if plain else lopt
         total = torch.zeros((), device=xs[0].device)
+        correct = torch.zeros((), dtype=torch.long, device=xs[0].device)
         for xb, yb in zip(xs, ys):
             opt.zero_grad(set_to_none=True)
-            loss = nn.functional.cross_entropy(self.net(xb), yb)
+            logits = self.net(xb)
+            loss = nn.functional.cross_entropy(logits, yb)
+            correct += (logits.detach().argmax(1) == yb).sum()
             if plain:
                 loss.backward()
             else:
                 self.manual_backward(loss)
             opt.step()
             total += loss.detach()
-        return {"loss": total / len(xs), "loss_sum": total, "batches": len(xs)}
+        return {
+            "loss": total / len(xs),
+            "loss_sum": total,
+            "batches": len(xs),
+            "correct": correct,
+            "seen": sum(len(yb) for yb in ys),
+        }
 
     def on_train_epoch_end(self):
         sch = self.lr_schedulers()

@@ -106,11 +106,14 @@ class _ExactResume(pl.Callback):
         torch.manual_seed(derive_seed(self.spec.seed, self.shard, self.stage, epoch, "torch"))
         self.sampler.set_epoch(epoch)
         self._loss, self._batches, self._t0 = 0.0, 0, time.perf_counter()
+        self._correct, self._seen = 0, 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if isinstance(outputs, dict) and "batches" in outputs:  # a chunk of batches (EpochChunks)
             self._loss += float(outputs["loss_sum"])
             self._batches += outputs["batches"]
+            self._correct += int(outputs.get("correct", 0))
+            self._seen += outputs.get("seen", 0)
             return
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if loss is not None:
@@ -124,6 +127,8 @@ class _ExactResume(pl.Callback):
                 "loss": self._loss / max(1, self._batches),
                 "seconds": time.perf_counter() - self._t0,
                 "samples": self.sampler.n,
+                # running accuracy over the epoch's batches, as they were trained (built-in models)
+                **({"accuracy": self._correct / self._seen} if self._seen else {}),
             }
         )
 

@@ -250,6 +250,8 @@ class _OpRun:
                     Metric("epoch_seconds", e["seconds"], ts, epoch),
                     Metric("epoch_samples", e["samples"], ts, epoch),
                 ]
+                if "accuracy" in e:
+                    ms.append(Metric("epoch_train_accuracy", e["accuracy"], ts, epoch))
                 epoch += 1
         acc = _by_shard(metrics.get("shard_accuracy")).get(plan.shard)
         if acc is not None:

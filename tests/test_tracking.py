@@ -26,6 +26,8 @@ def test_fit_and_delete_runs_with_shard_children(tmp_path):
     child = children[0]
     assert {"loss", "stage_rows", "stage_seconds", "test_accuracy"} <= set(child.data.metrics)
     assert len(client.get_metric_history(child.info.run_id, "loss")) == sum(ens.config.epochs_per_stage())
+    accs = client.get_metric_history(child.info.run_id, "epoch_train_accuracy")
+    assert len(accs) == sum(ens.config.epochs_per_stage()) and all(0 <= m.value <= 1 for m in accs)
     assert "config.yaml" in [a.path for a in client.list_artifacts(fit_run.info.run_id)]
     dele = parents["delete"]
     assert dele.data.tags["sisa.request_id"] == receipt.request_id
