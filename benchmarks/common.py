@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.cpu import tree_cpu_seconds
+from benchmarks.cpu import machine_busy_seconds, tree_cpu_seconds
 from sisa import SisaEnsemble, costmodel
 
 
@@ -77,22 +77,27 @@ class StageLog:
 
 @contextmanager
 def timed():
-    """``with timed() as t: ...`` then ``t.seconds`` (wall) and ``t.cpu`` (CPU seconds of this process and
-    its Ray shard workers; NaN where /proc is missing)."""
+    """``with timed() as t: ...`` then ``t.seconds`` (wall), ``t.cpu`` (CPU seconds of this process and
+    its Ray shard workers) and ``t.others`` (cores other jobs on the machine used meanwhile, on average);
+    NaN where /proc is missing."""
 
     class T:
         seconds = 0.0
         cpu = float("nan")
+        others = float("nan")
 
     t = T()
-    c0 = tree_cpu_seconds()
+    c0, m0 = tree_cpu_seconds(), machine_busy_seconds()
     w0 = time.perf_counter()
     try:
         yield t
     finally:
         t.seconds = time.perf_counter() - w0
-        c1 = tree_cpu_seconds()
-        t.cpu = c1 - c0 if c0 is not None and c1 is not None else float("nan")
+        c1, m1 = tree_cpu_seconds(), machine_busy_seconds()
+        if c0 is not None and c1 is not None:
+            t.cpu = c1 - c0
+            if m0 is not None and m1 is not None and t.seconds > 0:
+                t.others = max(0.0, (m1[0] - m0[0]) - t.cpu) / t.seconds
 
 
 def timed_fit(cfg: dict, data, workdir: Path) -> tuple[SisaEnsemble, dict]:
@@ -107,6 +112,7 @@ def timed_fit(cfg: dict, data, workdir: Path) -> tuple[SisaEnsemble, dict]:
     return ens, {
         "wall_seconds": t.seconds,
         "cpu_seconds": t.cpu,
+        "other_jobs_cores": t.others,
         "stage_train_seconds": log.train_seconds,
         "stage_cpu_seconds": log.cpu_seconds,
         "stages": len(log.stages),

@@ -50,3 +50,15 @@ def tree_cpu_seconds(worker_prefix: str = "ray::ShardWorker") -> float | None:
         if _cmdline(pid).startswith(worker_prefix):
             total += stats[pid][1]
     return total
+
+
+def machine_busy_seconds() -> tuple[float, float] | None:
+    """(busy, steal) CPU seconds of the whole machine so far, from /proc/stat; None without /proc.
+    busy - our own `tree_cpu_seconds` over a phase is what other jobs used meanwhile."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq) / _TICK, steal / _TICK

@@ -35,6 +35,7 @@ def _delete(ens: SisaEnsemble, ids: list[int]) -> dict:
         "shards": {int(s): int(r) for s, r in plan.shards.items()},
         "wall_seconds": t.seconds,
         "cpu_seconds": t.cpu,
+        "other_jobs_cores": t.others,
         "retrain_seconds": log.train_seconds,
         "overhead_seconds": t.seconds - log.train_seconds,
         "overhead_cpu_seconds": t.cpu - log.cpu_seconds,
@@ -181,7 +182,11 @@ def batched(
                 "estimated_measured_over_expected": ratio(measured, plan_se) * ratio(mean_plan, expected),
                 "cpu_estimated_measured_over_expected": ratio(cpu / cpu_per_se, plan_se) * ratio(mean_plan, expected),
                 "full_sample_epochs": costmodel.full_cost(rows, epochs),
-                **{k2: v for k2, v in run.items() if k2 in ("shards", "overhead_seconds", "stratified")},
+                **{
+                    k2: v
+                    for k2, v in run.items()
+                    if k2 in ("shards", "overhead_seconds", "stratified", "other_jobs_cores")
+                },
             }
         )
     return out

@@ -64,7 +64,8 @@ def figures(r: dict) -> list[dict]:
                 "figure": f"K={b['k']} ids in one call: measured / expected cost (`costmodel.expected_batched`)",
                 "target": "≤ 1.10",
                 "value": value,
-                "cpu": _fmt(cpu),
+                "cpu": _fmt(cpu)
+                + (f" (other jobs: {_fmt(b['other_jobs_cores'])} cores)" if "other_jobs_cores" in b else ""),
                 "status": _status(est, "<=", 1.10),
             }
         )
@@ -84,7 +85,8 @@ def figures(r: dict) -> list[dict]:
                 "figure": "shard-parallel scaling, 2 Ray workers vs 1, on 2 cores",
                 "target": "≥ 1.7×",
                 "value": f"{_fmt(t['scaling_2_vs_1'])}× (weights identical: {t['weights_identical_1_vs_2_workers'] and t.get('weights_identical_1_vs_1_worker', True)})",
-                "cpu": f"cores busy: {_fmt(t.get('cores_used_1_worker'))} with 1 worker, {_fmt(t.get('cores_used_2_workers'))} with 2",
+                "cpu": f"cores busy: {_fmt(t.get('cores_used_1_worker'))} with 1 worker, {_fmt(t.get('cores_used_2_workers'))} with 2; "
+                f"other jobs meanwhile: {_fmt(t['fit_2_workers'].get('other_jobs_cores'))} cores",
                 "status": _status(t["scaling_2_vs_1"], ">=", 1.7),
             }
         )
@@ -171,6 +173,14 @@ def context(r: dict) -> str:
             f"{t['fit_2_workers']['wall_seconds']:.1f} s on 2; monolithic model {t.get('monolithic', {}).get('wall_seconds', float('nan')):.1f} s; "
             f"expected one-deletion {r['deletion']['single']['expected_seconds']:.2f} s."
         )
+    if "fit_1_worker" in t:
+        others = [f.get("other_jobs_cores") for f in [*t["fit_1_worker"].get("runs", []), t["fit_2_workers"]]]
+        if all(o is not None for o in others):
+            parts.append(
+                "Other processes (other jobs, and this run's Ray daemons) used "
+                + ", ".join(f"{o:.2f}" for o in others)
+                + " cores on average during the two 1-worker fits and the 2-worker fit."
+            )
     parts.append(
         f"Machine: {m['cpus']} CPUs, load average {m['load_average']} at start and "
         f"{r.get('machine_end', {}).get('load_average')} at the end; suite took {r.get('suite_seconds', 0):.0f} s."
