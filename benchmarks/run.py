@@ -4,11 +4,12 @@ Writes benchmarks/out/results.json, results.md (the table) and PNG plots. With `
 copies the plots to docs/bench/ and rewrites the table between the README's benchmark markers.
 
 Order (one local Ray with 2 CPUs; every timed phase runs on warm workers):
-  1. fit the timing workload on 1 worker, then two rounds of single deletions on it (one per slice
-     position), then fit on 2 workers, then again on 1 worker and two more rounds (scaling and the deletion
-     speedup use the mean of the two 1-worker fits, which bracket the 2-worker fit; weights must match);
-  2. the plain torch loop on the same partition, compared with the second 1-worker fit;
-  3. K ids per call and deletions with MLflow on, on the second 1-worker ensemble; the monolithic model;
+  1. fit the timing workload on 1 worker; half of the plain torch loop; two rounds of single deletions
+     (one per slice position) on that ensemble;
+  2. fit on 2 workers; fit again on 1 worker; the other half of the plain loop; two more rounds.
+     Scaling, the plain-loop ratio and the deletion speedup use the mean of the two 1-worker fits (the
+     machine drifts over minutes); the weights of all three fits must be identical;
+  3. K ids per call, then deletions with MLflow on, on the second 1-worker ensemble; the monolithic model;
   4. inference on the 2-worker ensemble; 5. accuracy vs S on digits and the synthetic set.
 """
 
@@ -70,7 +71,9 @@ def run(size_name: str = "full", out: Path | None = None, skip=(), log=print) ->
             "hidden": list(size.hidden),
             "epochs_per_stage": list(ens_a.config.epochs_per_stage()),
         }
-        rounds_a, rounds_b = [], []  # one deletion per slice position, twice after each 1-worker fit
+        rounds_a, rounds_b, plain = [], [], []  # after each 1-worker fit: half the plain loop, two rounds
+        if "plain" not in skip:
+            plain.append(tb.plain_part(ens_a, size, 0))
         if "deletion" not in skip:
             rounds_a = [deletion_bench.single_round(ens_a, rng) for _ in range(2)]
         ens_a.close()
@@ -80,14 +83,16 @@ def run(size_name: str = "full", out: Path | None = None, skip=(), log=print) ->
         res["training"] = tb.scaling(ref, fit2)
         res["training"]["weights_identical_1_vs_2_workers"] = tb.same_weights(first, tb.weights(ens2))
         res["training"]["weights_identical_1_vs_1_worker"] = tb.same_weights(first, tb.weights(ens_b))
+        if "plain" not in skip:
+            plain.append(tb.plain_part(ens_b, size, 1))
         if "deletion" not in skip:
             rounds_b = [deletion_bench.single_round(ens_b, rng) for _ in range(2)]
         log(
             f"[bench] fit: {fit_a['wall_seconds']:.1f} s and {fit_b['wall_seconds']:.1f} s on 1 worker, "
             f"{fit2['wall_seconds']:.1f} s on 2"
         )
-        if "plain" not in skip:  # compared with the second 1-worker fit, a minute before it
-            res["training"].update(tb.versus_plain_loop(ens_b, size, fit_b))
+        if "plain" not in skip:
+            res["training"].update(tb.versus_plain_loop(plain, ref))
             log(f"[bench] framework / plain loop: {res['training']['framework_vs_plain']:.3f}")
         if "deletion" not in skip:
             one = deletion_bench.single(ens_b, [(fit_a, rounds_a), (fit_b, rounds_b)], rows0)

@@ -55,15 +55,25 @@ def scaling(ref: dict, fit2: dict) -> dict:
     }
 
 
-def versus_plain_loop(ens, size: Size, fit1: dict) -> dict:
-    """The whole 1-worker fit (Ray, Lightning, checkpoints, data files) against the plain loop on the same
-    model, scaled from ``size.plain_loop_shards`` shards to the ensemble's sample-epochs."""
-    shards = list(range(min(size.plain_loop_shards, len(ens.manifest["shards"]))))
-    plain = plain_loop.run(ens, shards)
+def plain_part(ens, size: Size, part: int) -> dict:
+    """The plain loop on half of ``size.plain_loop_shards`` shards (part 0: the first half, 1: the second)."""
+    n = min(size.plain_loop_shards, len(ens.manifest["shards"]))
+    half = max(1, n // 2)
+    shards = list(range(half)) if part == 0 else list(range(half, n)) or [0]
+    return plain_loop.run(ens, shards)
+
+
+def versus_plain_loop(parts: list[dict], fit1: dict) -> dict:
+    """The whole 1-worker fit (Ray, Lightning, checkpoints, data files; ``fit1`` is the mean of the two
+    reference fits) against the plain loop on the same model, run in two parts, each right after one of
+    the reference fits, and scaled to the ensemble's sample-epochs."""
+    plain = {k: sum(p[k] for p in parts) for k in ("wall_seconds", "cpu_seconds", "sample_epochs")}
+    plain["shards"] = [s for p in parts for s in p["shards"]]
     scale = fit1["analytic_sample_epochs"] / plain["sample_epochs"]
     plain_full = plain["wall_seconds"] * scale
     return {
         "plain_loop": plain,
+        "plain_loop_parts": parts,
         "plain_loop_seconds_scaled_to_ensemble": plain_full,
         "framework_vs_plain": ratio(fit1["wall_seconds"], plain_full),
         "framework_cpu_vs_plain_cpu": ratio(fit1["cpu_seconds"], plain["cpu_seconds"] * scale),
