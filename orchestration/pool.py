@@ -31,7 +31,7 @@ def borrow(key: tuple, wanted: int, limit: int, worker_cls, ready_timeout: float
             free = _free.setdefault(key, [])
             room = limit - _count.get(key, 0)
             if free or room > 0:
-                take = free[:wanted]
+                take = free[: min(wanted, limit)]
                 del free[: len(take)]
                 new = min(wanted - len(take), max(0, room))
                 _count[key] = _count.get(key, 0) + new
