@@ -11,26 +11,7 @@ import hashlib
 
 import numpy as np
 
-from shards.errors import DataError
-
-
-def canonical_ids(ids) -> tuple[np.ndarray, str]:
-    """Return ids as a numpy array of int64 or str, and their kind ("int" or "str")."""
-    arr = np.asarray(ids)
-    if arr.ndim != 1:
-        raise DataError(f"ids must be one-dimensional, got shape {arr.shape}")
-    if arr.dtype.kind in "iu":
-        return arr.astype(np.int64), "int"
-    if arr.dtype.kind in "UST":
-        return arr.astype(str), "str"
-    if arr.dtype.kind == "O":
-        kinds = {type(x) for x in arr.tolist()}
-        if kinds <= {int} or all(isinstance(x, (int, np.integer)) for x in arr.tolist()):
-            return arr.astype(np.int64), "int"
-        if kinds <= {str}:
-            return arr.astype(str), "str"
-        raise DataError(f"ids mix types {sorted(t.__name__ for t in kinds)}; use all int or all str ids")
-    raise DataError(f"ids must be int or str, got dtype {arr.dtype}; convert them with ids.astype(str)")
+from shards.ids import canonical_ids  # noqa: F401  (re-exported: the one canonicalisation)
 
 
 def id_bytes(i) -> bytes:

@@ -155,20 +155,22 @@ def predict(workdir, input_, output, proba):
 
 
 def _read_features(path: Path):
+    """An .npz (array X) or .npy is positional; a CSV or Parquet file is a table whose columns the ensemble
+    matches to its training features by name (`SisaEnsemble.predict_proba`)."""
+    from sisa import data as datamod
     from sisa.errors import DataError
 
-    if path.suffix == ".npz":
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
         with np.load(path, allow_pickle=False) as z:
             if "X" not in z.files:
                 raise DataError(f"{path} has no array 'X' (has {z.files}); save it with np.savez(path, X=...)")
             return z["X"]
-    if path.suffix == ".npy":
+    if suffix == ".npy":
         return np.load(path, allow_pickle=False)
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(path) if path.suffix in (".parquet", ".pq") else pacsv.read_csv(path)
-    return np.column_stack([table[c].to_numpy(zero_copy_only=False) for c in table.column_names])
+    if suffix not in (".csv", ".parquet", ".pq"):
+        raise DataError(f"{path}: unknown input type {suffix!r}; give a .npz, .npy, .csv or .parquet file")
+    return datamod.read_table(path)
 
 
 @main.command()
@@ -207,24 +209,34 @@ def validate(configs):
 
 @main.command()
 @click.option("--workdir", required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--ids-file", type=click.Path(exists=True, dir_okay=False), help="one id per line")
+@click.option(
+    "--ids-file",
+    type=click.Path(exists=True, dir_okay=False, allow_dash=True),
+    help="read ids from this file ('-' for stdin), in --ids-format",
+)
+@click.option(
+    "--ids-format",
+    type=click.Choice(["lines", "nul", "json"]),
+    default="lines",
+    show_default=True,
+    help="lines: one id per line, kept exactly (only the line end is removed: spaces are part of the id); "
+    "nul: NUL-separated (for ids holding newlines, e.g. from `find -print0`); "
+    "json: a JSON array of ints or strings (any id, exactly)",
+)
 @click.option("--dry-run", is_flag=True, help="only estimate the cost")
 @click.option("--executor", type=click.Choice(["ray", "inprocess"]), default=None)
 @click.argument("ids", nargs=-1)
-def delete(workdir, ids_file, dry_run, executor, ids):
-    """Forget IDS exactly: retrain only the shards that held them, then purge every trace."""
+def delete(workdir, ids_file, ids_format, dry_run, executor, ids):
+    """Forget IDS exactly: retrain only the shards that held them, then purge every trace.
+
+    Ids are matched exactly as written: for an ensemble with integer ids, only plain decimal integers
+    (no leading zeros, '+', spaces or non-ASCII digits); for string ids, every character counts,
+    spaces included. For ids with spaces or newlines use --ids-file with --ids-format json (or nul)."""
     from sisa import SisaEnsemble
 
-    wanted = list(ids)
-    if ids_file:
-        wanted += [ln.strip() for ln in Path(ids_file).read_text().splitlines() if ln.strip()]
     try:
         ens = SisaEnsemble.open(workdir, executor=executor)
-        if ens.manifest["id_kind"] == "int":
-            bad = [i for i in wanted if not i.lstrip("-").isdigit()]
-            if bad:
-                _fail(SisaError(f"this ensemble has integer ids; {bad[:5]} are not integers"))
-            wanted = [int(i) for i in wanted]
+        wanted = _request_ids(ens.manifest["id_kind"], ids, ids_file, ids_format)
         if dry_run:
             plan = ens.estimate_deletion_cost(wanted)
             click.echo(json.dumps(plan.__dict__, indent=1))
@@ -234,6 +246,23 @@ def delete(workdir, ids_file, dry_run, executor, ids):
     except SisaError as e:
         _fail(e)
     click.echo(_receipt_text(r))
+
+
+def _request_ids(kind: str, args, ids_file, ids_format) -> list:
+    """The ids named on the command line and in the ids file, canonical for an ensemble of ``kind``."""
+    from shards.ids import canonical_ids, parse_text_id, read_ids_file
+
+    wanted = [parse_text_id(t, kind) for t in args]
+    if ids_file:
+        data = sys.stdin.buffer.read() if ids_file == "-" else Path(ids_file).read_bytes()
+        entries = read_ids_file(data, ids_format)
+        if ids_format == "json":
+            wanted += canonical_ids(entries, kind)[0].tolist() if entries else []
+        else:
+            wanted += [parse_text_id(t, kind) for t in entries]
+    if not wanted:
+        raise SisaError("no ids given: pass ids as arguments or with --ids-file", ids=[])
+    return wanted
 
 
 def _receipt_text(r) -> str:

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from shards.errors import DataError
-from shards.partition import canonical_ids, holdout_mask
+from shards.ids import canonical_ids, parse_text_ids
+from shards.partition import holdout_mask
 
 
 def builtin(source: str, cfg) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -39,7 +40,9 @@ def builtin(source: str, cfg) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def from_file(path: Path, id_column: str, label_column: str):
-    """Read a .npz (arrays X, y and optionally ids), a CSV or a Parquet file with id and label columns."""
+    """(X, y, ids, feature_names) of a .npz (arrays X, y and optionally ids; no names), a CSV or a Parquet
+    file with id and label columns. A CSV id column is read as text: it holds int ids only when every value
+    is a canonical decimal int (so "007" stays the string "007"), see `shards.ids`."""
     if not path.exists():
         raise DataError(f"data file {path} does not exist")
     suffix = path.suffix.lower()
@@ -50,18 +53,123 @@ def from_file(path: Path, id_column: str, label_column: str):
                 raise DataError(
                     f"{path} lacks arrays {sorted(missing)}; save it with np.savez(path, X=..., y=..., ids=...)"
                 )
-            return z["X"], z["y"], (z["ids"] if "ids" in z.files else None)
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(path) if suffix in (".parquet", ".pq") else pacsv.read_csv(path)
+            return z["X"], z["y"], (z["ids"] if "ids" in z.files else None), None
+    table = read_table(path, text_columns=(id_column,))
     cols = table.column_names
     for col, what in ((label_column, "data.label_column"), (id_column, "data.id_column")):
         if col not in cols:
             raise DataError(f"{path} has no column {col!r} (columns: {cols[:10]}); set {what}")
     feats = [c for c in cols if c not in (id_column, label_column)]
-    X = np.column_stack([table[c].to_numpy(zero_copy_only=False) for c in feats]).astype(np.float32)
-    return X, table[label_column].to_numpy(zero_copy_only=False), table[id_column].to_numpy(zero_copy_only=False)
+    X = table_features(table, feats, str(path))
+    raw_ids = table[id_column]
+    if raw_ids.null_count:
+        raise DataError(f"{path}: id column {id_column!r} has {raw_ids.null_count} empty value(s); every row needs an id")
+    if suffix == ".csv":
+        ids, _ = parse_text_ids(raw_ids.to_pylist())
+    else:
+        ids = raw_ids.to_numpy(zero_copy_only=False)
+    return X, table[label_column].to_numpy(zero_copy_only=False), ids, feats
+
+
+def read_table(path: Path, text_columns=()):
+    """A CSV or Parquet file as a pyarrow Table; ``text_columns`` of a CSV are read as text, never inferred
+    (an id "007" must not become the number 7)."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    try:
+        if path.suffix.lower() in (".parquet", ".pq"):
+            return pq.read_table(path)
+        opts = pacsv.ConvertOptions(column_types={c: pa.string() for c in text_columns}, strings_can_be_null=False)
+        return pacsv.read_csv(path, convert_options=opts)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"{path} is not a readable CSV or Parquet file: {e}", path=str(path)) from None
+
+
+def table_features(table, names: list[str], where: str) -> np.ndarray:
+    """The named columns of a pyarrow Table as float32 features, in that order; non-numeric columns and
+    missing values are refused with the column's name."""
+    import pyarrow as pa
+
+    if not names:
+        raise DataError(f"{where} has no feature columns")
+    out = []
+    for c in names:
+        col = table[c]
+        t = col.type
+        if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)):
+            raise DataError(
+                f"{where}: feature column {c!r} has type {t}; features must be numeric: encode it "
+                "(e.g. one-hot or ordinal) or drop it before fitting or predicting"
+            )
+        if col.null_count:
+            raise DataError(f"{where}: feature column {c!r} has {col.null_count} missing value(s); impute or drop them")
+        out.append(col.to_numpy(zero_copy_only=False))
+    return np.column_stack(out).astype(np.float32)
+
+
+def select_features(X, feature_names: list[str] | None, id_column: str, label_column: str):
+    """Prediction input matched to the training features by name.
+
+    A pandas DataFrame or pyarrow Table gives its columns by name: the id and label columns are dropped by
+    name, the rest must be exactly the training features (any order; a missing or unknown column is an
+    error). Arrays are positional, as at fit. An ensemble fitted from arrays has no names: a table's
+    columns (without id and label) are then taken in their order and their count is checked by shape."""
+    table = _as_table(X)
+    if table is None:
+        return X
+    cols = [c for c in table.column_names if c not in (id_column, label_column)]
+    if feature_names is None:
+        return table_features(table, cols, "the input")
+    missing = [c for c in feature_names if c not in cols]
+    unknown = [c for c in cols if c not in feature_names]
+    if missing or unknown:
+        parts = ([f"missing {missing[:10]}"] if missing else []) + ([f"unknown {unknown[:10]}"] if unknown else [])
+        raise DataError(
+            "the input's columns do not match the training features (" + "; ".join(parts) + "); give exactly the "
+            f"feature columns the ensemble was trained on (in any order): {feature_names[:20]}",
+            problems=parts,
+        )
+    return table_features(table, list(feature_names), "the input")
+
+
+def is_table(X) -> bool:
+    """A pandas DataFrame or pyarrow Table (inputs whose columns have names)."""
+    import pyarrow as pa
+
+    return isinstance(X, pa.Table) or (type(X).__name__ == "DataFrame" and hasattr(X, "columns"))
+
+
+def table_columns(X) -> list:
+    return list(X.column_names if hasattr(X, "column_names") else X.columns)
+
+
+def _as_table(X):
+    import pyarrow as pa
+
+    if isinstance(X, pa.Table):
+        return X
+    if type(X).__name__ == "DataFrame" and hasattr(X, "columns"):
+        if len(set(map(str, X.columns))) != len(X.columns):
+            raise DataError("the input's column names repeat; give each feature column once")
+        return pa.Table.from_pandas(X.rename(columns=str), preserve_index=False)
+    return None
+
+
+def check_labels(y, n_rows: int, what: str = "labels") -> np.ndarray:
+    """Integer class indices 0..K-1 as int64, one per row; anything else is a DataError saying what to do."""
+    y = np.asarray(y)
+    hint = "encode them as integer class indices 0..K-1, e.g. with sklearn's LabelEncoder"
+    if y.ndim != 1 or len(y) != n_rows:
+        raise DataError(f"{what} must be a 1-d array with one label per row: got shape {y.shape} for {n_rows} rows")
+    if y.dtype.kind not in "iuf":
+        raise DataError(f"{what} have dtype {y.dtype}; {hint}")
+    if y.dtype.kind == "f" and not (np.isfinite(y).all() and np.all(np.mod(y, 1) == 0)):
+        raise DataError(f"{what} hold fractional or non-finite values; {hint}")
+    if len(y) and y.min() < 0:
+        raise DataError(f"{what} hold a negative value ({y.min()}); {hint}")
+    return y.astype(np.int64)
 
 
 def is_uri(path) -> bool:
@@ -112,14 +220,7 @@ def check_training(X, y, ids, shards: int, slices: int):
     X = check_features(X)
     if len(X) == 0:
         raise DataError("the dataset is empty; fit needs at least shards x slices rows")
-    y = np.asarray(y)
-    if y.ndim != 1 or len(y) != len(X):
-        raise DataError(f"labels must be a 1-d array with one label per row: got shape {y.shape} for {len(X)} rows")
-    if y.dtype.kind == "f" and not np.all(np.mod(y, 1) == 0):
-        raise DataError("labels must be integer class indices 0..K-1; encode them, e.g. with sklearn's LabelEncoder")
-    if y.dtype.kind not in "iuf" or (len(y) and y.min() < 0):
-        raise DataError("labels must be integer class indices 0..K-1; encode them, e.g. with sklearn's LabelEncoder")
-    y = y.astype(np.int64)
+    y = check_labels(y, len(X))
     if ids is None:
         ids = np.arange(len(X))
     ids, kind = canonical_ids(ids)
@@ -137,6 +238,6 @@ def check_training(X, y, ids, shards: int, slices: int):
 
 
 def split_holdout(X, y, ids, seed: int, fraction: float):
-    """Split off the evaluation rows by a keyed hash of their id (stable under deletion)."""
+    """Split off the evaluation rows, with their ids, by a keyed hash of their id (stable under deletion)."""
     mask = holdout_mask(ids, seed, fraction)
-    return (X[~mask], y[~mask], ids[~mask]), (X[mask], y[mask])
+    return (X[~mask], y[~mask], ids[~mask]), (X[mask], y[mask], ids[mask])
