@@ -99,8 +99,9 @@ def table_features(table, names: list[str], where: str) -> np.ndarray:
         col = table[c]
         t = col.type
         if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)):
+            kind = "string" if pa.types.is_string(t) or pa.types.is_large_string(t) else t
             raise DataError(
-                f"{where}: feature column {c!r} has type {t}; features must be numeric: encode it "
+                f"{where}: feature column {c!r} has type {kind}; features must be numeric: encode it "
                 "(e.g. one-hot or ordinal) or drop it before fitting or predicting"
             )
         if col.null_count:
