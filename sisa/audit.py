@@ -8,7 +8,9 @@ on none of the deleted rows. Besides it checks
   - every slice and checkpoint file against its manifest digest, and every checkpoint's lineage (the chain
     of its slice files' sha256s, recorded by `shards.job.lineage`) against the live slice files;
   - receipts: the HMAC signature (key derived from the workdir secret), the ledger's copy and hashed ids,
-    and the chain of checkpoint digests from each receipt to the deployed checkpoints.
+    and the chain of checkpoint digests from each receipt to the deployed checkpoints;
+  - what MLflow serves (`sisa.model_audit`): ``@current`` is the deployed ensemble, its artifact files
+    have the digests recorded at publish time, and no version that saw deleted rows survives.
 A failure names the file path or the receipt field. The audit writes nothing into the workdir: retrained
 checkpoints go to a scratch directory that is removed afterwards.
 
@@ -17,7 +19,6 @@ checkpoints go to a scratch directory that is removed afterwards.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 import os
@@ -26,72 +27,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 from shards.errors import SisaError, WorkdirError
-
-
-# -- receipt signatures -------------------------------------------------------------------------------
-def _receipt_key(workdir) -> bytes:
-    return hmac.new(workdir.secret(), b"sisa receipt signature v1", hashlib.sha256).digest()
-
-
-def _canonical(d: dict) -> bytes:
-    body = json.loads(json.dumps({k: v for k, v in d.items() if k != "signature"}))
-    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-
-
-def sign_receipt(workdir, receipt: dict) -> str:
-    """HMAC-SHA256 of the receipt's canonical JSON (every field but ``signature``)."""
-    return hmac.new(_receipt_key(workdir), _canonical(receipt), hashlib.sha256).hexdigest()
-
-
-# -- the report ---------------------------------------------------------------------------------------
-@dataclass
-class Check:
-    target: str  # "shard 3", "receipt <id>", "ledger", "store"
-    check: str  # what was checked
-    ok: bool
-    detail: str = ""  # on failure: where (file path or receipt field) and what differs
-
-
-@dataclass
-class AuditReport:
-    scope: str
-    checks: list[Check] = field(default_factory=list)
-    shards: dict[int, bool] = field(default_factory=dict)  # retrained from scratch == deployed, per shard
-    receipts: dict[str, bool] = field(default_factory=dict)
-    worker_pid: int | None = None
-    retrain_seconds: float = 0.0
-    seconds: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return all(c.ok for c in self.checks)
-
-    def failures(self) -> list[Check]:
-        return [c for c in self.checks if not c.ok]
-
-    def add(self, target: str, check: str, problems: list[str]) -> None:
-        self.checks.append(Check(target, check, not problems, "; ".join(problems[:5])))
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "ok": self.ok}
-
-    def text(self) -> str:
-        width = max([len(c.target) for c in self.checks] + [6])
-        lines = [f"{'target'.ljust(width)}  result  check"]
-        for c in self.checks:
-            lines.append(f"{c.target.ljust(width)}  {'pass' if c.ok else 'FAIL'}    {c.check}")
-            if c.detail:
-                lines.append(f"{''.ljust(width)}          -> {c.detail}")
-        per = ", ".join(f"{s}: {'pass' if v else 'FAIL'}" for s, v in sorted(self.shards.items()))
-        lines.append(f"\nshards retrained from scratch in a fresh process (pid {self.worker_pid}): {per or 'none'}")
-        n = len(self.failures())
-        lines.append(
-            f"audit of {self.scope}: {'PASS' if self.ok else f'FAIL ({n} failed check(s))'} in {self.seconds:.1f}s"
-        )
-        return "\n".join(lines)
+from sisa.audit_report import AuditReport, Check, sign_receipt  # noqa: F401  (sign_receipt: re-exported)
 
 
 # -- the audit ----------------------------------------------------------------------------------------
@@ -138,6 +77,9 @@ def verify(ens, receipt=None, timeout: float | None = None) -> AuditReport:
         _check_chain(report, manifest, chain, shards)
         files_ok = {s: _check_files(report, store, manifest, s) for s in shards}
         _check_retrain(report, ens, manifest, store, [s for s in shards if files_ok[s]], timeout)
+        from sisa.model_audit import check_published
+
+        check_published(report, ens, manifest, receipts)  # what MLflow serves: @current, its files, no survivor
         for s in shards:
             report.shards[s] = all(c.ok for c in report.checks if c.target == f"shard {s}")
         report.receipts = {q: all(c.ok for c in report.checks if c.target == f"receipt {q}") for q in sorted(keep)}
@@ -149,7 +91,8 @@ def verify(ens, receipt=None, timeout: float | None = None) -> AuditReport:
 
 def _order(c: Check):
     kind, _, name = c.target.partition(" ")
-    return ({"receipt": 0, "ledger": 1, "store": 2, "shard": 3}.get(kind, 4), int(name) if name.isdigit() else name)
+    order = {"receipt": 0, "ledger": 1, "store": 2, "shard": 3, "mlflow": 4}.get(kind, 5)
+    return (order, int(name) if name.isdigit() else -1, name)
 
 
 def _check_receipt(report, wd, manifest, ledger, req) -> dict | None:

@@ -3,6 +3,10 @@
   sisa audit --workdir W --receipt ID       retrain the receipt's shards from scratch in a fresh process, compare
   sisa audit --workdir W --all              every live shard, every receipt, the whole ledger
   sisa audit --workdir W --mia-deleted D.npz   membership inference on the deleted rows (X, y kept by the auditor)
+  sisa publish --workdir W                  log the deployed ensemble as a new @current version, purge the others
+
+The audit writes nothing into the workdir (with --log-run it logs an MLflow 'audit' run into the tracking
+store, which by default is the workdir's mlflow.db).
 
 Exit status 0: every certificate check passed; 1: a check failed (the output says where); 2: bad input.
 ``python -m sisa.audit_cli DIR`` runs the worked example of the README (train, delete, audit) in DIR.
@@ -69,11 +73,14 @@ def _merge(reports):
 @click.option("--references", default=4, show_default=True, help="reference models of the calibrated attack (0: off)")
 @click.option("--baseline/--no-baseline", default=True, help="also run approximate gradient ascent (NOT exact)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-@click.option("--track/--no-track", default=True, help="log an MLflow 'audit' run with the ROC plot")
+@click.option(
+    "--log-run", is_flag=True, help="log an MLflow 'audit' run (metrics, ROC plot) into the tracking store"
+)
 def audit(
-    workdir, receipts, everything, mia_deleted, mia_heldout, mia_population, references, baseline, as_json, track
+    workdir, receipts, everything, mia_deleted, mia_heldout, mia_population, references, baseline, as_json, log_run
 ):
-    """Re-verify deletion certificates (bit-for-bit retraining from scratch) and audit membership inference."""
+    """Re-verify deletion certificates (bit-for-bit retraining from scratch), check what MLflow serves, and
+    audit membership inference. Writes nothing into the workdir unless --log-run is given."""
     from sisa import SisaEnsemble
 
     if not (receipts or everything or mia_deleted):
@@ -96,7 +103,7 @@ def audit(
                 exact_cost=deletion_cost(ens),
             )
         run_id = None
-        if track and ens.config.tracking.enabled:
+        if log_run and ens.config.tracking.enabled:
             from sisa.mia import log_audit
 
             run_id = log_audit(ens, mia, cert)
@@ -114,6 +121,25 @@ def audit(
         if run_id:
             click.echo(f"\nMLflow audit run {run_id} (ROC plot: audit/roc.png); see `sisa ui --workdir {workdir}`")
     sys.exit(1 if cert is not None and not cert.ok else 0)
+
+
+@click.command("publish")
+@click.option("--workdir", required=True, type=click.Path(exists=True, file_okay=False))
+def publish(workdir):
+    """Publish the deployed ensemble to MLflow as a new `@current` version (with fresh digests) and purge
+    every other version: the fix when `sisa audit` finds a changed or stale model artifact."""
+    from sisa import SisaEnsemble
+
+    try:
+        ens = SisaEnsemble.open(workdir, executor="inprocess")
+        if not ens.config.tracking.enabled:
+            raise click.UsageError("tracking is off in this workdir's config: there is no MLflow model to publish")
+        with ens.workdir.lock(what="publish"):
+            mv = ens.tracker().publish(ens, purge=True, force=True)
+    except SisaError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    click.echo(f"published models:/{ens.tracker().model_name}/{mv.version} as @current" if mv else "no shard to serve")
 
 
 def example(workdir: str, seed: int = 1) -> list[str]:

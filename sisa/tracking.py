@@ -123,17 +123,20 @@ class Tracker:
             raise
         self.client.set_terminated(run.info.run_id, "FINISHED")
 
-    def publish(self, ens, run_id: str | None = None, purge: bool = False, request_id: str | None = None):
+    def publish(
+        self, ens, run_id: str | None = None, purge: bool = False, request_id: str | None = None, force: bool = False
+    ):
         """Log the ensemble's current version as a registered pyfunc model (alias ``current``); with
-        ``purge``, delete every other version of it and its artifacts. Idempotent. None when disabled.
+        ``purge``, delete every other version of it and its artifacts. Idempotent (``force``: log a new
+        version even if ``current`` is already this ensemble). None when disabled.
         ``request_id`` without ``run_id``: a request finished on reopen; its dead attempt's run is closed."""
         if not self.enabled:
             return None
-        from sisa.mlflow_model import publish
+        from sisa.model_registry import publish
 
         if request_id is not None and run_id is None:
             self.settle(request_id)
-        return publish(self, ens, run_id, purge)
+        return publish(self, ens, run_id, purge, force)
 
     def settle(self, request_id: str) -> None:
         """Mark the runs of a request's attempt that died (still RUNNING) as KILLED, noting that."""
@@ -252,6 +255,8 @@ class _OpRun:
                 ]
                 if "accuracy" in e:
                     ms.append(Metric("epoch_train_accuracy", e["accuracy"], ts, epoch))
+                for name, value in e.get("logged", {}).items():  # a user module's self.log values
+                    ms.append(Metric(f"user/{name}", value, ts, epoch))
                 epoch += 1
         acc = _by_shard(metrics.get("shard_accuracy")).get(plan.shard)
         if acc is not None:

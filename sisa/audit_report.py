@@ -1,0 +1,72 @@
+"""The audit's report (`Check`, `AuditReport`) and the receipts' HMAC signature, shared by `sisa.audit`,
+`sisa.model_audit` and the deletion path that signs receipts."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from dataclasses import asdict, dataclass, field
+
+
+# -- receipt signatures -------------------------------------------------------------------------------
+def _receipt_key(workdir) -> bytes:
+    return hmac.new(workdir.secret(), b"sisa receipt signature v1", hashlib.sha256).digest()
+
+
+def _canonical(d: dict) -> bytes:
+    body = json.loads(json.dumps({k: v for k, v in d.items() if k != "signature"}))
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def sign_receipt(workdir, receipt: dict) -> str:
+    """HMAC-SHA256 of the receipt's canonical JSON (every field but ``signature``)."""
+    return hmac.new(_receipt_key(workdir), _canonical(receipt), hashlib.sha256).hexdigest()
+
+
+# -- the report ---------------------------------------------------------------------------------------
+@dataclass
+class Check:
+    target: str  # "shard 3", "receipt <id>", "ledger", "store"
+    check: str  # what was checked
+    ok: bool
+    detail: str = ""  # on failure: where (file path or receipt field) and what differs
+
+
+@dataclass
+class AuditReport:
+    scope: str
+    checks: list[Check] = field(default_factory=list)
+    shards: dict[int, bool] = field(default_factory=dict)  # retrained from scratch == deployed, per shard
+    receipts: dict[str, bool] = field(default_factory=dict)
+    worker_pid: int | None = None
+    retrain_seconds: float = 0.0
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    def failures(self) -> list[Check]:
+        return [c for c in self.checks if not c.ok]
+
+    def add(self, target: str, check: str, problems: list[str]) -> None:
+        self.checks.append(Check(target, check, not problems, "; ".join(problems[:5])))
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "ok": self.ok}
+
+    def text(self) -> str:
+        width = max([len(c.target) for c in self.checks] + [6])
+        lines = [f"{'target'.ljust(width)}  result  check"]
+        for c in self.checks:
+            lines.append(f"{c.target.ljust(width)}  {'pass' if c.ok else 'FAIL'}    {c.check}")
+            if c.detail:
+                lines.append(f"{''.ljust(width)}          -> {c.detail}")
+        per = ", ".join(f"{s}: {'pass' if v else 'FAIL'}" for s, v in sorted(self.shards.items()))
+        lines.append(f"\nshards retrained from scratch in a fresh process (pid {self.worker_pid}): {per or 'none'}")
+        n = len(self.failures())
+        lines.append(
+            f"audit of {self.scope}: {'PASS' if self.ok else f'FAIL ({n} failed check(s))'} in {self.seconds:.1f}s"
+        )
+        return "\n".join(lines)

@@ -1,0 +1,248 @@
+"""The registry side of a published ensemble: one registered model per ensemble, alias ``current`` on the
+live version, the digests recorded at publish time, and the purge of superseded versions.
+
+`publish` logs the deployed ensemble (`sisa.mlflow_model.save`) as a logged model and a registered model
+version, records the sha256 of every file of it in the version's tags (``sisa.files``) and in the
+workdir's signed publish record (``mlflow-model.json``, `sisa.model_digest`), and moves the alias.
+`purge_superseded` then deletes every other version and logged model of this ensemble, artifacts first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+from sisa.mlflow_model import fingerprint, save
+from sisa.model_digest import FORMAT, read_record, tree_digests, write_record
+
+ALIAS = "current"
+
+
+def publish(tracker, ens, run_id: str | None = None, purge: bool = False, force: bool = False):
+    """Log the ensemble's current version (unless the ``current`` alias already points at it, with this
+    format's digests and the workdir's publish record, and ``force`` is off) and, with
+    ``purge``, delete every other version of the registered model and every other logged model of this
+    ensemble, artifacts included, then hard-delete their metadata where the store is our own sqlite
+    file. Only ids found under this ensemble's registered model and experiment are touched.
+
+    Returns the current ModelVersion, or None when no shard is left to serve.
+    """
+    client, name = tracker.client, tracker.model_name
+    manifest = ens.manifest
+    _ensure_registered(client, name, ens)
+    keep = None
+    if ens.active_shards(manifest):
+        fp = fingerprint(ens, manifest)
+        current = _alias(client, name)
+        if not force and current is not None and _is_recorded(ens.workdir, current, fp):
+            keep = current
+        else:
+            keep = _log_version(tracker, ens, manifest, run_id, fp)
+    if purge:
+        purge_superseded(tracker, keep)
+    return keep
+
+
+def _is_recorded(workdir, version, fp: str) -> bool:
+    """The version is this fingerprint, published with digests, and the workdir's record names it."""
+    rec, _ = read_record(workdir)
+    return (
+        version.tags.get("sisa.fingerprint") == fp
+        and version.tags.get("sisa.format") == str(FORMAT)
+        and rec is not None
+        and str(rec.get("version")) == str(version.version)
+        and rec.get("fingerprint") == fp
+        and json.loads(version.tags.get("sisa.files", "null")) == rec.get("files")
+    )
+
+
+def _ensure_registered(client, name: str, ens) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(
+            name,
+            tags={"sisa.ensemble": name},
+            description=f"SISA ensemble `{ens.config.name}` ({ens.config.sharding.shards} shards × "
+            f"{ens.config.sharding.slices} slices). Alias `{ALIAS}` is the live version; versions trained "
+            "on deleted rows are purged when a deletion completes.",
+        )
+
+
+def _alias(client, name: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, ALIAS)
+    except MlflowException:
+        return None
+
+
+def _log_version(tracker, ens, manifest: dict, run_id: str | None, fp: str):
+    import tempfile
+
+    from mlflow.entities import LoggedModelOutput
+    from mlflow.models import Model
+
+    client, name = tracker.client, tracker.model_name
+    active = ens.active_shards(manifest)
+    lm = client.create_logged_model(
+        tracker.experiment_id(),
+        name=name,
+        source_run_id=run_id,
+        tags={"sisa.ensemble": name, "sisa.fingerprint": fp, "sisa.active_shards": ",".join(map(str, active))},
+        model_type="sisa-ensemble",
+    )
+    if run_id is not None:
+        client.log_outputs(run_id, models=[LoggedModelOutput(lm.model_id, step=0)])
+    with tempfile.TemporaryDirectory() as tmp:
+        mm = Model(artifact_path=lm.artifact_location, model_uuid=lm.model_id, run_id=run_id, model_id=lm.model_id)
+        meta = save(ens, manifest, Path(tmp) / "model", mlflow_model=mm)
+        files = tree_digests(Path(tmp) / "model")
+        client.log_model_artifacts(lm.model_id, str(Path(tmp) / "model"))
+    digests = {"sisa.format": str(FORMAT), "sisa.files": json.dumps(files, sort_keys=True, separators=(",", ":"))}
+    client.set_logged_model_tags(lm.model_id, digests)
+    client.finalize_logged_model(lm.model_id, "READY")
+    # a local sqlite registry resolves models:/ sources through the *global* tracking URI (an MLflow TODO)
+    with _global_uri(tracker.uri) if _own_sqlite_store(tracker) is not None else contextlib.nullcontext():
+        mv = client.create_model_version(
+            name,
+            source=f"models:/{lm.model_id}",
+            run_id=run_id,
+            tags={"sisa.fingerprint": fp, **digests},
+            description=f"{len(active)} active shard(s); {ens.config.aggregation.method}; ensemble.json sha256 "
+            f"{files['data/ensemble/ensemble.json']}, weights.pt sha256 {meta['files']['weights.pt']}",
+            await_creation_for=0,
+            model_id=lm.model_id,
+        )
+    client.set_registered_model_alias(name, ALIAS, mv.version)
+    record = {
+        "registered_model": name,
+        "version": str(mv.version),
+        "model_id": lm.model_id,
+        "fingerprint": fp,
+        "checkpoints": meta["checkpoints"],
+        "state_dicts": meta["state_dicts"],
+        "files": files,
+    }
+    write_record(ens.workdir, record)  # written after the alias moved: a stale record makes the next publish log anew
+    return client.get_model_version(name, mv.version)
+
+
+def _global_uri(uri: str):
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    return _use_tracking_uri(uri)
+
+
+def purge_superseded(tracker, keep=None) -> list[str]:
+    """Delete every version of this ensemble's registered model except ``keep`` and every logged model of
+    this ensemble that ``keep`` does not use. Returns the purged logged-model ids."""
+    client, name = tracker.client, tracker.model_name
+    keep_model = _model_id(keep) if keep is not None else None
+    doomed: set[str] = set()
+    for v in _all(lambda tok: client.search_model_versions(f"name = '{name}'", page_token=tok)):
+        if keep is not None and str(v.version) == str(keep.version):
+            continue
+        if _model_id(v):
+            doomed.add(_model_id(v))
+        for k in v.tags:  # MLflow keeps a deleted version's tags; ours go first
+            client.delete_model_version_tag(name, v.version, k)
+        client.delete_model_version(name, v.version)
+    exp = tracker.experiment_id()
+    flt = f"tags.`sisa.ensemble` = '{name}'"
+    for lm in _all(lambda tok: client.search_logged_models([exp], filter_string=flt, page_token=tok)):
+        doomed.add(lm.model_id)
+    store = _own_sqlite_store(tracker)
+    if store is not None:  # soft-deleted by an earlier, interrupted purge: still ours to finish
+        for mid in store._get_deleted_logged_models():
+            lm = store.get_logged_model(mid, allow_deleted=True)
+            if lm.experiment_id == exp and lm.tags.get("sisa.ensemble") == name:
+                doomed.add(mid)
+    doomed.discard(keep_model)
+    for mid in sorted(doomed):
+        _purge_logged_model(tracker, store, mid)
+    if store is not None and doomed:
+        _vacuum(tracker)
+    return sorted(doomed)
+
+
+def _model_id(version) -> str | None:
+    """The logged model behind a registry version (sqlite registries do not return ``model_id``)."""
+    if getattr(version, "model_id", None):
+        return version.model_id
+    src = version.source or ""
+    return src.removeprefix("models:/") if src.startswith("models:/m-") else None
+
+
+def _all(page):
+    out, tok = [], None
+    while True:
+        res = page(tok)
+        out += list(res)
+        tok = getattr(res, "token", None)
+        if not tok:
+            return out
+
+
+def _own_sqlite_store(tracker):
+    from sisa.tracking import sqlite_path
+
+    if sqlite_path(tracker.uri) is None:
+        return None
+    store = tracker.client._tracking_client.store
+    return store if hasattr(store, "_hard_delete_logged_model") else None
+
+
+def _purge_logged_model(tracker, store, mid: str) -> None:
+    """Artifacts first (the weights), then the entity; hard delete of the row where the store is ours.
+
+    Not `mlflow gc`: with only --logged-model-ids it also hard-deletes every deleted run in the store."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    client = tracker.client
+    try:
+        lm = store.get_logged_model(mid, allow_deleted=True) if store is not None else client.get_logged_model(mid)
+    except MlflowException:
+        return
+    loc = lm.artifact_location.rstrip("/")
+    if loc.endswith(f"/{mid}/artifacts"):  # .../models/<id>/artifacts: remove the model's whole folder
+        loc = loc.removesuffix("/artifacts")
+    get_artifact_repository(loc, tracking_uri=tracker.uri).delete_artifacts()
+    try:
+        client.delete_logged_model(mid)
+    except MlflowException:  # soft-deleted already, by an interrupted purge
+        if store is None:
+            raise
+    if store is not None:
+        store._hard_delete_logged_model(mid)
+
+
+def _vacuum(tracker) -> None:
+    """Rewrite our sqlite file so freed pages keep nothing of the purged rows (and fold in any WAL)."""
+    import sqlite3
+
+    from sisa.tracking import sqlite_path
+
+    db = sqlite3.connect(sqlite_path(tracker.uri), timeout=60, isolation_level=None)
+    try:
+        db.execute("VACUUM")
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        db.close()
+
+
+def download(client, tracking_uri: str, version, dst: str) -> Path:
+    """Copy a registered version's model directory to ``dst`` (a local folder outside the workdir)."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    from sisa.mlflow_model import _quiet
+
+    mid = _model_id(version)
+    loc = client.get_logged_model(mid).artifact_location if mid else version.source
+    with _quiet():
+        return Path(get_artifact_repository(loc, tracking_uri=tracking_uri).download_artifacts("", dst))
