@@ -363,8 +363,10 @@ def ui(workdir, port):
 
 
 from sisa.audit_cli import audit as _audit  # noqa: E402
+from sisa.audit_cli import publish as _publish  # noqa: E402
 
 main.add_command(_audit)
+main.add_command(_publish)
 
 
 if __name__ == "__main__":
