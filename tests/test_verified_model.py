@@ -21,8 +21,12 @@ from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 from shards.errors import IntegrityError
 from sisa import SisaEnsemble
 from sisa.audit_cli import audit as audit_cmd
-from sisa.audit_cli import publish as publish_cmd
-from sisa.mlflow_model import load_model
+
+
+def load_model(uri, tracking_uri):
+    from sisa.mlflow_model import load_model as verified_load  # imported here: absent before this feature
+
+    return verified_load(uri, tracking_uri)
 
 
 def _published(tmp_path, monkeypatch, delete=()):
@@ -79,6 +83,8 @@ def test_flipped_exponent_bit_in_weights_is_refused_and_audit_fails(tmp_path, mo
     assert f"{root}/data/ensemble/weights.pt: sha256 differs" in out
 
     # the fix the error message names: publish again, then the registered model loads and predicts again
+    from sisa.audit_cli import publish as publish_cmd
+
     res = CliRunner().invoke(publish_cmd, ["--workdir", str(ens.workdir.path)])
     assert res.exit_code == 0, res.output
     model = mlflow.pyfunc.load_model(f"models:/{name}@current")
@@ -94,14 +100,16 @@ def test_a_code_line_added_to_the_artifact_never_runs(tmp_path, monkeypatch):
     scripts = sorted(root.rglob("*.py"))
     for p in scripts:  # a model saved "from code" executes its script from the artifact at load time
         p.write_text(p.read_text() + line)
-    assert scripts == [], "the artifact carries no code: MLflow imports the installed sisa.mlflow_model"
-    conf = yaml.safe_load((root / "MLmodel").read_text())["flavors"]["python_function"]
-    assert conf["loader_module"] == "sisa.mlflow_model" and not conf.get("code")
     planted = root / "data" / "ensemble" / "sisa_ensemble.py"
+    planted.parent.mkdir(parents=True, exist_ok=True)
     planted.write_text(line)
 
     with pytest.raises(IntegrityError, match=r"sisa_ensemble\.py: is not part of a sisa ensemble model"):
         mlflow.pyfunc.load_model(f"models:/{name}@current")
+    assert not marker.exists()
+    assert scripts == [], "the artifact carries no code: MLflow imports the installed sisa.mlflow_model"
+    conf = yaml.safe_load((root / "MLmodel").read_text())["flavors"]["python_function"]
+    assert conf["loader_module"] == "sisa.mlflow_model" and not conf.get("code")
     with pytest.raises(IntegrityError, match=r"sisa_ensemble\.py: a file that was not published"):
         load_model(f"models:/{name}@current", uri)
     assert not marker.exists()
