@@ -140,23 +140,90 @@ def load_class(target: str):
         obj = getattr(importlib.import_module(mod_name), attr)
     except (ImportError, AttributeError, ValueError) as e:
         raise ConfigError(
-            f"model {target!r} cannot be imported ({e}); use 'mlp', 'cnn' or an import path like 'mypkg.models:MyModule'",
+            f"model {target!r} cannot be imported ({e}); use 'mlp', 'cnn' or an import path like "
+            "'mypkg.models:MyModule' that is importable here and on every Ray worker (install the package "
+            "on every node, or put its directory on PYTHONPATH)",
             problems=[f"model.name: {target!r} cannot be imported"],
         ) from e
+    if isinstance(obj, type) and not issubclass(obj, pl.LightningModule) or not callable(obj):
+        raise ConfigError(
+            f"model {target!r} is {obj!r}, not a pytorch_lightning.LightningModule subclass",
+            problems=[f"model.name: {target!r} is not a LightningModule"],
+        )
     return obj
+
+
+def _bind(name: str, fn, args: tuple, given: dict, kwargs: dict) -> None:
+    """Check the constructor call before making it: a clear ConfigError, never a bare TypeError."""
+    dup = sorted(given.keys() & kwargs.keys())
+    if dup:
+        raise ConfigError(
+            f"model.kwargs sets {', '.join(dup)}, which sisa passes to {name!r} itself (input_shape from the "
+            "data, num_classes from data.num_classes); remove it from model.kwargs",
+            problems=[f"model.kwargs.{k}: set by sisa" for k in dup],
+        )
+    try:
+        inspect.signature(fn).bind(*args, **given, **kwargs)
+    except TypeError as e:
+        raise ConfigError(
+            f"model {name!r} cannot be built with model.kwargs {sorted(kwargs)} ({e}); "
+            f"its constructor is {fn.__name__}{inspect.signature(fn)}",
+            problems=[f"model.kwargs: {e}"],
+        ) from None
 
 
 def build_module(name: str, kwargs: dict, optim: dict, input_shape, num_classes: int) -> pl.LightningModule:
     """Build a sub-model. The caller seeds torch first, so the initial weights are a function of the seed."""
     if name in NETS:
+        _bind(name, NETS[name], (input_shape, num_classes), {}, kwargs)
         return SisaModule(NETS[name](input_shape, num_classes, **kwargs), **optim)
     cls = load_class(name)
     params = inspect.signature(cls).parameters
     extra = {k: v for k, v in (("input_shape", tuple(input_shape)), ("num_classes", num_classes)) if k in params}
+    _bind(name, cls, (), extra, kwargs)
     module = cls(**extra, **kwargs)
-    if not isinstance(module, pl.LightningModule):
+    if not isinstance(module, pl.LightningModule):  # a factory function named by the import path
         raise ConfigError(
-            f"model {name!r} is a {type(module).__name__}, not a pytorch_lightning.LightningModule",
+            f"model {name!r} returned a {type(module).__name__}, not a pytorch_lightning.LightningModule",
             problems=[f"model.name: {name!r} is not a LightningModule"],
         )
     return module
+
+
+def check_module(name: str, kwargs: dict, optim: dict, input_shape, num_classes: int) -> None:
+    """What can be checked before training (on the driver, at fit): the module builds, is a LightningModule
+    with a training_step and configure_optimizers, and ``forward`` maps a batch of zeros of shape
+    (2, *input_shape) to logits of shape (2, num_classes). Raises ConfigError saying what is wrong.
+    Seeds torch: call it inside ``torch.random.fork_rng``."""
+    torch.manual_seed(0)
+    module = build_module(name, kwargs, optim, input_shape, num_classes)
+    if not isinstance(module, SisaModule):
+        for hook in ("training_step", "configure_optimizers"):
+            if getattr(type(module), hook) is getattr(pl.LightningModule, hook):
+                raise ConfigError(
+                    f"model {name!r} does not define {hook}(); a sub-model needs training_step (returning the "
+                    "loss) and configure_optimizers (sisa's training.optimizer/lr apply to the built-ins only)",
+                    problems=[f"model.name: {name!r} has no {hook}"],
+                )
+    shape = (2, *tuple(input_shape))
+    want = (2, num_classes)
+    was = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            out = module(torch.zeros(shape))
+    except Exception as e:
+        raise ConfigError(
+            f"model {name!r}: forward on a batch of zeros of shape {shape} (the data's rows) failed: "
+            f"{type(e).__name__}: {e}",
+            problems=[f"model.name: forward fails on input of shape {shape}"],
+        ) from e
+    finally:
+        module.train(was)
+    got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    if got != want:
+        raise ConfigError(
+            f"model {name!r}: forward on a batch of shape {shape} returned {got}; it must return logits of shape "
+            f"(batch, num_classes) = {want} (num_classes is data.num_classes, or the largest label + 1)",
+            problems=[f"model.name: forward returns {got}, not {want}"],
+        )

@@ -5,6 +5,10 @@ previous state (weights, optimizer, scheduler), train with a fresh Lightning Tra
 order and the torch RNG are re-derived from (seed, shard, stage, epoch) at every epoch start, so nothing
 else needs restoring and a resumed stage is bit-identical to a straight one.
 
+A user's own LightningModule gets plain (x, y) batches, ``self.sisa_context`` (`shards.spec.SisaContext`)
+before ``configure_optimizers``, and a Trainer that keeps ``self.log``: the values logged in each epoch go
+into the stage metrics (``epochs[i]["logged"]``), which the driver logs to the shard's MLflow run.
+
 Built-in modules (`SisaModule`) are fed `EpochChunks`: several whole batches per Lightning step, each
 still its own optimizer step in the same order, so the updates are unchanged and Lightning's per-step
 work is paid once per chunk (the framework stays within a few percent of a plain torch loop).
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import time
 import warnings
 
@@ -22,9 +27,9 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from shards.errors import IntegrityError
+from shards.errors import ConfigError, IntegrityError
 from shards.models import SisaModule, build_module
-from shards.spec import TrainSpec, derive_seed
+from shards.spec import SisaContext, TrainSpec, derive_seed
 
 FORMAT = 1
 CHUNK_ROWS = 4096  # rows per Lightning step for built-in modules (whole batches, at least one)
@@ -33,6 +38,8 @@ logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*barebones.*")
+# a per-epoch OneCycleLR / CyclicLR is what sisa recommends (see shards.spec.SisaContext)
+warnings.filterwarnings("ignore", ".*scheduler is using 'interval': 'epoch'.*")
 
 
 class _Rows(Dataset):
@@ -91,6 +98,7 @@ class _ExactResume(pl.Callback):
         self.spec, self.shard, self.stage = spec, shard, stage
         self.opt_states, self.sched_states, self.sampler = opt_states, sched_states, sampler
         self.epochs: list[dict] = []
+        self._logged_upto = 0
         self._loss = 0.0
         self._batches = 0
         self._t0 = 0.0
@@ -102,6 +110,7 @@ class _ExactResume(pl.Callback):
             cfg.scheduler.load_state_dict(state)
 
     def on_train_epoch_start(self, trainer, pl_module):
+        self._take_logged(trainer)
         epoch = trainer.current_epoch
         torch.manual_seed(derive_seed(self.spec.seed, self.shard, self.stage, epoch, "torch"))
         self.sampler.set_epoch(epoch)
@@ -132,7 +141,24 @@ class _ExactResume(pl.Callback):
             }
         )
 
+    def _take_logged(self, trainer) -> None:
+        """``self.log`` values of the epoch that just ended: Lightning reduces the epoch-level ones after the
+        epoch-end hooks, so they are read at the next epoch's start (and at the end of training)."""
+        if not self.epochs or trainer.barebones or self._logged_upto == len(self.epochs):
+            return
+        self._logged_upto = len(self.epochs)
+        logged = {}
+        for name, value in trainer.callback_metrics.items():
+            name = re.sub(r"[^\w\-./ :]", "_", str(name))  # a valid MLflow metric name
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                logged[name] = float(value)
+            elif isinstance(value, (int, float)):
+                logged[name] = float(value)
+        if logged:
+            self.epochs[-1]["logged"] = logged
+
     def on_train_end(self, trainer, pl_module):
+        self._take_logged(trainer)
         self.opt_states = [opt.state_dict() for opt in trainer.optimizers]
         self.sched_states = [cfg.scheduler.state_dict() for cfg in trainer.lr_scheduler_configs]
 
@@ -178,26 +204,7 @@ def run_stage(
     if n > 0 and epochs > 0:
         X = torch.from_numpy(np.ascontiguousarray(rows["x"]))
         y = torch.from_numpy(np.ascontiguousarray(rows["y"]))
-        sampler = EpochBatches(n, spec.batch_size, spec.seed, shard, stage)
-        if isinstance(module, SisaModule):
-            loader = EpochChunks(X, y, sampler, CHUNK_ROWS // spec.batch_size)
-        else:  # a user's module gets plain (x, y) batches
-            loader = DataLoader(
-                _Rows(X, y),
-                sampler=sampler,
-                batch_size=None,
-                generator=torch.Generator().manual_seed(derive_seed(spec.seed, shard, stage, "loader")),
-            )
-        cb = _ExactResume(spec, shard, stage, opt_states, sched_states, sampler)
-        trainer = pl.Trainer(
-            accelerator=spec.accelerator,
-            devices=1,
-            max_epochs=epochs,
-            barebones=True,
-            callbacks=[cb],
-            deterministic=spec.accelerator != "cpu",
-        )
-        trainer.fit(module, train_dataloaders=loader)
+        cb = _train(spec, shard, stage, module, X, y, opt_states, sched_states)
         opt_states, sched_states = cb.opt_states, cb.sched_states
         metrics["epochs"] = cb.epochs
         module = module.cpu()
@@ -216,6 +223,48 @@ def run_stage(
         "schedulers": list(sched_states or []),
     }
     return ckpt, metrics
+
+
+def _train(spec: TrainSpec, shard: int, stage: int, module, X, y, opt_states, sched_states) -> _ExactResume:
+    """One stage's Lightning fit. Built-ins: chunks of batches, barebones. A user's module: plain batches,
+    its ``sisa_context``, and a Trainer that keeps ``self.log`` (no logger, checkpoints or progress bar)."""
+    sampler = EpochBatches(len(y), spec.batch_size, spec.seed, shard, stage)
+    builtin = isinstance(module, SisaModule)
+    if builtin:
+        loader = EpochChunks(X, y, sampler, CHUNK_ROWS // spec.batch_size)
+        mode: dict = {"barebones": True}
+    else:
+        loader = DataLoader(
+            _Rows(X, y),
+            sampler=sampler,
+            batch_size=None,
+            generator=torch.Generator().manual_seed(derive_seed(spec.seed, shard, stage, "loader")),
+        )
+        mode = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
+        mode |= {"enable_model_summary": False, "num_sanity_val_steps": 0}
+        module.sisa_context = SisaContext(shard, stage, spec.epochs_per_stage, len(y), spec.batch_size, spec.optim)
+    cb = _ExactResume(spec, shard, stage, opt_states, sched_states, sampler)
+    trainer = pl.Trainer(
+        accelerator=spec.accelerator,
+        devices=1,
+        max_epochs=spec.epochs_per_stage[stage - 1],
+        callbacks=[cb],
+        deterministic=spec.accelerator != "cpu",
+        **mode,
+    )
+    try:
+        trainer.fit(module, train_dataloaders=loader)
+    except ValueError as e:
+        if builtin or "Tried to step" not in str(e):
+            raise
+        raise ConfigError(
+            f"model {spec.model!r}: its LR scheduler ran past its horizon in stage {stage} ({e}). Every stage "
+            "resumes the scheduler of the stage before, so the horizon must cover all stages: e.g. "
+            "OneCycleLR(total_steps=self.sisa_context.total_epochs) with interval 'epoch'. "
+            "trainer.estimated_stepping_batches counts the current stage only",
+            problems=[f"model.name: scheduler horizon too short at stage {stage}"],
+        ) from None
+    return cb
 
 
 @torch.no_grad()

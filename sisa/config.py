@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from shards.errors import ConfigError
 
@@ -36,6 +36,9 @@ class DataConfig(_Strict):
     id_column: str = "id"
     label_column: str = "label"
     test_fraction: float = Field(0.2, ge=0, lt=1)
+    # The model's output space: labels are the integers 0..num_classes-1. Inferred at fit when unset (the
+    # largest label + 1) and then written into the workdir's config.yaml, so that a deletion never changes it.
+    num_classes: int | None = Field(None, ge=1)
     synthetic: SyntheticData = SyntheticData()
 
     @model_validator(mode="after")
@@ -55,6 +58,16 @@ class ShardingConfig(_Strict):
 class ModelConfig(_Strict):
     name: str = "mlp"
     kwargs: dict = Field(default_factory=dict)
+
+    @field_validator("kwargs")
+    @classmethod
+    def _no_num_classes(cls, v: dict) -> dict:
+        if "num_classes" in v:
+            raise ValueError(
+                "the class count is no longer a model argument: move it to data.num_classes "
+                f"(data: {{num_classes: {v['num_classes']}}}); sisa passes it to the module"
+            )
+        return v
 
     @field_validator("name")
     @classmethod
@@ -85,6 +98,11 @@ class TrainingConfig(_Strict):
     def _positive(cls, v):
         if isinstance(v, list) and (not v or any(e < 0 for e in v)):
             raise ValueError("an explicit schedule is a non-empty list of epochs per stage, each >= 0")
+        if isinstance(v, list) and v[-1] < 1:
+            raise ValueError(
+                f"the last stage of training.schedule has {v[-1]} epochs, but it is the only stage that trains on "
+                "every slice: give it at least 1 epoch (earlier stages may have 0)"
+            )
         return v
 
 
@@ -129,6 +147,7 @@ class SisaConfig(_Strict):
     cluster: ClusterConfig = ClusterConfig()
     tracking: TrackingConfig = TrackingConfig()
     storage: StorageConfig = StorageConfig()
+    _classes_inferred: bool = PrivateAttr(False)  # data.num_classes was filled in by fit, not given
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -151,13 +170,36 @@ class SisaConfig(_Strict):
             return (e,) * R
         return (max(1, round(2 * e / (R + 1))),) * R
 
+    def with_num_classes(self, num_classes: int) -> SisaConfig:
+        """This config with ``data.num_classes`` inferred from the data (fit writes it into the workdir's
+        config.yaml). A later fit of the same config object infers it again."""
+        cfg = self.model_copy(update={"data": self.data.model_copy(update={"num_classes": int(num_classes)})})
+        cfg._classes_inferred = True
+        return cfg
+
+    @property
+    def given_num_classes(self) -> int | None:
+        """``data.num_classes`` as the user gave it (None when unset or inferred by an earlier fit)."""
+        return None if self._classes_inferred else self.data.num_classes
+
     def training_hash(self) -> str:
-        """Hash of everything that changes the weights: two workdirs with equal hashes are comparable."""
-        keep = {k: self.model_dump(mode="json")[k] for k in ("seed", "sharding", "model", "training")}
+        """Hash of everything that changes the weights: two workdirs with equal hashes are comparable.
+        ``data.num_classes`` is part of it once set (configs without it keep their old hash)."""
+        dump = self._stable_dump()
+        keep = {k: dump[k] for k in ("seed", "sharding", "model", "training")}
+        if self.data.num_classes is not None:
+            keep["num_classes"] = self.data.num_classes
         return _hash(keep)
 
     def config_hash(self) -> str:
-        return _hash(self.model_dump(mode="json"))
+        return _hash(self._stable_dump())
+
+    def _stable_dump(self) -> dict:
+        """The config as JSON, without fields added since that are unset (so old hashes still match)."""
+        dump = self.model_dump(mode="json")
+        if dump["data"]["num_classes"] is None:
+            del dump["data"]["num_classes"]
+        return dump
 
 
 def _hash(obj) -> str:

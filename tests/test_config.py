@@ -52,6 +52,34 @@ def test_paper_schedule_keeps_total_work():
     assert load_config({"training": {"schedule": [3, 2, 1, 1]}}).epochs_per_stage() == (3, 2, 1, 1)
 
 
+def test_a_schedule_whose_last_stage_trains_nothing_is_refused():
+    for sched in ([0, 0, 0], [3, 2, 0]):
+        with pytest.raises(ConfigError, match="last stage of training.schedule has 0 epochs.*at least 1 epoch"):
+            load_config({"sharding": {"slices": 3}, "training": {"schedule": sched}})
+    # earlier stages may be skipped: the last one trains on every slice
+    assert load_config({"sharding": {"slices": 3}, "training": {"schedule": [0, 0, 4]}}).epochs_per_stage() == (0, 0, 4)
+
+
+def test_a_schedule_with_empty_early_stages_trains_and_deletes_exactly(tmp_path):
+    import numpy as np
+    from conftest import tiny_config, tiny_data, weights_equal
+
+    X, y, ids = tiny_data(n=120)
+    cfg = tiny_config(sharding={"shards": 2, "slices": 3}, training={"schedule": [0, 2, 3]})
+    ens = SisaEnsemble.from_config(cfg, tmp_path / "w").fit(X, y, ids=ids)
+    ens.delete([ids[5]])
+    keep = ids != ids[5]
+    ref = SisaEnsemble.from_config(cfg, tmp_path / "ref").fit(X[keep], y[keep], ids=ids[keep])
+    assert weights_equal(ens, ref) and np.isfinite(ens.predict_proba(X[:3])).all()
+
+
+def test_shipped_configs_keep_their_hashes():
+    """Workdirs trained before data.num_classes existed must still open: unset, it leaves the hashes alone."""
+    cfg = load_config(Path("configs/synthetic.yaml"))
+    assert cfg.data.num_classes is None
+    assert (cfg.training_hash(), cfg.config_hash()) == ("c30eec7f2cbbacb2", "8bbde48fc7f1565c")
+
+
 def test_config_is_frozen():
     cfg = load_config({})
     with pytest.raises(Exception, match="frozen"):
