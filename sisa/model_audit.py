@@ -115,7 +115,7 @@ def _check_artifact(report, tracker, current, rec: dict, deployed: dict) -> None
             if meta["checkpoints"] != deployed or meta["state_dicts"] != rec.get("state_dicts"):
                 problems.append(f"{loc}/data/ensemble/ensemble.json: its checkpoints are not the deployed ones")
         except SisaError as e:
-            problems.append(str(e).replace(tmp, "").replace(str(local), loc).replace(f" {WHAT_TO_DO}", ""))
+            problems.append(str(e).replace(str(local), loc).replace(f" {WHAT_TO_DO}", ""))
         report.add(TARGET, "@current loads through the installed sisa.mlflow_model, weights as published", problems)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
