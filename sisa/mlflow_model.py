@@ -16,8 +16,9 @@ edited field, a file added to the data or an MLmodel that names other code raise
 `load_model(uri, tracking_uri)` also checks every file against the digests the registry recorded at
 publish time, before MLflow reads the artifact at all.
 
-The input is an array of shape (n, *input_shape) or a DataFrame with one numeric column per feature
-(rows flattened). No row of the training data is ever written here: the signature is built from shapes.
+The input is an array of shape (n, *input_shape), or a DataFrame whose columns are matched to the training
+features by name (for an ensemble fitted from arrays, which has no names: one numeric column per feature,
+rows flattened). No row of the training data is ever written here: the signature is built from shapes.
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ def export(ens, manifest: dict, directory: Path) -> dict:
         "model_kwargs": dict(spec.model_kwargs),
         "optim": dict(spec.optim),
         "input_shape": list(spec.input_shape),
+        "feature_names": manifest.get("feature_names"),
+        "drop_columns": [c.data.id_column, c.data.label_column],
         "num_classes": spec.num_classes,
         "aggregation": {"method": c.aggregation.method, "weights": c.aggregation.weights},
         "shards": active,
@@ -207,10 +210,12 @@ class SisaPyfunc:
 
     def predict(self, model_input, params: dict | None = None):  # an array or a DataFrame
         from sisa.aggregate import decide
-        from sisa.data import check_features
+        from sisa.data import check_features, is_table, select_features
 
         X = model_input
-        if hasattr(X, "to_numpy"):  # a DataFrame: one column per (flattened) feature
+        if is_table(X) and self.meta.get("feature_names"):  # matched to the training features by name
+            X = select_features(X, self.meta["feature_names"], *self.meta["drop_columns"])
+        elif hasattr(X, "to_numpy"):  # a DataFrame of an ensemble fitted from arrays: one column per feature
             X = X.to_numpy()
         X = np.asarray(X)
         shape = tuple(self.meta["input_shape"])

@@ -107,3 +107,19 @@ def test_parquet_fit_records_the_feature_columns(tmp_path):
     names = ens.manifest["feature_names"]
     assert names == ["f2", *[f for f in FEATS if f != "f2"]]
     assert (ens.predict(df[FEATS]) == ens.predict(df[names].to_numpy(np.float32))).all()
+
+
+def test_registered_mlflow_model_matches_columns_by_name(tmp_path, monkeypatch):
+    import mlflow.pyfunc
+
+    df = frame(n=150)
+    cfg = tiny_config(training={"epochs": 1}, tracking={"enabled": True})
+    ens = SisaEnsemble.from_config(cfg, tmp_path / "w").fit(df, df["label"].to_numpy(), ids=df["id"].to_numpy())
+    uri = f"sqlite:///{tmp_path / 'w' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
+    model = mlflow.pyfunc.load_model(f"models:/{ens.tracker().model_name}@current")
+    shuffled = df[["label", *FEATS[::-1], "id"]]
+    assert (model.predict(shuffled) == ens.predict(df[FEATS].to_numpy(np.float32))).all()
+    with pytest.raises(DataError, match=r"missing \['f0'\]"):
+        model.predict(df[FEATS[1:]])
