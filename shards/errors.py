@@ -62,3 +62,10 @@ class IntegrityError(SisaError):
 
 class ShardTrainingError(SisaError):
     """Training a shard failed; ``shard`` and ``stage`` say where."""
+
+
+class RetrainingError(SisaError):
+    """No shard can answer because a deletion is retraining every active shard; predictions resume when it
+    finishes. ``request_id`` names the deletion, ``remaining_seconds`` estimates how long it still needs
+    (None when unknown), ``waited`` is how long the caller waited, ``running`` whether a process holds the
+    workdir (False: the deletion was interrupted and finishes at the next ``SisaEnsemble.open``)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +15,12 @@ from shards.errors import DataError, NotFittedError, WorkdirError
 from shards.partition import shard_of as _shard_of
 from shards.spec import TrainSpec
 from sisa import data as datamod
+from sisa import evalfile
 from sisa.aggregate import Aggregator, decide
 from sisa.config import SisaConfig, dump_yaml, load_config
 from sisa.workdir import MANIFEST_FORMAT, Workdir, purge_unreferenced, write_atomic
+
+DEFAULT_WAIT_TIMEOUT = 60.0  # seconds predict waits while a deletion retrains every active shard
 
 
 class SisaEnsemble:
@@ -26,8 +30,18 @@ class SisaEnsemble:
     >>> ens.predict(X_test)
     """
 
-    def __init__(self, config, workdir, executor: str | None = None, tracking_uri: str | None = None):
+    def __init__(
+        self,
+        config,
+        workdir,
+        executor: str | None = None,
+        tracking_uri: str | None = None,
+        wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
+    ):
+        """``wait_timeout``: how long `predict` waits, in seconds, when every shard is being retrained by a
+        deletion (see `aggregator`) before it raises `RetrainingError`; 0 never waits."""
         self.config: SisaConfig = load_config(config)
+        self.wait_timeout = float(wait_timeout)
         self.workdir = Workdir(workdir)
         self._executor_name = executor or self.config.cluster.executor
         self._executor = None
@@ -47,16 +61,25 @@ class SisaEnsemble:
 
     @classmethod
     def open(
-        cls, workdir, executor: str | None = None, tracking_uri: str | None = None, recover: bool = True
+        cls,
+        workdir,
+        executor: str | None = None,
+        tracking_uri: str | None = None,
+        recover: bool = True,
+        wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
     ) -> SisaEnsemble:
-        """Reopen a trained workdir. Unfinished deletions are finished before anything is served."""
+        """Reopen a trained workdir. Unfinished deletions are finished before anything is served, except one
+        that another process is running right now: that process finishes it, and until then its shards are
+        excluded from prediction (``wait_timeout``: see `__init__`)."""
         wd = Workdir(workdir)
         manifest = wd.read_manifest()
         if manifest.get("format") != MANIFEST_FORMAT:
             raise WorkdirError(
                 f"{wd.path} was written by an incompatible sisa (manifest format {manifest.get('format')})"
             )
-        ens = cls(wd.path / "config.yaml", wd.path, executor=executor, tracking_uri=tracking_uri)
+        ens = cls(
+            wd.path / "config.yaml", wd.path, executor=executor, tracking_uri=tracking_uri, wait_timeout=wait_timeout
+        )
         if ens.config.training_hash() != manifest["training_hash"]:
             raise WorkdirError(
                 f"{wd.path}/config.yaml does not match the config the ensemble was trained with "
@@ -67,7 +90,7 @@ class SisaEnsemble:
         if recover:
             from sisa.deletion import recover as _recover
 
-            _recover(ens)
+            _recover(ens, wait=False)
         return ens
 
     # -- plumbing shared with deletion --------------------------------------------------------
@@ -144,8 +167,9 @@ class SisaEnsemble:
     def fit(self, X=None, y=None, ids=None, eval_set=None, overwrite: bool = False, progress=None) -> SisaEnsemble:
         """Partition, store and train every shard. With no arrays, loads the config's dataset.
 
-        ``eval_set=(X_test, y_test)`` is used for the accuracy figures; rows of the config's dataset
-        are held out by ``data.test_fraction``.
+        ``eval_set=(X_test, y_test, ids_test)`` is used for the accuracy figures; rows of the config's
+        dataset are held out by ``data.test_fraction``. These rows are stored in the workdir with their ids,
+        and `delete` erases them too; ``eval_set=(X_test, y_test)`` rows cannot be named (a warning says so).
         """
         from sisa.fitting import fit as _fit
 
@@ -220,24 +244,46 @@ class SisaEnsemble:
         return module.eval()
 
     def aggregator(self) -> Aggregator:
-        with self._state_lock:
-            self._follow_disk()
-            if self._agg is None:
+        """The aggregator over the active shards, following deletions that other processes commit.
+
+        While some shards are active, predictions come from them alone: a deletion excludes the shards that
+        held the rows until they are retrained, so the ensemble answers with fewer members for that time.
+        When a deletion is retraining every active shard, this waits up to ``wait_timeout`` seconds for the
+        new models (following the manifest on disk), then raises `RetrainingError` naming the request and
+        its expected remaining time. `NotFittedError` only when every training row has been deleted."""
+        start = time.monotonic()
+        deadline = start + self.wait_timeout
+        while True:
+            with self._state_lock:
+                self._follow_disk()
+                if self._agg is not None:
+                    return self._agg
                 m = self.manifest
                 active = self.active_shards(m)
-                if not active:
+                if active:
+                    self._agg = self._build_aggregator(m, active)
+                    return self._agg
+                if not any(sh.get("excluded") for sh in m["shards"]):
                     raise NotFittedError(
-                        "no shard holds data any more; the ensemble cannot predict until it is refitted"
+                        "no shard holds data any more: every training row of this ensemble has been deleted, "
+                        "so there is nothing to predict from; train a new ensemble on the data you still hold"
                     )
-                c = self.config.aggregation
-                models = {}
-                for s in active:  # a deletion retrains a few shards: the others are not loaded again
-                    key = (s, m["shards"][s]["checkpoints"][-1]["sha256"])
-                    if key not in self._models:
-                        self._models[key] = self.load_shard_model(s, m)
-                    models[s] = self._models[key]
-                self._agg = Aggregator(models, m["num_classes"], c.method, c.weights)
-            return self._agg
+            running = self.workdir.busy()  # False: the deletion's process died; the next open() finishes it
+            if not running or time.monotonic() >= deadline or self.workdir.holds_lock():
+                from sisa.deletion import retraining_error
+
+                raise retraining_error(m, running, time.monotonic() - start, self.wait_timeout)
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+
+    def _build_aggregator(self, m: dict, active: list[int]) -> Aggregator:
+        c = self.config.aggregation
+        models = {}
+        for s in active:  # a deletion retrains a few shards: the others are not loaded again
+            key = (s, m["shards"][s]["checkpoints"][-1]["sha256"])
+            if key not in self._models:
+                self._models[key] = self.load_shard_model(s, m)
+            models[s] = self._models[key]
+        return Aggregator(models, m["num_classes"], c.method, c.weights)
 
     def predict_proba(self, X) -> np.ndarray:
         """(n, classes) aggregated class probabilities (vote shares for majority_vote)."""
@@ -257,11 +303,8 @@ class SisaEnsemble:
 
     def evaluate(self, manifest: dict | None = None) -> dict:
         """Accuracy of the ensemble and of each active shard on the stored evaluation rows."""
-        path = self.workdir.path / "eval.npy"
-        if not path.exists():
-            return {}
-        rows = np.load(path, allow_pickle=False)
-        if len(rows) == 0:
+        rows = evalfile.read(self.workdir.path)  # (id, y, x), or (y, x) in a file without ids
+        if rows is None or len(rows) == 0 or not self.active_shards(manifest):
             return {}
         agg = self.aggregator()
         X, y = np.ascontiguousarray(rows["x"]), rows["y"]
@@ -312,7 +355,8 @@ class SisaEnsemble:
         return estimate(self, ids)
 
     def delete(self, ids, progress=None):
-        """Forget ``ids`` exactly; returns a Receipt once the ensemble no longer depends on them."""
+        """Forget ``ids`` exactly (training rows and held-out evaluation rows); returns a Receipt once the
+        ensemble no longer depends on them and no copy of their rows is left."""
         from sisa.deletion import delete
 
         return delete(self, ids, progress)

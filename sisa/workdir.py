@@ -59,6 +59,36 @@ class Workdir:
             if p.is_file():
                 p.unlink()
 
+    def remove_stale_copies(self) -> None:
+        """Copies of rows that a killed process left in the workdir: temp files of atomic writes, a fit's
+        evaluation file before its rename and its spill directories (zeroed first). Call it holding the lock."""
+        from shards.ingest import wipe_stale_spills
+
+        self.remove_temp_files()
+        (self.path / ".eval-ingest.npy").unlink(missing_ok=True)
+        wipe_stale_spills(self.path)
+
+    def busy(self) -> bool:
+        """True while a process (this one included) holds the workdir lock: a fit, deletion or repair runs.
+        A shared-lock probe that is released at once; a process that died holds no lock."""
+        if self.holds_lock():
+            return True
+        try:
+            f = open(self.path / ".lock", "rb")
+        except FileNotFoundError:
+            return False
+        with f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(f, fcntl.LOCK_UN)
+            return False
+
+    def holds_lock(self) -> bool:
+        """True when the calling thread holds the workdir lock."""
+        return str(self.path) in getattr(_held, "paths", ())
+
     def secret(self) -> bytes:
         """Key for hashing ids in the ledger and receipts; created once per workdir."""
         p = self.path / "secret.key"

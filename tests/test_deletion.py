@@ -10,7 +10,7 @@ from conftest import tiny_config, tiny_data, weights_equal
 
 from shards.store import read_slice
 from sisa import SisaEnsemble
-from sisa.errors import DataError, UnknownIdsError
+from sisa.errors import DataError, NotFittedError, UnknownIdsError
 from sisa.ledger import Ledger
 
 CONFIGS = {
@@ -119,7 +119,7 @@ def test_predictions_stay_defined_while_one_shard_has_data(tmp_path):
     ens.delete([i for i in ids.tolist() if ens.shard_of(i)[0] == 0])
     assert ens.predict(X).shape == (120,)
     ens.delete([i for i in ids.tolist() if ens.shard_of(i)[0] == 1])
-    with pytest.raises(Exception, match="no shard holds data"):
+    with pytest.raises(NotFittedError, match="no shard holds data any more: every training row"):
         ens.predict(X)
 
 

@@ -20,26 +20,53 @@ from sisa.errors import IntegrityError, WorkdirError
 from sisa.ledger import Ledger
 
 ROOT = Path(__file__).resolve().parent.parent
-POINTS = ["before_ledger", "after_ledger", "during_retrain", "before_swap", "after_swap", "during_purge"]
+POINTS = [
+    "before_ledger",
+    "after_ledger",
+    "before_eval_rewrite",
+    "after_eval_rewrite",
+    "during_retrain",
+    "before_swap",
+    "after_swap",
+    "during_purge",
+]
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """A fitted workdir with easy-to-find rows, the ids to delete, and the reference fit without them."""
+    """A fitted workdir with easy-to-find rows (training rows, and held-out evaluation rows in eval.npy),
+    the ids to delete, and the reference fit without them."""
     base = tmp_path_factory.mktemp("faults")
-    X, y, ids = tiny_data(n=240)
+    X, y, ids = tiny_data(n=270)
     ids = ids.astype("<U32")
-    marked = [3, 77, 150]
+    marked = [3, 77, 150, 250, 261]  # the last two are evaluation rows
     for k, r in enumerate(marked):
         X[r] = np.float32(27182.5 + k) + np.arange(X.shape[1], dtype=np.float32)
         ids[r] = f"ERASE-ME-{k}-qq"
     cfg = tiny_config()
-    fitted = SisaEnsemble.from_config(cfg, base / "fitted").fit(X, y, ids=ids)
-    gone = [ids[r] for r in marked]
-    keep = ~np.isin(ids, gone)
-    ref = SisaEnsemble.from_config(cfg, base / "ref").fit(X[keep], y[keep], ids=ids[keep])
-    needles = [X[r].tobytes() for r in marked] + [i.encode() for i in gone] + [i.encode("utf-32-le") for i in gone]
-    return {"base": base, "fitted": fitted, "ref": ref, "gone": gone, "needles": needles, "X": X}
+    ev = slice(240, 270)
+    fitted = SisaEnsemble.from_config(cfg, base / "fitted").fit(
+        X[:240], y[:240], ids=ids[:240], eval_set=(X[ev], y[ev], ids[ev])
+    )
+    gone, gone_eval = [ids[r] for r in marked[:3]], [ids[r] for r in marked[3:]]
+    keep, keep_ev = ~np.isin(ids[:240], gone), ~np.isin(ids[ev], gone_eval)
+    ref = SisaEnsemble.from_config(cfg, base / "ref").fit(
+        X[:240][keep], y[:240][keep], ids=ids[:240][keep], eval_set=(X[ev][keep_ev], y[ev][keep_ev], ids[ev][keep_ev])
+    )
+    everything = gone + gone_eval
+    needles = [X[r].tobytes() for r in marked] + [i.encode() for i in everything]
+    needles += [i.encode("utf-32-le") for i in everything]
+    eval_needles = [X[r].tobytes() for r in marked[3:]] + [i.encode("utf-32-le") for i in gone_eval]
+    return {
+        "base": base,
+        "fitted": fitted,
+        "ref": ref,
+        "gone": gone,
+        "gone_eval": gone_eval,
+        "needles": needles,
+        "eval_needles": eval_needles,
+        "X": X[:240],
+    }
 
 
 def _delete_in_subprocess(wd, ids, env=None, check=False):
@@ -74,7 +101,7 @@ def test_driver_killed_mid_deletion(world, tmp_path, point):
     wd = tmp_path / "w"
     shutil.copytree(world["fitted"].workdir.path, wd)
     manifest_before = (wd / "manifest.json").read_bytes()
-    res = _delete_in_subprocess(wd, world["gone"], env={"SISA_CRASH_AT": point})
+    res = _delete_in_subprocess(wd, world["gone"] + world["gone_eval"], env={"SISA_CRASH_AT": point})
     assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
     reopened = SisaEnsemble.open(wd, executor="inprocess")
     reqs = Ledger(wd / "ledger.db").requests()
@@ -83,6 +110,8 @@ def test_driver_killed_mid_deletion(world, tmp_path, point):
         assert weights_equal(reopened, world["fitted"])
         return
     assert [r["state"] for r in reqs] == ["done"], "the acknowledged request was finished on open"
+    assert reqs[0]["receipt"]["eval_rows_deleted"] == 2 and reqs[0]["receipt"]["rows_deleted"] == 3
+    assert (wd / "eval.npy").read_bytes() == (world["ref"].workdir.path / "eval.npy").read_bytes()
     assert weights_equal(reopened, world["ref"])
     X = world["X"]
     assert np.array_equal(reopened.predict_proba(X), world["ref"].predict_proba(X))
@@ -90,6 +119,23 @@ def test_driver_killed_mid_deletion(world, tmp_path, point):
     store = {str(p.relative_to(wd / "store")) for p in (wd / "store").rglob("*") if p.is_file()}
     assert store == {e["file"] for sh in reopened.manifest["shards"] for e in sh["slices"] + sh["checkpoints"]}
     assert (wd / "receipts" / f"{reqs[0]['id']}.json").exists()
+
+
+@pytest.mark.parametrize("point", ["after_ledger", "before_eval_rewrite", "after_eval_rewrite", "after_swap"])
+def test_driver_killed_mid_eval_only_deletion(world, tmp_path, point):
+    wd = tmp_path / "w"
+    shutil.copytree(world["fitted"].workdir.path, wd)
+    ckpts = json.loads((wd / "manifest.json").read_text())["shards"]
+    res = _delete_in_subprocess(wd, world["gone_eval"], env={"SISA_CRASH_AT": point})
+    assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
+    reopened = SisaEnsemble.open(wd, executor="inprocess")
+    reqs = Ledger(wd / "ledger.db").requests()
+    assert [r["state"] for r in reqs] == ["done"] and reqs[0]["receipt"]["eval_rows_deleted"] == 2
+    assert reqs[0]["id"] in reopened.manifest["applied_requests"]
+    assert [sh["checkpoints"] for sh in reopened.manifest["shards"]] == [sh["checkpoints"] for sh in ckpts]
+    assert not any(sh.get("excluded") for sh in reopened.manifest["shards"])
+    assert (wd / "eval.npy").read_bytes() == (world["ref"].workdir.path / "eval.npy").read_bytes()
+    assert _leftovers(wd, world["eval_needles"]) == []
 
 
 def test_corrupt_and_truncated_checkpoints_are_detected_and_repaired(world, tmp_path):

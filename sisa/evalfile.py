@@ -1,0 +1,79 @@
+"""The evaluation file ``WORKDIR/eval.npy``: the held-out rows behind the accuracy figures.
+
+It is personal data like the training rows, so it can be erased the same way. Format: a structured
+array with the fields of a slice file, ``(id, y, x)`` (``shards.store``), the str id field narrowed to
+the longest id it holds, so that erasing rows gives the same bytes as never storing them. A file
+without an ``id`` field holds rows that cannot be named: an ``eval_set=(X, y)`` given without ids, or a
+workdir written by an older sisa. ``delete`` cannot erase those rows; fit again with ids to change that.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from shards.store import _dtype
+from sisa.workdir import write_atomic
+
+NAME = "eval.npy"
+
+
+def encode(X: np.ndarray, y: np.ndarray, ids: np.ndarray | None, kind: str | None) -> bytes:
+    """The file's bytes; ``ids=None`` (an ``eval_set=(X, y)``) stores rows that cannot be named, and warns."""
+    if ids is None:
+        if len(y):
+            warnings.warn(
+                f"eval_set has no ids: its {len(y)} rows are stored in the workdir's {NAME} for the accuracy "
+                "figures, but delete() cannot name them, so they cannot be erased; pass "
+                "eval_set=(X_test, y_test, ids_test) to make them erasable",
+                UserWarning,
+                stacklevel=5,
+            )
+        rows = np.zeros(len(y), dtype=[("y", np.int64), ("x", np.float32, X.shape[1:])])
+    else:
+        rows = np.zeros(len(y), dtype=_dtype(kind, ids, X.shape[1:]))
+        rows["id"] = ids
+    rows["y"], rows["x"] = y, X
+    return _npy(rows)
+
+
+def _npy(rows: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, rows, allow_pickle=False)
+    return buf.getvalue()
+
+
+def read(workdir_path: Path) -> np.ndarray | None:
+    path = Path(workdir_path) / NAME
+    return np.load(path, allow_pickle=False) if path.exists() else None
+
+
+def has_ids(rows: np.ndarray | None) -> bool:
+    return rows is not None and rows.dtype.names is not None and "id" in rows.dtype.names
+
+
+def find(workdir_path: Path, ids: list) -> set:
+    """Which of ``ids`` (canonical Python ints or strs) are rows of the evaluation file."""
+    rows = read(workdir_path)
+    if not has_ids(rows) or not ids:
+        return set()
+    return set(ids) & set(rows["id"].tolist())
+
+
+def erase(workdir, hashed: set, kind: str) -> int:
+    """Rewrite the evaluation file without the rows whose keyed id hash is in ``hashed`` (atomically: temp
+    file, fsync, rename). Idempotent; returns how many rows it removed this time."""
+    rows = read(workdir.path)
+    if not has_ids(rows) or len(rows) == 0:
+        return 0
+    drop = np.array([h in hashed for h in workdir.hash_ids(rows["id"].tolist())], dtype=bool)
+    if not drop.any():
+        return 0
+    keep = rows[~drop]
+    if kind == "str":
+        keep = keep.astype(_dtype(kind, keep["id"], keep["x"].shape[1:]))
+    write_atomic(workdir.path / NAME, _npy(keep))
+    return int(drop.sum())
