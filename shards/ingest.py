@@ -43,6 +43,7 @@ class Ingested:
     max_label: int
     rows: int  # training rows
     eval_rows: int
+    feature_names: list[str] | None = None  # the feature columns, in the order the model sees them
 
 
 def parquet_files(source: str, options: dict | None = None) -> tuple[object, list[str]]:
@@ -99,7 +100,13 @@ class _Columns:
                     )
                 )
         idt = schema.field(id_column).type
-        if not (pa.types.is_integer(idt) or pa.types.is_string(idt) or pa.types.is_large_string(idt)):
+        if not (
+            pa.types.is_integer(idt)
+            or pa.types.is_string(idt)
+            or pa.types.is_large_string(idt)
+            or pa.types.is_binary(idt)
+            or pa.types.is_large_binary(idt)
+        ):
             raise DataError(f"id column {id_column!r} has type {idt}; ids must be integers or strings")
         self.id, self.label = id_column, label_column
         self.features = [c for c in names if c not in (id_column, label_column)]
@@ -334,7 +341,9 @@ def ingest_parquet(
             out.append(entries)
         if eval_path is not None:
             _write_eval(spill, eval_path)
-        return Ingested(out, spill.kind, list(spill.feature_shape), spill.max_label, train, spill.eval_rows)
+        return Ingested(
+            out, spill.kind, list(spill.feature_shape), spill.max_label, train, spill.eval_rows, list(first.features)
+        )
     finally:
         spill.wipe()
 
@@ -372,11 +381,18 @@ def _write_slice(storage: Storage, spill: _Spill, s: int, j: int) -> dict:
 
 
 def _write_eval(spill: _Spill, eval_path: str) -> None:
-    """eval.npy (y, x) of the held-out rows in source order, written chunk by chunk, then renamed."""
+    """eval.npy (id, y, x) of the held-out rows in source order, written chunk by chunk, then renamed: the
+    dtype of a slice file (str ids as wide as the longest held-out id), as `sisa.evalfile` writes it, so
+    that `delete` can name and erase these rows."""
     from numpy.lib.format import open_memmap
 
     tmp = f"{eval_path}.tmp-{os.getpid()}"
-    dtype = np.dtype([("y", np.int64), ("x", np.float32, spill.feature_shape)])
+    kind = spill.kind or "int"
+    widest = np.zeros(0, np.int64)
+    if kind == "str":
+        width = max((int(np.char.str_len(c["id"]).max()) for c in spill.chunks("eval") if len(c)), default=1)
+        widest = np.array(["x" * width])
+    dtype = _dtype(kind, widest, spill.feature_shape)
     if spill.eval_rows == 0:
         np.save(tmp, np.zeros(0, dtype), allow_pickle=False)
         os.replace(tmp + ".npy", eval_path)
@@ -384,7 +400,7 @@ def _write_eval(spill: _Spill, eval_path: str) -> None:
     out = open_memmap(tmp, mode="w+", dtype=dtype, shape=(spill.eval_rows,))
     at = 0
     for c in spill.chunks("eval"):
-        out["y"][at : at + len(c)], out["x"][at : at + len(c)] = c["y"], c["x"]
+        out["id"][at : at + len(c)], out["y"][at : at + len(c)], out["x"][at : at + len(c)] = c["id"], c["y"], c["x"]
         at += len(c)
     out.flush()
     del out

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from orchestration import ShardPlan
 from shards.errors import DataError, RetrainingError, UnknownIdsError, WorkdirError
-from shards.partition import canonical_ids
+from shards.ids import unique_request
 from shards.store import read_slice, without, write_slice
 from sisa import costmodel, evalfile
 from sisa.failpoints import crashpoint
@@ -73,20 +73,13 @@ def _ledger(ens) -> Ledger:
 
 
 def _normalise(ens, ids) -> list:
-    if isinstance(ids, (str, int)):
-        ids = [ids]
-    ids = list(ids)
-    if not ids:
-        raise DataError("delete() needs at least one id; got an empty list")
-    arr, kind = canonical_ids(ids)
-    want = ens.manifest["id_kind"]
-    if kind != want:
-        raise DataError(f"ids are {kind} but this ensemble's ids are {want}; e.g. pass {_example(want)}")
-    return list(dict.fromkeys(arr.tolist()))
-
-
-def _example(kind):
-    return "[17, 942]" if kind == "int" else "['u-17', 'u-942']"
+    """The request's ids, canonical (see `shards.ids`): a scalar is one id, the ensemble's kind only."""
+    try:
+        return unique_request(ids, ens.manifest["id_kind"])
+    except DataError as e:
+        if "no ids given" in e.message:
+            raise DataError("delete() needs at least one id; got an empty list", ids=[]) from None
+        raise
 
 
 def locate(ens, ids: list) -> tuple[dict, set, list, list]:

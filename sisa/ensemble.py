@@ -12,6 +12,7 @@ import torch
 from orchestration import InProcessExecutor, RayExecutor, ShardPlan
 from shards import training
 from shards.errors import DataError, NotFittedError, WorkdirError
+from shards.ids import canonical_ids, is_scalar_id
 from shards.partition import shard_of as _shard_of
 from shards.spec import TrainSpec
 from sisa import data as datamod
@@ -286,20 +287,29 @@ class SisaEnsemble:
         return Aggregator(models, m["num_classes"], c.method, c.weights)
 
     def predict_proba(self, X) -> np.ndarray:
-        """(n, classes) aggregated class probabilities (vote shares for majority_vote)."""
-        X = datamod.check_features(X, self.manifest["input_shape"])
+        """(n, classes) aggregated class probabilities (vote shares for majority_vote).
+
+        ``X``: an array (n, *input_shape), positional as at fit, or a DataFrame / pyarrow Table whose
+        columns are matched to the training features by name (id and label columns are dropped)."""
+        m, d = self.manifest, self.config.data
+        X = datamod.select_features(X, m.get("feature_names"), d.id_column, d.label_column)
+        X = datamod.check_features(X, m["input_shape"])
         return self.aggregator().predict_proba(X)
 
     def predict(self, X) -> np.ndarray:
         return decide(self.predict_proba(X))
 
     def shard_of(self, id_) -> tuple[int, int]:
-        """(shard, slice) of an id, both 0-based; the slice's rows are first seen at stage slice+1."""
+        """(shard, slice) of one id, both 0-based; the slice's rows are first seen at stage slice+1.
+
+        The id is canonicalised like every other entry point's (`shards.ids`); once fitted, an id of the
+        other kind than the ensemble's (``"7"`` for int ids) is refused, as `delete` refuses it."""
         c = self.config
-        ids, _ = datamod.canonical_ids([id_])
-        return _shard_of(
-            ids[0].item() if hasattr(ids[0], "item") else ids[0], c.seed, c.sharding.shards, c.sharding.slices
-        )
+        if not is_scalar_id(id_):
+            raise DataError(f"shard_of takes one id, got a {type(id_).__name__}; call it once per id")
+        kind = self._manifest["id_kind"] if self._manifest is not None else None
+        ids, _ = canonical_ids(id_, kind)
+        return _shard_of(ids.tolist()[0], c.seed, c.sharding.shards, c.sharding.slices)
 
     def evaluate(self, manifest: dict | None = None) -> dict:
         """Accuracy of the ensemble and of each active shard on the stored evaluation rows."""

@@ -7,7 +7,6 @@ created are removed again.
 from __future__ import annotations
 
 import hmac
-import io
 import os
 import time
 import warnings
@@ -19,11 +18,17 @@ from shards.errors import ConfigError, DataError, WorkdirError
 from shards.ingest import ingest_parquet, wipe_stale_spills
 from shards.store import write_partition
 from sisa import data as datamod
+from sisa import evalfile
 from sisa.workdir import MANIFEST_FORMAT, purge_unreferenced, write_atomic
 
 
 def load_arrays(ens, X, y, ids, eval_set):
+    """Validated (X, y, ids, id kind, eval_set, feature names) for an in-memory fit.
+
+    ``eval_set`` comes back as (X, y, ids or None): the held-out rows of the config's dataset keep their
+    ids, and a user's ``eval_set=(X, y, ids)`` may name its rows so that they can be erased too."""
     c = ens.config
+    names = None
     if X is None:
         src = c.data.source
         if src == "arrays":
@@ -33,19 +38,42 @@ def load_arrays(ens, X, y, ids, eval_set):
         if src in ("digits", "synthetic"):
             X, y, ids = datamod.builtin(src, c.data)
         else:
-            X, y, ids = datamod.from_file(ens.resolve_data_path(c.data.path), c.data.id_column, c.data.label_column)
+            X, y, ids, names = datamod.from_file(
+                ens.resolve_data_path(c.data.path), c.data.id_column, c.data.label_column
+            )
         X, y, ids, kind = datamod.check_training(X, y, ids, 1, 1)
         (X, y, ids), eval_set = datamod.split_holdout(X, y, ids, c.seed, c.data.test_fraction)
     elif y is None:
         raise DataError("fit(X) needs labels: call fit(X, y, ids=...)")
+    elif datamod.is_table(X):  # a DataFrame: its column names are recorded and matched at predict
+        names = [str(n) for n in datamod.table_columns(X) if str(n) not in (c.data.id_column, c.data.label_column)]
+        X = datamod.select_features(X, names, c.data.id_column, c.data.label_column)
     X, y, ids, kind = datamod.check_training(X, y, ids, c.sharding.shards, c.sharding.slices)
     if eval_set is not None:
-        ex = datamod.check_features(eval_set[0], X.shape[1:])
-        ey = np.asarray(eval_set[1]).astype(np.int64)
-        if len(ey) != len(ex):
-            raise DataError(f"eval_set has {len(ex)} rows but {len(ey)} labels")
-        eval_set = (ex, ey)
-    return X, y, ids, kind, eval_set
+        eval_set = _check_eval_set(eval_set, X.shape[1:], names, kind, ids, c.data)
+    return X, y, ids, kind, eval_set, names
+
+
+def _check_eval_set(eval_set, input_shape, names, kind, train_ids, cfg_data):
+    if not isinstance(eval_set, (tuple, list)) or len(eval_set) not in (2, 3):
+        raise DataError("eval_set must be (X_test, y_test) or (X_test, y_test, ids_test)")
+    ex = datamod.select_features(eval_set[0], names, cfg_data.id_column, cfg_data.label_column)
+    ex = datamod.check_features(ex, input_shape)
+    ey = datamod.check_labels(eval_set[1], len(ex), "eval_set labels")
+    eids = eval_set[2] if len(eval_set) == 3 else None
+    if eids is not None:
+        eids, _ = datamod.canonical_ids(eids, kind)
+        if len(eids) != len(ex):
+            raise DataError(f"eval_set has {len(ex)} rows but {len(eids)} ids; give one id per row")
+        both = np.concatenate([train_ids, eids])
+        uniq, counts = np.unique(both, return_counts=True)
+        if len(uniq) != len(both):
+            dup = uniq[counts > 1][:5].tolist()
+            raise DataError(
+                f"ids must be unique across the training rows and eval_set; {int((counts > 1).sum())} repeat, e.g. {dup}",
+                ids=dup,
+            )
+    return ex, ey, eids
 
 
 def fit(ens, X, y, ids, eval_set, overwrite: bool, progress) -> None:
@@ -53,8 +81,13 @@ def fit(ens, X, y, ids, eval_set, overwrite: bool, progress) -> None:
     _check_gpus(ens)
     parquet = datamod.parquet_source(X, y, ids, eval_set, c.data, ens.resolve_data_path)
     if parquet is None:
-        X, y, ids, kind, eval_set = load_arrays(ens, X, y, ids, eval_set)
-        num_classes = _num_classes(c, int(y.max()))
+        X, y, ids, kind, eval_set, feature_names = load_arrays(ens, X, y, ids, eval_set)
+        num_classes = _num_classes(ens, int(y.max()), X.shape[1:])
+        if eval_set is not None and len(eval_set[1]) and int(eval_set[1].max()) >= num_classes:
+            raise DataError(
+                f"eval_set labels go up to {int(eval_set[1].max())} but the ensemble has {num_classes} classes "
+                f"(labels 0..{num_classes - 1}); fix those labels or set data.num_classes"
+            )
         input_shape = list(X.shape[1:])
     wd = ens.workdir
     with wd.lock(what="fit"):
@@ -68,12 +101,15 @@ def fit(ens, X, y, ids, eval_set, overwrite: bool, progress) -> None:
         if parquet is not None:  # out of core: partitioned into the store before anything else changes
             ingested, num_classes, eval_tmp = _ingest(ens, storage, parquet)
             kind, input_shape = ingested.id_kind, ingested.input_shape
+            feature_names = ingested.feature_names
+        c = ens.config  # with data.num_classes filled in: the manifest records the hashes of the config as written
         manifest = {
             "format": MANIFEST_FORMAT,
             "config_hash": c.config_hash(),
             "training_hash": c.training_hash(),
             "id_kind": kind,
             "input_shape": input_shape,
+            "feature_names": feature_names,
             "num_classes": num_classes,
             "storage": storage.root,
             "shards": [],
@@ -87,7 +123,7 @@ def fit(ens, X, y, ids, eval_set, overwrite: bool, progress) -> None:
             ens.write_config()
             wd.secret()
             if parquet is None:
-                _write_eval(wd.path / "eval.npy", eval_set)
+                _write_eval(wd.path / evalfile.NAME, eval_set, kind)
                 slices = write_partition(storage, ids, X, y, kind, c.seed, c.sharding.shards, c.sharding.slices)
             else:
                 os.replace(eval_tmp, wd.path / "eval.npy")
@@ -127,10 +163,25 @@ def _check_gpus(ens) -> None:
             )
 
 
-def _num_classes(c, max_label: int) -> int:
-    num_classes = int(c.model.kwargs.get("num_classes", 0)) or max_label + 1
+def _num_classes(ens, max_label: int, input_shape) -> int:
+    """data.num_classes, or the largest label + 1, filled into ``ens.config`` (and so into the workdir's
+    config.yaml): a deletion never changes the output space. Then checks the module against the data."""
+    import torch
+
+    from shards.models import check_module
+
+    c = ens.config
+    num_classes = c.given_num_classes or max_label + 1
     if max_label >= num_classes:
-        raise DataError(f"labels go up to {max_label} but model.kwargs.num_classes is {num_classes}")
+        raise DataError(
+            f"labels go up to {max_label} but data.num_classes is {num_classes}; labels are the integers "
+            f"0..{num_classes - 1}: fix the labels or raise data.num_classes"
+        )
+    if c.data.num_classes != num_classes:
+        ens.config = c.with_num_classes(num_classes)
+    optim = {k: getattr(c.training, k) for k in ("optimizer", "lr", "weight_decay", "momentum", "lr_gamma")}
+    with torch.random.fork_rng(devices=[]):
+        check_module(c.model.name, dict(c.model.kwargs), optim, tuple(input_shape), num_classes)
     return num_classes
 
 
@@ -168,7 +219,7 @@ def _ingest(ens, storage, source: str):
             spill_dir=os.environ.get("SISA_SPILL_DIR") or str(wd.path),
             options=options,
         )
-        return ing, _num_classes(c, ing.max_label), eval_tmp
+        return ing, _num_classes(ens, ing.max_label, ing.input_shape), eval_tmp
     except BaseException:
         purge_unreferenced(storage, wd.read_manifest() if wd.exists() else {"shards": []})
         if eval_tmp.exists():
@@ -185,17 +236,16 @@ def _callbacks(progress, run):
     return on_stage
 
 
-def _write_eval(path, eval_set) -> None:
+def _write_eval(path, eval_set, kind) -> None:
+    """The evaluation file (`sisa.evalfile`): (id, y, x) rows that `delete` can erase; rows of an
+    ``eval_set`` given without ids are stored as (y, x), cannot be named, and a warning says so."""
     if eval_set is None:
         if path.exists():
             path.unlink()
         return
-    X, y = eval_set
-    rows = np.zeros(len(y), dtype=[("y", np.int64), ("x", np.float32, X.shape[1:])])
-    rows["y"], rows["x"] = y, X
-    buf = io.BytesIO()
-    np.save(buf, rows, allow_pickle=False)
-    write_atomic(path, buf.getvalue())
+    X, y = eval_set[:2]
+    ids = eval_set[2] if len(eval_set) > 2 else None
+    write_atomic(path, evalfile.encode(X, y, ids, kind))
 
 
 def _remove_partial(ens, storage) -> None:

@@ -44,7 +44,7 @@ def test_parquet_fit_equals_array_fit(tmp_path, str_ids):
 
     held = holdout_mask(ids, cfg["seed"], 0.25)
     b = SisaEnsemble.from_config(tiny_config(), tmp_path / "arrays").fit(
-        X[~held], y[~held], ids=ids[~held], eval_set=(X[held], y[held])
+        X[~held], y[~held], ids=ids[~held], eval_set=(X[held], y[held], ids[held])
     )
     assert slice_entries(a) == slice_entries(b), "same slice files, byte for byte"
     assert weights_equal(a, b)
