@@ -166,6 +166,14 @@ def _check_live_ids(report, wd, store, manifest, deleted: dict) -> None:
                 problems.append(
                     f"{store.describe(e['file'])} holds {len(back)} id(s) deleted by request(s) {', '.join(reqs)}"
                 )
+    from sisa import evalfile
+
+    rows = evalfile.read(wd.path)
+    if evalfile.has_ids(rows):
+        back = [h for h in wd.hash_ids(rows["id"].tolist()) if h in deleted]
+        if back:
+            reqs = sorted({deleted[h]["id"] for h in back})
+            problems.append(f"{wd.path / evalfile.NAME} holds {len(back)} id(s) deleted by request(s) {', '.join(reqs)}")
     report.add("ledger", f"no deleted id ({len(deleted)} hashed) is among the live ids", problems)
     from sisa.workdir import referenced_files
 

@@ -117,3 +117,18 @@ def test_eval_rows_without_ids_warn_and_cannot_be_named(tmp_path):
         ens.delete(["u-130"])
     r = ens.delete(["u-3"])  # training rows still go, and re-evaluation reads the old format
     assert r.rows_deleted == 1 and r.eval_rows_deleted == 0 and ens.manifest["metrics"]["eval_rows"] == 30
+
+
+def test_audit_catches_an_erased_held_out_row_put_back(tmp_path):
+    from sisa import evalfile
+
+    X, y, ids, held = world()
+    wd = tmp_path / "w"
+    ens = fit_arrays(wd, X, y, ids, held)
+    before = evalfile.read(wd)
+    victim = str(ids[np.flatnonzero(held)[0]])
+    receipt = ens.delete([victim])
+    assert ens.verify().ok
+    (wd / evalfile.NAME).write_bytes(evalfile._npy(before))  # the erased row restored into eval.npy
+    msgs = [f"{c.target} | {c.detail}" for c in ens.verify().failures()]
+    assert any("eval.npy holds 1 id(s) deleted by request(s) " + receipt.request_id in m for m in msgs), msgs
