@@ -196,7 +196,7 @@ def tracked(workdir: Path, count: int, rng: np.random.Generator) -> dict:
     """Deletions with MLflow tracking on (the config in the workdir switched on; weights do not depend on
     it). The first creates the MLflow store and registered model and is reported apart. Each deletes one
     row of a last slice, so only one stage is retrained."""
-    import sisa.tracking as tracking
+    import sisa.tracking.runs as tracking
 
     cfg_path = Path(workdir) / "config.yaml"
     cfg = yaml.safe_load(cfg_path.read_text())

@@ -89,7 +89,7 @@ class SisaEnsemble:
         ens._manifest = manifest
         ens._manifest_sig = ens._disk_sig()
         if recover:
-            from sisa.deletion import recover as _recover
+            from sisa.ops.delete import recover as _recover
 
             _recover(ens, wait=False)
         return ens
@@ -148,7 +148,7 @@ class SisaEnsemble:
         return self._executor
 
     def tracker(self):
-        from sisa.tracking import Tracker
+        from sisa.tracking.runs import Tracker
 
         return Tracker(self.config, self.workdir, self._tracking_uri)
 
@@ -172,7 +172,7 @@ class SisaEnsemble:
         dataset are held out by ``data.test_fraction``. These rows are stored in the workdir with their ids,
         and `delete` erases them too; ``eval_set=(X_test, y_test)`` rows cannot be named (a warning says so).
         """
-        from sisa.fitting import fit as _fit
+        from sisa.ops.fit import fit as _fit
 
         _fit(self, X, y, ids, eval_set, overwrite, progress)
         return self
@@ -271,7 +271,7 @@ class SisaEnsemble:
                     )
             running = self.workdir.busy()  # False: the deletion's process died; the next open() finishes it
             if not running or time.monotonic() >= deadline or self.workdir.holds_lock():
-                from sisa.deletion import retraining_error
+                from sisa.ops.delete import retraining_error
 
                 raise retraining_error(m, running, time.monotonic() - start, self.wait_timeout)
             time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
@@ -360,14 +360,14 @@ class SisaEnsemble:
     # -- deletion -------------------------------------------------------------------------------
     def estimate_deletion_cost(self, ids):
         """Dry run of `delete`: shards hit, first stage each retrains from, sample-epochs vs a full retrain."""
-        from sisa.deletion import estimate
+        from sisa.ops.delete import estimate
 
         return estimate(self, ids)
 
     def delete(self, ids, progress=None):
         """Forget ``ids`` exactly (training rows and held-out evaluation rows); returns a Receipt once the
         ensemble no longer depends on them and no copy of their rows is left."""
-        from sisa.deletion import delete
+        from sisa.ops.delete import delete
 
         return delete(self, ids, progress)
 
@@ -375,13 +375,13 @@ class SisaEnsemble:
         """Re-check a deletion certificate: retrain the receipt's shards from scratch in a fresh process and
         compare bit for bit, check lineage, ledger and signature. ``receipt=None`` audits the whole ensemble.
         Returns a `sisa.audit.AuditReport` (``.ok``, ``.shards``, ``.failures()``, ``.text()``)."""
-        from sisa.audit import verify
+        from sisa.audit.certificate import verify
 
         return verify(self, receipt, timeout)
 
     def repair(self) -> dict:
         """Rebuild missing or corrupt checkpoints from the last clean one (bit-identical, same names)."""
-        from sisa.repair import repair
+        from sisa.ops.repair import repair
 
         return repair(self)
 

@@ -16,7 +16,7 @@ from conftest import tiny_config, tiny_data
 from orchestration import ShardPlan
 from shards.store import read_slice, write_slice
 from sisa import Receipt, SisaEnsemble
-from sisa.audit import sign_receipt
+from sisa.audit.certificate import sign_receipt
 from sisa.ledger import Ledger
 
 CFG = tiny_config(sharding={"shards": 3, "slices": 3})

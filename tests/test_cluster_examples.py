@@ -12,7 +12,7 @@ import ray
 import yaml
 
 from sisa import load_config
-from sisa.cli import main
+from sisa.cli.commands import main
 
 HERE = Path(__file__).parent.parent / "configs" / "cluster"
 PY = "py311"

@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from sisa import SisaEnsemble, load_config
-from sisa.cli import main
+from sisa.cli.commands import main
 from sisa.errors import ConfigError
 
 CONFIGS = sorted(p for p in (Path(__file__).parent.parent / "configs").glob("*.yaml"))

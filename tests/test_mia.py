@@ -9,7 +9,7 @@ from sklearn.datasets import make_classification
 from sklearn.metrics import roc_auc_score
 
 from sisa import SisaEnsemble
-from sisa.mia import EXACT, GA, MONO, auc, bootstrap_auc, deletion_cost, log_audit, membership_audit
+from sisa.audit.mia import EXACT, GA, MONO, auc, bootstrap_auc, deletion_cost, log_audit, membership_audit
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 from test_purge import scan
 
 from sisa import SisaEnsemble
-from sisa.mlflow_model import fingerprint
+from sisa.tracking.pyfunc import fingerprint
 
 
 def _weight_needles(ens, shards) -> list[bytes]:

@@ -30,7 +30,7 @@ from test_mlflow_purge import _weight_needles
 from test_purge import scan
 
 from sisa import SisaEnsemble
-from sisa.cli import main
+from sisa.cli.commands import main
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"

@@ -20,11 +20,11 @@ from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
 from shards.errors import IntegrityError
 from sisa import SisaEnsemble
-from sisa.audit_cli import audit as audit_cmd
+from sisa.audit.cli import audit as audit_cmd
 
 
 def load_model(uri, tracking_uri):
-    from sisa.mlflow_model import load_model as verified_load  # imported here: absent before this feature
+    from sisa.tracking.pyfunc import load_model as verified_load  # imported here: absent before this feature
 
     return verified_load(uri, tracking_uri)
 
@@ -83,7 +83,7 @@ def test_flipped_exponent_bit_in_weights_is_refused_and_audit_fails(tmp_path, mo
     assert f"{root}/data/ensemble/weights.pt: sha256 differs" in out
 
     # the fix the error message names: publish again, then the registered model loads and predicts again
-    from sisa.audit_cli import publish as publish_cmd
+    from sisa.audit.cli import publish as publish_cmd
 
     res = CliRunner().invoke(publish_cmd, ["--workdir", str(ens.workdir.path)])
     assert res.exit_code == 0, res.output
@@ -107,9 +107,9 @@ def test_a_code_line_added_to_the_artifact_never_runs(tmp_path, monkeypatch):
     with pytest.raises(IntegrityError, match=r"sisa_ensemble\.py: is not part of a sisa ensemble model"):
         mlflow.pyfunc.load_model(f"models:/{name}@current")
     assert not marker.exists()
-    assert scripts == [], "the artifact carries no code: MLflow imports the installed sisa.mlflow_model"
+    assert scripts == [], "the artifact carries no code: MLflow imports the installed sisa.tracking.pyfunc"
     conf = yaml.safe_load((root / "MLmodel").read_text())["flavors"]["python_function"]
-    assert conf["loader_module"] == "sisa.mlflow_model" and not conf.get("code")
+    assert conf["loader_module"] == "sisa.tracking.pyfunc" and not conf.get("code")
     with pytest.raises(IntegrityError, match=r"sisa_ensemble\.py: a file that was not published"):
         load_model(f"models:/{name}@current", uri)
     assert not marker.exists()
@@ -119,7 +119,7 @@ def test_a_code_line_added_to_the_artifact_never_runs(tmp_path, monkeypatch):
 
 
 def test_an_mlmodel_pointed_at_planted_code_is_refused_before_mlflow_reads_it(tmp_path, monkeypatch):
-    """Whoever rewrites MLmodel decides what `mlflow.pyfunc.load_model` imports; `sisa.mlflow_model.load_model`
+    """Whoever rewrites MLmodel decides what `mlflow.pyfunc.load_model` imports; `sisa.tracking.pyfunc.load_model`
     checks every file against the registry's digests first, and the audit names MLmodel."""
     ens, X, uri, _, name, root = _published(tmp_path, monkeypatch)
     marker = tmp_path / "planted-loader-ran"
@@ -153,7 +153,7 @@ def test_audit_passes_on_an_untouched_ensemble_and_writes_nothing(tmp_path, monk
         "publish record signed with the workdir key",
         "@current is the published version of the deployed checkpoints",
         "@current artifact files = the digests recorded at publish",
-        "@current loads through the installed sisa.mlflow_model, weights as published",
+        "@current loads through the installed sisa.tracking.pyfunc, weights as published",
         "no other model version survives (none that saw deleted rows)",
     ):
         assert _row(out, "pass", check), out

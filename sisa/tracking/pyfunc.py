@@ -1,6 +1,6 @@
 """The ensemble as an MLflow pyfunc model: what `Tracker` logs and registers for each ensemble version.
 
-A version is a pyfunc model saved with ``loader_module="sisa.mlflow_model"`` (no pickle, and no code
+A version is a pyfunc model saved with ``loader_module="sisa.tracking.pyfunc"`` (no pickle, and no code
 in the artifact: MLflow imports this installed module and calls `_load_pyfunc`), plus two data files,
 ``ensemble.json`` (architecture, input shape, classes, aggregation, and the digests that bind it to the
 deployed checkpoints) and ``weights.pt`` (the active sub-models' state dicts, read back with
@@ -11,7 +11,7 @@ for a model given by import path):
     model.predict(X)                       # labels, equal to SisaEnsemble.predict(X)
     model.predict(X, params={"proba": True})  # class probabilities, equal to predict_proba
 
-Every file is verified before it is used (`sisa.model_digest.check_model_dir`): a changed weight, an
+Every file is verified before it is used (`sisa.tracking.digest.check_model_dir`): a changed weight, an
 edited field, a file added to the data or an MLmodel that names other code raises `IntegrityError`.
 `load_model(uri, tracking_uri)` also checks every file against the digests the registry recorded at
 publish time, before MLflow reads the artifact at all.
@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sisa.model_digest import (
+from sisa.tracking.digest import (
     DATA,
     FORMAT,
     LOADER_MODULE,
@@ -165,8 +165,8 @@ def load_model(model_uri: str, tracking_uri: str | None = None):
     from mlflow.tracking import MlflowClient
 
     from shards.errors import IntegrityError
-    from sisa.model_digest import check_files
-    from sisa.model_registry import download
+    from sisa.tracking.digest import check_files
+    from sisa.tracking.registry import download
 
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     name, _, ref = model_uri.removeprefix("models:/").partition("@")

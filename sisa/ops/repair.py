@@ -62,7 +62,7 @@ def repair(ens) -> dict:
                 run.finish(ens, plans, {"shards_repaired": len(plans)})
             ens.commit(manifest)
         if not bad_store:
-            from sisa.deletion import recover
+            from sisa.ops.delete import recover
 
             recover(ens, locked=True)  # a deletion that failed on the damaged file is finished now
         return {"repaired": fixable, "unrepairable": bad_store}

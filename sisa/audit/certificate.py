@@ -9,12 +9,12 @@ on none of the deleted rows. Besides it checks
     of its slice files' sha256s, recorded by `shards.job.lineage`) against the live slice files;
   - receipts: the HMAC signature (key derived from the workdir secret), the ledger's copy and hashed ids,
     and the chain of checkpoint digests from each receipt to the deployed checkpoints;
-  - what MLflow serves (`sisa.model_audit`): ``@current`` is the deployed ensemble, its artifact files
+  - what MLflow serves (`sisa.audit.published`): ``@current`` is the deployed ensemble, its artifact files
     have the digests recorded at publish time, and no version that saw deleted rows survives.
 A failure names the file path or the receipt field. The audit writes nothing into the workdir: retrained
 checkpoints go to a scratch directory that is removed afterwards.
 
-``python -m sisa.audit OUT.json`` (job on stdin) is the fresh-process worker that does the retraining.
+``python -m sisa.audit.certificate OUT.json`` (job on stdin) is the fresh-process worker that does the retraining.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import time
 from dataclasses import asdict
 
 from shards.errors import SisaError, WorkdirError
-from sisa.audit_report import AuditReport, Check, sign_receipt  # noqa: F401  (sign_receipt: re-exported)
+from sisa.audit.report import AuditReport, Check, sign_receipt  # noqa: F401  (sign_receipt: re-exported)
 
 
 # -- the audit ----------------------------------------------------------------------------------------
@@ -77,7 +77,7 @@ def verify(ens, receipt=None, timeout: float | None = None) -> AuditReport:
         _check_chain(report, manifest, chain, shards)
         files_ok = {s: _check_files(report, store, manifest, s) for s in shards}
         _check_retrain(report, ens, manifest, store, [s for s in shards if files_ok[s]], timeout)
-        from sisa.model_audit import check_published
+        from sisa.audit.published import check_published
 
         check_published(report, ens, manifest, receipts)  # what MLflow serves: @current, its files, no survivor
         for s in shards:
@@ -373,7 +373,7 @@ class _LiveSlicesScratchCheckpoints:
         return self._of(rel).describe(rel)
 
 
-def _worker(out_path: str) -> None:
+def retrain_worker(out_path: str) -> None:
     from shards.job import StageRunner
     from shards.spec import TrainSpec
     from shards.storage import Storage
@@ -398,6 +398,3 @@ def _worker(out_path: str) -> None:
     with open(out_path, "w") as f:
         json.dump(out, f)
 
-
-if __name__ == "__main__":
-    _worker(sys.argv[1])

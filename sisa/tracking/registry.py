@@ -1,9 +1,9 @@
 """The registry side of a published ensemble: one registered model per ensemble, alias ``current`` on the
 live version, the digests recorded at publish time, and the purge of superseded versions.
 
-`publish` logs the deployed ensemble (`sisa.mlflow_model.save`) as a logged model and a registered model
+`publish` logs the deployed ensemble (`sisa.tracking.pyfunc.save`) as a logged model and a registered model
 version, records the sha256 of every file of it in the version's tags (``sisa.files``) and in the
-workdir's signed publish record (``mlflow-model.json``, `sisa.model_digest`), and moves the alias.
+workdir's signed publish record (``mlflow-model.json``, `sisa.tracking.digest`), and moves the alias.
 `purge_superseded` then deletes every other version and logged model of this ensemble, artifacts first.
 """
 
@@ -13,8 +13,8 @@ import contextlib
 import json
 from pathlib import Path
 
-from sisa.mlflow_model import fingerprint, save
-from sisa.model_digest import FORMAT, read_record, tree_digests, write_record
+from sisa.tracking.digest import FORMAT, read_record, tree_digests, write_record
+from sisa.tracking.pyfunc import fingerprint, save
 
 ALIAS = "current"
 
@@ -189,7 +189,7 @@ def _all(page):
 
 
 def _own_sqlite_store(tracker):
-    from sisa.tracking import sqlite_path
+    from sisa.tracking.runs import sqlite_path
 
     if sqlite_path(tracker.uri) is None:
         return None
@@ -226,7 +226,7 @@ def _vacuum(tracker) -> None:
     """Rewrite our sqlite file so freed pages keep nothing of the purged rows (and fold in any WAL)."""
     import sqlite3
 
-    from sisa.tracking import sqlite_path
+    from sisa.tracking.runs import sqlite_path
 
     db = sqlite3.connect(sqlite_path(tracker.uri), timeout=60, isolation_level=None)
     try:
@@ -240,7 +240,7 @@ def download(client, tracking_uri: str, version, dst: str) -> Path:
     """Copy a registered version's model directory to ``dst`` (a local folder outside the workdir)."""
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-    from sisa.mlflow_model import _quiet
+    from sisa.tracking.pyfunc import _quiet
 
     mid = _model_id(version)
     loc = client.get_logged_model(mid).artifact_location if mid else version.source

@@ -2,7 +2,7 @@
 
 NOT EXACT. After gradient ascent the model is not the model trained without the rows, and nothing here
 certifies that anything was forgotten. This is never a deletion path of `SisaEnsemble`; the membership
-audit (`sisa.mia`, `sisa audit --baseline`) runs it next to the exact ensemble so that users can see the
+audit (`sisa.audit.mia`, `sisa audit --baseline`) runs it next to the exact ensemble so that users can see the
 difference in cost, accuracy and membership-inference signal on the deleted rows.
 
 The recipe is the common one: train one model on all rows (the ensemble's model and optimizer settings,

@@ -318,7 +318,7 @@ def repair(workdir, executor):
 @click.option("--executor", type=click.Choice(["ray", "inprocess"]), default=None)
 def demo(workdir, executor):
     """Train the digits ensemble, delete a few rows, and show what happened."""
-    from sisa.demo import run
+    from sisa.cli.demo import run
 
     try:
         run(workdir, executor)
@@ -336,7 +336,7 @@ def ui(workdir, port):
 
     from shards.errors import WorkdirError
     from sisa.config import load_config
-    from sisa.tracking import Tracker, sqlite_path
+    from sisa.tracking.runs import Tracker, sqlite_path
     from sisa.workdir import Workdir
 
     wd = Workdir(workdir)
@@ -362,12 +362,9 @@ def ui(workdir, port):
     sys.exit(subprocess.call(cmd, env=env))
 
 
-from sisa.audit_cli import audit as _audit  # noqa: E402
-from sisa.audit_cli import publish as _publish  # noqa: E402
+from sisa.audit.cli import audit as _audit  # noqa: E402
+from sisa.audit.cli import publish as _publish  # noqa: E402
 
 main.add_command(_audit)
 main.add_command(_publish)
 
-
-if __name__ == "__main__":
-    main()

@@ -56,7 +56,7 @@ class Receipt:
     cost: dict = field(default_factory=dict)
     wall_seconds: float = 0.0
     eval_rows_deleted: int = 0  # held-out evaluation rows erased from eval.npy
-    signature: str = ""  # HMAC of every other field with a key derived from the workdir secret (sisa.audit)
+    signature: str = ""  # HMAC of every other field with a key derived from the workdir secret (sisa.audit.certificate)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -325,7 +325,7 @@ def _receipt(ens, rid, hashed, plan, before, plans, removed, cost, t0, already) 
         wall_seconds=time.time() - t0,
         eval_rows_deleted=int(plan.get("eval_rows", 0)),
     )
-    from sisa.audit import sign_receipt
+    from sisa.audit.certificate import sign_receipt
 
     return replace(receipt, signature=sign_receipt(ens.workdir, receipt.to_dict()))
 

@@ -5,7 +5,7 @@ Operations (`fit`, each `delete` request, and `repair` / `audit` from their modu
 ``stage(shard, metrics)`` and logs everything in ``finish(ens, plans, metrics, ...)``: child runs per
 shard (per-stage and per-epoch loss, accuracy, duration, samples), the parent's ensemble metrics, params,
 the config YAML and PNG plots. ``log_ensemble`` logs the ensemble version as a registered pyfunc model
-(`sisa.mlflow_model`), and after a deletion purges every model version that saw the deleted rows.
+(`sisa.tracking.pyfunc`), and after a deletion purges every model version that saw the deleted rows.
 
 Workers never talk to MLflow: they return their metrics and the driver logs them in a few batched calls
 when the operation ends, so one sqlite file never has several writers and logging stays cheap (on a
@@ -132,7 +132,7 @@ class Tracker:
         ``request_id`` without ``run_id``: a request finished on reopen; its dead attempt's run is closed."""
         if not self.enabled:
             return None
-        from sisa.model_registry import publish
+        from sisa.tracking.registry import publish
 
         if request_id is not None and run_id is None:
             self.settle(request_id)

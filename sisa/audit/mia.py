@@ -12,7 +12,7 @@ For each attack, the AUC of retained-vs-held-out and deleted-vs-held-out rows wi
 confidence intervals, and a two-sample KS test of deleted vs held-out losses (scipy). For exact deletion the
 deleted rows are indistinguishable from held-out ones (AUC within noise of 0.5), while retained rows show
 the usual membership signal. With a baseline, the same attacks are run on a monolithic model before and
-after APPROXIMATE gradient-ascent unlearning (`sisa.approx`, not exact). `log_audit` logs everything to
+after APPROXIMATE gradient-ascent unlearning (`sisa.audit.approx`, not exact). `log_audit` logs everything to
 MLflow as an "audit" run with a ROC plot.
 """
 

@@ -1,5 +1,5 @@
-"""The audit's report (`Check`, `AuditReport`) and the receipts' HMAC signature, shared by `sisa.audit`,
-`sisa.model_audit` and the deletion path that signs receipts."""
+"""The audit's report (`Check`, `AuditReport`) and the receipts' HMAC signature, shared by `sisa.audit.certificate`,
+`sisa.audit.published` and the deletion path that signs receipts."""
 
 from __future__ import annotations
 

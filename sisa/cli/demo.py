@@ -13,7 +13,7 @@ CONFIG = Path(__file__).resolve().parent.parent / "configs" / "digits.yaml"
 
 def run(workdir: str, executor: str | None) -> None:
     from sisa import SisaEnsemble, costmodel, load_config
-    from sisa.cli import _Progress, _receipt_text, _status_table
+    from sisa.cli.commands import _Progress, _receipt_text, _status_table
 
     wd = Path(workdir)
     if wd.exists():

@@ -1,12 +1,12 @@
 """Digests that bind a published MLflow model to the workdir's deployed checkpoints, and their checks.
 
-A published ensemble version is a pyfunc model directory (written by `sisa.mlflow_model.save`):
+A published ensemble version is a pyfunc model directory (written by `sisa.tracking.pyfunc.save`):
 
     MLmodel, conda.yaml, python_env.yaml, requirements.txt
     data/ensemble/ensemble.json   architecture, aggregation, and the digests below
     data/ensemble/weights.pt      the active sub-models' state dicts
 
-No code travels in it: MLmodel names the installed module ``sisa.mlflow_model`` as its ``loader_module``,
+No code travels in it: MLmodel names the installed module ``sisa.tracking.pyfunc`` as its ``loader_module``,
 so MLflow runs no script from the artifact. The chain of digests:
 
 - ``ensemble.json`` records, per shard, the sha256 of the deployed checkpoint and of the state-dict
@@ -30,7 +30,7 @@ from pathlib import Path
 from shards.errors import IntegrityError
 
 FORMAT = 2
-LOADER_MODULE = "sisa.mlflow_model"
+LOADER_MODULE = "sisa.tracking.pyfunc"
 DATA = "data/ensemble"  # where MLflow copies the data directory inside the model directory
 DATA_FILES = ("ensemble.json", "weights.pt")
 RECORD = "mlflow-model.json"  # the publish record in the workdir
@@ -92,7 +92,7 @@ def _fail(path, what: str) -> IntegrityError:
 
 # -- load-time checks ---------------------------------------------------------------------------------
 def check_flavor(root: Path) -> None:
-    """MLmodel's pyfunc flavor must load through the installed ``sisa.mlflow_model`` and nothing else."""
+    """MLmodel's pyfunc flavor must load through the installed ``sisa.tracking.pyfunc`` and nothing else."""
     import yaml
 
     path = Path(root) / "MLmodel"
@@ -132,7 +132,7 @@ def check_model_dir(root: Path, files: dict[str, str] | None = None):
     if meta.get("digest") != meta_digest(meta):
         raise _fail(path, "its content does not match its recorded digest (a field was edited)")
     if meta.get("loader_sha256") != LOADER_SHA256:
-        raise _fail(path, "was published for another loader than the installed sisa.mlflow_model")
+        raise _fail(path, "was published for another loader than the installed sisa.tracking.pyfunc")
     wpath = data / "weights.pt"
     if not wpath.exists() or file_sha256(wpath) != meta["files"]["weights.pt"]:
         raise _fail(wpath, f"its sha256 is not the one recorded in {path.name}")

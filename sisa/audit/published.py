@@ -5,7 +5,7 @@
   ensemble: its checkpoints are the manifest's active final checkpoints, and its state-dict digests are
   recomputed here from those checkpoint files.
 - Every file of its artifact has the sha256 recorded at publish time (nothing changed, added or removed),
-  and the pyfunc loads through the installed ``sisa.mlflow_model`` only (`check_model_dir`).
+  and the pyfunc loads through the installed ``sisa.tracking.pyfunc`` only (`check_model_dir`).
 - No other registered version, logged model or model artifact folder of this ensemble survives; one
   that holds a checkpoint a deletion superseded is named with the request whose rows it saw.
 
@@ -27,8 +27,8 @@ TARGET = "mlflow"
 
 def check_published(report, ens, manifest: dict, receipts: dict) -> None:
     """Add the MLflow checks to ``report`` (nothing when tracking is off and nothing was published)."""
-    from sisa.model_digest import RECORD, read_record
-    from sisa.tracking import sqlite_path
+    from sisa.tracking.digest import RECORD, read_record
+    from sisa.tracking.runs import sqlite_path
 
     wd, tracker = ens.workdir, ens.tracker()
     if not ens.config.tracking.enabled and not (wd.path / RECORD).exists():
@@ -58,9 +58,9 @@ def _alias(client, name: str):
 
 
 def _check_current(report, ens, manifest, tracker, current, rec) -> None:
-    from sisa.mlflow_model import fingerprint
-    from sisa.model_digest import state_dict_sha256
-    from sisa.model_registry import _model_id
+    from sisa.tracking.digest import state_dict_sha256
+    from sisa.tracking.pyfunc import fingerprint
+    from sisa.tracking.registry import _model_id
 
     name = tracker.model_name
     where = f"models:/{name}@current"
@@ -95,8 +95,8 @@ def _check_current(report, ens, manifest, tracker, current, rec) -> None:
 
 def _check_artifact(report, tracker, current, rec: dict, deployed: dict) -> None:
     """Every file of the @current artifact = the published digests; it loads the installed sisa only."""
-    from sisa.model_digest import WHAT_TO_DO, check_model_dir, diff_files, tree_digests
-    from sisa.model_registry import _model_id, download
+    from sisa.tracking.digest import WHAT_TO_DO, check_model_dir, diff_files, tree_digests
+    from sisa.tracking.registry import _model_id, download
 
     client = tracker.client
     loc = client.get_logged_model(_model_id(current)).artifact_location.removeprefix("file://")
@@ -116,14 +116,14 @@ def _check_artifact(report, tracker, current, rec: dict, deployed: dict) -> None
                 problems.append(f"{loc}/data/ensemble/ensemble.json: its checkpoints are not the deployed ones")
         except SisaError as e:
             problems.append(str(e).replace(str(local), loc).replace(f" {WHAT_TO_DO}", ""))
-        report.add(TARGET, "@current loads through the installed sisa.mlflow_model, weights as published", problems)
+        report.add(TARGET, "@current loads through the installed sisa.tracking.pyfunc, weights as published", problems)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _check_survivors(report, tracker, exp, current, receipts: dict) -> None:
     """No version, logged model or model folder of this ensemble but @current's."""
-    from sisa.model_registry import _all, _model_id
+    from sisa.tracking.registry import _all, _model_id
 
     client, name = tracker.client, tracker.model_name
     keep = _model_id(current) if current is not None else None

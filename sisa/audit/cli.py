@@ -9,7 +9,7 @@ The audit writes nothing into the workdir (with --log-run it logs an MLflow 'aud
 store, which by default is the workdir's mlflow.db).
 
 Exit status 0: every certificate check passed; 1: a check failed (the output says where); 2: bad input.
-``python -m sisa.audit_cli DIR`` runs the worked example of the README (train, delete, audit) in DIR.
+``python -m sisa.audit.cli DIR`` runs the worked example of the README (train, delete, audit) in DIR.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def _rows(path: str | None):
 
 
 def _merge(reports):
-    from sisa.audit import AuditReport
+    from sisa.audit.certificate import AuditReport
 
     if len(reports) == 1:
         return reports[0]
@@ -91,7 +91,7 @@ def audit(
         cert = _merge(certs) if certs else None
         mia = None
         if mia_deleted:
-            from sisa.mia import deletion_cost, membership_audit
+            from sisa.audit.mia import deletion_cost, membership_audit
 
             mia = membership_audit(
                 ens,
@@ -104,7 +104,7 @@ def audit(
             )
         run_id = None
         if log_run and ens.config.tracking.enabled:
-            from sisa.mia import log_audit
+            from sisa.audit.mia import log_audit
 
             run_id = log_audit(ens, mia, cert)
     except SisaError as e:
@@ -180,8 +180,3 @@ def example(workdir: str, seed: int = 1) -> list[str]:
     ens.close()
     return ["--workdir", str(wd), "--all", "--mia-deleted", str(aud / "deleted.npz"), "--mia-population", str(aud / "population.npz")]  # fmt: skip
 
-
-if __name__ == "__main__":
-    args = example(sys.argv[1] if len(sys.argv) > 1 else "runs/audit-example")
-    click.echo("$ sisa audit " + " ".join(args) + "\n")
-    audit.main(args, prog_name="sisa audit")

@@ -1,0 +1,7 @@
+"""`python -m sisa.audit OUT`: the fresh-process retrain of an audit (see `sisa.audit.certificate`)."""
+
+import sys
+
+from sisa.audit.certificate import retrain_worker
+
+retrain_worker(sys.argv[1])
