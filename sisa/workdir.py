@@ -1,6 +1,6 @@
-"""The workdir: manifest (the commit point of every change), config copy, secret key, lock and paths.
+"""The workdir: its paths, config copy, secret key and lock (the manifest itself: `sisa.manifest`).
 
-The manifest is rewritten atomically; whatever it does not reference is garbage and is purged. The
+Whatever the manifest does not reference in the store is garbage and is purged (`purge_unreferenced`). The
 workdir lock (flock, plus a thread lock) serialises training and deletion across threads and processes.
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import hmac
-import json
 import os
 import secrets
 import threading
@@ -19,9 +18,8 @@ from pathlib import Path
 
 from shards.errors import ConfigError, WorkdirError
 from shards.partition import id_bytes
-from shards.storage import Storage
+from shards.storage import Storage, write_atomic, zero_and_remove  # noqa: F401  (write_atomic: re-exported)
 
-MANIFEST_FORMAT = 1
 _thread_locks: dict[str, threading.RLock] = {}
 _guard = threading.Lock()
 _held = threading.local()
@@ -39,25 +37,11 @@ class Workdir:
     def exists(self) -> bool:
         return self.manifest_path.exists()
 
-    def read_manifest(self) -> dict:
-        try:
-            return json.loads(self.manifest_path.read_text())
-        except FileNotFoundError:
-            raise WorkdirError(
-                f"{self.path} holds no trained ensemble (no manifest.json); train one with "
-                "`sisa train CONFIG --workdir ...` or SisaEnsemble.from_config(...).fit(...)"
-            ) from None
-        except json.JSONDecodeError as e:
-            raise WorkdirError(f"{self.manifest_path} is corrupt ({e})", path=str(self.manifest_path)) from None
-
-    def write_manifest(self, manifest: dict) -> None:
-        write_atomic(self.manifest_path, json.dumps(manifest, indent=1, sort_keys=True).encode())
-
     def remove_temp_files(self) -> None:
         """Temp files of atomic writes that a killed process left behind."""
         for p in self.path.rglob(".*.tmp-*"):
             if p.is_file():
-                p.unlink()
+                zero_and_remove(p)  # it may hold rows (an evaluation file) or weights
 
     def remove_stale_copies(self) -> None:
         """Copies of rows that a killed process left in the workdir: temp files of atomic writes, a fit's
@@ -65,7 +49,7 @@ class Workdir:
         from shards.ingest import wipe_stale_spills
 
         self.remove_temp_files()
-        (self.path / ".eval-ingest.npy").unlink(missing_ok=True)
+        zero_and_remove(self.path / ".eval-ingest.npy")
         wipe_stale_spills(self.path)
 
     def busy(self) -> bool:
@@ -176,32 +160,10 @@ class Workdir:
             tlock.release()
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def referenced_files(manifest: dict) -> set[str]:
-    out = set()
-    for sh in manifest["shards"]:
-        out.update(e["file"] for e in sh["slices"])
-        out.update(e["file"] for e in sh["checkpoints"])
-    return out
-
-
-def purge_unreferenced(storage: Storage, manifest: dict, on_delete=None) -> list[str]:
-    """Delete every data/checkpoint file the manifest does not reference (superseded or half-written)."""
-    keep = referenced_files(manifest)
+def purge_unreferenced(storage: Storage, manifest, on_delete=None) -> list[str]:
+    """Delete every data/checkpoint file ``manifest`` (a `sisa.manifest.Manifest`, or None: keep nothing) does
+    not reference: superseded or half-written files. Each file is zeroed, then removed (`Storage.delete`)."""
+    keep = manifest.referenced_files() if manifest is not None else set()
     gone = []
     for rel in storage.listdir():
         if (rel.startswith(("data/", "ckpt/")) and rel not in keep) or os.path.basename(rel).startswith(".tmp-"):

@@ -3,25 +3,10 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import json
 from dataclasses import asdict, dataclass, field
 
-
-# -- receipt signatures -------------------------------------------------------------------------------
-def _receipt_key(workdir) -> bytes:
-    return hmac.new(workdir.secret(), b"sisa receipt signature v1", hashlib.sha256).digest()
-
-
-def _canonical(d: dict) -> bytes:
-    body = json.loads(json.dumps({k: v for k, v in d.items() if k != "signature"}))
-    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-
-
-def sign_receipt(workdir, receipt: dict) -> str:
-    """HMAC-SHA256 of the receipt's canonical JSON (every field but ``signature``)."""
-    return hmac.new(_receipt_key(workdir), _canonical(receipt), hashlib.sha256).hexdigest()
+# the receipts' signature lives with the receipts (engine); re-exported for the audit's callers
+from sisa.ops.receipts import sign_receipt  # noqa: E402, F401
 
 
 # -- the report ---------------------------------------------------------------------------------------

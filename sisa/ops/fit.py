@@ -1,7 +1,7 @@
-"""`SisaEnsemble.fit`: validate, partition and store the data, train every shard, commit the manifest.
+"""The fit operation: validate, partition and store the data, train every shard, commit the manifest.
 
 Nothing is left half-written: the manifest is written last, and on any failure the files this call
-created are removed again.
+created are removed again. Runs over an explicit `sisa.context.OpContext`.
 """
 
 from __future__ import annotations
@@ -19,15 +19,18 @@ from shards.ingest import ingest_parquet, wipe_stale_spills
 from shards.store import write_partition
 from sisa import data as datamod
 from sisa import evalfile
-from sisa.workdir import MANIFEST_FORMAT, purge_unreferenced, write_atomic
+from sisa.manifest import Checkpoint, Manifest, ShardState, SliceRef
+from sisa.workdir import purge_unreferenced, write_atomic
+
+OP = "fit"
 
 
-def load_arrays(ens, X, y, ids, eval_set):
+def load_arrays(ctx, X, y, ids, eval_set):
     """Validated (X, y, ids, id kind, eval_set, feature names) for an in-memory fit.
 
     ``eval_set`` comes back as (X, y, ids or None): the held-out rows of the config's dataset keep their
     ids, and a user's ``eval_set=(X, y, ids)`` may name its rows so that they can be erased too."""
-    c = ens.config
+    c = ctx.config
     names = None
     if X is None:
         src = c.data.source
@@ -39,7 +42,7 @@ def load_arrays(ens, X, y, ids, eval_set):
             X, y, ids = datamod.builtin(src, c.data)
         else:
             X, y, ids, names = datamod.from_file(
-                ens.resolve_data_path(c.data.path), c.data.id_column, c.data.label_column
+                ctx.workdir.inside(c.data.path, "data.path"), c.data.id_column, c.data.label_column
             )
         X, y, ids, kind = datamod.check_training(X, y, ids, 1, 1)
         (X, y, ids), eval_set = datamod.split_holdout(X, y, ids, c.seed, c.data.test_fraction)
@@ -76,101 +79,115 @@ def _check_eval_set(eval_set, input_shape, names, kind, train_ids, cfg_data):
     return ex, ey, eids
 
 
-def fit(ens, X, y, ids, eval_set, overwrite: bool, progress) -> None:
-    c = ens.config
-    _check_gpus(ens)
-    parquet = datamod.parquet_source(X, y, ids, eval_set, c.data, ens.resolve_data_path)
+def fit(ctx, X, y, ids, eval_set, overwrite: bool, progress) -> Manifest:
+    """Train the ensemble from arrays, the config's dataset or a Parquet source; returns the committed manifest."""
+    c = ctx.config
+    _check_gpus(ctx)
+    parquet = datamod.parquet_source(X, y, ids, eval_set, c.data, lambda rel: ctx.workdir.inside(rel, "data.path"))
+    data = None
     if parquet is None:
-        X, y, ids, kind, eval_set, feature_names = load_arrays(ens, X, y, ids, eval_set)
-        num_classes = _num_classes(ens, int(y.max()), X.shape[1:])
+        X, y, ids, kind, eval_set, names = load_arrays(ctx, X, y, ids, eval_set)
+        num_classes = _num_classes(ctx, int(y.max()), X.shape[1:])
         if eval_set is not None and len(eval_set[1]) and int(eval_set[1].max()) >= num_classes:
             raise DataError(
                 f"eval_set labels go up to {int(eval_set[1].max())} but the ensemble has {num_classes} classes "
                 f"(labels 0..{num_classes - 1}); fix those labels or set data.num_classes"
             )
-        input_shape = list(X.shape[1:])
-    wd = ens.workdir
+        data = (X, y, ids, kind, eval_set, names, num_classes)
+    wd = ctx.workdir
     with wd.lock(what="fit"):
         if wd.exists() and not overwrite:
             raise WorkdirError(
                 f"{wd.path} already holds a trained ensemble; open it with SisaEnsemble.open(), "
                 "pick a new workdir, or pass overwrite=True (--overwrite) to replace it"
             )
-        storage = ens.storage()
-        _claim(ens, storage)
-        if parquet is not None:  # out of core: partitioned into the store before anything else changes
-            ingested, num_classes, eval_tmp = _ingest(ens, storage, parquet)
-            kind, input_shape = ingested.id_kind, ingested.input_shape
-            feature_names = ingested.feature_names
-        c = ens.config  # with data.num_classes filled in: the manifest records the hashes of the config as written
-        manifest = {
-            "format": MANIFEST_FORMAT,
-            "config_hash": c.config_hash(),
-            "training_hash": c.training_hash(),
-            "id_kind": kind,
-            "input_shape": input_shape,
-            "feature_names": feature_names,
-            "num_classes": num_classes,
-            "storage": storage.root,
-            "shards": [],
-            "applied_requests": [],
-            "created": time.time(),
-        }
+        storage = ctx.storage()
+        _claim(ctx, storage)
+        ingested = _ingest(ctx, storage, parquet) if parquet is not None else None  # before anything else changes
         if wd.exists():
-            ens._manifest = None
-            wd.manifest_path.unlink()
+            ctx.commit(None)
         try:
-            ens.write_config()
-            wd.secret()
-            if parquet is None:
-                _write_eval(wd.path / evalfile.NAME, eval_set, kind)
-                slices = write_partition(storage, ids, X, y, kind, c.seed, c.sharding.shards, c.sharding.slices)
-            else:
-                os.replace(eval_tmp, wd.path / "eval.npy")
-                slices = ingested.slices
-            manifest["shards"] = [{"slices": sl, "checkpoints": [], "excluded": False} for sl in slices]
-            t0 = time.time()
-            with ens.tracker().operation("fit", manifest) as run:
-                plans = [ShardPlan(shard=s, start_stage=1, slices=sl) for s, sl in enumerate(slices)]
-                ens.run_plans(manifest, plans, _callbacks(progress, run))
-                for p in plans:
-                    manifest["shards"][p.shard]["checkpoints"] = p.checkpoints
-                ens.commit(manifest)
-                manifest["metrics"] = ens.evaluate(manifest)
-                manifest["metrics"]["fit_seconds"] = time.time() - t0
-                ens.commit(manifest)
-                run.finish(ens, plans, manifest["metrics"])
-                run.log_ensemble(ens)  # the first version of the ensemble as a registered pyfunc model
-            purge_unreferenced(storage, manifest)
+            m = _partition(ctx, storage, data, ingested)
+            m = _train(ctx, m, progress)
+            purge_unreferenced(storage, m)
         except BaseException:
             if not wd.exists():
-                _remove_partial(ens, storage)
+                _remove_partial(ctx, storage)
             raise
-    ens.last_fit_metrics = manifest["metrics"]
+    return m
 
 
-def _check_gpus(ens) -> None:
+def _partition(ctx, storage, data, ingested) -> Manifest:
+    """Write the config, the evaluation file and every slice; the manifest of the untrained ensemble."""
+    c = ctx.config  # with data.num_classes filled in: the manifest records the hashes of the config as written
+    ctx.write_config()
+    ctx.workdir.secret()
+    if ingested is None:
+        X, y, ids, kind, eval_set, names, num_classes = data
+        _write_eval(ctx.workdir.path / evalfile.NAME, eval_set, kind)
+        slices = write_partition(storage, ids, X, y, kind, c.seed, c.sharding.shards, c.sharding.slices)
+        shape = list(X.shape[1:])
+    else:
+        ing, num_classes, eval_tmp = ingested
+        os.replace(eval_tmp, ctx.workdir.path / evalfile.NAME)
+        slices, kind, shape, names = ing.slices, ing.id_kind, ing.input_shape, ing.feature_names
+    return Manifest(
+        config_hash=c.config_hash(),
+        training_hash=c.training_hash(),
+        id_kind=kind,
+        input_shape=list(shape),
+        feature_names=names,
+        num_classes=num_classes,
+        storage=storage.root,
+        shards=tuple(ShardState(slices=tuple(SliceRef.from_dict(e) for e in sl)) for sl in slices),
+        created=time.time(),
+    )
+
+
+def _train(ctx, m: Manifest, progress) -> Manifest:
+    """Train every shard from stage 1, commit, evaluate, commit, register the first model version."""
+    t0 = time.time()
+    ctx.observer.started(OP, m, {})
+    try:
+        plans = [
+            ShardPlan(shard=s, start_stage=1, slices=[e.to_dict() for e in sh.slices]) for s, sh in enumerate(m.shards)
+        ]
+        ctx.run_plans(OP, m, plans, progress)
+        for p in plans:
+            m = m.with_shard(p.shard, checkpoints=tuple(Checkpoint.from_dict(e) for e in p.checkpoints))
+        ctx.commit(m)
+        m = m.with_metrics(**ctx.evaluate(m), fit_seconds=time.time() - t0)
+        ctx.commit(m)
+        ctx.observer.finished(OP, m, plans, m.metrics, {}, None)
+    except BaseException as e:
+        ctx.observer.failed(OP, e)
+        raise
+    ctx.publish(m, run_id=ctx.observer.run_id)  # the first version of the ensemble as a registered pyfunc model
+    return m
+
+
+def _check_gpus(ctx) -> None:
     """In-process training runs in this process: with resources.num_gpus it needs a GPU here (on Ray, the
     workers' nodes need one, and Ray only places shards where the GPUs are)."""
-    if ens.config.resources.num_gpus > 0 and ens._executor_name == "inprocess":
+    if ctx.config.resources.num_gpus > 0 and ctx.executor_name == "inprocess":
         import torch
 
         if not torch.cuda.is_available():
             raise ConfigError(
-                f"resources.num_gpus is {ens.config.resources.num_gpus} but this process sees no CUDA GPU and the "
+                f"resources.num_gpus is {ctx.config.resources.num_gpus} but this process sees no CUDA GPU and the "
                 "executor is inprocess; set resources.num_gpus: 0, or use the ray executor on a cluster with GPUs",
                 problems=["resources.num_gpus: no GPU for the inprocess executor"],
             )
 
 
-def _num_classes(ens, max_label: int, input_shape) -> int:
-    """data.num_classes, or the largest label + 1, filled into ``ens.config`` (and so into the workdir's
+def _num_classes(ctx, max_label: int, input_shape) -> int:
+    """data.num_classes, or the largest label + 1, filled into ``ctx.config`` (and so into the workdir's
     config.yaml): a deletion never changes the output space. Then checks the module against the data."""
     import torch
 
     from shards.models import check_module
 
-    c = ens.config
+    c = ctx.config
     num_classes = c.given_num_classes or max_label + 1
     if max_label >= num_classes:
         raise DataError(
@@ -178,17 +195,17 @@ def _num_classes(ens, max_label: int, input_shape) -> int:
             f"0..{num_classes - 1}: fix the labels or raise data.num_classes"
         )
     if c.data.num_classes != num_classes:
-        ens.config = c.with_num_classes(num_classes)
+        ctx.config = c.with_num_classes(num_classes)
     optim = {k: getattr(c.training, k) for k in ("optimizer", "lr", "weight_decay", "momentum", "lr_gamma")}
     with torch.random.fork_rng(devices=[]):
         check_module(c.model.name, dict(c.model.kwargs), optim, tuple(input_shape), num_classes)
     return num_classes
 
 
-def _claim(ens, storage) -> None:
+def _claim(ctx, storage) -> None:
     """A store outside the workdir (object store, shared mount) belongs to one workdir: purging would delete
     another's files. Warn on a versioned bucket, which would keep deleted rows as old versions."""
-    wd = ens.workdir
+    wd = ctx.workdir
     if storage.local and not storage.root.startswith("file://"):  # the default: a store inside the workdir
         return
     storage.claim(hmac.new(wd.secret(), b"sisa-storage-owner", "sha256").hexdigest()[:32], str(wd.path))
@@ -197,10 +214,10 @@ def _claim(ens, storage) -> None:
         warnings.warn(problem, stacklevel=4)
 
 
-def _ingest(ens, storage, source: str):
+def _ingest(ctx, storage, source: str):
     """Partition a Parquet dataset out of core. On bad data, remove what it wrote; nothing else changes."""
-    c = ens.config
-    wd = ens.workdir
+    c = ctx.config
+    wd = ctx.workdir
     eval_tmp = wd.path / ".eval-ingest.npy"
     wipe_stale_spills(wd.path)  # of a fit that was killed here (we hold the workdir lock)
     data_protocol = source.split("://", 1)[0] if "://" in source else "file"
@@ -219,21 +236,12 @@ def _ingest(ens, storage, source: str):
             spill_dir=os.environ.get("SISA_SPILL_DIR") or str(wd.path),
             options=options,
         )
-        return ing, _num_classes(ens, ing.max_label, ing.input_shape), eval_tmp
+        return ing, _num_classes(ctx, ing.max_label, ing.input_shape), eval_tmp
     except BaseException:
-        purge_unreferenced(storage, wd.read_manifest() if wd.exists() else {"shards": []})
+        purge_unreferenced(storage, ctx.read_manifest() if wd.exists() else None)
         if eval_tmp.exists():
             eval_tmp.unlink()
         raise
-
-
-def _callbacks(progress, run):
-    def on_stage(plan, entry, metrics):
-        run.stage(plan.shard, metrics)
-        if progress:
-            progress(plan, entry, metrics)
-
-    return on_stage
 
 
 def _write_eval(path, eval_set, kind) -> None:
@@ -248,9 +256,9 @@ def _write_eval(path, eval_set, kind) -> None:
     write_atomic(path, evalfile.encode(X, y, ids, kind))
 
 
-def _remove_partial(ens, storage) -> None:
-    purge_unreferenced(storage, {"shards": []})
+def _remove_partial(ctx, storage) -> None:
+    purge_unreferenced(storage, None)
     for name in ("config.yaml", "eval.npy", ".eval-ingest.npy"):
-        p = ens.workdir.path / name
+        p = ctx.workdir.path / name
         if p.exists():
             p.unlink()

@@ -1,0 +1,188 @@
+"""The explicit context an operation runs in: config, workdir, store, executor, observer, loaded models.
+
+Operations (`sisa.ops`) are functions of an `OpContext`; they read the manifest from disk under the
+workdir lock and hand every next manifest to ``ctx.commit``, which belongs to the `SisaEnsemble` that
+built the context: the ensemble alone switches manifests. The context owns the lazily created executor,
+the store handle and the cache of loaded sub-models (shared with prediction).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import numpy as np
+
+from shards.errors import ConfigError
+from sisa import evalfile
+from sisa import manifest as manifests
+from sisa.aggregate import Aggregator, decide
+from sisa.config import SisaConfig, dump_yaml
+from sisa.ledger import Ledger
+from sisa.manifest import Manifest
+from sisa.tracking.observer import Observer
+from sisa.workdir import Workdir, write_atomic
+
+EXECUTORS = ("ray", "inprocess")
+
+
+class OpContext:
+    def __init__(
+        self,
+        config: SisaConfig,
+        workdir: Workdir,
+        commit: Callable[[Manifest], None],
+        executor: str,
+        tracking_uri: str | None = None,
+        observer: Observer | None = None,
+    ):
+        if executor not in EXECUTORS:
+            raise ConfigError(f"unknown executor {executor!r}; use 'ray' or 'inprocess'", problems=["cluster.executor"])
+        self.config, self.workdir, self.commit = config, workdir, commit
+        self.executor_name, self.tracking_uri = executor, tracking_uri
+        self.observer = observer or Observer()
+        self._executor = None
+        self._models: dict[tuple[int, str], object] = {}  # (shard, checkpoint sha256) -> sub-model
+        self._lock = threading.RLock()
+
+    # -- where things are ---------------------------------------------------------------------------------
+    def storage(self):
+        return self.workdir.storage(self.config.storage.uri, self.config.storage.options)
+
+    def ledger(self) -> Ledger:
+        return Ledger(self.workdir.path / "ledger.db")
+
+    def read_manifest(self) -> Manifest:
+        return manifests.read(self.workdir.path)
+
+    def write_config(self) -> None:
+        write_atomic(self.workdir.path / "config.yaml", dump_yaml(self.config).encode())
+
+    @property
+    def executor(self):
+        if self._executor is None:
+            from orchestration import InProcessExecutor, RayExecutor
+
+            c = self.config
+            if self.executor_name == "inprocess":
+                self._executor = InProcessExecutor()
+            else:
+                self._executor = RayExecutor(
+                    address=c.cluster.address,
+                    num_cpus_per_shard=c.resources.num_cpus,
+                    num_gpus_per_shard=c.resources.num_gpus,
+                    max_retries=c.cluster.max_retries,
+                    local_num_cpus=c.cluster.num_cpus,
+                    max_workers=c.cluster.max_workers,
+                    threads=c.training.threads,
+                )
+        return self._executor
+
+    def drop_caches(self) -> None:
+        """Forget cached shard data in warm workers (after a deletion)."""
+        if self._executor is not None:
+            self._executor.drop_caches()
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown()
+            self._executor = None
+
+    # -- training -----------------------------------------------------------------------------------------
+    def spec(self, m: Manifest):
+        from shards.spec import TrainSpec
+
+        c = self.config
+        return TrainSpec(
+            seed=c.seed,
+            model=c.model.name,
+            model_kwargs=dict(c.model.kwargs),
+            optim={k: getattr(c.training, k) for k in ("optimizer", "lr", "weight_decay", "momentum", "lr_gamma")},
+            epochs_per_stage=c.epochs_per_stage(),
+            batch_size=c.training.batch_size,
+            input_shape=tuple(m.input_shape),
+            num_classes=m.num_classes,
+            threads=c.training.threads,
+            accelerator="gpu" if c.resources.num_gpus > 0 else "cpu",
+        )
+
+    def run_plans(self, op: str, m: Manifest, plans: list, on_stage=None) -> list:
+        """Train ``plans`` (each a shard from some stage to the last); every finished stage goes to the
+        observer, then to ``on_stage`` (crash points). The caller's torch RNG and thread count are kept."""
+        import torch
+
+        def stage(plan, entry, metrics):
+            if on_stage is not None:
+                on_stage(plan, entry, metrics)
+            self.observer.stage(op, plan, entry, metrics)
+
+        if self.executor_name == "inprocess":
+            with torch.random.fork_rng(devices=[]):
+                threads = torch.get_num_threads()
+                try:
+                    return self.executor.run(self.storage(), self.spec(m), plans, stage)
+                finally:
+                    torch.set_num_threads(threads)
+        return self.executor.run(self.storage(), self.spec(m), plans, stage)
+
+    # -- models -------------------------------------------------------------------------------------------
+    def active_shards(self, m: Manifest) -> list[int]:
+        return m.active_shards(self.config.sharding.slices)
+
+    def load_model(self, shard: int, m: Manifest):
+        """The shard's final sub-model (digest-checked, ``weights_only``), cached by checkpoint digest."""
+        import torch
+
+        from shards import training
+
+        entry = m.shards[shard].final
+        key = (shard, entry.sha256)
+        with self._lock:
+            if key in self._models:
+                return self._models[key]
+        store = self.storage()
+        ckpt = training.load_checkpoint(store.read(entry.file, entry.sha256), store.describe(entry.file))
+        with torch.random.fork_rng(devices=[]):
+            module = training.init_module(self.spec(m), shard)
+        module.load_state_dict(ckpt["state_dict"])
+        module.eval()
+        with self._lock:
+            self._models[key] = module
+        return module
+
+    def prune_models(self, m: Manifest) -> None:
+        """Forget loaded sub-models whose final checkpoint ``m`` no longer names."""
+        keep = {(s, sh.final.sha256) for s, sh in enumerate(m.shards) if sh.final is not None}
+        with self._lock:
+            self._models = {k: v for k, v in self._models.items() if k in keep}
+
+    def aggregator(self, m: Manifest, active: list[int] | None = None) -> Aggregator:
+        active = self.active_shards(m) if active is None else active
+        a = self.config.aggregation
+        models = {s: self.load_model(s, m) for s in active}
+        return Aggregator(models, m.num_classes, a.method, a.weights)
+
+    def evaluate(self, m: Manifest) -> dict:
+        """Accuracy of the ensemble and of each active shard on the stored evaluation rows."""
+        rows = evalfile.read(self.workdir.path)  # (id, y, x), or (y, x) in a file without ids
+        if rows is None or len(rows) == 0 or not self.active_shards(m):
+            return {}
+        agg = self.aggregator(m)
+        X, y = np.ascontiguousarray(rows["x"]), rows["y"]
+        proba, per = agg.predict_all(X)  # one forward pass per sub-model for both figures
+        return {
+            "ensemble_accuracy": float((decide(proba) == y).mean()),
+            "shard_accuracy": {str(s): float((p == y).mean()) for s, p in zip(agg.shards, per)},
+            "eval_rows": int(len(y)),
+        }
+
+    # -- MLflow: the registered model is a copy to keep exact, not a log ---------------------------------
+    def tracker(self):
+        from sisa.tracking.runs import Tracker
+
+        return Tracker(self.config, self.workdir, self.tracking_uri)
+
+    def publish(self, m: Manifest, purge: bool = False, request_id: str | None = None, run_id: str | None = None):
+        """Register ``m``'s ensemble as the ``current`` MLflow model version; with ``purge``, delete every
+        other version (each saw rows that a deletion removed). A no-op when tracking is off."""
+        return self.tracker().publish(self, m, run_id=run_id, purge=purge, request_id=request_id)

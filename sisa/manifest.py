@@ -1,0 +1,246 @@
+"""The manifest: the typed record of what the ensemble is, and the commit point of every change.
+
+Read and written only here (`read`, `write`, `from_dict`, `to_dict`), versioned by `FORMAT`, with a
+migration from older formats, so old workdirs open. The classes are frozen: an operation builds a new
+`Manifest` (`replace`, `with_shard`) and hands it to the ensemble, which alone commits it.
+
+``manifest["shards"][0]["checkpoints"]`` (dict-style reads of the JSON form) still works for users who
+read manifests that way; sisa's own code uses the attributes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+from shards.errors import WorkdirError
+
+FORMAT = 2
+FILE = "manifest.json"
+
+
+class _JsonView:
+    """Read-only dict-style access to the JSON form, for code written against the old dict manifest."""
+
+    def __getitem__(self, key: str):
+        return self.to_dict()[key]
+
+    def get(self, key: str, default=None):
+        return self.to_dict().get(key, default)
+
+
+@dataclass(frozen=True)
+class SliceRef(_JsonView):
+    """One slice file in the store: its content-addressed name, digest and row count."""
+
+    file: str
+    sha256: str
+    rows: int
+
+    def to_dict(self) -> dict:
+        return {"file": self.file, "sha256": self.sha256, "rows": self.rows}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SliceRef:
+        return cls(file=d["file"], sha256=d["sha256"], rows=int(d["rows"]))
+
+
+@dataclass(frozen=True)
+class Checkpoint(_JsonView):
+    """The checkpoint after one stage of one shard; ``lineage`` digests the slices it trained on."""
+
+    stage: int
+    file: str
+    sha256: str
+    rows: int
+    lineage: str
+
+    def to_dict(self) -> dict:
+        return {
+            "stage": self.stage,
+            "file": self.file,
+            "sha256": self.sha256,
+            "rows": self.rows,
+            "lineage": self.lineage,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Checkpoint:
+        return cls(stage=int(d["stage"]), file=d["file"], sha256=d["sha256"], rows=int(d["rows"]), lineage=d["lineage"])
+
+
+@dataclass(frozen=True)
+class ShardState(_JsonView):
+    """A shard's slices, its checkpoints (one per trained stage) and whether prediction excludes it."""
+
+    slices: tuple[SliceRef, ...]
+    checkpoints: tuple[Checkpoint, ...] = ()
+    excluded: bool = False
+
+    @property
+    def rows(self) -> int:
+        return sum(e.rows for e in self.slices)
+
+    @property
+    def final(self) -> Checkpoint | None:
+        return self.checkpoints[-1] if self.checkpoints else None
+
+    def to_dict(self) -> dict:
+        return {
+            "slices": [e.to_dict() for e in self.slices],
+            "checkpoints": [c.to_dict() for c in self.checkpoints],
+            "excluded": self.excluded,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ShardState:
+        return cls(
+            slices=tuple(SliceRef.from_dict(e) for e in d["slices"]),
+            checkpoints=tuple(Checkpoint.from_dict(c) for c in d.get("checkpoints", [])),
+            excluded=bool(d.get("excluded", False)),
+        )
+
+
+@dataclass(frozen=True)
+class Retraining(_JsonView):
+    """Which request is retraining which shards, and for about how long (for predictors that wait)."""
+
+    request_id: str
+    shards: tuple[int, ...]
+    started: float
+    sample_epochs: int
+    expected_seconds: float | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "request_id": self.request_id,
+            "shards": list(self.shards),
+            "started": self.started,
+            "sample_epochs": self.sample_epochs,
+            "expected_seconds": self.expected_seconds,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Retraining:
+        return cls(
+            request_id=d["request_id"],
+            shards=tuple(d["shards"]),
+            started=float(d["started"]),
+            sample_epochs=int(d["sample_epochs"]),
+            expected_seconds=d.get("expected_seconds"),
+        )
+
+
+@dataclass(frozen=True)
+class Manifest(_JsonView):
+    """Everything the ensemble is: config hashes, data schema, every shard's files, applied requests."""
+
+    config_hash: str
+    training_hash: str
+    id_kind: str
+    input_shape: list[int]
+    num_classes: int
+    storage: str
+    shards: tuple[ShardState, ...] = ()
+    feature_names: list[str] | None = None
+    applied_requests: tuple[str, ...] = ()
+    metrics: dict = field(default_factory=dict)
+    retraining: Retraining | None = None
+    created: float = 0.0
+    format: int = FORMAT
+
+    # -- derived views (each defined once) ----------------------------------------------------------------
+    def slice_rows(self) -> list[list[int]]:
+        """The rows of every (shard, slice): the matrix the cost model works on."""
+        return [[e.rows for e in sh.slices] for sh in self.shards]
+
+    def active_shards(self, slices: int) -> list[int]:
+        """Shards that serve predictions: trained through all ``slices`` stages, holding rows, not excluded."""
+        return [
+            s
+            for s, sh in enumerate(self.shards)
+            if not sh.excluded and len(sh.checkpoints) == slices and sh.checkpoints[-1].rows > 0
+        ]
+
+    def referenced_files(self) -> set[str]:
+        """Every store file the manifest names; everything else in the store is garbage."""
+        return {e.file for sh in self.shards for e in (*sh.slices, *sh.checkpoints)}
+
+    # -- building the next manifest -----------------------------------------------------------------------
+    def with_shard(self, s: int, **changes) -> Manifest:
+        shards = list(self.shards)
+        shards[s] = replace(shards[s], **changes)
+        return replace(self, shards=tuple(shards))
+
+    def with_metrics(self, **metrics) -> Manifest:
+        return replace(self, metrics={**self.metrics, **metrics})
+
+    def to_dict(self) -> dict:
+        out = {
+            "format": FORMAT,
+            "config_hash": self.config_hash,
+            "training_hash": self.training_hash,
+            "id_kind": self.id_kind,
+            "input_shape": list(self.input_shape),
+            "feature_names": None if self.feature_names is None else list(self.feature_names),
+            "num_classes": self.num_classes,
+            "storage": self.storage,
+            "shards": [sh.to_dict() for sh in self.shards],
+            "applied_requests": list(self.applied_requests),
+            "metrics": self.metrics,
+            "created": self.created,
+        }
+        if self.retraining is not None:
+            out["retraining"] = self.retraining.to_dict()
+        return out
+
+
+def from_dict(d: dict, where: str = "manifest") -> Manifest:
+    """A Manifest from its JSON form, migrating older formats (format 1: the untyped dict of sisa 0.1)."""
+    fmt = d.get("format")
+    if fmt not in (1, FORMAT):
+        raise WorkdirError(
+            f"{where} was written by an incompatible sisa (manifest format {fmt}; this sisa reads 1 and {FORMAT}): "
+            "open it with the sisa that wrote it, or train a new workdir",
+            path=where,
+        )
+    known = {f.name for f in fields(Manifest)}
+    extra = set(d) - known
+    if extra:
+        raise WorkdirError(f"{where} has unknown fields {sorted(extra)}; it was not written by this sisa", path=where)
+    try:
+        return Manifest(
+            config_hash=d["config_hash"],
+            training_hash=d["training_hash"],
+            id_kind=d["id_kind"],
+            input_shape=list(d["input_shape"]),
+            num_classes=int(d["num_classes"]),
+            storage=d.get("storage", ""),
+            shards=tuple(ShardState.from_dict(sh) for sh in d.get("shards", [])),
+            feature_names=d.get("feature_names"),
+            applied_requests=tuple(d.get("applied_requests", [])),
+            metrics=dict(d.get("metrics", {})),
+            retraining=Retraining.from_dict(d["retraining"]) if d.get("retraining") else None,
+            created=float(d.get("created", 0.0)),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise WorkdirError(f"{where} is malformed ({type(e).__name__}: {e})", path=where) from None
+
+
+def read(workdir_path: Path) -> Manifest:
+    path = Path(workdir_path) / FILE
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise WorkdirError(
+            f"{workdir_path} holds no trained ensemble (no {FILE}); train one with "
+            "`sisa train CONFIG --workdir ...` or SisaEnsemble.from_config(...).fit(...)"
+        ) from None
+    except json.JSONDecodeError as e:
+        raise WorkdirError(f"{path} is corrupt ({e})", path=str(path)) from None
+    return from_dict(doc, str(path))
+
+
+def encode(m: Manifest) -> bytes:
+    return json.dumps(m.to_dict(), indent=1, sort_keys=True).encode()

@@ -1,0 +1,57 @@
+"""Where ids are: training rows (by shard and slice), held-out evaluation rows, already deleted, unknown."""
+
+from __future__ import annotations
+
+from shards.errors import UnknownIdsError
+from shards.partition import shard_of
+from shards.store import read_slice
+from sisa import evalfile
+from sisa.manifest import Manifest
+
+
+def locate(ctx, m: Manifest, ids: list) -> tuple[dict, set, list, list]:
+    """Split canonical ids into training rows found {(shard, slice): set(ids)}, evaluation rows, already
+    deleted (the ledger knows their hashes), and unknown."""
+    c, store = ctx.config, ctx.storage()
+    by_slice: dict[tuple[int, int], list] = {}
+    for i in ids:
+        by_slice.setdefault(shard_of(i, c.seed, c.sharding.shards, c.sharding.slices), []).append(i)
+    found: dict[tuple[int, int], set] = {}
+    missing = []
+    for (s, j), group in by_slice.items():
+        present = set(read_slice(store, m.shards[s].slices[j].to_dict())["id"].tolist())
+        hit = {i for i in group if i in present}
+        if hit:
+            found[(s, j)] = hit
+        missing += [i for i in group if i not in present]
+    held = evalfile.find(ctx.workdir.path, missing)
+    missing = [i for i in missing if i not in held]
+    gone = set()
+    if missing:
+        hashes = ctx.workdir.hash_ids(missing)
+        known = ctx.ledger().deleted(hashes)
+        gone = {i for i, h in zip(missing, hashes) if h in known}
+    return found, held, [i for i in missing if i in gone], [i for i in missing if i not in gone]
+
+
+def first_stages(found) -> dict[int, int]:
+    """{shard: first stage to retrain (1-based)} for the (shard, slice) pairs that hold rows."""
+    out: dict[int, int] = {}
+    for s, j in found:
+        out[s] = min(out.get(s, j + 1), j + 1)
+    return out
+
+
+def unknown_error(ctx, unknown) -> UnknownIdsError:
+    shown = ", ".join(repr(i) for i in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+    rows = evalfile.read(ctx.workdir.path)
+    unnamed = (
+        f" ({len(rows)} evaluation rows of this workdir were stored without ids and cannot be named)"
+        if rows is not None and len(rows) and not evalfile.has_ids(rows)
+        else ""
+    )
+    return UnknownIdsError(
+        f"{len(unknown)} id(s) are neither training nor evaluation rows of this ensemble and were never deleted "
+        f"from it: {shown}{unnamed}. Nothing was changed; check the ids (and their type) and call delete() again",
+        ids=unknown[:5],
+    )
