@@ -16,7 +16,6 @@ overwritten with zeros and removed at the end, also on failure.
 
 from __future__ import annotations
 
-import io
 import os
 import posixpath
 import shutil
@@ -27,10 +26,12 @@ import fsspec
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
+from shards import validation as check
 from shards.errors import DataError
 from shards.partition import assign, canonical_ids, holdout_mask
-from shards.storage import Storage, sha256
-from shards.store import _dtype, slice_name
+from shards.schema import npy_header, row_dtype, row_fields
+from shards.storage import Storage, atomic_path, zero_and_remove
+from shards.store import write_encoded
 
 PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
 
@@ -83,46 +84,15 @@ def _open(fs, path: str):
 
 
 class _Columns:
-    """Which columns are ids, labels and features, and the numpy type the features are combined in."""
+    """Which columns are ids, labels and features (`shards.validation` rules), and the numpy type the
+    features are combined in."""
 
     def __init__(self, schema, id_column: str, label_column: str, where: str):
-        import pyarrow as pa
-
         names = schema.names
-        for col, what in ((label_column, "data.label_column"), (id_column, "data.id_column")):
-            if col not in names:
-                raise DataError(
-                    f"{where} has no column {col!r} (columns: {names[:10]}); set {what}"
-                    + (
-                        " (fitting from Parquet needs an id column so rows can be deleted by id)"
-                        if col == id_column
-                        else ""
-                    )
-                )
-        idt = schema.field(id_column).type
-        if not (
-            pa.types.is_integer(idt)
-            or pa.types.is_string(idt)
-            or pa.types.is_large_string(idt)
-            or pa.types.is_binary(idt)
-            or pa.types.is_large_binary(idt)
-        ):
-            raise DataError(f"id column {id_column!r} has type {idt}; ids must be integers or strings")
-        self.id, self.label = id_column, label_column
-        self.features = [c for c in names if c not in (id_column, label_column)]
-        if not self.features:
-            raise DataError(f"{where} has no feature columns besides {id_column!r} and {label_column!r}")
-        dtypes = []
-        for c in self.features:
-            t = schema.field(c).type
-            if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)):
-                raise DataError(
-                    f"feature column {c!r} has type {t}; every column other than the id and label columns is a "
-                    "feature and must be numeric: drop or encode it before fitting"
-                )
-            dtypes.append(np.dtype(t.to_pandas_dtype()))
-        self.common = np.result_type(*dtypes)  # what np.column_stack of the columns gives
-        self.names = names
+        self.features = check.check_columns(names, id_column, label_column, where)
+        check.check_id_type(schema, id_column)
+        self.common = np.result_type(*check.feature_dtypes(schema, self.features, where))  # as np.column_stack
+        self.id, self.label, self.names, self.where = id_column, label_column, names, where
 
     def check_same(self, other: _Columns, where: str) -> None:
         if other.names != self.names:
@@ -146,32 +116,16 @@ class _Spill:
     def file(self, b) -> str:
         return os.path.join(self.root, f"{b}.spill")
 
-    def add(self, ids_arr, labels, X: np.ndarray, id_column: str, label_column: str) -> None:
-        """Check one chunk (arrow id and label arrays, float32 features) and spill it."""
+    def add(self, ids_arr, labels, X: np.ndarray, cols: _Columns) -> None:
+        """Check one chunk (arrow id and label arrays, float32 features) by `shards.validation` and spill it."""
         n, first = len(X), self.seen
         self.seen += n
-        for arr, col in ((ids_arr, id_column), (labels, label_column)):
-            if arr.null_count:
-                raise DataError(
-                    f"column {col!r} has {arr.null_count} missing value(s) (first chunk row {first}); drop those rows"
-                )
+        check.check_missing(ids_arr, "id", cols.id, first, cols.where)
+        check.check_missing(labels, "label", cols.label, first, cols.where)
         ids, kind = canonical_ids(ids_arr.to_numpy(zero_copy_only=False))
-        if self.kind is None:
-            self.kind = kind
-        elif kind != self.kind:
-            raise DataError(f"ids change type from {self.kind} to {kind} at row {first}; use one id type")
-        if not np.isfinite(X).all():
-            bad = np.argwhere(~np.isfinite(X).reshape(n, -1).all(1)).ravel() + first
-            raise DataError(
-                f"features contain NaN or inf (first at row {bad[0]}); impute or drop those rows",
-                rows=bad[:10].tolist(),
-            )
-        y = labels.to_numpy(zero_copy_only=False)
-        if y.dtype.kind not in "iuf" or (y.dtype.kind == "f" and not np.all(np.mod(y, 1) == 0)) or (n and y.min() < 0):
-            raise DataError(
-                "labels must be integer class indices 0..K-1; encode them, e.g. with sklearn's LabelEncoder"
-            )
-        y = y.astype(np.int64)
+        self.kind = check.check_id_kind(kind, self.kind, first)
+        check.check_finite(X, first)
+        y = check.check_labels(labels.to_numpy(zero_copy_only=False), n, first_row=first)
         self.feature_shape = X.shape[1:]
         held = holdout_mask(ids, self.seed, self.test_fraction)
         if held.any():
@@ -194,7 +148,7 @@ class _Spill:
                 self.id_width[b] = max(self.id_width[b], int(lengths[idx].max()))
 
     def _append(self, b, ids, y, X, rank) -> None:
-        fields = [("id", ids.dtype), ("y", np.int64), ("x", np.float32, X.shape[1:])]
+        fields = row_fields(ids.dtype, X.shape[1:])  # the chunk's id dtype: widths are fixed when a slice is written
         if rank is not None:
             fields.insert(0, ("rank", np.uint64))
         rows = np.empty(len(ids), dtype=fields)
@@ -217,14 +171,8 @@ class _Spill:
     def wipe(self) -> None:
         """Overwrite every spill file with zeros, then remove the directory (rows must not linger on disk)."""
         for name in os.listdir(self.root) if os.path.isdir(self.root) else []:
-            p = os.path.join(self.root, name)
             try:
-                size = os.path.getsize(p)
-                with open(p, "r+b") as f:
-                    for off in range(0, size, 1 << 24):
-                        f.write(b"\0" * min(1 << 24, size - off))
-                    f.flush()
-                    os.fsync(f.fileno())
+                zero_and_remove(os.path.join(self.root, name))
             except OSError:
                 pass
         shutil.rmtree(self.root, ignore_errors=True)
@@ -242,22 +190,16 @@ def wipe_stale_spills(directory) -> list[str]:
     return gone
 
 
-def _unique_or_raise(ids: np.ndarray) -> None:
-    uniq, counts = np.unique(ids, return_counts=True)
-    if len(uniq) != len(ids):
-        dup = uniq[counts > 1][:5].tolist()
-        raise DataError(f"ids must be unique; {int((counts > 1).sum())} are repeated, e.g. {dup}", ids=dup)
-
-
 def _read_file(pf, cols: _Columns, spill: _Spill, batch_bytes: int, row_group_budget: int, scratch: str) -> None:
     feats = cols.features
     batch_rows = max(256, batch_bytes // (8 * len(feats) + 64))
     for g in range(pf.metadata.num_row_groups):
         if pf.metadata.row_group(g).total_byte_size <= row_group_budget:
             for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[g], columns=cols.names, use_threads=False):
-                _check_nulls(batch, feats)
+                for c in feats:
+                    check.check_missing(batch.column(c), "feature", c, spill.seen, cols.where)
                 X = np.column_stack([batch.column(c).to_numpy(zero_copy_only=False) for c in feats])
-                spill.add(batch.column(cols.id), batch.column(cols.label), X.astype(np.float32), cols.id, cols.label)
+                spill.add(batch.column(cols.id), batch.column(cols.label), X.astype(np.float32), cols)
             continue
         # A big row group: one column at a time into a disk-backed (features, rows) buffer.
         ids = pf.read_row_group(g, columns=[cols.id], use_threads=False).column(0).combine_chunks()
@@ -268,25 +210,17 @@ def _read_file(pf, cols: _Columns, spill: _Spill, batch_bytes: int, row_group_bu
         try:
             for k, c in enumerate(feats):
                 col = pf.read_row_group(g, columns=[c], use_threads=False).column(0)
-                if col.null_count:
-                    raise DataError(f"feature column {c!r} has {col.null_count} missing value(s); impute or drop them")
+                check.check_missing(col, "feature", c, spill.seen, cols.where)
                 # equal to np.column_stack(columns).astype(float32), element by element
                 buf[k, :n] = col.to_numpy(zero_copy_only=False).astype(cols.common).astype(np.float32)
                 del col
             for a in range(0, n, batch_rows):
                 b = min(n, a + batch_rows)
                 X = np.ascontiguousarray(buf[:, a:b].T)
-                spill.add(ids.slice(a, b - a), labels.slice(a, b - a), X, cols.id, cols.label)
+                spill.add(ids.slice(a, b - a), labels.slice(a, b - a), X, cols)
         finally:
             del buf
             os.remove(path)
-
-
-def _check_nulls(batch, feats) -> None:
-    for c in feats:
-        col = batch.column(c)
-        if col.null_count:
-            raise DataError(f"feature column {c!r} has {col.null_count} missing value(s); impute or drop them")
 
 
 def ingest_parquet(
@@ -325,20 +259,16 @@ def ingest_parquet(
                 first.check_same(cols, path)
             _read_file(pf, cols, spill, batch_bytes, row_group_budget, root)
         train = int(spill.counts.sum())
-        if spill.seen == 0:
-            raise DataError(f"the dataset {source} is empty; fit needs at least shards x slices rows")
-        if train < shards * slices:
-            raise DataError(
-                f"{train} rows is fewer than shards x slices = {shards} x {slices}; lower sharding.shards or sharding.slices"
-            )
-        if spill.eval_rows:
-            _unique_or_raise(np.concatenate([c["id"] for c in spill.chunks("eval")]))
+        check.check_not_empty(spill.seen, source)
+        check.check_row_count(train, shards, slices)
+        # equal ids land in the same slice (or both in eval): checked per part, reported as for all rows
+        repeated = (
+            [check.repeated_ids(np.concatenate([c["id"] for c in spill.chunks("eval")]))] if spill.eval_rows else []
+        )
         out: list[list[dict]] = []
         for s in range(shards):
-            entries = []
-            for j in range(slices):
-                entries.append(_write_slice(storage, spill, s, j))
-            out.append(entries)
+            out.append([_write_slice(storage, spill, s, j, repeated) for j in range(slices)])
+        check.check_unique(*repeated)
         if eval_path is not None:
             _write_eval(spill, eval_path)
         return Ingested(
@@ -348,13 +278,13 @@ def ingest_parquet(
         spill.wipe()
 
 
-def _write_slice(storage: Storage, spill: _Spill, s: int, j: int) -> dict:
+def _write_slice(storage: Storage, spill: _Spill, s: int, j: int, repeated: list) -> dict:
     """Write one slice: its rows in canonical order, with the dtype and so the bytes of the in-memory path
-    (`shards.store.write_slice`: an .npy of the structured rows). Peak memory is about twice the slice."""
+    (`shards.schema.encode_rows`). Appends the slice's `repeated_ids` to ``repeated``. Peak memory is
+    about twice the slice."""
     b = s * spill.R + j
-    n, shape = int(spill.counts[b]), spill.feature_shape
-    width = int(spill.id_width[b])
-    dtype = _dtype(spill.kind, np.array(["x" * width]) if spill.kind == "str" else np.zeros(0, np.int64), shape)
+    n = int(spill.counts[b])
+    dtype = row_dtype(spill.kind, int(spill.id_width[b]), spill.feature_shape)
     rows = np.zeros(n, dtype=dtype)
     rank = np.empty(n, np.uint64)
     at = 0
@@ -363,47 +293,40 @@ def _write_slice(storage: Storage, spill: _Spill, s: int, j: int) -> dict:
         rows["id"][at : at + k], rows["y"][at : at + k], rows["x"][at : at + k] = c["id"], c["y"], c["x"]
         rank[at : at + k] = c["rank"]
         at += k
-    assert at == n and dtype == _dtype(spill.kind, rows["id"], shape)
-    _unique_or_raise(rows["id"])
-    header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(rows))
-    h = header.getbuffer().nbytes
-    data = bytearray(h + rows.nbytes)  # what np.save writes, built in place: header, then the sorted rows
-    data[:h] = header.getvalue()
+    assert at == n and dtype == row_dtype(spill.kind, rows["id"], spill.feature_shape)
+    repeated.append(check.repeated_ids(rows["id"]))
+    header = npy_header(dtype, n)
+    h = len(header)
+    data = bytearray(h + rows.nbytes)  # what encode_rows writes, built in place: header, then the sorted rows
+    data[:h] = header
     order = np.argsort(rank, kind="stable")
     # mode="clip": the indices are valid anyway, and the default mode would buffer a full copy
     np.take(rows, order, axis=0, out=np.frombuffer(data, dtype=dtype, offset=h, count=n), mode="clip")
     del rows, rank
-    digest = sha256(data)
-    name = slice_name(s, j, digest)
-    storage.write(name, data)
-    return {"file": name, "sha256": digest, "rows": n}
+    return write_encoded(storage, s, j, data, n)
 
 
 def _write_eval(spill: _Spill, eval_path: str) -> None:
-    """eval.npy (id, y, x) of the held-out rows in source order, written chunk by chunk, then renamed: the
-    dtype of a slice file (str ids as wide as the longest held-out id), as `sisa.evalfile` writes it, so
-    that `delete` can name and erase these rows."""
+    """eval.npy (id, y, x) of the held-out rows in source order, written chunk by chunk into a temp file that
+    is then renamed (`shards.storage.atomic_path`): the row schema of a slice file (str ids as wide as the
+    longest held-out id), as `sisa.evalfile` writes it, so that `delete` can name and erase these rows."""
     from numpy.lib.format import open_memmap
 
-    tmp = f"{eval_path}.tmp-{os.getpid()}"
     kind = spill.kind or "int"
-    widest = np.zeros(0, np.int64)
+    width = 1
     if kind == "str":
         width = max((int(np.char.str_len(c["id"]).max()) for c in spill.chunks("eval") if len(c)), default=1)
-        widest = np.array(["x" * width])
-    dtype = _dtype(kind, widest, spill.feature_shape)
-    if spill.eval_rows == 0:
-        np.save(tmp, np.zeros(0, dtype), allow_pickle=False)
-        os.replace(tmp + ".npy", eval_path)
-        return
-    out = open_memmap(tmp, mode="w+", dtype=dtype, shape=(spill.eval_rows,))
-    at = 0
-    for c in spill.chunks("eval"):
-        out["id"][at : at + len(c)], out["y"][at : at + len(c)], out["x"][at : at + len(c)] = c["id"], c["y"], c["x"]
-        at += len(c)
-    out.flush()
-    del out
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, eval_path)
+    dtype = row_dtype(kind, width, spill.feature_shape)
+    with atomic_path(eval_path) as tmp:
+        if spill.eval_rows == 0:
+            with open(tmp, "wb") as f:
+                np.save(f, np.zeros(0, dtype), allow_pickle=False)
+            return
+        out = open_memmap(tmp, mode="w+", dtype=dtype, shape=(spill.eval_rows,))
+        at = 0
+        for c in spill.chunks("eval"):
+            k = len(c)
+            out["id"][at : at + k], out["y"][at : at + k], out["x"][at : at + k] = c["id"], c["y"], c["x"]
+            at += k
+        out.flush()
+        del out

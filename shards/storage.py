@@ -10,6 +10,9 @@ the local workdir switches to new names, which is the commit point.
 Deleting on an object store removes the object; on a bucket with versioning the old version stays behind
 unless the filesystem is version-aware (``version_aware: true``), in which case every version and delete
 marker of the key is removed. `versioning_problem` says when a bucket would keep deleted rows.
+
+Local files anywhere (the workdir's manifest and evaluation file too) are written with `write_atomic`
+(or `atomic_path` for a file written in pieces) and removed with `zero_and_remove`: one implementation each.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
+import threading
 import uuid
+from contextlib import contextmanager
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -55,15 +60,7 @@ class Storage:
         """Write ``data`` to ``rel`` atomically and return its sha256."""
         target = self.path(rel)
         if self.local:
-            d = os.path.dirname(target)
-            os.makedirs(d, exist_ok=True)
-            tmp = os.path.join(d, f".tmp-{uuid.uuid4().hex}")
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-            _fsync_dir(d)
+            write_atomic(target, data, tmp_name=f".tmp-{uuid.uuid4().hex}")
         else:
             self.fs.pipe_file(target, data)
         return sha256(data)
@@ -102,15 +99,7 @@ class Storage:
         """
         target = self.path(rel)
         if self.local:
-            try:
-                size = os.path.getsize(target)
-                with open(target, "r+b") as f:
-                    f.write(b"\0" * size)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.remove(target)
-            except FileNotFoundError:
-                pass
+            zero_and_remove(target)
         elif self._version_aware_s3():
             self._delete_all_versions(target)
         else:
@@ -217,6 +206,49 @@ class Storage:
         for vid in doomed:
             self.fs.call_s3("delete_object", Bucket=bucket, Key=key, VersionId=vid)
         self.fs.invalidate_cache(target)
+
+
+# -- local files: the one atomic write and the one zero-then-delete ------------------------------------
+@contextmanager
+def atomic_path(path, tmp_name: str | None = None):
+    """A temp path next to ``path`` to write; on success it is fsynced and renamed over ``path`` (and the
+    directory fsynced), on failure removed. ``tmp_name`` defaults to ``.NAME.tmp-PID-THREAD`` (what
+    ``Workdir.remove_temp_files`` cleans up after a crash)."""
+    path = os.fspath(path)
+    d = os.path.dirname(path) or "."
+    os.makedirs(d, exist_ok=True)
+    tmp = os.path.join(d, tmp_name or f".{os.path.basename(path)}.tmp-{os.getpid()}-{threading.get_ident()}")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        zero_and_remove(tmp)
+        raise
+    _fsync_dir(d)
+
+
+def write_atomic(path, data: bytes, tmp_name: str | None = None) -> None:
+    """Write ``data`` to the local file ``path`` atomically: temp file, fsync, rename, fsync of the directory."""
+    with atomic_path(path, tmp_name) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
+def zero_and_remove(path, chunk: int = 1 << 24) -> bool:
+    """Overwrite a local file with zeros (fsynced), then remove it, so its bytes (rows, weights) are not left
+    in free blocks. False when there was no such file."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "r+b") as f:
+            for off in range(0, size, chunk):
+                f.write(b"\0" * min(chunk, size - off))
+            f.flush()
+            os.fsync(f.fileno())
+        os.remove(path)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _fsync_dir(d: str) -> None:

@@ -1,7 +1,10 @@
 """Loading and checking training data: built-in digits and synthetic sets, numpy arrays, .npz, CSV, Parquet.
 
-Every check raises a DataError that names what to change. No data-dependent preprocessing happens here:
-anything fitted on all rows (a scaler, say) would leak deleted rows into the survivors' models.
+`read_file` is the one reader of data files (fit's data.path, the CLI's predict input, the audit's row
+files). The checks are the rules of `shards.validation`, shared with the out-of-core Parquet path, and
+re-exported here. Every check raises a DataError that names what to change. No data-dependent
+preprocessing happens here: anything fitted on all rows (a scaler, say) would leak deleted rows into the
+survivors' models.
 """
 
 from __future__ import annotations
@@ -10,9 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
+from shards import validation as check
 from shards.errors import DataError
-from shards.ids import canonical_ids, parse_text_ids
+from shards.ids import canonical_ids, parse_text_ids  # noqa: F401  (canonical_ids: re-exported)
 from shards.partition import holdout_mask
+from shards.validation import check_features, check_labels, check_training  # noqa: F401  (re-exported)
+
+TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
 
 
 def builtin(source: str, cfg) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -39,36 +46,52 @@ def builtin(source: str, cfg) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return X, y, ids
 
 
+def read_file(path, arrays=("X",), optional=(), text_columns=(), suffixes=None):
+    """The contents of a data file: a dict of numpy arrays for a .npz (``arrays`` required, ``optional``
+    when present) or a .npy (``{"X": array}``), a pyarrow Table for a CSV or Parquet file (``text_columns``
+    of a CSV read as text). ``suffixes`` limits the accepted kinds; without it any other file is read as CSV.
+    Nothing is unpickled."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data file {path} does not exist", path=str(path))
+    suffix = path.suffix.lower()
+    if suffixes is not None and suffix not in suffixes:
+        raise DataError(f"{path}: unknown input type {suffix!r}; give a {', '.join(suffixes)} file", path=str(path))
+    if suffix not in (".npy", ".npz"):
+        return read_table(path, text_columns)
+    if suffix == ".npy":
+        out = {"X": np.load(path, allow_pickle=False)}
+    else:
+        with np.load(path, allow_pickle=False) as z:
+            out = {a: z[a] for a in z.files if a in (*arrays, *optional)}
+            held = z.files
+    missing = [a for a in arrays if a not in out]
+    if missing:
+        save = ", ".join(f"{a}=..." for a in (*arrays, *optional))
+        has = f"has {held}" if suffix == ".npz" else "a .npy holds only X"
+        raise DataError(f"{path} lacks arrays {missing} ({has}); save it with np.savez(path, {save})", path=str(path))
+    return out
+
+
 def from_file(path: Path, id_column: str, label_column: str):
     """(X, y, ids, feature_names) of a .npz (arrays X, y and optionally ids; no names), a CSV or a Parquet
     file with id and label columns. A CSV id column is read as text: it holds int ids only when every value
     is a canonical decimal int (so "007" stays the string "007"), see `shards.ids`."""
-    if not path.exists():
-        raise DataError(f"data file {path} does not exist")
-    suffix = path.suffix.lower()
-    if suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            missing = {"X", "y"} - set(z.files)
-            if missing:
-                raise DataError(
-                    f"{path} lacks arrays {sorted(missing)}; save it with np.savez(path, X=..., y=..., ids=...)"
-                )
-            return z["X"], z["y"], (z["ids"] if "ids" in z.files else None), None
-    table = read_table(path, text_columns=(id_column,))
-    cols = table.column_names
-    for col, what in ((label_column, "data.label_column"), (id_column, "data.id_column")):
-        if col not in cols:
-            raise DataError(f"{path} has no column {col!r} (columns: {cols[:10]}); set {what}")
-    feats = [c for c in cols if c not in (id_column, label_column)]
-    X = table_features(table, feats, str(path))
-    raw_ids = table[id_column]
-    if raw_ids.null_count:
-        raise DataError(f"{path}: id column {id_column!r} has {raw_ids.null_count} empty value(s); every row needs an id")
-    if suffix == ".csv":
+    data = read_file(path, ("X", "y"), ("ids",), text_columns=(id_column,))
+    if isinstance(data, dict):
+        return data["X"], data["y"], data.get("ids"), None
+    where = str(path)
+    feats = check.check_columns(data.column_names, id_column, label_column, where)
+    check.check_id_type(data.schema, id_column)
+    X = table_features(data, feats, where)
+    raw_ids, labels = data[id_column], data[label_column]
+    check.check_missing(raw_ids, "id", id_column, where=where)
+    check.check_missing(labels, "label", label_column, where=where)
+    if Path(path).suffix.lower() == ".csv":
         ids, _ = parse_text_ids(raw_ids.to_pylist())
     else:
         ids = raw_ids.to_numpy(zero_copy_only=False)
-    return X, table[label_column].to_numpy(zero_copy_only=False), ids, feats
+    return X, labels.to_numpy(zero_copy_only=False), ids, feats
 
 
 def read_table(path: Path, text_columns=()):
@@ -89,25 +112,12 @@ def read_table(path: Path, text_columns=()):
 
 def table_features(table, names: list[str], where: str) -> np.ndarray:
     """The named columns of a pyarrow Table as float32 features, in that order; non-numeric columns and
-    missing values are refused with the column's name."""
-    import pyarrow as pa
-
-    if not names:
-        raise DataError(f"{where} has no feature columns")
-    out = []
+    missing values are refused with the column's name (`shards.validation`)."""
+    check.feature_columns(names, (), where)
+    check.feature_dtypes(table.schema, names, where)
     for c in names:
-        col = table[c]
-        t = col.type
-        if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)):
-            kind = "string" if pa.types.is_string(t) or pa.types.is_large_string(t) else t
-            raise DataError(
-                f"{where}: feature column {c!r} has type {kind}; features must be numeric: encode it "
-                "(e.g. one-hot or ordinal) or drop it before fitting or predicting"
-            )
-        if col.null_count:
-            raise DataError(f"{where}: feature column {c!r} has {col.null_count} missing value(s); impute or drop them")
-        out.append(col.to_numpy(zero_copy_only=False))
-    return np.column_stack(out).astype(np.float32)
+        check.check_missing(table[c], "feature", c, where=where)
+    return np.column_stack([table[c].to_numpy(zero_copy_only=False) for c in names]).astype(np.float32)
 
 
 def select_features(X, feature_names: list[str] | None, id_column: str, label_column: str):
@@ -158,21 +168,6 @@ def _as_table(X):
     return None
 
 
-def check_labels(y, n_rows: int, what: str = "labels") -> np.ndarray:
-    """Integer class indices 0..K-1 as int64, one per row; anything else is a DataError saying what to do."""
-    y = np.asarray(y)
-    hint = "encode them as integer class indices 0..K-1, e.g. with sklearn's LabelEncoder"
-    if y.ndim != 1 or len(y) != n_rows:
-        raise DataError(f"{what} must be a 1-d array with one label per row: got shape {y.shape} for {n_rows} rows")
-    if y.dtype.kind not in "iuf":
-        raise DataError(f"{what} have dtype {y.dtype}; {hint}")
-    if y.dtype.kind == "f" and not (np.isfinite(y).all() and np.all(np.mod(y, 1) == 0)):
-        raise DataError(f"{what} hold fractional or non-finite values; {hint}")
-    if len(y) and y.min() < 0:
-        raise DataError(f"{what} hold a negative value ({y.min()}); {hint}")
-    return y.astype(np.int64)
-
-
 def is_uri(path) -> bool:
     """True for a URI such as s3://bucket/key (file:// counts as a local path)."""
     return isinstance(path, str) and "://" in path and not path.startswith("file://")
@@ -194,48 +189,6 @@ def parquet_source(X, y, ids, eval_set, cfg, resolve) -> str | None:
     if X is None and y is None and cfg.source == "parquet":
         return cfg.path if is_uri(cfg.path) else str(resolve(cfg.path.removeprefix("file://")))
     return None
-
-
-def check_features(X, input_shape=None) -> np.ndarray:
-    X = np.asarray(X)
-    if X.dtype.kind not in "fiub":
-        raise DataError(f"features must be numeric, got dtype {X.dtype}")
-    if X.ndim < 2:
-        raise DataError(f"features must have shape (n_rows, ...), got {X.shape}; reshape with X.reshape(len(X), -1)")
-    X = X.astype(np.float32)
-    if input_shape is not None and tuple(X.shape[1:]) != tuple(input_shape):
-        raise DataError(
-            f"features have shape {X.shape[1:]} per row but the ensemble was trained on {tuple(input_shape)}"
-        )
-    if not np.isfinite(X).all():
-        bad = np.argwhere(~np.isfinite(X).reshape(len(X), -1).all(1)).ravel()
-        raise DataError(
-            f"features contain NaN or inf in {len(bad)} row(s) (first at row {bad[0]}); impute or drop them",
-            rows=bad[:10].tolist(),
-        )
-    return X
-
-
-def check_training(X, y, ids, shards: int, slices: int):
-    """Validated (X float32, y int64, ids, id_kind)."""
-    X = check_features(X)
-    if len(X) == 0:
-        raise DataError("the dataset is empty; fit needs at least shards x slices rows")
-    y = check_labels(y, len(X))
-    if ids is None:
-        ids = np.arange(len(X))
-    ids, kind = canonical_ids(ids)
-    if len(ids) != len(X):
-        raise DataError(f"ids has {len(ids)} entries but there are {len(X)} rows; give one id per row")
-    uniq, counts = np.unique(ids, return_counts=True)
-    if len(uniq) != len(ids):
-        dup = uniq[counts > 1][:5].tolist()
-        raise DataError(f"ids must be unique; {int((counts > 1).sum())} are repeated, e.g. {dup}", ids=dup)
-    if len(X) < shards * slices:
-        raise DataError(
-            f"{len(X)} rows is fewer than shards x slices = {shards} x {slices}; lower sharding.shards or sharding.slices"
-        )
-    return X, y, ids, kind
 
 
 def split_holdout(X, y, ids, seed: int, fraction: float):

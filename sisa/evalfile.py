@@ -1,7 +1,7 @@
 """The evaluation file ``WORKDIR/eval.npy``: the held-out rows behind the accuracy figures.
 
 It is personal data like the training rows, so it can be erased the same way. Format: a structured
-array with the fields of a slice file, ``(id, y, x)`` (``shards.store``), the str id field narrowed to
+array with the fields of a slice file, ``(id, y, x)`` (the row schema, `shards.schema`), the str id field narrowed to
 the longest id it holds, so that erasing rows gives the same bytes as never storing them. A file
 without an ``id`` field holds rows that cannot be named: an ``eval_set=(X, y)`` given without ids, or a
 workdir written by an older sisa. ``delete`` cannot erase those rows; fit again with ids to change that.
@@ -9,14 +9,13 @@ workdir written by an older sisa. ``delete`` cannot erase those rows; fit again 
 
 from __future__ import annotations
 
-import io
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-from shards.store import _dtype
-from sisa.workdir import write_atomic
+from shards.schema import compact, encode_rows, make_rows
+from shards.storage import write_atomic
 
 NAME = "eval.npy"
 
@@ -32,18 +31,7 @@ def encode(X: np.ndarray, y: np.ndarray, ids: np.ndarray | None, kind: str | Non
                 UserWarning,
                 stacklevel=5,
             )
-        rows = np.zeros(len(y), dtype=[("y", np.int64), ("x", np.float32, X.shape[1:])])
-    else:
-        rows = np.zeros(len(y), dtype=_dtype(kind, ids, X.shape[1:]))
-        rows["id"] = ids
-    rows["y"], rows["x"] = y, X
-    return _npy(rows)
-
-
-def _npy(rows: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, rows, allow_pickle=False)
-    return buf.getvalue()
+    return encode_rows(make_rows(ids, y, X, kind))
 
 
 def read(workdir_path: Path) -> np.ndarray | None:
@@ -72,8 +60,5 @@ def erase(workdir, hashed: set, kind: str) -> int:
     drop = np.array([h in hashed for h in workdir.hash_ids(rows["id"].tolist())], dtype=bool)
     if not drop.any():
         return 0
-    keep = rows[~drop]
-    if kind == "str":
-        keep = keep.astype(_dtype(kind, keep["id"], keep["x"].shape[1:]))
-    write_atomic(workdir.path / NAME, _npy(keep))
+    write_atomic(workdir.path / NAME, encode_rows(compact(rows[~drop], kind)))
     return int(drop.sum())

@@ -120,6 +120,7 @@ def test_eval_rows_without_ids_warn_and_cannot_be_named(tmp_path):
 
 
 def test_audit_catches_an_erased_held_out_row_put_back(tmp_path):
+    from shards.schema import encode_rows
     from sisa import evalfile
 
     X, y, ids, held = world()
@@ -129,6 +130,6 @@ def test_audit_catches_an_erased_held_out_row_put_back(tmp_path):
     victim = str(ids[np.flatnonzero(held)[0]])
     receipt = ens.delete([victim])
     assert ens.verify().ok
-    (wd / evalfile.NAME).write_bytes(evalfile._npy(before))  # the erased row restored into eval.npy
+    (wd / evalfile.NAME).write_bytes(encode_rows(before))  # the erased row restored into eval.npy
     msgs = [f"{c.target} | {c.detail}" for c in ens.verify().failures()]
     assert any("eval.npy holds 1 id(s) deleted by request(s) " + receipt.request_id in m for m in msgs), msgs
