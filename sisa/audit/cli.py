@@ -27,12 +27,10 @@ from shards.errors import SisaError
 def _rows(path: str | None):
     if path is None:
         return None
-    from sisa.errors import DataError
+    from sisa.data import read_file
 
-    with np.load(path, allow_pickle=False) as z:
-        if not {"X", "y"} <= set(z.files):
-            raise DataError(f"{path} lacks arrays X and y (has {z.files}); save it with np.savez(path, X=..., y=...)")
-        return z["X"], z["y"]
+    z = read_file(path, ("X", "y"), suffixes=(".npz",))
+    return z["X"], z["y"]
 
 
 def _merge(reports):

@@ -158,19 +158,9 @@ def _read_features(path: Path):
     """An .npz (array X) or .npy is positional; a CSV or Parquet file is a table whose columns the ensemble
     matches to its training features by name (`SisaEnsemble.predict_proba`)."""
     from sisa import data as datamod
-    from sisa.errors import DataError
 
-    suffix = path.suffix.lower()
-    if suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            if "X" not in z.files:
-                raise DataError(f"{path} has no array 'X' (has {z.files}); save it with np.savez(path, X=...)")
-            return z["X"]
-    if suffix == ".npy":
-        return np.load(path, allow_pickle=False)
-    if suffix not in (".csv", ".parquet", ".pq"):
-        raise DataError(f"{path}: unknown input type {suffix!r}; give a .npz, .npy, .csv or .parquet file")
-    return datamod.read_table(path)
+    data = datamod.read_file(path, ("X",), suffixes=(".npz", ".npy", *datamod.TABLE_SUFFIXES))
+    return data["X"] if isinstance(data, dict) else data
 
 
 @main.command()
