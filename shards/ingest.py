@@ -7,7 +7,8 @@ every row's shard, slice and rank from its id (a pure function of the id, see `s
 appends the rows to a local spill file per (shard, slice). Then each slice is loaded alone, checked for
 duplicate ids (equal ids always land in the same slice), sorted by its canonical rank and written in the
 row schema of `shards.schema` (header and rows built in place), so the files are byte-identical to those
-of the in-memory path for the same rows and ids. Held-out evaluation rows (a keyed hash of the id, as in memory) go to ``eval_path``.
+of the in-memory path for the same rows and ids. Held-out evaluation rows (a keyed hash of the id, as in
+memory) go to ``eval_path``.
 
 Peak driver memory is about one chunk plus one slice: a row group is read whole only when it is smaller
 than ``row_group_budget`` bytes; a larger one is read a column at a time into a disk-backed buffer and
