@@ -123,7 +123,7 @@ def timed_fit(cfg: dict, data, workdir: Path) -> tuple[SisaEnsemble, dict]:
 
 
 def slice_rows(ens: SisaEnsemble) -> list[list[int]]:
-    return [[e["rows"] for e in sh["slices"]] for sh in ens.manifest["shards"]]
+    return ens.manifest.slice_rows()
 
 
 def machine() -> dict:

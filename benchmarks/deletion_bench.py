@@ -49,12 +49,12 @@ def _delete(ens: SisaEnsemble, ids: list[int]) -> dict:
 
 
 def _ids_in(ens: SisaEnsemble, shard: int, slice_: int) -> np.ndarray:
-    return read_slice(ens.storage(), ens.manifest["shards"][shard]["slices"][slice_])["id"]
+    return read_slice(ens.storage(), ens.manifest.shards[shard].slices[slice_].to_dict())["id"]
 
 
 def single_round(ens: SisaEnsemble, rng: np.random.Generator) -> list[dict]:
     """One deletion per slice position j (1..R), each in a different shard."""
-    S, R = len(ens.manifest["shards"]), ens.config.sharding.slices
+    S, R = len(ens.manifest.shards), ens.config.sharding.slices
     runs = []
     for j in range(R):
         run = _delete(ens, [int(rng.choice(_ids_in(ens, j % S, j)))])
@@ -203,7 +203,7 @@ def tracked(workdir: Path, count: int, rng: np.random.Generator) -> dict:
     cfg["tracking"] = {**cfg.get("tracking", {}), "enabled": True}
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     spent = {"finish": 0.0, "publish": 0.0}
-    originals = (tracking._OpRun.finish, tracking.Tracker.publish)
+    originals = (tracking.MLflowObserver.finished, tracking.Tracker.publish)
 
     def clock(name, fn):
         def wrapper(*a, **kw):
@@ -215,7 +215,7 @@ def tracked(workdir: Path, count: int, rng: np.random.Generator) -> dict:
 
         return wrapper
 
-    tracking._OpRun.finish = clock("finish", originals[0])
+    tracking.MLflowObserver.finished = clock("finish", originals[0])
     tracking.Tracker.publish = clock("publish", originals[1])
     runs = []
     try:
@@ -223,13 +223,13 @@ def tracked(workdir: Path, count: int, rng: np.random.Generator) -> dict:
         R = ens.config.sharding.slices
         for i in range(count + 1):
             spent.update(finish=0.0, publish=0.0)
-            shard = (i + 1) % len(ens.manifest["shards"])
+            shard = (i + 1) % len(ens.manifest.shards)
             run = _delete(ens, [int(rng.choice(_ids_in(ens, shard, R - 1)))])
             run.update(mlflow_finish_seconds=spent["finish"], mlflow_publish_seconds=spent["publish"])
             runs.append(run)
         ens.close()
     finally:
-        tracking._OpRun.finish, tracking.Tracker.publish = originals
+        tracking.MLflowObserver.finished, tracking.Tracker.publish = originals
     steady = runs[1:]
     return {
         "first": runs[0],

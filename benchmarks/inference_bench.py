@@ -14,7 +14,7 @@ from sisa.aggregate import FUSED_MAX_ROWS, Aggregator
 
 
 def run(ens, X_eval: np.ndarray, sizes) -> dict:
-    agg = ens.aggregator()
+    agg = ens._ctx.aggregator(ens.manifest)
     loop = Aggregator(dict(zip(agg.shards, agg.modules)), agg.num_classes, agg.method)
     loop._fused = None  # the same sub-models, evaluated one by one
     threads = torch.get_num_threads()

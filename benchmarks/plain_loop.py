@@ -42,7 +42,7 @@ def run(ens, shards: list[int]) -> dict:
     storage = ens.storage()
     work = []
     for s in shards:
-        parts = [read_slice(storage, e) for e in m["shards"][s]["slices"]]
+        parts = [read_slice(storage, e.to_dict()) for e in m.shards[s].slices]
         stages = []
         for i, e in enumerate(epochs):
             rows = np.concatenate(parts[: i + 1])

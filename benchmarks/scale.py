@@ -71,7 +71,7 @@ def train_and_delete(ns, shards_list, slices, epochs, deletions, cpus, tmp: Path
             t0 = time.perf_counter()
             ens.fit(X[:n], y[:n], ids=ids[:n])
             train_s = time.perf_counter() - t0
-            sizes = [[e["rows"] for e in sh["slices"]] for sh in ens.manifest["shards"]]
+            sizes = ens.manifest.slice_rows()
             eps = ens.config.epochs_per_stage()
             row = {
                 "N": n,
@@ -81,7 +81,7 @@ def train_and_delete(ns, shards_list, slices, epochs, deletions, cpus, tmp: Path
                 "train_seconds": train_s,
                 "train_sample_epochs": costmodel.full_cost(sizes, eps),
                 "checkpoint_bytes": store_bytes(ens, "ckpt"),
-                "checkpoints": sum(len(sh["checkpoints"]) for sh in ens.manifest["shards"]),
+                "checkpoints": sum(len(sh.checkpoints) for sh in ens.manifest.shards),
                 "slice_bytes": store_bytes(ens, "data"),
                 "expected_delete_sample_epochs": costmodel.expected_single(sizes, eps),
                 "deletions": [],

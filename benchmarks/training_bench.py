@@ -57,7 +57,7 @@ def scaling(ref: dict, fit2: dict) -> dict:
 
 def plain_part(ens, size: Size, part: int) -> dict:
     """The plain loop on half of ``size.plain_loop_shards`` shards (part 0: the first half, 1: the second)."""
-    n = min(size.plain_loop_shards, len(ens.manifest["shards"]))
+    n = min(size.plain_loop_shards, len(ens.manifest.shards))
     half = max(1, n // 2)
     shards = list(range(half)) if part == 0 else list(range(half, n)) or [0]
     return plain_loop.run(ens, shards)

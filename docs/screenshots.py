@@ -36,7 +36,7 @@ def main() -> None:
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(url)
-        exp = client.get_experiment_by_name(ens.tracker().experiment).experiment_id
+        exp = client.get_experiment_by_name(ens._ctx.tracker().experiment).experiment_id
         dele = next(r for r in client.search_runs([exp]) if r.data.tags.get("sisa.request_id") == receipt.request_id)
         b = Chromium(CHROMIUM, tmp / "profile", width=1500, height=900)
         try:

@@ -16,6 +16,7 @@ from conftest import tiny_config, tiny_data
 from orchestration import ShardPlan
 from shards.store import read_slice, write_slice
 from sisa import Receipt, SisaEnsemble
+from sisa import manifest as manifests
 from sisa.audit.certificate import sign_receipt
 from sisa.ledger import Ledger
 
@@ -91,7 +92,7 @@ def test_checkpoint_overwritten_in_place_fails_and_names_the_file(audited, tmp_p
 
 def test_checkpoint_swapped_with_a_consistent_manifest_fails_bit_for_bit(audited, tmp_path):
     ens = clone(audited, tmp_path)
-    m = ens.manifest
+    m = ens.manifest.to_dict()
     c = m["shards"][2]["checkpoints"][-1]
     store = ens.storage()
     ckpt = torch.load(store.path(c["file"]), weights_only=True)
@@ -100,7 +101,7 @@ def test_checkpoint_swapped_with_a_consistent_manifest_fails_bit_for_bit(audited
     buf = io.BytesIO()
     torch.save(ckpt, buf)
     c["sha256"] = store.write(c["file"], buf.getvalue())
-    ens.workdir.write_manifest(m)
+    ens._commit(manifests.from_dict(m))
     report = ens.verify()
     assert report.shards == {0: True, 1: True, 2: False}
     msgs = failed(report)
@@ -127,7 +128,7 @@ def test_deleted_row_put_back_is_caught_even_when_retrained_consistently(audited
     X, y, ids = audited["X"], audited["y"], audited["ids"]
     back = audited["gone"][0]
     s, j = ens.shard_of(back)
-    m = ens.manifest
+    m = ens.manifest.to_dict()
     store = ens.storage()
     rows = read_slice(store, m["shards"][s]["slices"][j])
     i = int(np.flatnonzero(ids == back)[0])
@@ -136,9 +137,9 @@ def test_deleted_row_put_back_is_caught_even_when_retrained_consistently(audited
     m["shards"][s]["slices"][j] = write_slice(store, s, j, np.concatenate([rows, extra]))
     # a forger who also retrains the shard on the doctored store, so digests and lineage are consistent
     plan = ShardPlan(shard=s, start_stage=1, slices=m["shards"][s]["slices"])
-    ens.run_plans(m, [plan])
+    ens._ctx.run_plans("fit", manifests.from_dict(m), [plan])
     m["shards"][s]["checkpoints"] = plan.checkpoints
-    ens.commit(m)
+    ens._commit(manifests.from_dict(m))
     report = ens.verify()
     msgs = failed(report)
     rid = audited["receipts"][0].request_id

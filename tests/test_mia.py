@@ -36,7 +36,12 @@ def audit(tmp_path_factory):
     ens.delete(gone.tolist())
     manifest = (ens.workdir.path / "manifest.json").read_bytes()
     rep = membership_audit(
-        ens, deleted=(X[gone], y[gone]), population=(X[pop], y[pop]), references=4, exact_cost=deletion_cost(ens)
+        ens._ctx,
+        ens.manifest,
+        deleted=(X[gone], y[gone]),
+        population=(X[pop], y[pop]),
+        references=4,
+        exact_cost=deletion_cost(ens._ctx),
     )
     return ens, rep, manifest
 
@@ -71,7 +76,7 @@ def test_approximate_baseline_is_labelled_and_leaks_before_it_unlearns(audit):
 
 def test_audit_is_logged_to_mlflow_with_a_roc_plot(audit):
     ens, rep, _ = audit
-    run_id = log_audit(ens, rep)
+    run_id = log_audit(ens._ctx, ens.manifest, rep)
     client = MlflowClient(f"sqlite:///{ens.workdir.path / 'mlflow.db'}")
     run = client.get_run(run_id)
     assert run.data.tags["sisa.operation"] == "audit"

@@ -38,7 +38,7 @@ def test_pyfunc_model_predicts_like_the_ensemble_and_follows_deletions(tmp_path,
     ens = SisaEnsemble.from_config(tiny_config(tracking={"enabled": True}), w)
     ens.fit(X, y, ids=ids, eval_set=(X[:30], y[:30]))
     client = _store_uri(monkeypatch, f"sqlite:///{w / 'mlflow.db'}")
-    name = ens.tracker().model_name
+    name = ens._ctx.tracker().model_name
     v1 = client.get_model_version_by_alias(name, "current")
     fit_run = client.get_run(v1.run_id)
     assert fit_run.data.tags["sisa.operation"] == "fit"
@@ -66,7 +66,7 @@ def test_pyfunc_model_predicts_like_the_ensemble_and_follows_deletions(tmp_path,
     assert np.array_equal(model2.predict(X, params={"proba": True}), ens.predict_proba(X))
 
     # a reopened ensemble that publishes again does not log a duplicate version
-    assert ens.tracker().publish(SisaEnsemble.open(w), purge=True).version == v2.version
+    assert ens._ctx.tracker().publish((o := SisaEnsemble.open(w))._ctx, o.manifest, purge=True).version == v2.version
     assert len(client.search_model_versions(f"name = '{name}'")) == 1
 
 
@@ -84,7 +84,7 @@ def test_purge_touches_only_this_ensembles_models(tmp_path, monkeypatch):
     cfg = tiny_config(tracking={"enabled": True, "uri": uri})
     a = SisaEnsemble.from_config({**cfg, "name": "alpha"}, tmp_path / "a").fit(X, y, ids=ids)
     b = SisaEnsemble.from_config({**cfg, "name": "beta"}, tmp_path / "b").fit(X, y, ids=ids)
-    name_a, name_b = a.tracker().model_name, b.tracker().model_name
+    name_a, name_b = a._ctx.tracker().model_name, b._ctx.tracker().model_name
     assert name_a != name_b
     old_a = client.get_model_version_by_alias(name_a, "current")
     keep_b = client.get_model_version_by_alias(name_b, "current")
@@ -110,7 +110,7 @@ def test_a_deletion_killed_after_the_swap_is_purged_from_mlflow_on_reopen(tmp_pa
     w = tmp_path / "w"
     ens = SisaEnsemble.from_config(tiny_config(tracking={"enabled": True}), w).fit(X, y, ids=ids)
     client = _store_uri(monkeypatch, f"sqlite:///{w / 'mlflow.db'}")
-    name = ens.tracker().model_name
+    name = ens._ctx.tracker().model_name
     v1 = client.get_model_version_by_alias(name, "current")
     code = "import sys; from sisa import SisaEnsemble; SisaEnsemble.open(sys.argv[1]).delete(['u-9', 'u-10'])"
     res = subprocess.run(
@@ -129,6 +129,6 @@ def test_a_deletion_killed_after_the_swap_is_purged_from_mlflow_on_reopen(tmp_pa
     assert not (w / "mlartifacts" / "models" / _model_id(v1)).exists()
     assert np.array_equal(mlflow.pyfunc.load_model(f"models:/{name}@current").predict(X), reopened.predict(X))
     # the dead process's deletion run is shown as KILLED, not running forever
-    exp = client.get_experiment_by_name(ens.tracker().experiment).experiment_id
+    exp = client.get_experiment_by_name(ens._ctx.tracker().experiment).experiment_id
     dead = client.search_runs([exp], "tags.`sisa.operation` = 'delete'")
     assert [r.info.status for r in dead] == ["KILLED"]

@@ -38,7 +38,7 @@ def test_no_superseded_model_or_deleted_row_left_in_mlflow(tmp_path):
     kept = [s for s in ens.active_shards() if s not in affected]
     old_weights = _weight_needles(ens, affected)
     # the superseded version's identity, held by its model-version and logged-model rows in the database
-    old_version = [fingerprint(ens, ens.manifest).encode()]
+    old_version = [fingerprint(ens._ctx, ens.manifest).encode()]
     rows = [X[r].tobytes() for r in marked] + [i.encode() for i in del_ids] + [i.encode("utf-32-le") for i in del_ids]
     ml = [w / "mlartifacts", w / "mlflow.db"]
 
@@ -50,7 +50,7 @@ def test_no_superseded_model_or_deleted_row_left_in_mlflow(tmp_path):
     client = MlflowClient(f"sqlite:///{w / 'mlflow.db'}")
     runs_before = {
         r.info.run_id
-        for r in client.search_runs([client.get_experiment_by_name(ens.tracker().experiment).experiment_id])
+        for r in client.search_runs([client.get_experiment_by_name(ens._ctx.tracker().experiment).experiment_id])
     }
 
     ens.delete(del_ids)
@@ -64,7 +64,7 @@ def test_no_superseded_model_or_deleted_row_left_in_mlflow(tmp_path):
     assert {n for _, n in scan_mlflow(_weight_needles(ens, kept + affected))} == set(
         _weight_needles(ens, kept + affected)
     )
-    exp = client.get_experiment_by_name(ens.tracker().experiment).experiment_id
+    exp = client.get_experiment_by_name(ens._ctx.tracker().experiment).experiment_id
     runs_after = client.search_runs([exp])
     assert runs_before < {r.info.run_id for r in runs_after}
     fit_run = next(

@@ -39,7 +39,7 @@ def _published(tmp_path, monkeypatch, delete=()):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
     client = MlflowClient(uri, registry_uri=uri)
-    name = ens.tracker().model_name
+    name = ens._ctx.tracker().model_name
     mv = client.get_model_version_by_alias(name, "current")
     root = w / "mlartifacts" / "models" / mv.source.removeprefix("models:/") / "artifacts"
     assert (root / "MLmodel").exists()
@@ -144,7 +144,7 @@ def test_an_mlmodel_pointed_at_planted_code_is_refused_before_mlflow_reads_it(tm
 def test_audit_passes_on_an_untouched_ensemble_and_writes_nothing(tmp_path, monkeypatch):
     ens, X, uri, client, name, root = _published(tmp_path, monkeypatch, delete=["u-3", "u-40"])
     w = ens.workdir.path
-    exp = client.get_experiment_by_name(ens.tracker().experiment).experiment_id
+    exp = client.get_experiment_by_name(ens._ctx.tracker().experiment).experiment_id
     runs = len(client.search_runs([exp]))
     before = _snapshot(w)
     code, out = _audit(w)
@@ -177,7 +177,7 @@ def test_audit_catches_a_surviving_version_that_saw_deleted_rows(tmp_path, monke
 
     # the old version comes back (a restored backup, a purge that did not run)
     lm = client.create_logged_model(
-        client.get_experiment_by_name(ens.tracker().experiment).experiment_id,
+        client.get_experiment_by_name(ens._ctx.tracker().experiment).experiment_id,
         name=name,
         tags={"sisa.ensemble": name},
     )

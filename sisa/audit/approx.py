@@ -111,22 +111,23 @@ def gradient_ascent(
 
 
 def run_baseline(
-    ens,
+    ctx,
+    m,
     train: tuple[np.ndarray, np.ndarray],
     forget: tuple[np.ndarray, np.ndarray],
     reference: tuple[np.ndarray, np.ndarray],
     lr: float | None = None,
     max_steps: int = 500,
 ) -> tuple[ApproxResult, torch.nn.Module, torch.nn.Module]:
-    """Train a monolithic model on ``train`` (which includes ``forget``), then unlearn ``forget`` by
+    """Train a monolithic model (the ensemble's model and optimizer, from ``ctx`` and manifest ``m``) on ``train`` (which includes ``forget``), then unlearn ``forget`` by
     gradient ascent until its loss matches the loss on ``reference`` rows the model never saw.
 
     Returns the result and the models before and after the ascent. NOT exact unlearning.
     """
     import copy
 
-    c = ens.config
-    spec = plain_spec(ens.spec(), c.training.epochs)
+    c = ctx.config
+    spec = plain_spec(ctx.spec(m), c.training.epochs)
     X, y = train
     before, train_s = train_plain(spec, X, y, key=1_000_000)
     after = copy.deepcopy(before)

@@ -34,18 +34,21 @@ from sisa.audit.report import AuditReport, Check, sign_receipt  # noqa: F401  (s
 
 
 # -- the audit ----------------------------------------------------------------------------------------
-def verify(ens, receipt=None, timeout: float | None = None) -> AuditReport:
-    """Audit one receipt (a Receipt or a request id), or with ``receipt=None`` the whole ensemble."""
+def verify(ctx, m, receipt=None, timeout: float | None = None) -> AuditReport:
+    """Audit one receipt (a Receipt or a request id), or with ``receipt=None`` the whole ensemble.
+
+    ``m`` is the manifest the caller serves; the audit checks the committed one, read from disk under the
+    workdir lock (a deletion another process finished since is what counts)."""
     from sisa.ledger import Ledger
 
     t0 = time.time()
-    wd = ens.workdir
+    wd = ctx.workdir
     rid = getattr(receipt, "request_id", receipt)
     if receipt is not None and not isinstance(rid, str):
         raise WorkdirError("verify() needs a Receipt with a request id, a request id string, or None for --all")
     report = AuditReport(scope=f"receipt {rid}" if rid else "the whole ensemble")
     with wd.lock(what="audit"):
-        manifest = wd.read_manifest()
+        manifest = ctx.read_manifest()
         if not (wd.path / "secret.key").exists():
             raise WorkdirError(f"{wd.path}/secret.key is missing: hashed ids and receipt signatures cannot be checked")
         ledger = Ledger(wd.path / "ledger.db") if (wd.path / "ledger.db").exists() else None
@@ -57,11 +60,11 @@ def verify(ens, receipt=None, timeout: float | None = None) -> AuditReport:
         receipts = {r["id"]: _check_receipt(loaded, wd, manifest, ledger, r) for r in requests if r["state"] == "done"}
         if rid is None:
             _check_ledger(report, manifest, requests)
-            shards = [s for s, sh in enumerate(manifest["shards"]) if sh["checkpoints"]]
+            shards = [s for s, sh in enumerate(manifest.shards) if sh.checkpoints]
             deleted = {h: q for q in requests for h in ledger.hashed_ids(q["id"])} if ledger else {}
         else:
             if by_id[rid]["state"] != "done":
-                report.add(f"receipt {rid}", "request finished", [f"ledger state is {by_id[rid]['state']!r}"])
+                report.add(f"receipt {rid}", "request finished", [f"ledger state is {str(by_id[rid]['state'])!r}"])
             shards = sorted(int(s) for s in (receipts.get(rid) or {}).get("shards", {}))
             deleted = {h: by_id[rid] for h in ledger.hashed_ids(rid)}
         # the receipts that speak about these shards (a later one may have retrained a shard again)
@@ -72,14 +75,14 @@ def verify(ens, receipt=None, timeout: float | None = None) -> AuditReport:
         ]
         keep = {f"receipt {q}" for q, _ in chain} | {f"receipt {q}" for q in receipts if rid in (None, q)}
         report.checks += [c for c in loaded.checks if c.target in keep]
-        store = ens.storage()
+        store = ctx.storage()
         _check_live_ids(report, wd, store, manifest, deleted)
         _check_chain(report, manifest, chain, shards)
         files_ok = {s: _check_files(report, store, manifest, s) for s in shards}
-        _check_retrain(report, ens, manifest, store, [s for s in shards if files_ok[s]], timeout)
+        _check_retrain(report, ctx, manifest, store, [s for s in shards if files_ok[s]], timeout)
         from sisa.audit.published import check_published
 
-        check_published(report, ens, manifest, receipts)  # what MLflow serves: @current, its files, no survivor
+        check_published(report, ctx, manifest, receipts)  # what MLflow serves: @current, its files, no survivor
         for s in shards:
             report.shards[s] = all(c.ok for c in report.checks if c.target == f"shard {s}")
         report.receipts = {q: all(c.ok for c in report.checks if c.target == f"receipt {q}") for q in sorted(keep)}
@@ -126,9 +129,9 @@ def _check_receipt(report, wd, manifest, ledger, req) -> dict | None:
         problems.append(f"{where}: field(s) {', '.join(diff)} differ from the ledger's copy")
     if sorted(r.get("hashed_ids", [])) != sorted(ledger.hashed_ids(rid)):
         problems.append(f"{where}: field 'hashed_ids' differs from the ids the ledger recorded")
-    if r.get("config_hash") != manifest["config_hash"]:
-        problems.append(f"{where}: field 'config_hash' is not the ensemble's ({manifest['config_hash']})")
-    if rid not in manifest.get("applied_requests", []):
+    if r.get("config_hash") != manifest.config_hash:
+        problems.append(f"{where}: field 'config_hash' is not the ensemble's ({manifest.config_hash})")
+    if rid not in manifest.applied_requests:
         problems.append(f"manifest.json: field 'applied_requests' lacks {rid}")
     report.add(target, "matches the ledger and the manifest", problems)
     return r
@@ -136,15 +139,13 @@ def _check_receipt(report, wd, manifest, ledger, req) -> dict | None:
 
 def _check_ledger(report, manifest, requests) -> None:
     problems = [
-        f"request {q['id']} is {q['state']!r}, not done: open the workdir to finish it"
+        f"request {q['id']} is {str(q['state'])!r}, not done: open the workdir to finish it"
         for q in requests
         if q["state"] != "done"
     ]
     known = {q["id"] for q in requests}
     problems += [
-        f"manifest.json: applied request {a} is not in the ledger"
-        for a in manifest.get("applied_requests", [])
-        if a not in known
+        f"manifest.json: applied request {a} is not in the ledger" for a in manifest.applied_requests if a not in known
     ]
     report.add("ledger", "every request is done and recorded in the manifest", problems)
 
@@ -154,17 +155,17 @@ def _check_live_ids(report, wd, store, manifest, deleted: dict) -> None:
     from shards.store import read_slice
 
     problems = []
-    for sh in manifest["shards"]:
-        for e in sh["slices"]:
+    for sh in manifest.shards:
+        for e in sh.slices:
             try:
-                ids = read_slice(store, e)["id"].tolist()
+                ids = read_slice(store, e.to_dict())["id"].tolist()
             except SisaError:
                 continue  # reported by the file check of the shard
             back = [h for h in wd.hash_ids(ids) if h in deleted]
             if back:
                 reqs = sorted({deleted[h]["id"] for h in back})
                 problems.append(
-                    f"{store.describe(e['file'])} holds {len(back)} id(s) deleted by request(s) {', '.join(reqs)}"
+                    f"{store.describe(e.file)} holds {len(back)} id(s) deleted by request(s) {', '.join(reqs)}"
                 )
     from sisa import evalfile
 
@@ -173,11 +174,11 @@ def _check_live_ids(report, wd, store, manifest, deleted: dict) -> None:
         back = [h for h in wd.hash_ids(rows["id"].tolist()) if h in deleted]
         if back:
             reqs = sorted({deleted[h]["id"] for h in back})
-            problems.append(f"{wd.path / evalfile.NAME} holds {len(back)} id(s) deleted by request(s) {', '.join(reqs)}")
+            problems.append(
+                f"{wd.path / evalfile.NAME} holds {len(back)} id(s) deleted by request(s) {', '.join(reqs)}"
+            )
     report.add("ledger", f"no deleted id ({len(deleted)} hashed) is among the live ids", problems)
-    from sisa.workdir import referenced_files
-
-    keep = referenced_files(manifest)
+    keep = manifest.referenced_files()
     stale = [store.describe(f) for f in store.listdir() if f.startswith(("data/", "ckpt/")) and f not in keep]
     report.add(
         "store",
@@ -189,7 +190,7 @@ def _check_live_ids(report, wd, store, manifest, deleted: dict) -> None:
 def _check_chain(report, manifest, receipts: list[tuple[str, dict]], shards: list[int]) -> None:
     """Walk the receipts in ledger order: each one's checkpoints_before / resumed_from must be what the
     previous ones left, and the last word on each stage must be the deployed checkpoint."""
-    R = max((len(sh["checkpoints"]) for sh in manifest["shards"]), default=0)
+    R = max((len(sh.checkpoints) for sh in manifest.shards), default=0)
     state: dict[int, dict[int, tuple]] = {s: {} for s in shards}  # stage -> (digest, rid, field)
     lineage: dict[int, tuple] = {}  # shard -> (lineage_after, rid, field) of the last receipt retraining it
     problems: dict[str, list[str]] = {}
@@ -220,17 +221,17 @@ def _check_chain(report, manifest, receipts: list[tuple[str, dict]], shards: lis
                 state[s][first + k] = (d, rid, f"{f}.checkpoints_after[{k}]")
             lineage[s] = (v.get("lineage_after"), rid, f"{f}.lineage_after")
     for s in shards:
-        cks = manifest["shards"][s]["checkpoints"]
+        cks = manifest.shards[s].checkpoints
         for stage, (digest, rid, name) in sorted(state[s].items()):
             dep = cks[stage - 1] if 0 < stage <= len(cks) else None
-            if dep is None or dep["sha256"] != digest:
+            if dep is None or dep.sha256 != digest:
                 problems[rid].append(
                     f"{name} = {str(digest)[:12]} but the deployed stage-{stage} checkpoint "
-                    + (f"{dep['file']} has {dep['sha256'][:12]}" if dep else "is missing")
+                    + (f"{dep.file} has {dep.sha256[:12]}" if dep else "is missing")
                 )
         if s in lineage and cks:
             digest, rid, name = lineage[s]
-            if digest != cks[-1].get("lineage"):
+            if digest != cks[-1].lineage:
                 problems[rid].append(f"{name} = {str(digest)[:12]} but the deployed checkpoint's lineage differs")
     for rid, r in receipts:
         if any(int(k) in state for k in (r.get("shards") or {})):
@@ -243,38 +244,39 @@ def _check_files(report, store, manifest, s: int) -> bool:
     from shards import training
     from shards.job import lineage
 
-    sh = manifest["shards"][s]
+    sh = manifest.shards[s]
+    slices = [e.to_dict() for e in sh.slices]
     problems = []
-    for e in sh["slices"]:
+    for e in sh.slices:
         try:
-            store.read(e["file"], e["sha256"])
+            store.read(e.file, e.sha256)
         except SisaError as err:
             problems.append(str(err).split(";")[0])
     report.add(f"shard {s}", "slice files match the manifest digests", problems)
     files_ok = not problems
     problems, lin = [], []
-    for k, c in enumerate(sh["checkpoints"]):
-        where = store.describe(c["file"])
+    for k, c in enumerate(sh.checkpoints):
+        where = store.describe(c.file)
         try:
-            ckpt = training.load_checkpoint(store.read(c["file"], c["sha256"]), where)
+            ckpt = training.load_checkpoint(store.read(c.file, c.sha256), where)
         except SisaError as err:
             problems.append(str(err).split(";")[0])
             continue
-        want = lineage(sh["slices"], k + 1)
-        if c.get("lineage") != want:
+        want = lineage(slices, k + 1)
+        if c.lineage != want:
             lin.append(
                 f"manifest.json shards.{s}.checkpoints[{k}].lineage is not the digest of the live slices 1..{k + 1}"
             )
-        if ckpt.get("lineage") != c.get("lineage"):
+        if ckpt.get("lineage") != c.lineage:
             lin.append(f"{where}: the lineage inside the checkpoint differs from the manifest's")
-        if c["rows"] != sum(e["rows"] for e in sh["slices"][: k + 1]):
+        if c.rows != sum(e.rows for e in sh.slices[: k + 1]):
             lin.append(f"manifest.json shards.{s}.checkpoints[{k}].rows does not match the live slices")
     report.add(f"shard {s}", "checkpoint files match the manifest digests", problems)
     report.add(f"shard {s}", "checkpoint lineage = digest of the live slice files", lin)
     return files_ok  # the retraining needs sound slice files only
 
 
-def _check_retrain(report, ens, manifest, store, shards: list[int], timeout) -> None:
+def _check_retrain(report, ctx, manifest, store, shards: list[int], timeout) -> None:
     import torch
 
     from shards import training
@@ -287,8 +289,8 @@ def _check_retrain(report, ens, manifest, store, shards: list[int], timeout) -> 
             "storage": store.root,
             "options": store.storage_options,
             "scratch": scratch,
-            "spec": asdict(ens.spec(manifest)),
-            "shards": {str(s): manifest["shards"][s]["slices"] for s in shards},
+            "spec": asdict(ctx.spec(manifest)),
+            "shards": {str(s): [e.to_dict() for e in manifest.shards[s].slices] for s in shards},
         }
         t0 = time.time()
         out = os.path.join(scratch, "result.json")
@@ -315,30 +317,28 @@ def _check_retrain(report, ens, manifest, store, shards: list[int], timeout) -> 
 
         fresh = Storage(scratch)
         for s in shards:
-            _compare(
-                report, s, result["shards"][str(s)], manifest["shards"][s]["checkpoints"], store, fresh, training, torch
-            )
+            _compare(report, s, result["shards"][str(s)], manifest.shards[s].checkpoints, store, fresh, training, torch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _compare(report, s, got: dict, deployed: list[dict], store, fresh, training, torch) -> None:
+def _compare(report, s, got: dict, deployed, store, fresh, training, torch) -> None:
     target = f"shard {s}"
     if "error" in got:
         report.add(target, "retrained from scratch", [f"retraining failed: {got['error']}"])
         return
     ret = got["checkpoints"]
     problems = [
-        f"stage {k + 1}: retrained checkpoint sha256 {a['sha256'][:12]} != deployed {store.describe(b['file'])} ({b['sha256'][:12]})"
+        f"stage {k + 1}: retrained checkpoint sha256 {a['sha256'][:12]} != deployed {store.describe(b.file)} ({b.sha256[:12]})"
         for k, (a, b) in enumerate(zip(ret, deployed))
-        if a["sha256"] != b["sha256"]
+        if a["sha256"] != b.sha256
     ]
     if len(ret) != len(deployed):
         problems.append(f"{len(ret)} stages retrained but {len(deployed)} checkpoints deployed")
     report.add(target, "retrained checkpoint digests = deployed digests", problems)
     a = training.load_checkpoint(fresh.read(ret[-1]["file"], ret[-1]["sha256"]))["state_dict"]
     try:
-        b = training.load_checkpoint(store.read(deployed[-1]["file"]), store.describe(deployed[-1]["file"]))
+        b = training.load_checkpoint(store.read(deployed[-1].file), store.describe(deployed[-1].file))
     except SisaError as e:
         report.add(target, "weights retrained from scratch = deployed weights (torch.equal)", [str(e).split(";")[0]])
         return
@@ -347,7 +347,7 @@ def _compare(report, s, got: dict, deployed: list[dict], store, fresh, training,
     report.add(
         target,
         "weights retrained from scratch = deployed weights (torch.equal)",
-        [f"{store.describe(deployed[-1]['file'])}: tensor(s) {', '.join(diff[:4])} differ"] if diff else [],
+        [f"{store.describe(deployed[-1].file)}: tensor(s) {', '.join(diff[:4])} differ"] if diff else [],
     )
 
 
@@ -397,4 +397,3 @@ def retrain_worker(out_path: str) -> None:
             out["shards"][key] = {"error": str(e)}
     with open(out_path, "w") as f:
         json.dump(out, f)
-

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from sisa import approx
+from sisa.audit import approx
 
 EXACT = "exact ensemble"
 MONO = "monolithic, before unlearning"
@@ -156,11 +156,11 @@ class MIAReport:
         return "\n".join(lines)
 
 
-def deletion_cost(ens) -> dict:
+def deletion_cost(ctx) -> dict:
     """What the exact deletions cost, summed over the receipts in the ledger."""
     from sisa.ledger import Ledger
 
-    path = ens.workdir.path / "ledger.db"
+    path = ctx.workdir.path / "ledger.db"
     recs = [r["receipt"] for r in Ledger(path).requests() if r["receipt"]] if path.exists() else []
     return {
         "requests": len(recs),
@@ -170,29 +170,31 @@ def deletion_cost(ens) -> dict:
     }
 
 
-def live_rows(ens, shards=None) -> tuple[np.ndarray, np.ndarray]:
-    """(X, y) of every row the live slices hold (active shards by default)."""
+def live_rows(ctx, m, shards=None) -> tuple[np.ndarray, np.ndarray]:
+    """(X, y) of every row the live slices of manifest ``m`` hold (active shards by default)."""
     from shards.store import read_slice
 
-    m, store = ens.manifest, ens.storage()
+    store = ctx.storage()
     parts = [
-        read_slice(store, e)
-        for s in (ens.active_shards() if shards is None else shards)
-        for e in m["shards"][s]["slices"]
+        read_slice(store, e.to_dict())
+        for s in (ctx.active_shards(m) if shards is None else shards)
+        for e in m.shards[s].slices
     ]
     parts = [p for p in parts if len(p)]
     if not parts:
-        return np.zeros((0, *m["input_shape"]), np.float32), np.zeros(0, np.int64)
+        return np.zeros((0, *m.input_shape), np.float32), np.zeros(0, np.int64)
     return np.concatenate([np.ascontiguousarray(p["x"]) for p in parts]), np.concatenate([p["y"] for p in parts])
 
 
-def heldout_rows(ens) -> tuple[np.ndarray, np.ndarray]:
-    path = ens.workdir.path / "eval.npy"
-    if not path.exists():
+def heldout_rows(ctx) -> tuple[np.ndarray, np.ndarray]:
+    from sisa import evalfile
+
+    rows = evalfile.read(ctx.workdir.path)
+    if rows is None:
         from sisa.errors import DataError
 
+        path = ctx.workdir.path / evalfile.NAME
         raise DataError(f"{path} does not exist: pass held-out rows (heldout=(X, y), or --mia-heldout FILE.npz)")
-    rows = np.load(path, allow_pickle=False)
     return np.ascontiguousarray(rows["x"]), rows["y"]
 
 
@@ -201,7 +203,8 @@ def _take(X, y, idx):
 
 
 def membership_audit(
-    ens,
+    ctx,
+    m,
     deleted: tuple[np.ndarray, np.ndarray],
     heldout: tuple[np.ndarray, np.ndarray] | None = None,
     retained: tuple[np.ndarray, np.ndarray] | None = None,
@@ -212,7 +215,7 @@ def membership_audit(
     n_boot: int = 1000,
     seed: int = 0,
 ) -> MIAReport:
-    """Run the attacks on the deployed ensemble (and, with ``baseline``, on the approximate baseline).
+    """Run the attacks on the ensemble of manifest ``m`` (and, with ``baseline``, on the approximate baseline).
 
     ``deleted``: the (X, y) rows that were deleted (the auditor keeps them; the workdir does not).
     ``heldout``: rows never trained on (default: the workdir's evaluation rows). ``population``: rows for
@@ -222,52 +225,31 @@ def membership_audit(
     t0 = time.time()
     rng = np.random.default_rng(seed)
     Xd, yd = np.asarray(deleted[0], np.float32), np.asarray(deleted[1]).astype(np.int64)
-    Xh, yh = heldout if heldout is not None else heldout_rows(ens)
+    Xh, yh = heldout if heldout is not None else heldout_rows(ctx)
     Xh, yh = np.asarray(Xh, np.float32), np.asarray(yh).astype(np.int64)
     if population is None and references > 0:
         perm = rng.permutation(len(yh))
         population, (Xh, yh) = _take(Xh, yh, perm[: len(perm) // 2]), _take(Xh, yh, perm[len(perm) // 2 :])
-    Xl, yl = live_rows(ens)
+    Xl, yl = live_rows(ctx, m)
     if retained is None:
         n = min(len(yl), max(len(yd), len(yh), 200))
         retained = _take(Xl, yl, rng.choice(len(yl), n, replace=False))
     Xr, yr = np.asarray(retained[0], np.float32), np.asarray(retained[1]).astype(np.int64)
     groups = {"retained": (Xr, yr), "deleted": (Xd, yd), "heldout": (Xh, yh)}
 
-    ref_conf = _reference_confidence(ens, population, groups, references, seed) if references > 0 else None
-    models = {EXACT: ens.predict_proba}
+    ref_conf = _reference_confidence(ctx, m, population, groups, references, seed) if references > 0 else None
+    models = {EXACT: ctx.aggregator(m).predict_proba}
     rep = MIAReport(exact_cost=exact_cost or {})
     if baseline:
         Xp, yp = population if population is not None else (Xh, yh)
         res, before, after = approx.run_baseline(
-            ens, (np.concatenate([Xl, Xd]), np.concatenate([yl, yd])), (Xd, yd), (Xp, yp)
+            ctx, m, (np.concatenate([Xl, Xd]), np.concatenate([yl, yd])), (Xd, yd), (Xp, yp)
         )
         rep.baseline = res.to_dict()
         models[MONO] = lambda X, m=before: approx.proba(m, X)
         models[GA] = lambda X, m=after: approx.proba(m, X)
-    from scipy.stats import ks_2samp
-    from sklearn.metrics import roc_curve
-
     for name, predict in models.items():
-        probs = {g: predict(X) for g, (X, _) in groups.items()}
-        losses = {g: row_loss(probs[g], groups[g][1]) for g in groups}
-        scores = {"loss": {g: -v for g, v in losses.items()}}
-        if ref_conf is not None:
-            scores["reference"] = {
-                g: (logit_conf(probs[g], groups[g][1]) - ref_conf[g][0]) / ref_conf[g][1] for g in groups
-            }
-        rep.accuracy[name] = float((probs["heldout"].argmax(1) == yh).mean())
-        rep.mean_loss[name] = {g: float(v.mean()) for g, v in losses.items()}
-        rep.ks[name] = {}
-        for g in ("retained", "deleted") if name == EXACT else ("deleted",):
-            ks = ks_2samp(losses[g], losses["heldout"])
-            rep.ks[name][g] = {"statistic": float(ks.statistic), "pvalue": float(ks.pvalue)}
-            for attack, sc in scores.items():
-                pos, neg = sc[g], sc["heldout"]
-                lo, hi, p = bootstrap_auc(pos, neg, n_boot, seed=seed)
-                rep.results.append(AttackResult(name, attack, g, auc(pos, neg), lo, hi, p, len(pos), len(neg)))
-                fpr, tpr, _ = roc_curve(np.r_[np.ones(len(pos)), np.zeros(len(neg))], np.r_[pos, neg])
-                rep.curves[(name, attack, g)] = (fpr, tpr)
+        _attack(rep, name, predict, groups, ref_conf, n_boot, seed)
     rep.settings = {
         "retained": len(yr),
         "deleted": len(yd),
@@ -281,7 +263,33 @@ def membership_audit(
     return rep
 
 
-def _reference_confidence(ens, population, groups, k: int, seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def _attack(rep: MIAReport, name: str, predict, groups: dict, ref_conf, n_boot: int, seed: int) -> None:
+    """Score the groups with model ``name``'s probabilities; add its AUCs, ROC curves, KS tests, accuracy."""
+    from scipy.stats import ks_2samp
+    from sklearn.metrics import roc_curve
+
+    probs = {g: predict(X) for g, (X, _) in groups.items()}
+    losses = {g: row_loss(probs[g], groups[g][1]) for g in groups}
+    scores = {"loss": {g: -v for g, v in losses.items()}}
+    if ref_conf is not None:
+        scores["reference"] = {
+            g: (logit_conf(probs[g], groups[g][1]) - ref_conf[g][0]) / ref_conf[g][1] for g in groups
+        }
+    rep.accuracy[name] = float((probs["heldout"].argmax(1) == groups["heldout"][1]).mean())
+    rep.mean_loss[name] = {g: float(v.mean()) for g, v in losses.items()}
+    rep.ks[name] = {}
+    for g in ("retained", "deleted") if name == EXACT else ("deleted",):
+        ks = ks_2samp(losses[g], losses["heldout"])
+        rep.ks[name][g] = {"statistic": float(ks.statistic), "pvalue": float(ks.pvalue)}
+        for attack, sc in scores.items():
+            pos, neg = sc[g], sc["heldout"]
+            lo, hi, p = bootstrap_auc(pos, neg, n_boot, seed=seed)
+            rep.results.append(AttackResult(name, attack, g, auc(pos, neg), lo, hi, p, len(pos), len(neg)))
+            fpr, tpr, _ = roc_curve(np.r_[np.ones(len(pos)), np.zeros(len(neg))], np.r_[pos, neg])
+            rep.curves[(name, attack, g)] = (fpr, tpr)
+
+
+def _reference_confidence(ctx, m, population, groups, k: int, seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per row, mean and spread of its logit confidence under K reference ensembles that never saw it.
 
     Each reference mimics the target: as many sub-models as it has active shards, each trained like one
@@ -289,10 +297,10 @@ def _reference_confidence(ens, population, groups, k: int, seed: int) -> dict[st
     population, probabilities averaged. Returns group -> (mean, sd); the sd shrinks the per-row variance
     towards the global one (LiRA's advice for few reference models)."""
     Xp, yp = np.asarray(population[0], np.float32), np.asarray(population[1]).astype(np.int64)
-    active = ens.active_shards()
-    live = sum(e["rows"] for s in active for e in ens.manifest["shards"][s]["slices"])
+    active = ctx.active_shards(m)
+    live = sum(m.shards[s].rows for s in active)
     per = max(1, min(len(yp), live) // len(active))
-    spec = approx.plain_spec(ens.spec(), ens.config.training.epochs)
+    spec = approx.plain_spec(ctx.spec(m), ctx.config.training.epochs)
     rng = np.random.default_rng(seed + 1)
     conf = {g: [] for g in groups}
     for i in range(k):
@@ -330,9 +338,13 @@ def roc_figure(rep: MIAReport):
     return fig
 
 
-def log_audit(ens, mia: MIAReport | None = None, cert=None) -> str | None:
+def log_audit(ctx, m, mia: MIAReport | None = None, cert=None) -> str | None:
     """One MLflow "audit" run: pass/fail of the certificate audit, the MIA figures, the ROC plot and the
     report as JSON (counts and AUCs only: no raw rows, no ids). Returns the run id (None if tracking is off)."""
+    from sisa.tracking.runs import MLflowObserver
+
+    if not ctx.config.tracking.enabled:
+        return None
     tags = {}
     metrics: dict = {}
     if cert is not None:
@@ -345,18 +357,21 @@ def log_audit(ens, mia: MIAReport | None = None, cert=None) -> str | None:
         )
     if mia is not None:
         metrics.update(mia.metrics(), mia_deleted_indistinguishable=int(mia.deleted_indistinguishable()))
-    tracker = ens.tracker()
-    with tracker.operation("audit", ens.manifest, tags=tags) as run:
-        run.finish(ens, [], metrics, extra_tags=tags)
-        if run.run_id is None:
-            return None
+    run = MLflowObserver(ctx)
+    run.started("audit", m, tags)
+    try:
+        client = ctx.tracker().client
         if mia is not None:
             import matplotlib.pyplot as plt
 
             fig = roc_figure(mia)
-            tracker.client.log_figure(run.run_id, fig, "audit/roc.png")
+            client.log_figure(run.run_id, fig, "audit/roc.png")
             plt.close(fig)
-            tracker.client.log_dict(run.run_id, mia.to_dict(), "audit/mia.json")
+            client.log_dict(run.run_id, mia.to_dict(), "audit/mia.json")
         if cert is not None:
-            tracker.client.log_dict(run.run_id, cert.to_dict(), "audit/certificate.json")
-        return run.run_id
+            client.log_dict(run.run_id, cert.to_dict(), "audit/certificate.json")
+        run.finished("audit", m, [], metrics, tags, None)
+    except BaseException as e:
+        run.failed("audit", e)
+        raise
+    return run.run_id

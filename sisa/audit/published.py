@@ -25,13 +25,13 @@ from shards.errors import SisaError
 TARGET = "mlflow"
 
 
-def check_published(report, ens, manifest: dict, receipts: dict) -> None:
+def check_published(report, ctx, m, receipts: dict) -> None:
     """Add the MLflow checks to ``report`` (nothing when tracking is off and nothing was published)."""
+    from sisa.tracking.adapter import sqlite_path
     from sisa.tracking.digest import RECORD, read_record
-    from sisa.tracking.runs import sqlite_path
 
-    wd, tracker = ens.workdir, ens.tracker()
-    if not ens.config.tracking.enabled and not (wd.path / RECORD).exists():
+    wd, tracker = ctx.workdir, ctx.tracker()
+    if not ctx.config.tracking.enabled and not (wd.path / RECORD).exists():
         return
     db = sqlite_path(tracker.uri)
     if db is not None and not db.exists():
@@ -40,11 +40,11 @@ def check_published(report, ens, manifest: dict, receipts: dict) -> None:
     client = tracker.client
     exp = client.get_experiment_by_name(tracker.experiment)
     current = _alias(client, tracker.model_name)
-    rec, problem = read_record(wd) if ens.active_shards(manifest) or current else (None, None)
+    rec, problem = read_record(wd) if ctx.active_shards(m) or current else (None, None)
     if problem or rec is not None or current is not None:
         report.add(TARGET, "publish record signed with the workdir key", [problem] if problem else [])
-    if ens.active_shards(manifest):
-        _check_current(report, ens, manifest, tracker, current, rec)
+    if ctx.active_shards(m):
+        _check_current(report, ctx, m, tracker, current, rec)
     _check_survivors(report, tracker, exp, current, receipts)
 
 
@@ -57,7 +57,7 @@ def _alias(client, name: str):
         return None
 
 
-def _check_current(report, ens, manifest, tracker, current, rec) -> None:
+def _check_current(report, ctx, m, tracker, current, rec) -> None:
     from sisa.tracking.digest import state_dict_sha256
     from sisa.tracking.pyfunc import fingerprint
     from sisa.tracking.registry import _model_id
@@ -68,10 +68,10 @@ def _check_current(report, ens, manifest, tracker, current, rec) -> None:
         report.add(TARGET, f"{where} is the deployed ensemble", [f"{where} does not exist; publish it"])
         return
     where = f"{where} (version {current.version}, logged model {_model_id(current)})"
-    active = ens.active_shards(manifest)
-    deployed = {str(s): manifest["shards"][s]["checkpoints"][-1]["sha256"] for s in active}
+    active = ctx.active_shards(m)
+    deployed = {str(s): m.shards[s].final.sha256 for s in active}
     problems = []
-    if current.tags.get("sisa.fingerprint") != fingerprint(ens, manifest):
+    if current.tags.get("sisa.fingerprint") != fingerprint(ctx, m):
         problems.append(f"{where}: tag sisa.fingerprint is not the deployed checkpoints' fingerprint")
     if rec is not None:
         if str(rec.get("version")) != str(current.version) or rec.get("model_id") != _model_id(current):
@@ -82,7 +82,7 @@ def _check_current(report, ens, manifest, tracker, current, rec) -> None:
             problems.append(f"{where}: tag sisa.files differs from mlflow-model.json's 'files'")
         for s in active:
             try:
-                got = state_dict_sha256(ens.load_shard_model(s, manifest).state_dict())
+                got = state_dict_sha256(_deployed_weights(ctx, m, s))
             except SisaError as e:
                 problems.append(str(e).split(";")[0])
                 continue
@@ -91,6 +91,20 @@ def _check_current(report, ens, manifest, tracker, current, rec) -> None:
     report.add(TARGET, "@current is the published version of the deployed checkpoints", problems)
     if rec is not None:
         _check_artifact(report, tracker, current, rec, deployed)
+
+
+def _deployed_weights(ctx, m, s: int) -> dict:
+    """Shard ``s``'s deployed weights read from its checkpoint file now (not a sub-model cached earlier)."""
+    import torch
+
+    from shards import training
+
+    store, c = ctx.storage(), m.shards[s].final
+    ckpt = training.load_checkpoint(store.read(c.file, c.sha256), store.describe(c.file))
+    with torch.random.fork_rng(devices=[]):
+        module = training.init_module(ctx.spec(m), s)
+    module.load_state_dict(ckpt["state_dict"])
+    return module.state_dict()
 
 
 def _check_artifact(report, tracker, current, rec: dict, deployed: dict) -> None:

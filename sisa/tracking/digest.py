@@ -83,7 +83,9 @@ def tree_digests(root: Path) -> dict[str, str]:
     """{relative path: sha256} of every file under ``root`` (but MLflow's ``registered_model_meta``)."""
     root = Path(root)
     files = (p for p in sorted(root.rglob("*")) if p.is_file())
-    return {p.relative_to(root).as_posix(): file_sha256(p) for p in files if p.relative_to(root).as_posix() != MLFLOW_META}
+    return {
+        p.relative_to(root).as_posix(): file_sha256(p) for p in files if p.relative_to(root).as_posix() != MLFLOW_META
+    }
 
 
 def _fail(path, what: str) -> IntegrityError:
@@ -139,7 +141,9 @@ def check_model_dir(root: Path, files: dict[str, str] | None = None):
     weights = torch.load(wpath, map_location="cpu", weights_only=True)
     for s in meta["shards"]:
         if state_dict_sha256(weights[str(s)]) != meta["state_dicts"][str(s)]:
-            raise _fail(wpath, f"the tensors of shard {s} differ from those of checkpoint {meta['checkpoints'][str(s)]}")
+            raise _fail(
+                wpath, f"the tensors of shard {s} differ from those of checkpoint {meta['checkpoints'][str(s)]}"
+            )
     return meta, weights
 
 
@@ -152,7 +156,9 @@ def check_files(root: Path, files: dict[str, str], where: str) -> list[str]:
 
 
 def diff_files(got: dict[str, str], want: dict[str, str], where: str) -> list[str]:
-    out = [f"{where}/{f}: sha256 differs from the published digest" for f in sorted(got) if f in want and got[f] != want[f]]
+    out = [
+        f"{where}/{f}: sha256 differs from the published digest" for f in sorted(got) if f in want and got[f] != want[f]
+    ]
     out += [f"{where}/{f}: missing (published with sha256 {want[f][:12]})" for f in sorted(set(want) - set(got))]
     out += [f"{where}/{f}: a file that was not published" for f in sorted(set(got) - set(want))]
     return out

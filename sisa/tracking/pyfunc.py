@@ -45,20 +45,20 @@ from sisa.tracking.digest import (
 ARTIFACT = "ensemble"
 
 
-def fingerprint(ens, manifest: dict) -> str:
+def fingerprint(ctx, m) -> str:
     """Identity of an ensemble version: the active shards' final checkpoints and the aggregation."""
-    c = ens.config.aggregation
-    parts = [f"{s}:{manifest['shards'][s]['checkpoints'][-1]['sha256']}" for s in ens.active_shards(manifest)]
+    c = ctx.config.aggregation
+    parts = [f"{s}:{m.shards[s].final.sha256}" for s in ctx.active_shards(m)]
     parts.append(f"agg:{c.method}:{c.weights}")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
 
-def export(ens, manifest: dict, directory: Path) -> dict:
+def export(ctx, m, directory: Path) -> dict:
     """Write ensemble.json and weights.pt for the manifest's active shards into ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
-    active = ens.active_shards(manifest)
-    spec = ens.spec(manifest)
-    c = ens.config
+    active = ctx.active_shards(m)
+    spec = ctx.spec(m)
+    c = ctx.config
     meta = {
         "format": FORMAT,
         "name": c.name,
@@ -66,17 +66,17 @@ def export(ens, manifest: dict, directory: Path) -> dict:
         "model_kwargs": dict(spec.model_kwargs),
         "optim": dict(spec.optim),
         "input_shape": list(spec.input_shape),
-        "feature_names": manifest.get("feature_names"),
+        "feature_names": None if m.feature_names is None else list(m.feature_names),
         "drop_columns": [c.data.id_column, c.data.label_column],
         "num_classes": spec.num_classes,
         "aggregation": {"method": c.aggregation.method, "weights": c.aggregation.weights},
         "shards": active,
-        "checkpoints": {str(s): manifest["shards"][s]["checkpoints"][-1]["sha256"] for s in active},
-        "config_hash": manifest["config_hash"],
-        "fingerprint": fingerprint(ens, manifest),
+        "checkpoints": {str(s): m.shards[s].final.sha256 for s in active},
+        "config_hash": m.config_hash,
+        "fingerprint": fingerprint(ctx, m),
         "loader_sha256": LOADER_SHA256,
     }
-    weights = {str(s): ens.load_shard_model(s, manifest).state_dict() for s in active}
+    weights = {str(s): ctx.load_model(s, m).state_dict() for s in active}
     meta["state_dicts"] = {k: state_dict_sha256(sd) for k, sd in weights.items()}
     torch.save(weights, directory / "weights.pt")
     meta["files"] = {"weights.pt": file_sha256(directory / "weights.pt")}
@@ -105,12 +105,12 @@ def requirements() -> list[str]:
     return [f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"]
 
 
-def save(ens, manifest: dict, path: Path, mlflow_model=None) -> dict:
+def save(ctx, m, path: Path, mlflow_model=None) -> dict:
     """Save the manifest's ensemble as a pyfunc model directory at ``path`` (which must not exist)."""
     import mlflow.pyfunc
 
     work = Path(path).parent / (Path(path).name + ".src")
-    meta = export(ens, manifest, work / ARTIFACT)
+    meta = export(ctx, m, work / ARTIFACT)
     with _quiet():
         mlflow.pyfunc.save_model(
             path=str(path),
@@ -162,13 +162,13 @@ def load_model(model_uri: str, tracking_uri: str | None = None):
     import tempfile
 
     import mlflow.pyfunc
-    from mlflow.tracking import MlflowClient
 
     from shards.errors import IntegrityError
+    from sisa.tracking import adapter
     from sisa.tracking.digest import check_files
     from sisa.tracking.registry import download
 
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    client = adapter.client(tracking_uri)
     name, _, ref = model_uri.removeprefix("models:/").partition("@")
     if ref:
         mv = client.get_model_version_by_alias(name, ref)

@@ -13,14 +13,15 @@ import contextlib
 import json
 from pathlib import Path
 
+from sisa.tracking import adapter
 from sisa.tracking.digest import FORMAT, read_record, tree_digests, write_record
 from sisa.tracking.pyfunc import fingerprint, save
 
 ALIAS = "current"
 
 
-def publish(tracker, ens, run_id: str | None = None, purge: bool = False, force: bool = False):
-    """Log the ensemble's current version (unless the ``current`` alias already points at it, with this
+def publish(tracker, ctx, m, run_id: str | None = None, purge: bool = False, force: bool = False):
+    """Log the ensemble of manifest ``m`` (unless the ``current`` alias already points at it, with this
     format's digests and the workdir's publish record, and ``force`` is off) and, with
     ``purge``, delete every other version of the registered model and every other logged model of this
     ensemble, artifacts included, then hard-delete their metadata where the store is our own sqlite
@@ -29,16 +30,15 @@ def publish(tracker, ens, run_id: str | None = None, purge: bool = False, force:
     Returns the current ModelVersion, or None when no shard is left to serve.
     """
     client, name = tracker.client, tracker.model_name
-    manifest = ens.manifest
-    _ensure_registered(client, name, ens)
+    _ensure_registered(client, name, ctx.config)
     keep = None
-    if ens.active_shards(manifest):
-        fp = fingerprint(ens, manifest)
+    if ctx.active_shards(m):
+        fp = fingerprint(ctx, m)
         current = _alias(client, name)
-        if not force and current is not None and _is_recorded(ens.workdir, current, fp):
+        if not force and current is not None and _is_recorded(ctx.workdir, current, fp):
             keep = current
         else:
-            keep = _log_version(tracker, ens, manifest, run_id, fp)
+            keep = _log_version(tracker, ctx, m, run_id, fp)
     if purge:
         purge_superseded(tracker, keep)
     return keep
@@ -57,7 +57,7 @@ def _is_recorded(workdir, version, fp: str) -> bool:
     )
 
 
-def _ensure_registered(client, name: str, ens) -> None:
+def _ensure_registered(client, name: str, config) -> None:
     from mlflow.exceptions import MlflowException
 
     try:
@@ -66,8 +66,8 @@ def _ensure_registered(client, name: str, ens) -> None:
         client.create_registered_model(
             name,
             tags={"sisa.ensemble": name},
-            description=f"SISA ensemble `{ens.config.name}` ({ens.config.sharding.shards} shards × "
-            f"{ens.config.sharding.slices} slices). Alias `{ALIAS}` is the live version; versions trained "
+            description=f"SISA ensemble `{config.name}` ({config.sharding.shards} shards × "
+            f"{config.sharding.slices} slices). Alias `{ALIAS}` is the live version; versions trained "
             "on deleted rows are purged when a deletion completes.",
         )
 
@@ -81,14 +81,14 @@ def _alias(client, name: str):
         return None
 
 
-def _log_version(tracker, ens, manifest: dict, run_id: str | None, fp: str):
+def _log_version(tracker, ctx, m, run_id: str | None, fp: str):
     import tempfile
 
     from mlflow.entities import LoggedModelOutput
     from mlflow.models import Model
 
     client, name = tracker.client, tracker.model_name
-    active = ens.active_shards(manifest)
+    active = ctx.active_shards(m)
     lm = client.create_logged_model(
         tracker.experiment_id(),
         name=name,
@@ -100,20 +100,21 @@ def _log_version(tracker, ens, manifest: dict, run_id: str | None, fp: str):
         client.log_outputs(run_id, models=[LoggedModelOutput(lm.model_id, step=0)])
     with tempfile.TemporaryDirectory() as tmp:
         mm = Model(artifact_path=lm.artifact_location, model_uuid=lm.model_id, run_id=run_id, model_id=lm.model_id)
-        meta = save(ens, manifest, Path(tmp) / "model", mlflow_model=mm)
+        meta = save(ctx, m, Path(tmp) / "model", mlflow_model=mm)
         files = tree_digests(Path(tmp) / "model")
         client.log_model_artifacts(lm.model_id, str(Path(tmp) / "model"))
     digests = {"sisa.format": str(FORMAT), "sisa.files": json.dumps(files, sort_keys=True, separators=(",", ":"))}
     client.set_logged_model_tags(lm.model_id, digests)
     client.finalize_logged_model(lm.model_id, "READY")
     # a local sqlite registry resolves models:/ sources through the *global* tracking URI (an MLflow TODO)
-    with _global_uri(tracker.uri) if _own_sqlite_store(tracker) is not None else contextlib.nullcontext():
+    local = adapter.own_store(client, tracker.uri) is not None
+    with adapter.global_tracking_uri(tracker.uri) if local else contextlib.nullcontext():
         mv = client.create_model_version(
             name,
             source=f"models:/{lm.model_id}",
             run_id=run_id,
             tags={"sisa.fingerprint": fp, **digests},
-            description=f"{len(active)} active shard(s); {ens.config.aggregation.method}; ensemble.json sha256 "
+            description=f"{len(active)} active shard(s); {ctx.config.aggregation.method}; ensemble.json sha256 "
             f"{files['data/ensemble/ensemble.json']}, weights.pt sha256 {meta['files']['weights.pt']}",
             await_creation_for=0,
             model_id=lm.model_id,
@@ -128,14 +129,8 @@ def _log_version(tracker, ens, manifest: dict, run_id: str | None, fp: str):
         "state_dicts": meta["state_dicts"],
         "files": files,
     }
-    write_record(ens.workdir, record)  # written after the alias moved: a stale record makes the next publish log anew
+    write_record(ctx.workdir, record)  # written after the alias moved: a stale record makes the next publish log anew
     return client.get_model_version(name, mv.version)
-
-
-def _global_uri(uri: str):
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
-
-    return _use_tracking_uri(uri)
 
 
 def purge_superseded(tracker, keep=None) -> list[str]:
@@ -156,10 +151,10 @@ def purge_superseded(tracker, keep=None) -> list[str]:
     flt = f"tags.`sisa.ensemble` = '{name}'"
     for lm in _all(lambda tok: client.search_logged_models([exp], filter_string=flt, page_token=tok)):
         doomed.add(lm.model_id)
-    store = _own_sqlite_store(tracker)
+    store = adapter.own_store(client, tracker.uri)
     if store is not None:  # soft-deleted by an earlier, interrupted purge: still ours to finish
-        for mid in store._get_deleted_logged_models():
-            lm = store.get_logged_model(mid, allow_deleted=True)
+        for mid in store.deleted_logged_models():
+            lm = store.get_logged_model(mid)
             if lm.experiment_id == exp and lm.tags.get("sisa.ensemble") == name:
                 doomed.add(mid)
     doomed.discard(keep_model)
@@ -188,47 +183,35 @@ def _all(page):
             return out
 
 
-def _own_sqlite_store(tracker):
-    from sisa.tracking.runs import sqlite_path
-
-    if sqlite_path(tracker.uri) is None:
-        return None
-    store = tracker.client._tracking_client.store
-    return store if hasattr(store, "_hard_delete_logged_model") else None
-
-
 def _purge_logged_model(tracker, store, mid: str) -> None:
     """Artifacts first (the weights), then the entity; hard delete of the row where the store is ours.
 
     Not `mlflow gc`: with only --logged-model-ids it also hard-deletes every deleted run in the store."""
     from mlflow.exceptions import MlflowException
-    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
     client = tracker.client
     try:
-        lm = store.get_logged_model(mid, allow_deleted=True) if store is not None else client.get_logged_model(mid)
+        lm = store.get_logged_model(mid) if store is not None else client.get_logged_model(mid)
     except MlflowException:
         return
     loc = lm.artifact_location.rstrip("/")
     if loc.endswith(f"/{mid}/artifacts"):  # .../models/<id>/artifacts: remove the model's whole folder
         loc = loc.removesuffix("/artifacts")
-    get_artifact_repository(loc, tracking_uri=tracker.uri).delete_artifacts()
+    adapter.artifact_repository(loc, tracker.uri).delete_artifacts()
     try:
         client.delete_logged_model(mid)
     except MlflowException:  # soft-deleted already, by an interrupted purge
         if store is None:
             raise
     if store is not None:
-        store._hard_delete_logged_model(mid)
+        store.hard_delete_logged_model(mid)
 
 
 def _vacuum(tracker) -> None:
     """Rewrite our sqlite file so freed pages keep nothing of the purged rows (and fold in any WAL)."""
     import sqlite3
 
-    from sisa.tracking.runs import sqlite_path
-
-    db = sqlite3.connect(sqlite_path(tracker.uri), timeout=60, isolation_level=None)
+    db = sqlite3.connect(adapter.sqlite_path(tracker.uri), timeout=60, isolation_level=None)
     try:
         db.execute("VACUUM")
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -238,11 +221,9 @@ def _vacuum(tracker) -> None:
 
 def download(client, tracking_uri: str, version, dst: str) -> Path:
     """Copy a registered version's model directory to ``dst`` (a local folder outside the workdir)."""
-    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
     from sisa.tracking.pyfunc import _quiet
 
     mid = _model_id(version)
     loc = client.get_logged_model(mid).artifact_location if mid else version.source
     with _quiet():
-        return Path(get_artifact_repository(loc, tracking_uri=tracking_uri).download_artifacts("", dst))
+        return Path(adapter.artifact_repository(loc, tracking_uri).download_artifacts("", dst))

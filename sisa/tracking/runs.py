@@ -1,11 +1,12 @@
 """MLflow tracking: one experiment per ensemble, a parent run per operation, a child run per shard.
 
-Operations (`fit`, each `delete` request, and `repair` / `audit` from their modules) use
-``Tracker.operation(kind, manifest, tags)``; the yielded run collects per-stage metrics through
-``stage(shard, metrics)`` and logs everything in ``finish(ens, plans, metrics, ...)``: child runs per
-shard (per-stage and per-epoch loss, accuracy, duration, samples), the parent's ensemble metrics, params,
-the config YAML and PNG plots. ``log_ensemble`` logs the ensemble version as a registered pyfunc model
-(`sisa.tracking.pyfunc`), and after a deletion purges every model version that saw the deleted rows.
+`MLflowObserver` turns an operation's events (`sisa.tracking.observer.Observer`) into MLflow runs: at
+``started`` a parent run with the config's params and YAML; at each ``stage`` the driver keeps the stage's
+figures; at ``finished`` a child run per trained shard (per-stage and per-epoch loss, accuracy, duration,
+samples), the parent's ensemble metrics, note and PNG plots; at ``failed`` the run is marked FAILED.
+`observer_for(ctx)` gives the ensemble's observer (a no-op when tracking is off). Logging never fails an
+operation (`Safe`). `Tracker.publish` is not logging: it registers the ensemble version as a pyfunc model
+(`sisa.tracking.registry`) and, after a deletion, purges every version that saw the deleted rows.
 
 Workers never talk to MLflow: they return their metrics and the driver logs them in a few batched calls
 when the operation ends, so one sqlite file never has several writers and logging stays cheap (on a
@@ -23,17 +24,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from sisa.config import dump_yaml
+from sisa.tracking import adapter
+from sisa.tracking.adapter import sqlite_path  # noqa: F401  (re-exported: `sisa ui`, the audit)
+from sisa.tracking.observer import Observer, Safe
 
 
 def default_uri(workdir) -> str:
     return f"sqlite:///{workdir.path / 'mlflow.db'}"
-
-
-def sqlite_path(uri: str) -> Path | None:
-    """The database file of a ``sqlite:///`` tracking URI (None for servers and other databases)."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    return Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
 
 
 class Tracker:
@@ -48,9 +45,7 @@ class Tracker:
     @property
     def client(self):
         if self._client is None:
-            from mlflow.tracking import MlflowClient
-
-            self._client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+            self._client = adapter.client(self.uri)
         return self._client
 
     def experiment_id(self) -> str:
@@ -71,16 +66,12 @@ class Tracker:
             },
         )
 
-    @contextmanager
-    def operation(self, kind: str, manifest: dict, tags: dict | None = None):
-        if not self.enabled:
-            yield _NullRun()
-            return
+    def start_run(self, kind: str, manifest, tags: dict) -> tuple[str, str]:
+        """Create the parent run of an operation with the config's params and YAML; (experiment, run id)."""
         from mlflow.entities import Param
 
         c = self.config
         exp = self.experiment_id()
-        tags = {k: str(v) for k, v in (tags or {}).items()}
         if "sisa.request_id" in tags:  # a re-run after a crash: the dead attempt's run is closed first
             self.settle(tags["sisa.request_id"])
         title = kind
@@ -91,7 +82,7 @@ class Tracker:
             run_name=title,
             tags={
                 "sisa.operation": kind,
-                "sisa.config_hash": manifest["config_hash"],
+                "sisa.config_hash": manifest.config_hash,
                 "sisa.ensemble": self.model_name,
                 "sisa.shards": str(c.sharding.shards),
                 "sisa.slices": str(c.sharding.slices),
@@ -110,25 +101,19 @@ class Tracker:
             "lr": c.training.lr,
             "aggregation": c.aggregation.method,
             "seed": c.seed,
-            "config_hash": manifest["config_hash"],
+            "config_hash": manifest.config_hash,
             "executor": c.cluster.executor,
         }
         self.client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
         self.client.log_text(run.info.run_id, dump_yaml(c, redact=True), "config.yaml")
-        op = _OpRun(self, exp, run.info.run_id, kind, manifest)
-        try:
-            yield op
-        except BaseException:
-            self.client.set_terminated(run.info.run_id, "FAILED")
-            raise
-        self.client.set_terminated(run.info.run_id, "FINISHED")
+        return exp, run.info.run_id
 
     def publish(
-        self, ens, run_id: str | None = None, purge: bool = False, request_id: str | None = None, force: bool = False
+        self, ctx, m, run_id: str | None = None, purge: bool = False, request_id: str | None = None, force: bool = False
     ):
-        """Log the ensemble's current version as a registered pyfunc model (alias ``current``); with
-        ``purge``, delete every other version of it and its artifacts. Idempotent (``force``: log a new
-        version even if ``current`` is already this ensemble). None when disabled.
+        """Log ``m``'s ensemble as a registered pyfunc model version (alias ``current``); with ``purge``,
+        delete every other version of it and its artifacts. Idempotent (``force``: log a new version even if
+        ``current`` is already this ensemble). None when disabled.
         ``request_id`` without ``run_id``: a request finished on reopen; its dead attempt's run is closed."""
         if not self.enabled:
             return None
@@ -136,7 +121,7 @@ class Tracker:
 
         if request_id is not None and run_id is None:
             self.settle(request_id)
-        return publish(self, ens, run_id, purge, force)
+        return publish(self, ctx, m, run_id, purge, force)
 
     def settle(self, request_id: str) -> None:
         """Mark the runs of a request's attempt that died (still RUNNING) as KILLED, noting that."""
@@ -151,164 +136,191 @@ class Tracker:
                 self.client.set_terminated(r.info.run_id, "KILLED")
 
 
-class _NullRun:
-    run_id = None
-
-    def stage(self, shard, metrics):
-        pass
-
-    def finish(self, *args, **kwargs):
-        pass
-
-    def log_ensemble(self, *args, **kwargs):
-        return None
+def observer_for(ctx) -> Observer:
+    """The ensemble's tracking observer: MLflow runs when ``tracking.enabled``, else nothing."""
+    return Safe(MLflowObserver(ctx)) if ctx.config.tracking.enabled else Observer()
 
 
-class _OpRun:
-    def __init__(self, tracker: Tracker, exp: str, run_id: str, kind: str, manifest: dict):
+class _Op:
+    """The parent run of the operation in progress and the stage figures collected for it."""
+
+    def __init__(self, tracker: Tracker, exp: str, run_id: str, kind: str):
         self.tracker, self.exp, self.run_id, self.kind = tracker, exp, run_id, kind
-        self.manifest = manifest
         self.stages: dict[int, list[dict]] = {}
         self.t0 = time.time()
 
-    def stage(self, shard: int, metrics: dict) -> None:
+
+class MLflowObserver(Observer):
+    """Logs each operation as an MLflow parent run with one child run per trained shard.
+
+    The config is read from ``ctx.config`` when an operation starts (fit fills in ``num_classes``).
+    ``run_id`` names the last operation's parent run (the registered model version links to it)."""
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+        self.run_id: str | None = None
+        self._op: _Op | None = None
+
+    def started(self, op: str, manifest, tags: dict) -> None:
+        self._op, self.run_id = None, None
+        if not self.ctx.config.tracking.enabled:
+            return
+        tracker = self.ctx.tracker()
+        exp, run_id = tracker.start_run(op, manifest, {k: str(v) for k, v in (tags or {}).items()})
+        self._op, self.run_id = _Op(tracker, exp, run_id, op), run_id
+
+    def stage(self, op: str, plan, entry: dict, metrics: dict) -> None:
         """Called on the driver as each stage result arrives (workers never log)."""
-        self.stages.setdefault(shard, []).append({**metrics, "_end": time.time()})
+        if self._op is not None:
+            self._op.stages.setdefault(plan.shard, []).append({**metrics, "_end": time.time()})
 
-    def log_ensemble(self, ens, purge: bool = False):
-        """The ensemble version this operation produced, as a registered pyfunc model."""
-        return self.tracker.publish(ens, self.run_id, purge)
+    def failed(self, op: str, error: BaseException) -> None:
+        run, self._op = self._op, None
+        if run is not None:
+            run.tracker.client.set_terminated(run.run_id, "FAILED")
 
-    def finish(
-        self, ens, plans, metrics: dict, extra_tags: dict | None = None, slices_hit=None, note: str | None = None
-    ) -> None:
-        """Log the shard child runs, the parent's ensemble metrics, tags and plots.
+    def finished(self, op: str, manifest, plans: list, metrics: dict, tags: dict, slices_hit) -> None:
+        """Log the shard child runs, the parent's ensemble metrics, tags and plots; close the run.
 
         ``metrics`` may hold ``shard_accuracy`` / ``shard_accuracy_before`` ({shard: acc}) for the plots;
-        ``slices_hit`` the (shard, slice) pairs (0-based) that held deleted rows, for the heat map.
-        """
+        ``slices_hit`` the (shard, slice) pairs (0-based) that held deleted rows, for the heat map; ``tags``
+        may carry the note (``mlflow.note.content``)."""
         from mlflow.entities import Metric
 
-        client = self.tracker.client
+        run, self._op = self._op, None
+        if run is None:
+            return
+        client = run.tracker.client
         now = int(time.time() * 1000)
-        epochs = list(ens.config.epochs_per_stage())
-        sample_epochs = 0
-        for plan in plans:
-            sample_epochs += self._log_child(client, plan, metrics, epochs)
+        epochs = list(self.ctx.config.epochs_per_stage())
+        sample_epochs = sum(_log_child(run, manifest, plan, metrics, epochs) for plan in plans)
         flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        flat["wall_seconds"] = time.time() - self.t0
+        flat["wall_seconds"] = time.time() - run.t0
         flat["shards_trained"] = len(plans)
         flat.setdefault("sample_epochs", sample_epochs)  # a deletion passes its cost figures
-        flat["rows"] = sum(e["rows"] for sh in self.manifest["shards"] for e in sh["slices"])
+        flat["rows"] = sum(sh.rows for sh in manifest.shards)
         ms = [Metric(k, float(v), now, 0) for k, v in flat.items()]
         for s, acc in sorted(_by_shard(metrics.get("shard_accuracy")).items()):
             ms.append(Metric("shard_test_accuracy", float(acc), now, s))
-        client.log_batch(self.run_id, metrics=ms)
-        tags = {k: str(v) for k, v in (extra_tags or {}).items()}
-        tags["mlflow.note.content"] = note or self._note(plans, flat)
+        client.log_batch(run.run_id, metrics=ms)
+        tags = {k: str(v) for k, v in (tags or {}).items()}
+        tags.setdefault("mlflow.note.content", _note(run.kind, manifest, plans, flat))
         for k, v in tags.items():
-            client.set_tag(self.run_id, k, v)
-        self._log_plots(client, plans, metrics, slices_hit)
+            client.set_tag(run.run_id, k, v)
+        _log_plots(run, manifest, plans, metrics, slices_hit)
+        client.set_terminated(run.run_id, "FINISHED")
 
-    # -- helpers -------------------------------------------------------------------------------
-    def _log_child(self, client, plan, metrics: dict, epochs: list[int]) -> int:
-        from mlflow.entities import Metric, Param
 
-        stages = sorted(self.stages.get(plan.shard, []), key=lambda st: st["stage"])
-        start = int((stages[0]["_end"] - stages[0]["seconds"]) * 1000) if stages else None
-        sh = self.manifest["shards"][plan.shard]
-        child = client.create_run(
-            self.exp,
-            run_name=f"shard-{plan.shard:03d}",
-            start_time=start,
-            tags={
-                "mlflow.parentRunId": self.run_id,
-                "sisa.operation": self.kind,
-                "sisa.shard": str(plan.shard),
-                "sisa.start_stage": str(plan.start_stage),
-                "sisa.config_hash": self.manifest["config_hash"],
-                "mlflow.note.content": f"Shard {plan.shard}: stages {plan.start_stage}..{len(epochs)} "
-                + _how(self.kind, plan),
-            },
-        )
-        ms: list = []
-        sample_epochs = 0
-        for st in stages:
-            ts, r = int(st["_end"] * 1000), st["stage"]
-            samples = sum(e["samples"] for e in st["epochs"])
-            sample_epochs += samples
-            ms += [
-                Metric("stage_rows", st["rows"], ts, r),
-                Metric("stage_seconds", st["seconds"], ts, r),
-                Metric("stage_samples", samples, ts, r),
-            ]
-            if "train_accuracy" in st:
-                ms.append(Metric("stage_train_accuracy", st["train_accuracy"], ts, r))
-            if st["epochs"]:
-                ms.append(Metric("stage_loss", st["epochs"][-1]["loss"], ts, r))
-            epoch = sum(epochs[: r - 1])  # epochs are numbered across the shard's whole schedule
-            for e in st["epochs"]:
-                ms += [
-                    Metric("loss", e["loss"], ts, epoch),
-                    Metric("epoch_seconds", e["seconds"], ts, epoch),
-                    Metric("epoch_samples", e["samples"], ts, epoch),
-                ]
-                if "accuracy" in e:
-                    ms.append(Metric("epoch_train_accuracy", e["accuracy"], ts, epoch))
-                for name, value in e.get("logged", {}).items():  # a user module's self.log values
-                    ms.append(Metric(f"user/{name}", value, ts, epoch))
-                epoch += 1
-        acc = _by_shard(metrics.get("shard_accuracy")).get(plan.shard)
-        if acc is not None:
-            ms.append(Metric("test_accuracy", acc, int(time.time() * 1000), 0))
-        ms.append(Metric("sample_epochs", sample_epochs, int(time.time() * 1000), 0))
-        params = [
-            Param("shard", str(plan.shard)),
-            Param("start_stage", str(plan.start_stage)),
-            Param("slice_rows", str([e["rows"] for e in sh["slices"]])),
+def _log_child(run: _Op, manifest, plan, metrics: dict, epochs: list[int]) -> int:
+    """One shard's child run: per-stage and per-epoch figures; returns its sample-epochs."""
+    from mlflow.entities import Metric, Param
+
+    client = run.tracker.client
+    stages = sorted(run.stages.get(plan.shard, []), key=lambda st: st["stage"])
+    start = int((stages[0]["_end"] - stages[0]["seconds"]) * 1000) if stages else None
+    child = client.create_run(
+        run.exp,
+        run_name=f"shard-{plan.shard:03d}",
+        start_time=start,
+        tags={
+            "mlflow.parentRunId": run.run_id,
+            "sisa.operation": run.kind,
+            "sisa.shard": str(plan.shard),
+            "sisa.start_stage": str(plan.start_stage),
+            "sisa.config_hash": manifest.config_hash,
+            "mlflow.note.content": f"Shard {plan.shard}: stages {plan.start_stage}..{len(epochs)} "
+            + _how(run.kind, plan),
+        },
+    )
+    ms, sample_epochs = _stage_metrics(stages, epochs)
+    now = int(time.time() * 1000)
+    acc = _by_shard(metrics.get("shard_accuracy")).get(plan.shard)
+    if acc is not None:
+        ms.append(Metric("test_accuracy", acc, now, 0))
+    ms.append(Metric("sample_epochs", sample_epochs, now, 0))
+    params = [
+        Param("shard", str(plan.shard)),
+        Param("start_stage", str(plan.start_stage)),
+        Param("slice_rows", str([e.rows for e in manifest.shards[plan.shard].slices])),
+    ]
+    for i in range(0, len(ms), 900):
+        client.log_batch(child.info.run_id, metrics=ms[i : i + 900], params=params if i == 0 else [])
+    end = int(stages[-1]["_end"] * 1000) if stages else None
+    with _no_url_print():  # a server client prints "View run ..." per run; once per operation is enough
+        client.set_terminated(child.info.run_id, "FINISHED", end_time=end)
+    return sample_epochs
+
+
+def _stage_metrics(stages: list[dict], epochs: list[int]) -> tuple[list, int]:
+    """The metrics of a shard's stages (step = stage) and epochs (step = epoch across the whole schedule)."""
+    from mlflow.entities import Metric
+
+    ms: list = []
+    sample_epochs = 0
+    for st in stages:
+        ts, r = int(st["_end"] * 1000), st["stage"]
+        samples = sum(e["samples"] for e in st["epochs"])
+        sample_epochs += samples
+        ms += [
+            Metric("stage_rows", st["rows"], ts, r),
+            Metric("stage_seconds", st["seconds"], ts, r),
+            Metric("stage_samples", samples, ts, r),
         ]
-        for i in range(0, len(ms), 900):
-            client.log_batch(child.info.run_id, metrics=ms[i : i + 900], params=params if i == 0 else [])
-        end = int(stages[-1]["_end"] * 1000) if stages else None
-        with _no_url_print():  # a server client prints "View run ..." per run; once per operation is enough
-            client.set_terminated(child.info.run_id, "FINISHED", end_time=end)
-        return sample_epochs
+        if "train_accuracy" in st:
+            ms.append(Metric("stage_train_accuracy", st["train_accuracy"], ts, r))
+        if st["epochs"]:
+            ms.append(Metric("stage_loss", st["epochs"][-1]["loss"], ts, r))
+        epoch = sum(epochs[: r - 1])  # epochs are numbered across the shard's whole schedule
+        for e in st["epochs"]:
+            ms += [
+                Metric("loss", e["loss"], ts, epoch),
+                Metric("epoch_seconds", e["seconds"], ts, epoch),
+                Metric("epoch_samples", e["samples"], ts, epoch),
+            ]
+            if "accuracy" in e:
+                ms.append(Metric("epoch_train_accuracy", e["accuracy"], ts, epoch))
+            for name, value in e.get("logged", {}).items():  # a user module's self.log values
+                ms.append(Metric(f"user/{name}", value, ts, epoch))
+            epoch += 1
+    return ms, sample_epochs
 
-    def _note(self, plans, flat: dict) -> str:
-        acc = flat.get("ensemble_accuracy")
-        acc_s = f"test accuracy {acc:.4f}" if acc is not None else "no evaluation set"
-        if self.kind == "fit":
-            return f"Trained {len(plans)} shards × {len(self.manifest['shards'][0]['slices'])} slices; {acc_s}."
-        if self.kind == "delete":
-            before = flat.get("ensemble_accuracy_before")
-            speed = flat.get("speedup")
-            return (
-                f"Deleted {int(flat.get('rows_deleted', 0))} row(s); retrained {len(plans)} shard(s) "
-                + (f"at {speed:.1f}× less work than a full retrain; " if speed else "; ")
-                + (f"test accuracy {before:.4f} → {acc:.4f}." if before is not None and acc is not None else acc_s)
-            )
-        tail = f"; test accuracy {acc:.4f}." if acc is not None else "."
-        return f"{self.kind}: {len(plans)} shard(s) retrained{tail}" if plans else f"{self.kind}{tail}"
 
-    def _log_plots(self, client, plans, metrics: dict, slices_hit) -> None:
-        from sisa import plots
+def _note(kind: str, manifest, plans, flat: dict) -> str:
+    acc = flat.get("ensemble_accuracy")
+    acc_s = f"test accuracy {acc:.4f}" if acc is not None else "no evaluation set"
+    if kind == "fit":
+        slices = len(manifest.shards[0].slices) if manifest.shards else 0
+        return f"Trained {len(plans)} shards × {slices} slices; {acc_s}."
+    if kind == "delete":
+        before = flat.get("ensemble_accuracy_before")
+        speed = flat.get("speedup")
+        return (
+            f"Deleted {int(flat.get('rows_deleted', 0))} row(s); retrained {len(plans)} shard(s) "
+            + (f"at {speed:.1f}× less work than a full retrain; " if speed else "; ")
+            + (f"test accuracy {before:.4f} → {acc:.4f}." if before is not None and acc is not None else acc_s)
+        )
+    tail = f"; test accuracy {acc:.4f}." if acc is not None else "."
+    return f"{kind}: {len(plans)} shard(s) retrained{tail}" if plans else f"{kind}{tail}"
 
-        m = self.manifest
-        acc = _by_shard(metrics.get("shard_accuracy"))
-        files = {"shard_sizes.png": plots.shard_sizes([[e["rows"] for e in sh["slices"]] for sh in m["shards"]])}
-        if acc:
-            before = _by_shard(metrics.get("shard_accuracy_before")) or None
-            files["shard_accuracy.png"] = plots.shard_accuracy(acc, metrics.get("ensemble_accuracy"), before)
-        if self.kind != "fit" and plans and m["shards"]:
-            hit = {(int(s), int(j)) for s, j in (slices_hit or [])}
-            starts = {p.shard: p.start_stage for p in plans}
-            files["retrained_stages.png"] = plots.retrained_stages(
-                len(m["shards"]), len(m["shards"][0]["slices"]), starts, hit
-            )
-        with tempfile.TemporaryDirectory() as tmp:
-            for name, png in files.items():
-                (Path(tmp) / name).write_bytes(png)
-            client.log_artifacts(self.run_id, tmp, "plots")
+
+def _log_plots(run: _Op, manifest, plans, metrics: dict, slices_hit) -> None:
+    from sisa.tracking import plots
+
+    acc = _by_shard(metrics.get("shard_accuracy"))
+    files = {"shard_sizes.png": plots.shard_sizes(manifest.slice_rows())}
+    if acc:
+        before = _by_shard(metrics.get("shard_accuracy_before")) or None
+        files["shard_accuracy.png"] = plots.shard_accuracy(acc, metrics.get("ensemble_accuracy"), before)
+    if run.kind != "fit" and plans and manifest.shards:
+        hit = {(int(s), int(j)) for s, j in (slices_hit or [])}
+        starts = {p.shard: p.start_stage for p in plans}
+        files["retrained_stages.png"] = plots.retrained_stages(
+            len(manifest.shards), len(manifest.shards[0].slices), starts, hit
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, png in files.items():
+            (Path(tmp) / name).write_bytes(png)
+        run.tracker.client.log_artifacts(run.run_id, tmp, "plots")
 
 
 @contextmanager

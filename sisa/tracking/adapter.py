@@ -1,0 +1,71 @@
+"""The one place sisa touches MLflow below its public client API.
+
+Erasure needs a few things MLflow's public API does not offer: the hard delete of a logged model's row
+(the public delete only marks it), the list of soft-deleted logged models (an interrupted purge leaves
+some), a models:/ source resolved against our own store, and the artifact repository of a location.
+Each is reached here and nowhere else, so that an MLflow upgrade that moves one of them breaks this
+module only. Everything is used on a ``sqlite:///`` store that belongs to the workdir (`OwnStore`);
+on a tracking server the public API is all sisa uses.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` tracking URI (None for servers and other databases)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+
+
+def client(uri: str):
+    """The public MLflow client for tracking and registry at ``uri``."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def global_tracking_uri(uri: str):
+    """A context in which MLflow's *global* tracking URI is ``uri``: a local sqlite registry resolves a
+    ``models:/`` source through it when a model version is created (an MLflow TODO)."""
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    return _use_tracking_uri(uri)
+
+
+def artifact_repository(location: str, tracking_uri: str):
+    """MLflow's artifact repository for ``location`` (delete or download a model's files)."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    return get_artifact_repository(location, tracking_uri=tracking_uri)
+
+
+class OwnStore:
+    """The tracking store behind a ``sqlite:///`` URI, for the purge's hard deletes."""
+
+    def __init__(self, store):
+        self._store = store
+
+    def deleted_logged_models(self) -> list[str]:
+        """Ids of the logged models that are marked deleted but whose rows are still there."""
+        return list(self._store._get_deleted_logged_models())
+
+    def get_logged_model(self, model_id: str):
+        """The logged model, deleted or not (raises MlflowException when its row is gone)."""
+        return self._store.get_logged_model(model_id, allow_deleted=True)
+
+    def hard_delete_logged_model(self, model_id: str) -> None:
+        """Remove the logged model's rows (params, tags, metrics) from the database."""
+        self._store._hard_delete_logged_model(model_id)
+
+
+def own_store(mlflow_client, uri: str) -> OwnStore | None:
+    """The store of ``mlflow_client`` when ``uri`` is a sqlite file and the store can hard-delete logged
+    models; None otherwise (a server: the public API only)."""
+    if sqlite_path(uri) is None:
+        return None
+    store = mlflow_client._tracking_client.store
+    needed = ("_get_deleted_logged_models", "_hard_delete_logged_model", "get_logged_model")
+    return OwnStore(store) if all(hasattr(store, k) for k in needed) else None
