@@ -9,13 +9,14 @@ workdir written by an older sisa. ``delete`` cannot erase those rows; fit again 
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 
 from shards.schema import compact, encode_rows, make_rows
-from shards.storage import write_atomic
+from shards.storage import write_atomic, zero_and_remove
 
 NAME = "eval.npy"
 
@@ -60,5 +61,30 @@ def erase(workdir, hashed: set, kind: str) -> int:
     drop = np.array([h in hashed for h in workdir.hash_ids(rows["id"].tolist())], dtype=bool)
     if not drop.any():
         return 0
-    write_atomic(workdir.path / NAME, encode_rows(compact(rows[~drop], kind)))
+    replace_zeroing(workdir.path / NAME, encode_rows(compact(rows[~drop], kind)))
     return int(drop.sum())
+
+
+OLD = ".eval-old.npy"  # the superseded evaluation file, kept by a hard link until it is zeroed
+
+
+def replace_zeroing(path, data: bytes) -> None:
+    """Replace ``path`` atomically and zero the old file's bytes: a rename alone would leave the erased rows
+    in free disk blocks. The old file keeps a second name (`OLD`) until it is zeroed; after a crash
+    `discard_old` finishes the job (or, if the rename never happened, just drops the extra name)."""
+    old = path.parent / OLD
+    discard_old(path.parent)
+    os.link(path, old)
+    write_atomic(path, data)
+    discard_old(path.parent)
+
+
+def discard_old(workdir_path) -> None:
+    """Zero and remove a superseded evaluation file, unless it is still the live one (then only unlink)."""
+    old, live = Path(workdir_path) / OLD, Path(workdir_path) / NAME
+    if not old.exists():
+        return
+    if live.exists() and os.path.samefile(old, live):
+        old.unlink()
+    else:
+        zero_and_remove(old)

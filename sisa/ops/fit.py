@@ -16,6 +16,7 @@ import numpy as np
 from orchestration import ShardPlan
 from shards.errors import ConfigError, DataError, WorkdirError
 from shards.ingest import ingest_parquet, wipe_stale_spills
+from shards.storage import zero_and_remove
 from shards.store import write_partition
 from sisa import data as datamod
 from sisa import evalfile
@@ -129,6 +130,7 @@ def _partition(ctx, storage, data, ingested) -> Manifest:
         shape = list(X.shape[1:])
     else:
         ing, num_classes, eval_tmp = ingested
+        zero_and_remove(ctx.workdir.path / evalfile.NAME)  # a refit's old evaluation rows, not just unlinked
         os.replace(eval_tmp, ctx.workdir.path / evalfile.NAME)
         slices, kind, shape, names = ing.slices, ing.id_kind, ing.input_shape, ing.feature_names
     return Manifest(
@@ -248,17 +250,15 @@ def _write_eval(path, eval_set, kind) -> None:
     """The evaluation file (`sisa.evalfile`): (id, y, x) rows that `delete` can erase; rows of an
     ``eval_set`` given without ids are stored as (y, x), cannot be named, and a warning says so."""
     if eval_set is None:
-        if path.exists():
-            path.unlink()
+        zero_and_remove(path)
         return
     X, y = eval_set[:2]
     ids = eval_set[2] if len(eval_set) > 2 else None
-    write_atomic(path, evalfile.encode(X, y, ids, kind))
+    data = evalfile.encode(X, y, ids, kind)
+    evalfile.replace_zeroing(path, data) if path.exists() else write_atomic(path, data)
 
 
 def _remove_partial(ctx, storage) -> None:
     purge_unreferenced(storage, None)
-    for name in ("config.yaml", "eval.npy", ".eval-ingest.npy"):
-        p = ctx.workdir.path / name
-        if p.exists():
-            p.unlink()
+    for name in ("config.yaml", evalfile.NAME, ".eval-ingest.npy"):
+        zero_and_remove(ctx.workdir.path / name)

@@ -8,6 +8,7 @@ stays unfinished and the next open finishes it.
 
 from __future__ import annotations
 
+from sisa import evalfile
 from sisa.failpoints import crashpoint
 from sisa.ledger import RequestState
 from sisa.manifest import Manifest
@@ -24,6 +25,7 @@ def finish(ctx, m: Manifest, rid: str, receipt, run_id: str | None) -> None:
     """Purge what the swap superseded, everywhere, then mark the request done."""
     unreferenced(ctx, m, on_delete=lambda: crashpoint("during_purge"))
     ctx.workdir.remove_stale_copies()  # temp files, a killed fit's spill and evaluation file
+    evalfile.discard_old(ctx.workdir.path)  # a superseded evaluation file a crash left unzeroed
     ctx.drop_caches()
     ctx.publish(m, purge=True, request_id=rid, run_id=run_id)  # the new version; every other one is deleted
     if receipt is None:
