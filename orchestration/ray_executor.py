@@ -9,6 +9,7 @@ retried and carry the shard that failed.
 from __future__ import annotations
 
 import ray
+import torch
 from ray.exceptions import RayActorError, RayError, RayTaskError
 
 from orchestration import pool
@@ -24,8 +25,6 @@ class ShardWorker:
     """The actor body; kept warm between calls."""
 
     def __init__(self, threads: int):
-        import torch
-
         torch.set_num_threads(threads)
         self.runner = StageRunner()
 

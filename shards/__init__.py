@@ -1,9 +1,5 @@
 """Data side of sisa: partitioning, the shard/slice store, checkpoints and one shard's sliced training.
 
-Knows nothing of Ray or MLflow.
+Knows nothing of Ray or MLflow. Importing it changes no global state (warning filters, logger levels):
+`shards.training.quiet_training` silences Lightning only while a stage trains.
 """
-
-import warnings
-
-warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-warnings.filterwarnings("ignore", message=".*does not have many workers.*")

@@ -2,9 +2,15 @@
 
 It lives in the lowest layer so that workers can raise it; `sisa.errors` re-exports it. Every error
 pickles across Ray workers with its structured detail (``shard``, ``path``, ``ids`` ...).
+
+`NotFittedError` is also scikit-learn's ``sklearn.exceptions.NotFittedError`` (so ``except`` clauses and
+``check_is_fitted`` written for sklearn estimators catch it). Importing sklearn takes about a second and pulls
+scipy and pandas, so that class is defined on first use (PEP 562): importing this module stays light.
 """
 
 from __future__ import annotations
+
+import threading
 
 
 class SisaError(Exception):
@@ -48,10 +54,6 @@ class UnknownIdsError(DataError):
     """Ids that the ensemble never held; ``ids`` holds (up to a few of) them."""
 
 
-class NotFittedError(SisaError):
-    """The ensemble was used before `fit` (or `open` of a trained workdir)."""
-
-
 class WorkdirError(SisaError):
     """The workdir is missing, incompatible, locked or outside the allowed root."""
 
@@ -69,3 +71,27 @@ class RetrainingError(SisaError):
     finishes. ``request_id`` names the deletion, ``remaining_seconds`` estimates how long it still needs
     (None when unknown), ``waited`` is how long the caller waited, ``running`` whether a process holds the
     workdir (False: the deletion was interrupted and finishes at the next ``SisaEnsemble.open``)."""
+
+
+_not_fitted_lock = threading.Lock()
+
+
+def _define_not_fitted_error() -> type[SisaError]:
+    from sklearn.exceptions import NotFittedError as SklearnNotFittedError  # heavy: only on first use
+
+    class NotFittedError(SisaError, SklearnNotFittedError):
+        """The ensemble was used before `fit` (or `open` of a trained workdir). Also sklearn's
+        ``NotFittedError`` (a ``ValueError`` and an ``AttributeError``)."""
+
+    NotFittedError.__module__, NotFittedError.__qualname__ = __name__, "NotFittedError"  # pickles by name
+    return NotFittedError
+
+
+def __getattr__(name: str):
+    if name == "NotFittedError":
+        with _not_fitted_lock:  # one class, even when two threads ask at once
+            cls = globals().get(name)
+            if cls is None:
+                cls = globals()[name] = _define_not_fitted_error()
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

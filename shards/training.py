@@ -16,9 +16,11 @@ work is paid once per chunk (the framework stays within a few percent of a plain
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import re
+import threading
 import time
 import warnings
 
@@ -34,12 +36,48 @@ from shards.spec import SisaContext, TrainSpec, derive_seed
 FORMAT = 1
 CHUNK_ROWS = 4096  # rows per Lightning step for built-in modules (whole batches, at least one)
 ACCURACY_ROWS = 1024  # train accuracy after each stage is measured on at most this many rows (every k-th)
-logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
-logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-warnings.filterwarnings("ignore", ".*does not have many workers.*")
-warnings.filterwarnings("ignore", ".*barebones.*")
-# a per-epoch OneCycleLR / CyclicLR is what sisa recommends (see shards.spec.SisaContext)
-warnings.filterwarnings("ignore", ".*scheduler is using 'interval': 'epoch'.*")
+# Lightning's info logs and the warnings sisa's own Trainer setup triggers are silenced while a stage trains,
+# and only then: importing sisa changes no global warning or logging state.
+_QUIET_LOGGERS = ("pytorch_lightning", "lightning.pytorch")
+_QUIET_WARNINGS = (
+    ".*does not have many workers.*",
+    ".*barebones.*",
+    ".*LeafSpec.*",
+    # a per-epoch OneCycleLR / CyclicLR is what sisa recommends (see shards.spec.SisaContext)
+    ".*scheduler is using 'interval': 'epoch'.*",
+)
+_quiet_lock = threading.Lock()
+_quiet_depth = 0
+_quiet_saved: tuple[warnings.catch_warnings, list] | None = None
+
+
+@contextlib.contextmanager
+def quiet_training():
+    """Silence Lightning's chatter for the duration of a stage, then restore the caller's warning filters
+    and logger levels. Re-entrant and thread-safe: concurrent stages share one silenced period."""
+    global _quiet_depth, _quiet_saved
+    with _quiet_lock:
+        if _quiet_depth == 0:
+            caught = warnings.catch_warnings()
+            caught.__enter__()
+            for message in _QUIET_WARNINGS:
+                warnings.filterwarnings("ignore", message)
+            loggers = [logging.getLogger(name) for name in _QUIET_LOGGERS]
+            _quiet_saved = (caught, [(lg, lg.level) for lg in loggers])
+            for lg in loggers:
+                lg.setLevel(logging.ERROR)
+        _quiet_depth += 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet_depth -= 1
+            if _quiet_depth == 0 and _quiet_saved is not None:
+                caught, levels = _quiet_saved
+                _quiet_saved = None
+                for lg, level in levels:
+                    lg.setLevel(level)
+                caught.__exit__(None, None, None)
 
 
 class _Rows(Dataset):
@@ -184,6 +222,7 @@ def save_checkpoint(ckpt: dict) -> bytes:
     return buf.getvalue()
 
 
+@quiet_training()
 def run_stage(
     spec: TrainSpec, shard: int, stage: int, prev: dict | None, rows: np.ndarray, lineage: str
 ) -> tuple[dict, dict]:
@@ -202,8 +241,9 @@ def run_stage(
     metrics: dict = {"shard": shard, "stage": stage, "rows": n, "epochs": [], "seconds": 0.0}
     t0, c0 = time.perf_counter(), time.thread_time()
     if n > 0 and epochs > 0:
-        X = torch.from_numpy(np.ascontiguousarray(rows["x"]))
-        y = torch.from_numpy(np.ascontiguousarray(rows["y"]))
+        # copies, not ascontiguousarray: a one-row field view counts as contiguous with the record's stride
+        X = torch.from_numpy(np.array(rows["x"], dtype=np.float32, order="C", copy=True))
+        y = torch.from_numpy(np.array(rows["y"], dtype=np.int64, order="C", copy=True))
         cb = _train(spec, shard, stage, module, X, y, opt_states, sched_states)
         opt_states, sched_states = cb.opt_states, cb.sched_states
         metrics["epochs"] = cb.epochs

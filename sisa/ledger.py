@@ -1,6 +1,8 @@
 """The deletion ledger: a sqlite file in the workdir, written with synchronous commits.
 
-A request is committed (state "pending") before any work starts and moves pending -> retraining -> done.
+A request is committed (state "pending") before any work starts and moves pending -> retraining -> done
+(`RequestState`, `TRANSITIONS`); `Ledger.set_state` refuses any other move. A recovery after a crash runs
+the request again, so retraining -> retraining is a legal move; nothing leaves done.
 Ids are stored only as keyed hashes (HMAC-SHA256 with the workdir's secret). secure_delete is on, so
 sqlite zeroes freed pages; the ledger never holds raw ids in the first place.
 """
@@ -11,9 +13,26 @@ import json
 import sqlite3
 import time
 import uuid
+from enum import StrEnum
 from pathlib import Path
 
-STATES = ("pending", "retraining", "done")
+from shards.errors import WorkdirError
+
+
+class RequestState(StrEnum):
+    """Where a deletion request stands. A `str`: ``state == "done"`` and JSON both see the plain value."""
+
+    PENDING = "pending"  # recorded (ids hashed, plan fixed); no shard excluded yet
+    RETRAINING = "retraining"  # its shards are excluded and retrain (again, after a crash)
+    DONE = "done"  # swapped, purged and its receipt stored: final
+
+
+# the legal moves of `Ledger.set_state`: from a state to the states it may go to
+TRANSITIONS: dict[RequestState, frozenset[RequestState]] = {
+    RequestState.PENDING: frozenset({RequestState.RETRAINING}),
+    RequestState.RETRAINING: frozenset({RequestState.RETRAINING, RequestState.DONE}),
+    RequestState.DONE: frozenset(),
+}
 
 
 class Ledger:
@@ -43,26 +62,66 @@ class Ledger:
         now = time.time()
         with self._connect() as db:
             db.execute("BEGIN IMMEDIATE")
-            db.execute("INSERT INTO requests VALUES (?, ?, 'pending', ?, NULL, ?)", (rid, now, json.dumps(plan), now))
+            db.execute(
+                "INSERT INTO requests VALUES (?, ?, ?, ?, NULL, ?)",
+                (rid, now, RequestState.PENDING.value, json.dumps(plan), now),
+            )
             db.executemany("INSERT INTO request_ids VALUES (?, ?)", [(rid, h) for h in hashed_ids])
             db.execute("COMMIT")
         return rid
 
-    def set_state(self, rid: str, state: str, receipt: dict | None = None) -> None:
-        assert state in STATES
+    def set_state(self, rid: str, state: RequestState | str, receipt: dict | None = None) -> None:
+        """Move request ``rid`` to ``state`` (storing ``receipt`` with it when given), in one transaction that
+        first checks the move against `TRANSITIONS`. Raises `WorkdirError` for an unknown request, an unknown
+        state or an illegal move (e.g. out of done, or back to pending)."""
+        try:
+            to = RequestState(state)
+        except ValueError:
+            raise WorkdirError(
+                f"unknown deletion request state {state!r}; the states are {', '.join(RequestState)}",
+                request_id=rid,
+                path=str(self.path),
+            ) from None
         with self._connect() as db:
-            if receipt is None:
-                db.execute("UPDATE requests SET state=?, updated=? WHERE id=?", (state, time.time(), rid))
-            else:
-                db.execute(
-                    "UPDATE requests SET state=?, updated=?, receipt=? WHERE id=?",
-                    (state, time.time(), json.dumps(receipt), rid),
-                )
+            db.execute("BEGIN IMMEDIATE")  # the check and the move are one step, even across processes
+            try:
+                row = db.execute("SELECT state FROM requests WHERE id=?", (rid,)).fetchone()
+                if row is None:
+                    raise WorkdirError(f"the ledger {self.path} holds no deletion request {rid!r}", request_id=rid)
+                now = RequestState(row[0])
+                if to not in TRANSITIONS[now]:
+                    allowed = " or ".join(s for s in RequestState if s in TRANSITIONS[now]) or "nothing (it is final)"
+                    raise WorkdirError(
+                        f"deletion request {rid} cannot move from {now} to {to}: from {now} it may move to {allowed}",
+                        request_id=rid,
+                        state=now.value,
+                        to=to.value,
+                        path=str(self.path),
+                    )
+                if receipt is None:
+                    db.execute("UPDATE requests SET state=?, updated=? WHERE id=?", (to.value, time.time(), rid))
+                else:
+                    db.execute(
+                        "UPDATE requests SET state=?, updated=?, receipt=? WHERE id=?",
+                        (to.value, time.time(), json.dumps(receipt), rid),
+                    )
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    def state(self, rid: str) -> RequestState | None:
+        """The state of request ``rid`` (None if the ledger never recorded it)."""
+        with self._connect() as db:
+            row = db.execute("SELECT state FROM requests WHERE id=?", (rid,)).fetchone()
+        return RequestState(row[0]) if row else None
 
     def unfinished(self) -> list[dict]:
         with self._connect() as db:
-            rows = db.execute("SELECT id, state, plan FROM requests WHERE state != 'done' ORDER BY created").fetchall()
-        return [{"id": r[0], "state": r[1], "plan": json.loads(r[2])} for r in rows]
+            rows = db.execute(
+                "SELECT id, state, plan FROM requests WHERE state != ? ORDER BY created", (RequestState.DONE.value,)
+            ).fetchall()
+        return [{"id": r[0], "state": RequestState(r[1]), "plan": json.loads(r[2])} for r in rows]
 
     def hashed_ids(self, rid: str) -> list[str]:
         with self._connect() as db:
@@ -82,7 +141,8 @@ class Ledger:
         with self._connect() as db:
             rows = db.execute("SELECT id, created, state, receipt FROM requests ORDER BY created").fetchall()
         return [
-            {"id": r[0], "created": r[1], "state": r[2], "receipt": json.loads(r[3]) if r[3] else None} for r in rows
+            {"id": r[0], "created": r[1], "state": RequestState(r[2]), "receipt": json.loads(r[3]) if r[3] else None}
+            for r in rows
         ]
 
     def receipt(self, rid: str) -> dict | None:

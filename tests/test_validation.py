@@ -301,14 +301,14 @@ def test_read_file_reads_npz_npy_and_tables_and_names_what_is_missing(tmp_path):
 
 
 def test_the_audit_reads_rows_with_the_shared_reader(tmp_path):
-    from sisa.audit.cli import _rows
+    from sisa.audit.cli import read_rows
 
     X, y, _ = rows(n=10)
     np.savez(tmp_path / "d.npz", X=X, y=y)
-    got = _rows(str(tmp_path / "d.npz"))
+    got = read_rows(str(tmp_path / "d.npz"))
     assert np.array_equal(got[0], X) and np.array_equal(got[1], y)
     np.savez(tmp_path / "e.npz", X=X)
     with pytest.raises(
         DataError, match=r"lacks arrays \['y'\] \(has \['X'\]\); save it with np.savez\(path, X=..., y=...\)"
     ):
-        _rows(str(tmp_path / "e.npz"))
+        read_rows(str(tmp_path / "e.npz"))

@@ -8,34 +8,36 @@
 The audit writes nothing into the workdir (with --log-run it logs an MLflow 'audit' run into the tracking
 store, which by default is the workdir's mlflow.db).
 
+  sisa audit-example [DIR]                  the README's worked example: train, delete, then audit, in DIR
+
 Exit status 0: every certificate check passed; 1: a check failed (the output says where); 2: bad input.
-``python -m sisa.audit.cli DIR`` runs the worked example of the README (train, delete, audit) in DIR.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
 import click
 import numpy as np
 
-from shards.errors import SisaError
+import sisa  # `sisa.SisaEnsemble` resolves on first use: `sisa --help` does not import torch or Ray
+from sisa.audit.report import AuditReport
+from sisa.data import read_file
+from sisa.errors import SisaError
 
 
-def _rows(path: str | None):
+def read_rows(path: str | None):
+    """The rows an auditor keeps, ``(X, y)`` from an .npz with arrays X and y (None for no path)."""
     if path is None:
         return None
-    from sisa.data import read_file
-
     z = read_file(path, ("X", "y"), suffixes=(".npz",))
     return z["X"], z["y"]
 
 
 def _merge(reports):
-    from sisa.audit.certificate import AuditReport
-
     if len(reports) == 1:
         return reports[0]
     out = AuditReport(scope=", ".join(r.scope for r in reports))
@@ -71,40 +73,37 @@ def _merge(reports):
 @click.option("--references", default=4, show_default=True, help="reference models of the calibrated attack (0: off)")
 @click.option("--baseline/--no-baseline", default=True, help="also run approximate gradient ascent (NOT exact)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-@click.option(
-    "--log-run", is_flag=True, help="log an MLflow 'audit' run (metrics, ROC plot) into the tracking store"
-)
+@click.option("--log-run", is_flag=True, help="log an MLflow 'audit' run (metrics, ROC plot) into the tracking store")
 def audit(
     workdir, receipts, everything, mia_deleted, mia_heldout, mia_population, references, baseline, as_json, log_run
 ):
     """Re-verify deletion certificates (bit-for-bit retraining from scratch), check what MLflow serves, and
     audit membership inference. Writes nothing into the workdir unless --log-run is given."""
-    from sisa import SisaEnsemble
-
     if not (receipts or everything or mia_deleted):
         raise click.UsageError("say what to audit: --receipt ID (repeatable), --all, and/or --mia-deleted ROWS.npz")
     try:
-        ens = SisaEnsemble.open(workdir, executor="inprocess", recover=False)
+        ens = sisa.SisaEnsemble.open(workdir, executor="inprocess", recover=False)
         certs = [ens.verify(r) for r in receipts] + ([ens.verify(None)] if everything else [])
         cert = _merge(certs) if certs else None
         mia = None
         if mia_deleted:
-            from sisa.audit.mia import deletion_cost, membership_audit
+            from sisa.audit import mia as attacks  # torch, scipy: only when an attack runs
 
-            mia = membership_audit(
-                ens,
-                deleted=_rows(mia_deleted),
-                heldout=_rows(mia_heldout),
-                population=_rows(mia_population),
+            mia = attacks.membership_audit(
+                ens._ctx,
+                ens.manifest,
+                deleted=read_rows(mia_deleted),
+                heldout=read_rows(mia_heldout),
+                population=read_rows(mia_population),
                 references=references,
                 baseline=baseline,
-                exact_cost=deletion_cost(ens),
+                exact_cost=attacks.deletion_cost(ens._ctx),
             )
         run_id = None
         if log_run and ens.config.tracking.enabled:
-            from sisa.audit.mia import log_audit
+            from sisa.audit.mia import log_audit  # torch, mlflow: only when a run is logged
 
-            run_id = log_audit(ens, mia, cert)
+            run_id = log_audit(ens._ctx, ens.manifest, mia, cert)
     except SisaError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
@@ -126,18 +125,18 @@ def audit(
 def publish(workdir):
     """Publish the deployed ensemble to MLflow as a new `@current` version (with fresh digests) and purge
     every other version: the fix when `sisa audit` finds a changed or stale model artifact."""
-    from sisa import SisaEnsemble
-
     try:
-        ens = SisaEnsemble.open(workdir, executor="inprocess")
+        ens = sisa.SisaEnsemble.open(workdir, executor="inprocess")
         if not ens.config.tracking.enabled:
             raise click.UsageError("tracking is off in this workdir's config: there is no MLflow model to publish")
-        with ens.workdir.lock(what="publish"):
-            mv = ens.tracker().publish(ens, purge=True, force=True)
+        ctx = ens._ctx
+        with ctx.workdir.lock(what="publish"):
+            mv = ctx.tracker().publish(ctx, ctx.read_manifest(), purge=True, force=True)
     except SisaError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
-    click.echo(f"published models:/{ens.tracker().model_name}/{mv.version} as @current" if mv else "no shard to serve")
+    name = ens._ctx.tracker().model_name
+    click.echo(f"published models:/{name}/{mv.version} as @current" if mv else "no shard to serve")
 
 
 def example(workdir: str, seed: int = 1) -> list[str]:
@@ -145,11 +144,7 @@ def example(workdir: str, seed: int = 1) -> list[str]:
 
     The rows an auditor keeps (deleted, held-out, population) are written next to the workdir, in
     ``<workdir>-auditor/``, never inside it. Returns the `sisa audit` arguments to run."""
-    import shutil
-
-    from sklearn.datasets import make_classification
-
-    from sisa import SisaEnsemble
+    from sklearn.datasets import make_classification  # scikit-learn takes a second to import: only here
 
     wd, aud = Path(workdir), Path(f"{workdir}-auditor")
     for d in (wd, aud):
@@ -169,7 +164,7 @@ def example(workdir: str, seed: int = 1) -> list[str]:
         "training": {"epochs": 60, "batch_size": 32, "lr": 0.005},
         "cluster": {"executor": "inprocess"},
     }
-    ens = SisaEnsemble.from_config(cfg, wd).fit(X[tr], y[tr], ids=ids[tr], eval_set=(X[te], y[te]))
+    ens = sisa.SisaEnsemble.from_config(cfg, wd).fit(X[tr], y[tr], ids=ids[tr], eval_set=(X[te], y[te]))
     gone = ids[tr][::7]  # 100 rows, deleted in two requests
     ens.delete(gone[:60].tolist())
     ens.delete(gone[60:].tolist())
@@ -178,3 +173,18 @@ def example(workdir: str, seed: int = 1) -> list[str]:
     ens.close()
     return ["--workdir", str(wd), "--all", "--mia-deleted", str(aud / "deleted.npz"), "--mia-population", str(aud / "population.npz")]  # fmt: skip
 
+
+@click.command("audit-example")
+@click.argument("workdir", default="runs/audit-example", type=click.Path(file_okay=False))
+@click.option("--seed", default=1, show_default=True, help="seed of the synthetic data and of the ensemble")
+def audit_example(workdir, seed):
+    """The README's worked audit example: train on synthetic rows into WORKDIR (replacing it), delete 100 rows
+    in two requests, then run `sisa audit --all --mia-deleted ... --mia-population ...` on it. The auditor's
+    rows go to WORKDIR-auditor/, never into WORKDIR."""
+    try:
+        args = example(workdir, seed=seed)
+    except SisaError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    click.echo("$ sisa audit " + " ".join(args) + "\n")
+    audit.main(args, prog_name="sisa audit")

@@ -1,95 +1,27 @@
-"""The `sisa` command: train, predict, status, delete, validate, demo, ui."""
+"""The `sisa` command: train, predict, status, delete, validate, repair, demo, ui (and, from `sisa.audit.cli`,
+audit, audit-example, publish). What it prints is rendered by `sisa.cli.render`."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import click
 import numpy as np
 
-from shards.errors import SisaError
-
-
-class _Progress:
-    """One tqdm bar per shard (stages done), or one overall bar when there are many shards."""
-
-    def __init__(self, shards: list[int], stages: dict[int, int]):
-        from tqdm import tqdm
-
-        self.per_shard = len(shards) <= 12
-        quiet = self.quiet = not sys.stderr.isatty()
-        if self.per_shard:
-            self.bars = {
-                s: tqdm(
-                    total=stages[s],
-                    desc=f"shard {s:3d}",
-                    unit="stage",
-                    position=i,
-                    leave=True,
-                    file=sys.stderr,
-                    disable=quiet,
-                )
-                for i, s in enumerate(shards)
-            }
-        else:
-            self.bar = tqdm(total=sum(stages.values()), desc="stages", unit="stage", file=sys.stderr, disable=quiet)
-
-    def __call__(self, plan, entry, metrics):
-        if self.quiet:  # not a terminal (a log file, CI): one plain line per finished shard
-            if metrics["stage"] == len(plan.slices):
-                acc = metrics.get("train_accuracy")
-                click.echo(
-                    f"shard {plan.shard}: stages {plan.start_stage}-{metrics['stage']} done, "
-                    f"{metrics['rows']} rows" + (f", train acc {acc:.3f}" if acc is not None else ""),
-                    err=True,
-                )
-            return
-        bar = self.bars[plan.shard] if self.per_shard else self.bar
-        acc = metrics.get("train_accuracy")
-        bar.set_postfix_str(
-            f"stage {metrics['stage']} rows {metrics['rows']}" + (f" acc {acc:.3f}" if acc is not None else "")
-        )
-        bar.update(1)
-
-    def close(self):
-        for b in self.bars.values() if self.per_shard else [self.bar]:
-            b.close()
-
-
-def _table(rows: list[list], header: list[str]) -> str:
-    cells = [[str(c) for c in header]] + [[_fmt(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4f}"
-    return "-" if v is None else str(v)
-
-
-def _status_table(st: dict) -> str:
-    rows = [
-        [
-            s["shard"],
-            s["rows"],
-            "/".join(map(str, s["slice_rows"])),
-            s["checkpoints"],
-            "yes" if s["active"] else "no",
-            s["accuracy"],
-        ]
-        for s in st["shards"]
-    ]
-    out = _table(rows, ["shard", "rows", "rows per slice", "checkpoints", "active", "test acc"])
-    acc = st["ensemble_accuracy"]
-    out += f"\n\nensemble: {len(st['shards'])} shards x {st['slices']} slices, {st['rows']} training rows, "
-    out += f"epochs per stage {st['epochs_per_stage']}, test accuracy {_fmt(acc)}"
-    out += f"\ndeletions: {st['deletions']['done']} done, {st['deletions']['unfinished']} unfinished"
-    return out
+import sisa  # `sisa.SisaEnsemble` resolves on first use: `sisa --help` does not import torch or Ray
+from shards.ids import canonical_ids, parse_text_id, read_ids_file
+from sisa import data as datamod
+from sisa.audit.cli import audit, audit_example, publish
+from sisa.cli.demo import run as run_demo
+from sisa.cli.render import Progress, receipt_text, status_table
+from sisa.config import load_config
+from sisa.errors import ConfigError, SisaError, WorkdirError
+from sisa.tracking.runs import Tracker, sqlite_path
+from sisa.workdir import Workdir
 
 
 def _fail(e: SisaError):
@@ -110,17 +42,14 @@ def main():
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite in the workdir)")
 def train(config, workdir, executor, overwrite, tracking_uri):
     """Train the ensemble described by CONFIG into WORKDIR."""
-    from sisa import SisaEnsemble
-
     try:
-        ens = SisaEnsemble.from_config(config, workdir, executor=executor, tracking_uri=tracking_uri)
-        S, R = ens.config.sharding.shards, ens.config.sharding.slices
-        prog = _Progress(list(range(S)), dict.fromkeys(range(S), R))
+        ens = sisa.SisaEnsemble.from_config(config, workdir, executor=executor, tracking_uri=tracking_uri)
+        prog = Progress.for_grid(ens.config.sharding.shards, ens.config.sharding.slices)
         try:
             ens.fit(overwrite=overwrite, progress=prog)
         finally:
             prog.close()
-        click.echo(_status_table(ens.status()))
+        click.echo(status_table(ens.status()))
         ens.close()
     except SisaError as e:
         _fail(e)
@@ -139,10 +68,8 @@ def train(config, workdir, executor, overwrite, tracking_uri):
 @click.option("--proba", is_flag=True, help="print class probabilities instead of labels")
 def predict(workdir, input_, output, proba):
     """Predict with the ensemble in WORKDIR."""
-    from sisa import SisaEnsemble
-
     try:
-        ens = SisaEnsemble.open(workdir, executor="inprocess")
+        ens = sisa.SisaEnsemble.open(workdir, executor="inprocess")
         X = _read_features(Path(input_))
         out = ens.predict_proba(X) if proba else ens.predict(X)
         if output:
@@ -157,8 +84,6 @@ def predict(workdir, input_, output, proba):
 def _read_features(path: Path):
     """An .npz (array X) or .npy is positional; a CSV or Parquet file is a table whose columns the ensemble
     matches to its training features by name (`SisaEnsemble.predict_proba`)."""
-    from sisa import data as datamod
-
     data = datamod.read_file(path, ("X",), suffixes=(".npz", ".npy", *datamod.TABLE_SUFFIXES))
     return data["X"] if isinstance(data, dict) else data
 
@@ -168,22 +93,17 @@ def _read_features(path: Path):
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def status(workdir, as_json):
     """Shards, slices, sizes, checkpoints, accuracy and deletions of WORKDIR."""
-    from sisa import SisaEnsemble
-
     try:
-        st = SisaEnsemble.open(workdir, executor="inprocess").status()
+        st = sisa.SisaEnsemble.open(workdir, executor="inprocess").status()
     except SisaError as e:
         _fail(e)
-    click.echo(json.dumps(st, indent=1) if as_json else _status_table(st))
+    click.echo(json.dumps(st, indent=1) if as_json else status_table(st))
 
 
 @main.command()
 @click.argument("configs", nargs=-1, required=True, type=click.Path(dir_okay=False))
 def validate(configs):
     """Check CONFIGS and report every problem at once."""
-    from sisa.config import load_config
-    from sisa.errors import ConfigError
-
     bad = 0
     for path in configs:
         try:
@@ -222,11 +142,9 @@ def delete(workdir, ids_file, ids_format, dry_run, executor, ids):
     Ids are matched exactly as written: for an ensemble with integer ids, only plain decimal integers
     (no leading zeros, '+', spaces or non-ASCII digits); for string ids, every character counts,
     spaces included. For ids with spaces or newlines use --ids-file with --ids-format json (or nul)."""
-    from sisa import SisaEnsemble
-
     try:
-        ens = SisaEnsemble.open(workdir, executor=executor)
-        wanted = _request_ids(ens.manifest["id_kind"], ids, ids_file, ids_format)
+        ens = sisa.SisaEnsemble.open(workdir, executor=executor)
+        wanted = _request_ids(ens.manifest.id_kind, ids, ids_file, ids_format)
         if dry_run:
             plan = ens.estimate_deletion_cost(wanted)
             click.echo(json.dumps(plan.__dict__, indent=1))
@@ -235,13 +153,11 @@ def delete(workdir, ids_file, ids_format, dry_run, executor, ids):
         ens.close()
     except SisaError as e:
         _fail(e)
-    click.echo(_receipt_text(r))
+    click.echo(receipt_text(r))
 
 
 def _request_ids(kind: str, args, ids_file, ids_format) -> list:
     """The ids named on the command line and in the ids file, canonical for an ensemble of ``kind``."""
-    from shards.ids import canonical_ids, parse_text_id, read_ids_file
-
     wanted = [parse_text_id(t, kind) for t in args]
     if ids_file:
         data = sys.stdin.buffer.read() if ids_file == "-" else Path(ids_file).read_bytes()
@@ -255,39 +171,13 @@ def _request_ids(kind: str, args, ids_file, ids_format) -> list:
     return wanted
 
 
-def _receipt_text(r) -> str:
-    if r.request_id is None:
-        return f"nothing to do: {r.already_deleted} id(s) were already deleted"
-    rows = [
-        [
-            s,
-            v["from_stage"],
-            v["rows_removed"],
-            (v["resumed_from"] or "fresh init")[:12],
-            (v["checkpoints_after"] or ["-"])[-1][:12],
-        ]
-        for s, v in sorted(r.shards.items())
-    ]
-    out = f"request {r.request_id}: {r.rows_deleted} row(s) deleted"
-    if r.already_deleted:
-        out += f", {r.already_deleted} already deleted before"
-    out += "\n" + _table(rows, ["shard", "from stage", "rows removed", "resumed from", "final checkpoint"])
-    c = r.cost
-    if c:
-        out += f"\nretrained {c['sample_epochs']} sample-epochs vs {c['full_retrain_sample_epochs']} for a full retrain"
-        out += f" ({c['speedup']:.1f}x cheaper), wall time {r.wall_seconds:.2f}s"
-    return out
-
-
 @main.command()
 @click.option("--workdir", required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--executor", type=click.Choice(["ray", "inprocess"]), default=None)
 def repair(workdir, executor):
     """Rebuild missing or corrupt checkpoints from the last clean one (bit-identical)."""
-    from sisa import SisaEnsemble
-
     try:
-        ens = SisaEnsemble.open(workdir, executor=executor, recover=False)
+        ens = sisa.SisaEnsemble.open(workdir, executor=executor, recover=False)
         out = ens.repair()
         ens.close()
     except SisaError as e:
@@ -308,10 +198,8 @@ def repair(workdir, executor):
 @click.option("--executor", type=click.Choice(["ray", "inprocess"]), default=None)
 def demo(workdir, executor):
     """Train the digits ensemble, delete a few rows, and show what happened."""
-    from sisa.cli.demo import run
-
     try:
-        run(workdir, executor)
+        run_demo(workdir, executor)
     except SisaError as e:
         _fail(e)
 
@@ -321,14 +209,6 @@ def demo(workdir, executor):
 @click.option("--port", default=5000, show_default=True)
 def ui(workdir, port):
     """Open the MLflow UI on WORKDIR's tracking store (a local `mlflow server` on 127.0.0.1)."""
-    import os
-    import subprocess
-
-    from shards.errors import WorkdirError
-    from sisa.config import load_config
-    from sisa.tracking.runs import Tracker, sqlite_path
-    from sisa.workdir import Workdir
-
     wd = Workdir(workdir)
     if not (wd.path / "config.yaml").exists():
         _fail(WorkdirError(f"{wd.path} holds no sisa ensemble (no config.yaml); pass the workdir you trained in"))
@@ -352,9 +232,6 @@ def ui(workdir, port):
     sys.exit(subprocess.call(cmd, env=env))
 
 
-from sisa.audit.cli import audit as _audit  # noqa: E402
-from sisa.audit.cli import publish as _publish  # noqa: E402
-
-main.add_command(_audit)
-main.add_command(_publish)
-
+main.add_command(audit)
+main.add_command(audit_example)
+main.add_command(publish)

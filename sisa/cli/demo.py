@@ -8,26 +8,28 @@ from pathlib import Path
 
 import click
 
-CONFIG = Path(__file__).resolve().parent.parent / "configs" / "digits.yaml"
+import sisa
+from sisa import costmodel
+from sisa.cli.render import Progress, receipt_text, status_table
+from sisa.config import load_config
+
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "digits.yaml"  # the repository's configs/
 
 
 def run(workdir: str, executor: str | None) -> None:
-    from sisa import SisaEnsemble, costmodel, load_config
-    from sisa.cli.commands import _Progress, _receipt_text, _status_table
-
     wd = Path(workdir)
     if wd.exists():
         shutil.rmtree(wd)
     cfg = load_config(CONFIG)
     click.echo(f"== training {cfg.sharding.shards} shards x {cfg.sharding.slices} slices on digits into {wd} ==")
-    ens = SisaEnsemble.from_config(cfg, wd, executor=executor)
+    ens = sisa.SisaEnsemble.from_config(cfg, wd, executor=executor)
     S, R = cfg.sharding.shards, cfg.sharding.slices
-    prog = _Progress(list(range(S)), dict.fromkeys(range(S), R))
+    prog = Progress.for_grid(S, R)
     t = time.time()
     ens.fit(progress=prog)
     prog.close()
     click.echo(f"trained in {time.time() - t:.1f}s\n")
-    click.echo(_status_table(ens.status()))
+    click.echo(status_table(ens.status()))
 
     base = load_config(
         {
@@ -38,7 +40,7 @@ def run(workdir: str, executor: str | None) -> None:
             "cluster": {"executor": "inprocess"},
         }
     )
-    single = SisaEnsemble.from_config(base, wd / "baseline-single-model").fit()
+    single = sisa.SisaEnsemble.from_config(base, wd / "baseline-single-model").fit()
     click.echo(
         f"\none model on all the training data: test accuracy {single.last_fit_metrics['ensemble_accuracy']:.4f}"
     )
@@ -49,14 +51,14 @@ def run(workdir: str, executor: str | None) -> None:
     click.echo(
         f"plan: shards {plan.shards} (shard: first stage to retrain), {plan.speedup:.1f}x cheaper than a full retrain"
     )
-    rows = [[e["rows"] for e in sh["slices"]] for sh in ens.manifest["shards"]]
+    rows = ens.manifest.slice_rows()
     sched = cfg.epochs_per_stage()
     click.echo(
         f"(for reference: one random row costs {costmodel.full_cost(rows, sched) / costmodel.expected_single(rows, sched):.1f}x "
         f"less than a full retrain on average; the bound S*3R/(2R+1) is {costmodel.speedup_bound(S, R):.1f}x)"
     )
     receipt = ens.delete(ids)
-    click.echo(_receipt_text(receipt))
+    click.echo(receipt_text(receipt))
     click.echo(f"\nensemble test accuracy after the deletion: {ens.status()['ensemble_accuracy']:.4f}")
     click.echo(f"receipt saved in {wd / 'receipts' / (receipt.request_id + '.json')}")
     click.echo(

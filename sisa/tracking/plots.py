@@ -3,17 +3,20 @@ what an operation retrained.
 
 Figures are drawn on matplotlib's Agg canvas directly (no pyplot, so no global backend is chosen for the
 caller's process). Each function returns PNG bytes and takes only counts and accuracies, never rows.
+`sisa.tracking.runs` imports this module only when it logs a plot, so matplotlib loads only then.
 """
 
 from __future__ import annotations
 
 import io
 
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import ListedColormap
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
 
 def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(width, height), dpi=100)
     FigureCanvasAgg(fig)
     return fig
@@ -72,9 +75,6 @@ def retrained_stages(shards: int, slices: int, start: dict[int, int], hit: set[t
     """Shards x stages heat map: kept (checkpoint reused), retrained, and retrained slices that held
     the deleted rows. ``start[s]`` is the first retrained stage of shard s (1-based); ``hit`` holds
     (shard, slice) pairs, 0-based."""
-    from matplotlib.colors import ListedColormap
-    from matplotlib.patches import Patch
-
     hit = hit or set()
     grid = [[0] * slices for _ in range(shards)]
     for s, r in start.items():
