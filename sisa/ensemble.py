@@ -108,6 +108,12 @@ class SisaEnsemble:
     def __sklearn_is_fitted__(self) -> bool:
         return self._server.manifest is not None
 
+    def __sklearn_tags__(self):
+        """A classifier, for sklearn's `check_is_fitted` (sklearn is imported only when it asks)."""
+        from sklearn.utils import ClassifierTags, Tags, TargetTags
+
+        return Tags(estimator_type="classifier", target_tags=TargetTags(required=True), classifier_tags=ClassifierTags())
+
     def _commit(self, m: Manifest | None) -> None:
         """Atomically switch to ``m`` (the model swap); None forgets the manifest (a refit starts over)."""
         if m is None:

@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 from shards.errors import SisaError
+from sisa.tracking import adapter
 
 TARGET = "mlflow"
 
@@ -60,21 +61,20 @@ def _alias(client, name: str):
 def _check_current(report, ctx, m, tracker, current, rec) -> None:
     from sisa.tracking.digest import state_dict_sha256
     from sisa.tracking.pyfunc import fingerprint
-    from sisa.tracking.registry import _model_id
 
     name = tracker.model_name
     where = f"models:/{name}@current"
     if current is None:
         report.add(TARGET, f"{where} is the deployed ensemble", [f"{where} does not exist; publish it"])
         return
-    where = f"{where} (version {current.version}, logged model {_model_id(current)})"
+    where = f"{where} (version {current.version}, logged model {adapter.model_id(current)})"
     active = ctx.active_shards(m)
     deployed = {str(s): m.shards[s].final.sha256 for s in active}
     problems = []
     if current.tags.get("sisa.fingerprint") != fingerprint(ctx, m):
         problems.append(f"{where}: tag sisa.fingerprint is not the deployed checkpoints' fingerprint")
     if rec is not None:
-        if str(rec.get("version")) != str(current.version) or rec.get("model_id") != _model_id(current):
+        if str(rec.get("version")) != str(current.version) or rec.get("model_id") != adapter.model_id(current):
             problems.append(f"{where} is not the version mlflow-model.json records ({rec.get('version')})")
         if rec.get("checkpoints") != deployed:
             problems.append("mlflow-model.json: field 'checkpoints' is not the manifest's active final checkpoints")
@@ -110,14 +110,13 @@ def _deployed_weights(ctx, m, s: int) -> dict:
 def _check_artifact(report, tracker, current, rec: dict, deployed: dict) -> None:
     """Every file of the @current artifact = the published digests; it loads the installed sisa only."""
     from sisa.tracking.digest import WHAT_TO_DO, check_model_dir, diff_files, tree_digests
-    from sisa.tracking.registry import _model_id, download
 
     client = tracker.client
-    loc = client.get_logged_model(_model_id(current)).artifact_location.removeprefix("file://")
+    loc = client.get_logged_model(adapter.model_id(current)).artifact_location.removeprefix("file://")
     tmp = tempfile.mkdtemp(prefix="sisa-audit-model-")
     try:
         try:
-            local = download(client, tracker.uri, current, tmp)
+            local = adapter.download(client, tracker.uri, current, tmp)
         except Exception as e:  # noqa: BLE001 -- any failure to read the artifact is a failed check
             report.add(TARGET, "@current artifact files = the digests recorded at publish", [f"{loc}: {e}"])
             return
@@ -137,10 +136,9 @@ def _check_artifact(report, tracker, current, rec: dict, deployed: dict) -> None
 
 def _check_survivors(report, tracker, exp, current, receipts: dict) -> None:
     """No version, logged model or model folder of this ensemble but @current's."""
-    from sisa.tracking.registry import _all, _model_id
 
     client, name = tracker.client, tracker.model_name
-    keep = _model_id(current) if current is not None else None
+    keep = adapter.model_id(current) if current is not None else None
     superseded = {
         d: rid
         for rid, r in receipts.items()
@@ -149,19 +147,19 @@ def _check_survivors(report, tracker, exp, current, receipts: dict) -> None:
     }
     problems = []
     try:
-        versions = _all(lambda tok: client.search_model_versions(f"name = '{name}'", page_token=tok))
+        versions = adapter.all_pages(lambda tok: client.search_model_versions(f"name = '{name}'", page_token=tok))
     except Exception:  # noqa: BLE001 -- no registered model yet
         versions = []
     seen = set()
     for v in versions:
         if current is not None and str(v.version) == str(current.version):
             continue
-        mid = _model_id(v)
+        mid = adapter.model_id(v)
         seen.add(mid)
         problems.append(f"models:/{name}/{v.version} (logged model {mid}) survives" + _saw(tracker, mid, superseded))
     if exp is not None:
         flt = f"tags.`sisa.ensemble` = '{name}'"
-        for lm in _all(lambda tok: client.search_logged_models([exp.experiment_id], filter_string=flt, page_token=tok)):
+        for lm in adapter.all_pages(lambda tok: client.search_logged_models([exp.experiment_id], filter_string=flt, page_token=tok)):
             if lm.model_id not in seen | {keep}:
                 seen.add(lm.model_id)
                 problems.append(f"logged model {lm.model_id} survives" + _saw(tracker, lm.model_id, superseded))

@@ -10,6 +10,9 @@ on a tracking server the public API is all sisa uses.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import warnings
 from pathlib import Path
 
 
@@ -69,3 +72,47 @@ def own_store(mlflow_client, uri: str) -> OwnStore | None:
     store = mlflow_client._tracking_client.store
     needed = ("_get_deleted_logged_models", "_hard_delete_logged_model", "get_logged_model")
     return OwnStore(store) if all(hasattr(store, k) for k in needed) else None
+
+
+@contextlib.contextmanager
+def quiet():
+    """No 'Downloading artifacts' progress bar for copying our own two files, and no warning that no input
+    example was given: none is, on purpose (an example would be real rows)."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    old = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*input example was not provided")
+            yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
+def model_id(version) -> str | None:
+    """The logged model behind a registry version (sqlite registries do not return ``model_id``)."""
+    if getattr(version, "model_id", None):
+        return version.model_id
+    src = version.source or ""
+    return src.removeprefix("models:/") if src.startswith("models:/m-") else None
+
+
+def all_pages(page):
+    out, tok = [], None
+    while True:
+        res = page(tok)
+        out += list(res)
+        tok = getattr(res, "token", None)
+        if not tok:
+            return out
+
+
+def download(client, tracking_uri: str, version, dst: str) -> Path:
+    """Copy a registered version's model directory to ``dst`` (a local folder outside the workdir)."""
+    mid = model_id(version)
+    loc = client.get_logged_model(mid).artifact_location if mid else version.source
+    with quiet():
+        return Path(artifact_repository(loc, tracking_uri).download_artifacts("", dst))

@@ -23,7 +23,6 @@ rows flattened). No row of the training data is ever written here: the signature
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -31,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sisa.tracking import adapter
 from sisa.tracking.digest import (
     DATA,
     FORMAT,
@@ -111,7 +111,7 @@ def save(ctx, m, path: Path, mlflow_model=None) -> dict:
 
     work = Path(path).parent / (Path(path).name + ".src")
     meta = export(ctx, m, work / ARTIFACT)
-    with _quiet():
+    with adapter.quiet():
         mlflow.pyfunc.save_model(
             path=str(path),
             loader_module=LOADER_MODULE,  # the installed module: no code is saved in the artifact
@@ -123,25 +123,6 @@ def save(ctx, m, path: Path, mlflow_model=None) -> dict:
     return meta
 
 
-@contextlib.contextmanager
-def _quiet():
-    """No 'Downloading artifacts' progress bar for copying our own two files, and no warning that no input
-    example was given: none is, on purpose (an example would be real rows)."""
-    import os
-    import warnings
-
-    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-    old = os.environ.get(key)
-    os.environ[key] = "false"
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*input example was not provided")
-            yield
-    finally:
-        if old is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = old
 
 
 def _load_pyfunc(data_path: str, model_config=None):
@@ -166,7 +147,6 @@ def load_model(model_uri: str, tracking_uri: str | None = None):
     from shards.errors import IntegrityError
     from sisa.tracking import adapter
     from sisa.tracking.digest import check_files
-    from sisa.tracking.registry import download
 
     client = adapter.client(tracking_uri)
     name, _, ref = model_uri.removeprefix("models:/").partition("@")
@@ -182,9 +162,9 @@ def load_model(model_uri: str, tracking_uri: str | None = None):
             path=model_uri,
         )
     with tempfile.TemporaryDirectory(prefix="sisa-model-") as tmp:
-        local = download(client, client.tracking_uri, mv, tmp)
+        local = adapter.download(client, client.tracking_uri, mv, tmp)
         check_files(Path(local), json.loads(mv.tags["sisa.files"]), where=f"{model_uri} (version {mv.version})")
-        with _quiet():
+        with adapter.quiet():
             return mlflow.pyfunc.load_model(local)
 
 

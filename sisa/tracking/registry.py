@@ -137,19 +137,19 @@ def purge_superseded(tracker, keep=None) -> list[str]:
     """Delete every version of this ensemble's registered model except ``keep`` and every logged model of
     this ensemble that ``keep`` does not use. Returns the purged logged-model ids."""
     client, name = tracker.client, tracker.model_name
-    keep_model = _model_id(keep) if keep is not None else None
+    keep_model = adapter.model_id(keep) if keep is not None else None
     doomed: set[str] = set()
-    for v in _all(lambda tok: client.search_model_versions(f"name = '{name}'", page_token=tok)):
+    for v in adapter.all_pages(lambda tok: client.search_model_versions(f"name = '{name}'", page_token=tok)):
         if keep is not None and str(v.version) == str(keep.version):
             continue
-        if _model_id(v):
-            doomed.add(_model_id(v))
+        if adapter.model_id(v):
+            doomed.add(adapter.model_id(v))
         for k in v.tags:  # MLflow keeps a deleted version's tags; ours go first
             client.delete_model_version_tag(name, v.version, k)
         client.delete_model_version(name, v.version)
     exp = tracker.experiment_id()
     flt = f"tags.`sisa.ensemble` = '{name}'"
-    for lm in _all(lambda tok: client.search_logged_models([exp], filter_string=flt, page_token=tok)):
+    for lm in adapter.all_pages(lambda tok: client.search_logged_models([exp], filter_string=flt, page_token=tok)):
         doomed.add(lm.model_id)
     store = adapter.own_store(client, tracker.uri)
     if store is not None:  # soft-deleted by an earlier, interrupted purge: still ours to finish
@@ -163,24 +163,6 @@ def purge_superseded(tracker, keep=None) -> list[str]:
     if store is not None and doomed:
         _vacuum(tracker)
     return sorted(doomed)
-
-
-def _model_id(version) -> str | None:
-    """The logged model behind a registry version (sqlite registries do not return ``model_id``)."""
-    if getattr(version, "model_id", None):
-        return version.model_id
-    src = version.source or ""
-    return src.removeprefix("models:/") if src.startswith("models:/m-") else None
-
-
-def _all(page):
-    out, tok = [], None
-    while True:
-        res = page(tok)
-        out += list(res)
-        tok = getattr(res, "token", None)
-        if not tok:
-            return out
 
 
 def _purge_logged_model(tracker, store, mid: str) -> None:
@@ -217,13 +199,3 @@ def _vacuum(tracker) -> None:
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     finally:
         db.close()
-
-
-def download(client, tracking_uri: str, version, dst: str) -> Path:
-    """Copy a registered version's model directory to ``dst`` (a local folder outside the workdir)."""
-    from sisa.tracking.pyfunc import _quiet
-
-    mid = _model_id(version)
-    loc = client.get_logged_model(mid).artifact_location if mid else version.source
-    with _quiet():
-        return Path(adapter.artifact_repository(loc, tracking_uri).download_artifacts("", dst))
