@@ -53,6 +53,9 @@ class DataConfig(_Strict):
 class ShardingConfig(_Strict):
     shards: int = Field(5, ge=1, le=4096)
     slices: int = Field(4, ge=1, le=1024)
+    # where `add` puts new rows: "canonical" (the shard, slice and rank their ids hash to; the ensemble then
+    # equals fit(live rows)) or "append" (one more slice and stage at the end of each shard they land in)
+    new_rows: Literal["canonical", "append"] = "canonical"
 
 
 class ModelConfig(_Strict):
@@ -199,6 +202,8 @@ class SisaConfig(_Strict):
         dump = self.model_dump(mode="json")
         if dump["data"]["num_classes"] is None:
             del dump["data"]["num_classes"]
+        if dump["sharding"]["new_rows"] == "canonical":
+            del dump["sharding"]["new_rows"]
         return dump
 
 

@@ -74,3 +74,30 @@ def plan_cost(rows: list[list[int]], epochs: tuple[int, ...], start: dict[int, i
         "fraction_of_full": retrain / full if full else 0.0,
         "speedup": full / retrain if retrain else float("inf"),
     }
+
+
+# -- additions (`SisaEnsemble.add`) -----------------------------------------------------------------------
+# Canonical placement: a new row lands in the shard, slice and rank its id hashes to, so an addition is
+# priced exactly like a deletion: each shard it lands in retrains from its earliest affected stage, and the
+# plan's cost is `plan_cost` on the partition *after* the addition. Append placement: the batch forms one
+# more slice at the end of each shard it lands in; that stage trains on all of the shard's slices so far,
+# cumulative like every SISA stage, for e_a epochs: C = e_a * (rows of the shard after the addition).
+
+
+def expected_addition(rows_after: list[list[int]], epochs: tuple[int, ...], k: int) -> float:
+    """Expected cost of adding K rows with uniformly hashed ids (canonical placement): the same formula as
+    deleting K uniform rows, `expected_batched`, on the partition after the addition."""
+    return expected_batched(rows_after, epochs, k)
+
+
+def append_cost(rows_after: list[list[int]], epochs: list[tuple[int, ...]], shards: list[int]) -> dict:
+    """Cost of an append-placement addition that appended one stage to each of ``shards``; ``rows_after``
+    and ``epochs`` are per shard (each shard's own stage count), the appended stage last."""
+    work = sum(epochs[s][-1] * sum(rows_after[s]) for s in shards)
+    full = sum(retrain_cost(r, e, 1) for r, e in zip(rows_after, epochs))
+    return {
+        "sample_epochs": work,
+        "full_retrain_sample_epochs": full,
+        "fraction_of_full": work / full if full else 0.0,
+        "speedup": full / work if work else float("inf"),
+    }

@@ -80,7 +80,7 @@ class SisaEnsemble:
             )
         ens._server.set(m)
         if recover:
-            from sisa.ops.delete import recover as _recover
+            from sisa.ops.add import recover as _recover  # additions and deletions, in ledger order
 
             _recover(ens._ctx, wait=False)
         return ens
@@ -146,16 +146,19 @@ class SisaEnsemble:
         return self._ctx.load_model(shard, self.manifest)
 
     # -- the verbs ---------------------------------------------------------------------------------------
-    def fit(self, X=None, y=None, ids=None, eval_set=None, overwrite: bool = False, progress=None) -> SisaEnsemble:
+    def fit(
+        self, X=None, y=None, ids=None, eval_set=None, overwrite: bool = False, progress=None, readmit=None
+    ) -> SisaEnsemble:
         """Partition, store and train every shard. With no arrays, loads the config's dataset.
 
         ``eval_set=(X_test, y_test, ids_test)`` is used for the accuracy figures; rows of the config's
         dataset are held out by ``data.test_fraction``. These rows are stored in the workdir with their ids,
         and `delete` erases them too; ``eval_set=(X_test, y_test)`` rows cannot be named (a warning says so).
-        ``progress(plan, entry, metrics)`` is called after every stage."""
+        ``progress(plan, entry, metrics)`` is called after every stage. A refit (``overwrite=True``) refuses
+        ids this workdir erased, unless named in ``readmit`` (recorded in the ledger)."""
         from sisa.ops.fit import fit as _fit
 
-        m = _fit(self._ctx, X, y, ids, eval_set, overwrite, progress)
+        m = _fit(self._ctx, X, y, ids, eval_set, overwrite, progress, readmit)
         self.last_fit_metrics = dict(m.metrics)
         return self
 
@@ -200,9 +203,31 @@ class SisaEnsemble:
     def delete(self, ids, progress=None):
         """Forget ``ids`` exactly (training rows and held-out evaluation rows); returns a Receipt once the
         ensemble no longer depends on them and no copy of their rows is left."""
+        from sisa.ops.add import recover
         from sisa.ops.delete import delete
 
-        return delete(self._ctx, self.manifest, ids, progress)
+        with self.workdir.lock(what="delete"):
+            recover(self._ctx, locked=True)  # an addition a crash left unfinished comes first
+            return delete(self._ctx, self.manifest, ids, progress)
+
+    # -- continual data (sisa.ops.add) -------------------------------------------------------------------
+    def estimate_addition_cost(self, X, y=None, ids=None, readmit=None):
+        """Dry run of `add`: the same checks, the shards hit and the first stage each retrains from, and the
+        sample-epochs against a full refit (``y`` may be left out: it does not change the cost)."""
+        from sisa.ops.add import estimate
+
+        m = self.manifest
+        if y is None and X is not None:
+            y = np.zeros(len(X), np.int64)
+        return estimate(self._ctx, m, X, y, ids, readmit)
+
+    def add(self, X, y, ids, readmit=None, progress=None):
+        """Add rows without a refit (``sharding.new_rows``): durable before it returns, logged like a
+        deletion. Ids must be new; ids this workdir erased are refused unless named in ``readmit`` (their
+        owners consented again; the ledger records it). Returns the signed Receipt (``kind == "add"``)."""
+        from sisa.ops.add import add
+
+        return add(self._ctx, self.manifest, X, y, ids, readmit, progress)
 
     def verify(self, receipt=None, timeout: float | None = None):
         """Re-check a deletion certificate: retrain the receipt's shards from scratch in a fresh process and

@@ -48,6 +48,10 @@ class Ledger:
                 "CREATE TABLE IF NOT EXISTS request_ids (request TEXT, hashed_id TEXT, PRIMARY KEY (request, hashed_id))"
             )
             db.execute("CREATE INDEX IF NOT EXISTS by_hash ON request_ids (hashed_id)")
+            db.execute(  # ids whose owners consented again after a deletion (`add(readmit=...)`, a refit's)
+                "CREATE TABLE IF NOT EXISTS readmissions (hashed_id TEXT, time REAL, request TEXT, "
+                "PRIMARY KEY (hashed_id, request))"
+            )
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
@@ -56,8 +60,10 @@ class Ledger:
         db.execute("PRAGMA secure_delete=ON")
         return _Closing(db)
 
-    def record(self, hashed_ids: list[str], plan: dict) -> str:
-        """Durably record a new request (state pending) and return its id."""
+    def record(self, hashed_ids: list[str], plan: dict, readmitted: list[str] = ()) -> str:
+        """Durably record a new request (state pending) and return its id. ``hashed_ids`` are the ids it
+        deletes (an addition, ``plan["kind"] == "add"``, deletes none); ``readmitted`` the hashed ids it
+        readmits, recorded in the same transaction."""
         rid = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
         now = time.time()
         with self._connect() as db:
@@ -67,8 +73,38 @@ class Ledger:
                 (rid, now, RequestState.PENDING.value, json.dumps(plan), now),
             )
             db.executemany("INSERT INTO request_ids VALUES (?, ?)", [(rid, h) for h in hashed_ids])
+            db.executemany("INSERT INTO readmissions VALUES (?, ?, ?)", [(h, now, rid) for h in readmitted])
             db.execute("COMMIT")
         return rid
+
+    def readmit(self, hashed_ids: list[str], request: str) -> None:
+        """Record that these (hashed) deleted ids may be trained on again, by ``request`` (e.g. a refit)."""
+        now = time.time()
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            db.executemany("INSERT OR REPLACE INTO readmissions VALUES (?, ?, ?)", [(h, now, request) for h in hashed_ids])
+            db.execute("COMMIT")
+
+    def erased(self, hashed_ids: list[str]) -> set[str]:
+        """Which of these hashed ids are erased now: deleted by a request, and not readmitted after the
+        latest deletion that named them."""
+        out: set[str] = set()
+        with self._connect() as db:
+            for i in range(0, len(hashed_ids), 500):
+                chunk = hashed_ids[i : i + 500]
+                q = (
+                    "SELECT r.hashed_id FROM request_ids r JOIN requests q ON q.id = r.request "
+                    f"WHERE r.hashed_id IN ({','.join('?' * len(chunk))}) GROUP BY r.hashed_id "
+                    "HAVING MAX(q.created) >= COALESCE((SELECT MAX(a.time) FROM readmissions a "
+                    "WHERE a.hashed_id = r.hashed_id), -1)"
+                )
+                out.update(r[0] for r in db.execute(q, chunk))
+        return out
+
+    def readmissions(self) -> dict[str, float]:
+        """{hashed id: time of its latest readmission}."""
+        with self._connect() as db:
+            return dict(db.execute("SELECT hashed_id, MAX(time) FROM readmissions GROUP BY hashed_id").fetchall())
 
     def set_state(self, rid: str, state: RequestState | str, receipt: dict | None = None) -> None:
         """Move request ``rid`` to ``state`` (storing ``receipt`` with it when given), in one transaction that

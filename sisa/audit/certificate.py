@@ -151,9 +151,14 @@ def _check_ledger(report, manifest, requests) -> None:
 
 
 def _check_live_ids(report, wd, store, manifest, deleted: dict) -> None:
-    """No hashed id of a deleted row is among the (hashed) ids of any live slice; no stale file is left."""
+    """No hashed id of a deleted row is among the (hashed) ids of any live slice, unless the ledger records
+    its readmission (`add(readmit=...)`, a refit's) after the latest deletion that named it; no stale file
+    is left."""
     from shards.store import read_slice
+    from sisa.ledger import Ledger
 
+    again = Ledger(wd.path / "ledger.db").readmissions() if (wd.path / "ledger.db").exists() else {}
+    deleted = {h: q for h, q in deleted.items() if again.get(h, -1.0) < q["created"]}
     problems = []
     for sh in manifest.shards:
         for e in sh.slices:

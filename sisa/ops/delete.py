@@ -105,8 +105,7 @@ def recover(ctx, locked: bool = False, wait: bool = True) -> list[str]:
     (a crashed one holds no lock), so leave it to that process instead of blocking until it is done."""
     if not (ctx.workdir.path / "ledger.db").exists():
         return []
-    ledger = ctx.ledger()
-    todo = ledger.unfinished()
+    todo = [r for r in ctx.ledger().unfinished() if r["plan"].get("kind", OP) == OP]  # additions: sisa.ops.add
     if not todo:
         return []
     if not locked:
@@ -115,17 +114,22 @@ def recover(ctx, locked: bool = False, wait: bool = True) -> list[str]:
         with ctx.workdir.lock(what="recovery"):
             return recover(ctx, locked=True)
     for req in todo:
-        rid = req["id"]
-        m = ctx.read_manifest()
-        if rid in m.applied_requests:  # swapped before the crash: evaluate, purge, done
-            m = m.with_metrics(**ctx.evaluate(m))
-            ctx.commit(m)
-            purge.finish(ctx, m, rid, None, None)
-        else:
-            ctx.workdir.remove_temp_files()
-            purge.unreferenced(ctx, m)  # half-written files of the crashed attempt
-            _execute(ctx, m, rid, set(ledger.hashed_ids(rid)), req["plan"], time.time(), 0, None)
+        resume(ctx, req)
     return [r["id"] for r in todo]
+
+
+def resume(ctx, req: dict) -> None:
+    """Finish one unfinished deletion request (hold the workdir lock)."""
+    rid = req["id"]
+    m = ctx.read_manifest()
+    if rid in m.applied_requests:  # swapped before the crash: evaluate, purge, done
+        m = m.with_metrics(**ctx.evaluate(m))
+        ctx.commit(m)
+        purge.finish(ctx, m, rid, None, None)
+    else:
+        ctx.workdir.remove_temp_files()
+        purge.unreferenced(ctx, m)  # half-written files of the crashed attempt
+        _execute(ctx, m, rid, set(ctx.ledger().hashed_ids(rid)), req["plan"], time.time(), 0, None)
 
 
 def _execute(ctx, before: Manifest, rid: str, hashed: set, plan: dict, t0: float, already: int, progress) -> Receipt:
@@ -259,8 +263,14 @@ def _tell(ctx, before: Manifest, after: Manifest, receipt: Receipt, plans, cost,
 
 
 def _on_stage(progress):
+    return stage_callback(progress, "during_retrain")
+
+
+def stage_callback(progress, point: str):
+    """The per-stage callback of a retrain: the crash point ``point``, then the caller's ``progress``."""
+
     def cb(plan, entry, metrics):
-        crashpoint("during_retrain")
+        crashpoint(point)
         if progress:
             progress(plan, entry, metrics)
 

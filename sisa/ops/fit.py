@@ -80,7 +80,7 @@ def _check_eval_set(eval_set, input_shape, names, kind, train_ids, cfg_data):
     return ex, ey, eids
 
 
-def fit(ctx, X, y, ids, eval_set, overwrite: bool, progress) -> Manifest:
+def fit(ctx, X, y, ids, eval_set, overwrite: bool, progress, readmit=None) -> Manifest:
     """Train the ensemble from arrays, the config's dataset or a Parquet source; returns the committed manifest."""
     c = ctx.config
     _check_gpus(ctx)
@@ -105,6 +105,7 @@ def fit(ctx, X, y, ids, eval_set, overwrite: bool, progress) -> Manifest:
         storage = ctx.storage()
         _claim(ctx, storage)
         ingested = _ingest(ctx, storage, parquet) if parquet is not None else None  # before anything else changes
+        _admit(ctx, storage, data, ingested, readmit)  # erased ids stay erased (sisa.ops.add.admit_refit)
         if wd.exists():
             ctx.commit(None)
         try:
@@ -116,6 +117,22 @@ def fit(ctx, X, y, ids, eval_set, overwrite: bool, progress) -> Manifest:
                 _remove_partial(ctx, storage)
             raise
     return m
+
+
+def _admit(ctx, storage, data, ingested, readmit) -> None:
+    from sisa.ops.add import admit_refit, slice_ids
+
+    try:
+        if data is not None:
+            eval_ids = data[4][2] if data[4] is not None and data[4][2] is not None else []
+            admit_refit(ctx, [*data[2].tolist(), *list(eval_ids)], readmit, data[3])
+        else:
+            admit_refit(ctx, slice_ids(storage, ingested[0].slices), readmit, ingested[0].id_kind)
+    except BaseException:
+        if ingested is not None:
+            purge_unreferenced(storage, ctx.read_manifest() if ctx.workdir.exists() else None)
+            zero_and_remove(ingested[2])
+        raise
 
 
 def _partition(ctx, storage, data, ingested) -> Manifest:

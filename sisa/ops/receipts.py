@@ -1,4 +1,5 @@
-"""Deletion plans and receipts: what a deletion will cost (`DeletionPlan`) and what it did (`Receipt`).
+"""Plans and receipts: what a deletion or an addition will cost (`DeletionPlan`, `AdditionPlan`) and what
+it did (`Receipt`, whose ``kind`` is "delete" or "add").
 
 A receipt is signed (HMAC-SHA256 with a key derived from the workdir's secret, over its canonical JSON)
 and written to ``WORKDIR/receipts/<request id>.json`` before the model swap; `sisa.audit` re-checks it.
@@ -28,6 +29,21 @@ class DeletionPlan:
 
 
 @dataclass(frozen=True)
+class AdditionPlan:
+    """What `add` would do (`estimate_addition_cost`): shard -> first stage it retrains (canonical) or the
+    stage it appends (append), and the cost in sample-epochs against a full refit of the live rows."""
+
+    placement: str  # "canonical" or "append"
+    shards: dict[int, int]
+    rows: int
+    sample_epochs: int
+    full_retrain_sample_epochs: int
+    speedup: float
+    readmitted: int = 0
+    expected_sample_epochs: float = 0.0  # the analytic expectation for that many uniform ids (canonical)
+
+
+@dataclass(frozen=True)
 class Receipt:
     request_id: str | None
     created: float
@@ -40,6 +56,10 @@ class Receipt:
     cost: dict = field(default_factory=dict)
     wall_seconds: float = 0.0
     eval_rows_deleted: int = 0  # held-out evaluation rows erased from eval.npy
+    kind: str = "delete"  # "delete", or "add" (an addition: rows_added, readmitted; deletes nothing)
+    rows_added: int = 0
+    readmitted: list[str] = field(default_factory=list)  # hashed ids readmitted by an addition
+    placement: str = ""  # an addition's: canonical or append
     signature: str = ""  # HMAC of every other field (`sign_receipt`)
 
     def to_dict(self) -> dict:
