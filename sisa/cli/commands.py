@@ -235,3 +235,80 @@ def ui(workdir, port):
 main.add_command(audit)
 main.add_command(audit_example)
 main.add_command(publish)
+
+
+# -- continual data (issue 13): `sisa add` -------------------------------------------------------------
+@main.command("add")
+@click.option("--workdir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--input",
+    "input_",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="the new rows: .npz with X, y, ids, or a CSV/Parquet with the training schema (columns by name)",
+)
+@click.option(
+    "--readmit",
+    "readmit_file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="ids file of erased ids whose owners consented again (recorded in the ledger), in --readmit-format",
+)
+@click.option("--readmit-format", type=click.Choice(["lines", "nul", "json"]), default="lines", show_default=True)
+@click.option("--dry-run", is_flag=True, help="only check the rows and estimate the cost")
+@click.option("--executor", type=click.Choice(["ray", "inprocess"]), default=None)
+def add_rows(workdir, input_, readmit_file, readmit_format, dry_run, executor):
+    """Add the rows of INPUT to the ensemble without a refit (erased ids are refused unless readmitted)."""
+    try:
+        ens = sisa.SisaEnsemble.open(workdir, executor=executor)
+        X, y, ids = _read_addition(Path(input_), ens)
+        kind = ens.manifest.id_kind
+        readmit = _request_ids(kind, (), readmit_file, readmit_format) if readmit_file else None
+        if dry_run:
+            plan = ens.estimate_addition_cost(X, y, ids=ids, readmit=readmit)
+            click.echo(json.dumps(plan.__dict__, indent=1))
+            return
+        r = ens.add(X, y, ids=ids, readmit=readmit)
+        ens.close()
+    except SisaError as e:
+        _fail(e)
+    click.echo(_addition_text(r))
+
+
+def _read_addition(path: Path, ens):
+    """(X, y, ids) of a new batch: an .npz (X, y, ids; positional), or a CSV/Parquet table whose id and label
+    columns are the config's and whose features are matched to the training features by name."""
+    from shards import validation as check
+    from shards.ids import parse_text_ids
+
+    d = ens.config.data
+    data = datamod.read_file(
+        path, ("X", "y", "ids"), text_columns=(d.id_column,), suffixes=(".npz", *datamod.TABLE_SUFFIXES)
+    )
+    if isinstance(data, dict):
+        return data["X"], data["y"], data["ids"]
+    check.check_columns(data.column_names, d.id_column, d.label_column, str(path))
+    check.check_id_type(data.schema, d.id_column)
+    raw, labels = data[d.id_column], data[d.label_column]
+    check.check_missing(raw, "id", d.id_column, where=str(path))
+    check.check_missing(labels, "label", d.label_column, where=str(path))
+    if path.suffix.lower() == ".csv":
+        ids = parse_text_ids(raw.to_pylist(), ens.manifest.id_kind)[0]
+    else:
+        ids = raw.to_numpy(zero_copy_only=False)
+    return data, labels.to_numpy(zero_copy_only=False), ids
+
+
+def _addition_text(r) -> str:
+    from sisa.cli.render import table
+
+    rows = [
+        [s, v["from_stage"], v["rows_added"], (v["checkpoints_after"] or ["-"])[-1][:12]]
+        for s, v in sorted(r.shards.items())
+    ]
+    out = f"request {r.request_id}: {r.rows_added} row(s) added ({r.placement} placement)"
+    if r.readmitted:
+        out += f", {len(r.readmitted)} readmitted"
+    out += "\n" + table(rows, ["shard", "from stage", "rows added", "final checkpoint"])
+    c = r.cost
+    out += f"\ntrained {c['sample_epochs']} sample-epochs vs {c['full_retrain_sample_epochs']} for a full refit"
+    return out + f" ({c['speedup']:.1f}x cheaper), wall time {r.wall_seconds:.2f}s"

@@ -204,7 +204,9 @@ def _merge(ctx, before: Manifest, batch: np.ndarray):
     for (s, j), idx in _targets(ctx, batch["id"]).items():
         old = read_slice(store, after.shards[s].slices[j].to_dict())
         ids = np.concatenate([old["id"], batch["id"][idx]])
-        rows = make_rows(ids, np.concatenate([old["y"], batch["y"][idx]]), np.concatenate([old["x"], batch["x"][idx]]), kind)
+        rows = make_rows(
+            ids, np.concatenate([old["y"], batch["y"][idx]]), np.concatenate([old["x"], batch["x"][idx]]), kind
+        )
         rows = rows[np.argsort(assign(rows["id"], c.seed, c.sharding.shards, c.sharding.slices)[2], kind="stable")]
         slices = list(after.shards[s].slices)
         slices[j] = SliceRef.from_dict(write_slice(store, s, j, rows))
