@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_config, tiny_data
+from helpers import tiny_config, tiny_data
 
 from sisa import SisaEnsemble
 from sisa.errors import RetrainingError, SisaError

@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 import yaml
-from conftest import tiny_config
+from helpers import tiny_config
 
 
 def sisa(*args, check=True):

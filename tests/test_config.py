@@ -9,18 +9,68 @@ from sisa import SisaEnsemble, load_config
 from sisa.cli.commands import main
 from sisa.errors import ConfigError
 
-CONFIGS = sorted(p for p in (Path(__file__).parent.parent / "configs").glob("*.yaml"))
+ROOT = Path(__file__).parent.parent / "configs"
+CONFIGS = sorted([*ROOT.rglob("*.yaml"), *ROOT.rglob("*.yml")])  # configs/cluster/ too
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
-def test_every_shipped_config_loads(path):
+def documents(path: Path) -> list:
     import yaml
 
-    doc = yaml.safe_load(path.read_text())
-    if isinstance(doc, dict) and ("apiVersion" in doc or "cluster_name" in doc):
-        pytest.skip("a cluster launch file, checked by its own test")
-    cfg = load_config(path)
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def kind_of(documents: list) -> str:
+    """What reads a shipped YAML file: Kubernetes (KubeRay manifests), the Ray cluster launcher, or sisa."""
+    if all(isinstance(d, dict) and "apiVersion" in d and "kind" in d for d in documents):
+        return "kubernetes"
+    if len(documents) == 1 and isinstance(documents[0], dict) and "cluster_name" in documents[0]:
+        return "ray-launcher"
+    return "sisa"
+
+
+SISA_CONFIGS = [p for p in CONFIGS if kind_of(documents(p)) == "sisa"]
+
+
+def check_sisa(doc) -> None:
+    cfg = load_config(doc)
     assert cfg.sharding.shards >= 1 and len(cfg.epochs_per_stage()) == cfg.sharding.slices
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(ROOT)) for p in CONFIGS])
+def test_every_shipped_config_validates(path):
+    """Each file is validated by what reads it: sisa configs by sisa (and the sisa configs embedded in a
+    Kubernetes ConfigMap too), Ray launcher files by Ray's own schema, Kubernetes manifests for the fields
+    every object needs (their wiring is checked in test_cluster_examples)."""
+    import yaml
+
+    docs = documents(path)
+    assert docs, f"{path} is empty"
+    kind = kind_of(docs)
+    if kind == "kubernetes":
+        for d in docs:
+            assert d["metadata"]["name"], f"{path}: a {d['kind']} without metadata.name"
+            if d["kind"] == "ConfigMap":
+                embedded = [k for k in d["data"] if k.endswith((".yaml", ".yml"))]
+                for k in embedded:
+                    check_sisa(yaml.safe_load(d["data"][k]))
+    elif kind == "ray-launcher":
+        import copy
+
+        from ray.autoscaler._private.util import prepare_config, validate_config
+
+        validate_config(prepare_config(copy.deepcopy(docs[0])))  # raises on any schema error
+    else:
+        assert len(docs) == 1, f"{path}: a sisa config is one YAML document"
+        check_sisa(path)
+
+
+def test_every_kind_of_shipped_yaml_is_found():
+    """The glob recurses: the cluster examples are among the files validated above, each as its kind."""
+    kinds = {str(p.relative_to(ROOT)): kind_of(documents(p)) for p in CONFIGS}
+    assert kinds["cluster/sisa-s3.yaml"] == "sisa"
+    assert kinds["cluster/ray-cluster.yaml"] == "ray-launcher"
+    assert kinds["cluster/kuberay.yaml"] == kinds["cluster/kuberay-train-job.yaml"] == "kubernetes"
+    assert {"digits.yaml", "synthetic.yaml"} <= {k for k, v in kinds.items() if v == "sisa"}
 
 
 def test_demo_and_synthetic_configs_exist():
@@ -62,7 +112,7 @@ def test_a_schedule_whose_last_stage_trains_nothing_is_refused():
 
 def test_a_schedule_with_empty_early_stages_trains_and_deletes_exactly(tmp_path):
     import numpy as np
-    from conftest import tiny_config, tiny_data, weights_equal
+    from helpers import tiny_config, tiny_data, weights_equal
 
     X, y, ids = tiny_data(n=120)
     cfg = tiny_config(sharding={"shards": 2, "slices": 3}, training={"schedule": [0, 2, 3]})
@@ -89,10 +139,10 @@ def test_config_is_frozen():
 def test_validate_cli_reports_every_problem(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("sharding: {shards: 0}\nmodel: {name: cnnn}\nextra_key: 1\n")
-    res = CliRunner().invoke(main, ["validate", str(bad), *map(str, CONFIGS[:1])])
+    res = CliRunner().invoke(main, ["validate", str(bad), *map(str, SISA_CONFIGS[:1])])
     assert res.exit_code == 1
     assert "3 problem(s)" in res.output and "did you mean 'cnn'" in res.output
-    assert f"{CONFIGS[0]}: ok" in res.output
+    assert f"{SISA_CONFIGS[0]}: ok" in res.output
 
 
 def test_config_paths_must_stay_inside_workdir(tmp_path):

@@ -6,7 +6,7 @@ import threading
 
 import numpy as np
 import pytest
-from conftest import tiny_config, tiny_data, weights_equal
+from helpers import tiny_config, tiny_data, weights_equal
 
 from shards.store import read_slice
 from sisa import SisaEnsemble
@@ -82,7 +82,7 @@ def test_on_ray_several_deletions_in_a_row_and_resume_points(tmp_path, ray_sessi
     cfg = tiny_config(sharding={"shards": 3, "slices": 4})
     X, y, ids = tiny_data(n=300)
     ens = fit(cfg, tmp_path / "a", X, y, ids, executor="ray")
-    before = json.loads(json.dumps(ens.manifest))
+    before = ens.manifest.to_dict()
     first = pick(ens, ids, [(0, 2), (2, 3)])
     r1 = ens.delete(first)
     assert r1.shards[0]["from_stage"] == 3 and r1.shards[2]["from_stage"] == 4
@@ -130,7 +130,7 @@ def test_affected_shards_are_excluded_while_retraining(tmp_path):
     seen = []
 
     def during(plan, entry, metrics):
-        seen.append((ens.active_shards(), ens.aggregator().shards, ens.predict(X[:3]).shape))
+        seen.append((ens.active_shards(), ens._server.aggregator().shards, ens.predict(X[:3]).shape))
 
     ens.delete(gone, progress=during)
     assert seen and all(act == [0, 2] and agg == [0, 2] for act, agg, _ in seen)

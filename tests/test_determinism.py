@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import torch
-from conftest import tiny_config, tiny_data, weights_equal
+from helpers import tiny_config, tiny_data, weights_equal
 
 from shards.training import EpochBatches
 from sisa import SisaEnsemble
@@ -25,7 +25,7 @@ def test_resume_from_every_stage_in_fresh_process_is_bit_identical(tmp_path):
     )
     X, y, ids = tiny_data(n=200)
     ens = SisaEnsemble.from_config(cfg, tmp_path / "w").fit(X, y, ids=ids)
-    storage, spec = ens.storage(), ens.spec()
+    storage, spec = ens.storage(), ens._ctx.spec(ens.manifest)
     shard = 1
     sh = ens.manifest["shards"][shard]
     straight = sh["checkpoints"][-1]

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import tiny_config, tiny_data
+from helpers import tiny_config, tiny_data
 
 from shards.errors import DataError
 from sisa import SisaEnsemble
@@ -118,7 +118,7 @@ def test_registered_mlflow_model_matches_columns_by_name(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'w' / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
-    model = mlflow.pyfunc.load_model(f"models:/{ens.tracker().model_name}@current")
+    model = mlflow.pyfunc.load_model(f"models:/{ens._ctx.tracker().model_name}@current")
     shuffled = df[["label", *FEATS[::-1], "id"]]
     assert (model.predict(shuffled) == ens.predict(df[FEATS].to_numpy(np.float32))).all()
     with pytest.raises(DataError, match=r"missing \['f0'\]"):

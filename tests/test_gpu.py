@@ -16,24 +16,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config, tiny_data, weights_equal
+from helpers import tiny_config, tiny_data, weights_equal
 
 from sisa import SisaEnsemble
 from sisa.errors import ConfigError
+from sisa.manifest import Manifest
 
 needs_gpu = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA GPU visible (torch.cuda.is_available() is False)"
 )
 
+# the data schema a spec is built for: 6 features, 3 classes
+SCHEMA = Manifest(config_hash="", training_hash="", id_kind="str", input_shape=[6], num_classes=3, storage="")
+
 
 def test_num_gpus_sets_the_accelerator_and_the_actor_resources(tmp_path):
     cfg = tiny_config(resources={"num_cpus": 1, "num_gpus": 0.25})
     ens = SisaEnsemble.from_config(cfg, tmp_path / "w", executor="ray")
-    spec = ens.spec({"input_shape": [6], "num_classes": 3})
+    spec = ens._ctx.spec(SCHEMA)
     assert spec.accelerator == "gpu"
-    assert (ens.executor.num_cpus, ens.executor.num_gpus) == (1, 0.25)
+    assert (ens._ctx.executor.num_cpus, ens._ctx.executor.num_gpus) == (1, 0.25)
     cpu = SisaEnsemble.from_config(tiny_config(), tmp_path / "c")
-    assert cpu.spec({"input_shape": [6], "num_classes": 3}).accelerator == "cpu"
+    assert cpu._ctx.spec(SCHEMA).accelerator == "cpu"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
@@ -61,7 +65,7 @@ PLACEMENT = textwrap.dedent(
 
     cfg = {"resources": {"num_cpus": 0.5, "num_gpus": 0.5}, "cluster": {"executor": "ray"}, "tracking": {"enabled": False}}
     ens = SisaEnsemble.from_config(cfg, sys.argv[1])
-    ex = ens.executor
+    ex = ens._ctx.executor
     key = ex._key()
     limit = capacity(ex.num_cpus, ex.num_gpus)
     actors = pool.borrow(key, 3, limit, Probe)
@@ -125,7 +129,7 @@ def test_shards_share_a_gpu_on_ray_with_the_same_weights(tmp_path, ray_session):
         X, y, ids=ids
     )
     assert weights_equal(on_ray, local), "the same device type gives the same weights on Ray and in process"
-    key = on_ray.executor._key()
+    key = on_ray._ctx.executor._key()
     where = ray.get(
         [a.__ray_call__.remote(lambda self: [str(g) for g in ray.get_gpu_ids()]) for a in pool.all_free(key)]
     )

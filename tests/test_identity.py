@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_config, tiny_data
+from helpers import tiny_config, tiny_data
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

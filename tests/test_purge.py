@@ -2,21 +2,10 @@
 the shard store, checkpoints, the evaluation file (held-out rows are erased too), ledger, receipts,
 manifest, the MLflow database and artifacts."""
 
-from pathlib import Path
-
 import numpy as np
-from conftest import tiny_config, tiny_data
+from helpers import scan, tiny_config, tiny_data
 
 from sisa import SisaEnsemble
-
-
-def scan(root: Path, needles: list[bytes]) -> list[tuple[str, bytes]]:
-    hits = []
-    for p in root.rglob("*"):
-        if p.is_file():
-            data = p.read_bytes()
-            hits += [(str(p.relative_to(root)), n) for n in needles if n in data]
-    return hits
 
 
 def test_no_trace_of_deleted_rows_anywhere(tmp_path):

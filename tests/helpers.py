@@ -1,0 +1,68 @@
+"""Helpers shared by the test modules (fixtures live in conftest.py). No test module imports another."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def tiny_config(**over) -> dict:
+    """A small config whose full fit takes about a second."""
+    cfg = {
+        "name": "tiny",
+        "seed": 3,
+        "sharding": {"shards": 3, "slices": 3},
+        "model": {"name": "mlp", "kwargs": {"hidden": [16], "dropout": 0.1}},
+        "training": {"epochs": 4, "batch_size": 16, "lr": 0.01, "lr_gamma": 0.9},
+        "tracking": {"enabled": False},
+        "cluster": {"executor": "inprocess"},
+    }
+    for key, val in over.items():
+        if isinstance(val, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **val}
+        else:
+            cfg[key] = val
+    return cfg
+
+
+def tiny_data(n=240, features=6, classes=3, seed=0, str_ids=True):
+    from sklearn.datasets import make_classification
+
+    X, y = make_classification(
+        n_samples=n, n_features=features, n_informative=4, n_redundant=0, n_classes=classes, random_state=seed
+    )
+    ids = np.array([f"u-{i}" for i in range(n)]) if str_ids else np.arange(1000, 1000 + n)
+    return X.astype(np.float32), y, ids
+
+
+def weights_equal(a, b) -> bool:
+    """Every sub-model tensor identical (torch.equal) and the same set of active shards."""
+    import torch
+
+    if a.active_shards() != b.active_shards():
+        return False
+    for s in a.active_shards():
+        sa, sb = a.load_shard_model(s).state_dict(), b.load_shard_model(s).state_dict()
+        if sa.keys() != sb.keys() or not all(torch.equal(sa[k], sb[k]) for k in sa):
+            return False
+    return True
+
+
+def scan(root: Path, needles: list[bytes]) -> list[tuple[str, bytes]]:
+    """Every (file under ``root``, needle) where the needle's bytes occur in the file."""
+    hits = []
+    for p in root.rglob("*"):
+        if p.is_file():
+            data = p.read_bytes()
+            hits += [(str(p.relative_to(root)), n) for n in needles if n in data]
+    return hits
+
+
+def weight_needles(ens, shards) -> list[bytes]:
+    """The largest tensor of each given shard's sub-model: present in a saved model iff that sub-model is."""
+    out = []
+    for s in shards:
+        sd = ens.load_shard_model(s).state_dict()
+        out.append(max(sd.values(), key=lambda t: t.numel()).numpy().tobytes())
+    return out
