@@ -9,8 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import tiny_config, tiny_data
-from test_purge import scan
+from helpers import scan, tiny_config, tiny_data
 
 from shards.partition import holdout_mask
 from sisa import SisaEnsemble
