@@ -200,3 +200,22 @@ def test_cli_add_csv_by_column_name_and_dry_run(tmp_path, fitted):
         main, ["add", "--workdir", wd, "--input", str(tmp_path / "new.csv"), "--executor", "inprocess"]
     )
     assert out.exit_code == 2 and "10 id(s) are already in this ensemble" in out.output
+
+
+def test_an_addition_is_an_mlflow_run_with_shard_children_and_the_new_current_version(tmp_path):
+    from mlflow import MlflowClient
+
+    X, y, ids, ev = _split()
+    ens = SisaEnsemble.from_config(tiny_config(tracking={"enabled": True}), tmp_path / "w")
+    ens.fit(X[:150], y[:150], ids=ids[:150], eval_set=ev)
+    r = ens.add(X[150:170], y[150:170], ids=ids[150:170])
+    client = MlflowClient(f"sqlite:///{tmp_path / 'w' / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    parent = [x for x in runs if x.info.run_name.startswith("add")]
+    assert len(parent) == 1 and parent[0].data.metrics["rows_added"] == 20
+    assert parent[0].data.metrics["sample_epochs"] == r.cost["sample_epochs"]
+    kids = [x for x in runs if x.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
+    assert sorted(x.info.run_name for x in kids) == [f"shard-{s:03d}" for s in sorted(r.shards)]
+    versions = client.search_model_versions()
+    assert [str(v.version) for v in versions] == ["2"], "the addition's version is @current; the fit's was purged"
+    assert ens.verify().ok
