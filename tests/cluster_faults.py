@@ -12,7 +12,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import tiny_config, tiny_data, weights_equal  # noqa: E402
+from helpers import tiny_config, tiny_data, weights_equal  # noqa: E402
 
 from sisa import SisaEnsemble  # noqa: E402
 
@@ -40,7 +40,7 @@ def main():
     ens = SisaEnsemble.from_config(cfg, tmp / "ray")
     ens.fit(X, y, ids=ids, progress=kill_after(2))
     out["fit_nodes_lost"] = 2 - len(nodes)
-    out["fit_workers_lost"] = ens.executor.lost_workers
+    out["fit_workers_lost"] = ens._ctx.executor.lost_workers
     ref = SisaEnsemble.from_config(cfg, tmp / "ref", executor="inprocess").fit(X, y, ids=ids)
     out["fit_equal"] = weights_equal(ens, ref)
     out["joined_address"] = ray.get_runtime_context().gcs_address == cluster.address
@@ -50,7 +50,7 @@ def main():
     stages.clear()
     ens.delete(gone, progress=kill_after(1))
     out["delete_nodes_lost"] = 2 - len(nodes)
-    out["delete_workers_lost"] = ens.executor.lost_workers - out["fit_workers_lost"]
+    out["delete_workers_lost"] = ens._ctx.executor.lost_workers - out["fit_workers_lost"]
     keep = ~np.isin(ids, gone)
     ref2 = SisaEnsemble.from_config(cfg, tmp / "ref2", executor="inprocess").fit(X[keep], y[keep], ids=ids[keep])
     out["delete_equal"] = weights_equal(ens, ref2)

@@ -5,7 +5,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import tiny_config, tiny_data
+from helpers import tiny_config, tiny_data
 
 from sisa import SisaEnsemble
 from sisa.errors import ConfigError, DataError, NotFittedError, WorkdirError
@@ -46,7 +46,15 @@ def test_shard_of_matches_the_store(fitted):
     s, j = ens.shard_of(ids[5])
     rows = read_slice(ens.storage(), ens.manifest["shards"][s]["slices"][j])
     assert ids[5] in rows["id"].tolist()
-    assert 0 <= s < 3 and 0 <= j < 3
+    # every stored id sits exactly where shard_of says, once (none missing, none in a second slice)
+    where = [
+        (i, (s, j))
+        for s, sh in enumerate(ens.manifest["shards"])
+        for j, e in enumerate(sh["slices"])
+        for i in read_slice(ens.storage(), e)["id"].tolist()
+    ]
+    assert sorted(i for i, _ in where) == sorted(ids.tolist())
+    assert all(ens.shard_of(i) == at for i, at in where)
 
 
 def test_status_reports_shards_slices_and_accuracy(fitted):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_config, tiny_data, weights_equal
+from helpers import tiny_config, tiny_data, weights_equal
 
 from sisa import SisaEnsemble
 from sisa.errors import IntegrityError, WorkdirError
@@ -288,7 +288,10 @@ def test_second_process_waits_or_gets_a_clear_error(world, tmp_path):
 
 
 def test_safety_rules_hold_in_the_source():
-    src = {p: p.read_text() for d in ("sisa", "shards", "orchestration") for p in (ROOT / d).glob("*.py")}
+    src = {p: p.read_text() for d in ("sisa", "shards", "orchestration") for p in (ROOT / d).rglob("*.py")}
+    assert {"sisa/ops/delete.py", "sisa/tracking/pyfunc.py", "sisa/audit/certificate.py"} <= {
+        str(p.relative_to(ROOT)) for p in src
+    }, "the sub-packages are scanned too"
     for p, text in src.items():
         for m in re.finditer(r"torch\.load\(", text):
             depth, i = 1, m.end()
@@ -300,3 +303,10 @@ def test_safety_rules_hold_in_the_source():
         assert not re.search(r"RAY_AUTH_MODE['\"]\s*\]\s*=|setdefault\(['\"]RAY_AUTH_MODE|auth_mode", text), (
             f"{p} changes Ray's token auth"
         )
+
+
+def test_every_crash_point_of_a_deletion_is_tested():
+    """A crash point added to the deletion (or its purge) without a SIGKILL test above fails this test."""
+    src = "\n".join((ROOT / "sisa" / "ops" / f).read_text() for f in ("delete.py", "purge.py"))
+    named = set(re.findall(r"(?:crashpoint\(|stage_callback\([^,()]+,\s*)[\"']([a-z_]+)[\"']", src))
+    assert named == set(POINTS), f"untested: {sorted(named - set(POINTS))}, gone: {sorted(set(POINTS) - named)}"

@@ -24,10 +24,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import tiny_config, tiny_data
+from helpers import scan, tiny_config, tiny_data, weight_needles
 from mlflow.tracking import MlflowClient
-from test_mlflow_purge import _weight_needles
-from test_purge import scan
 
 from sisa import SisaEnsemble
 from sisa.cli.commands import main
@@ -192,7 +190,7 @@ def test_sisa_ui_serves_the_workdirs_store(tmp_path):
     port = _free_port()
     cmd = [sys.executable, "-m", "sisa.cli", "ui", "--workdir", str(ens.workdir.path), "--port", str(port)]
     with _serving(cmd, port, tmp_path / "ui.log") as url:
-        q = urllib.parse.quote(ens.tracker().experiment)
+        q = urllib.parse.quote(ens._ctx.tracker().experiment)
         exp = json.loads(_get(f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name={q}"))["experiment"]
         body = {"experiment_ids": [exp["experiment_id"]], "filter": "tags.`sisa.operation` = 'fit'"}
         req = urllib.request.Request(
@@ -213,18 +211,18 @@ def test_ui_shows_the_fit_its_shards_and_the_deletion(tmp_path, mlflow_server):
     cfg = tiny_config(name="demo-ui", tracking={"enabled": True, "uri": url})
     ens = SisaEnsemble.from_config(cfg, tmp_path / "w").fit(X, y, ids=ids, eval_set=(X[:40], y[:40]))
     gone = ["u-3", "u-4", "u-5"]
-    old_weights = _weight_needles(ens, sorted({ens.shard_of(i)[0] for i in gone}))
+    old_weights = weight_needles(ens, sorted({ens.shard_of(i)[0] for i in gone}))
     assert {n for _, n in scan(server_artifacts, old_weights)} == set(old_weights)
     receipt = ens.delete(gone)
 
     client = MlflowClient(url)
-    exp = client.get_experiment_by_name(ens.tracker().experiment).experiment_id
+    exp = client.get_experiment_by_name(ens._ctx.tracker().experiment).experiment_id
     runs = client.search_runs([exp])
     parents = {r.data.tags["sisa.operation"]: r for r in runs if "mlflow.parentRunId" not in r.data.tags}
     delete_name = parents["delete"].info.run_name
     assert delete_name == f"delete {receipt.request_id[-8:]}"
     # purged through the server too: only the current version's model folder is left in its artifact store
-    current = client.get_model_version_by_alias(ens.tracker().model_name, "current")
+    current = client.get_model_version_by_alias(ens._ctx.tracker().model_name, "current")
     models = {p.name for p in (server_artifacts / exp / "models").iterdir()}
     assert models == {current.source.removeprefix("models:/")}
     assert scan(server_artifacts, old_weights) == [] and scan(tmp_path, old_weights) == []

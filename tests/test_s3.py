@@ -11,17 +11,17 @@ import time
 import urllib.request
 import uuid
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import s3fs  # the test extra installs it (and moto[server])
-from conftest import tiny_config, tiny_data, weights_equal
+from helpers import scan, tiny_config, tiny_data, weights_equal
 
 from sisa import SisaEnsemble
 from sisa.errors import ConfigError, WorkdirError
+from sisa.ops import purge
 
 
 @pytest.fixture(scope="module")
@@ -91,10 +91,6 @@ def scan_bucket(fs, bucket, needles) -> list[tuple[str, bytes]]:
     return hits
 
 
-def scan_dir(root: Path, needles) -> list[tuple[str, bytes]]:
-    return [(str(p), n) for p in root.rglob("*") if p.is_file() for n in needles if n in p.read_bytes()]
-
-
 def marked_rows(n=300):
     """Data whose rows to delete are easy to find as bytes: distinctive float32 values and ids."""
     X, y, ids = tiny_data(n=n)
@@ -144,7 +140,7 @@ def test_fit_delete_reopen_predict_on_s3_leaves_nothing_behind(tmp_path, bucket,
     assert referenced(reopened) == referenced(ref), "the same content-addressed names on both stores"
 
     assert scan_bucket(fs, name, needles) == [], "no object holds a deleted row or id"
-    assert scan_dir(wd, needles) == [], "nor does anything in the local workdir"
+    assert scan(wd, needles) == [], "nor does anything in the local workdir"
     superseded = old_ckpts - checkpoints(reopened)
     assert superseded, "the deletion retrained something"
     assert keys(fs, name) == referenced(reopened) | {"OWNER"}, "no superseded slice or checkpoint is left"
@@ -153,7 +149,7 @@ def test_fit_delete_reopen_predict_on_s3_leaves_nothing_behind(tmp_path, bucket,
     # purge: objects no manifest references (e.g. of a crashed writer) are removed, nothing else
     fs.pipe_file(f"{name}/ens/ckpt/shard-000/stage-01-deadbeef0000.pt", b"stray")
     fs.pipe_file(f"{name}/ens/data/shard-001/slice-00-deadbeef0000.npy", b"stray")
-    assert sorted(reopened.purge()) == [
+    assert sorted(purge.unreferenced(reopened._ctx, reopened.manifest)) == [
         "ckpt/shard-000/stage-01-deadbeef0000.pt",
         "data/shard-001/slice-00-deadbeef0000.npy",
     ]
@@ -269,7 +265,7 @@ def test_shared_mount_as_file_uri(tmp_path):
     keep = ~np.isin(ids, gone)
     ref = SisaEnsemble.from_config(tiny_config(), tmp_path / "ref").fit(X[keep], y[keep], ids=ids[keep])
     assert weights_equal(reopened, ref)
-    assert scan_dir(shared, needles) == [] and scan_dir(tmp_path / "w", needles) == []
+    assert scan(shared, needles) == [] and scan(tmp_path / "w", needles) == []
     assert {str(p.relative_to(shared)) for p in shared.rglob("*") if p.is_file()} == referenced(reopened) | {"OWNER"}
     with pytest.raises(WorkdirError, match="already used by another workdir"):
         SisaEnsemble.from_config(cfg, tmp_path / "w2").fit(X, y, ids=ids)

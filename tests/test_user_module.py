@@ -5,7 +5,7 @@ is checked at fit before anything is written."""
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config, tiny_data, weights_equal
+from helpers import tiny_config, tiny_data, weights_equal
 from mlflow.tracking import MlflowClient
 
 from shards.training import load_checkpoint
@@ -25,6 +25,7 @@ def test_self_log_values_reach_the_shard_runs(tmp_path, ray_session):
     ens.fit(X, y, ids=ids, progress=lambda plan, entry, metrics: seen.append(metrics))
     ens.close()
     epochs = ens.config.epochs_per_stage()
+    assert len(seen) == ens.config.sharding.shards * ens.config.sharding.slices, "one report per shard and stage"
     for m in seen:
         assert len(m["epochs"]) == epochs[m["stage"] - 1]
         for e in m["epochs"]:
