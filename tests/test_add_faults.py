@@ -99,3 +99,12 @@ def test_addition_and_deletion_from_two_processes_are_serialised(world, tmp_path
     got = SisaEnsemble.open(wd, executor="inprocess")
     assert [r["state"] for r in Ledger(wd / "ledger.db").requests()] == ["done", "done"]
     assert weights_equal(got, ref), "whichever ran first, the result is fit(live rows)"
+
+
+def test_every_crash_point_of_an_addition_is_tested():
+    """A crash point added to `sisa.ops.add` without a SIGKILL test above fails this test."""
+    import re
+
+    src = (ROOT / "sisa" / "ops" / "add.py").read_text()
+    named = set(re.findall(r"(?:crashpoint\(|stage_callback\([^,()]+,\s*)[\"']([a-z_]+)[\"']", src))
+    assert named == set(POINTS), f"untested: {sorted(named - set(POINTS))}, gone: {sorted(set(POINTS) - named)}"
