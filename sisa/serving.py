@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import TYPE_CHECKING
 
-from shards.errors import NotFittedError, RetrainingError
+from shards import errors as shard_errors
+from shards.errors import RetrainingError
 from sisa import manifest as manifests
-from sisa.aggregate import Aggregator
 from sisa.manifest import Manifest
+
+if TYPE_CHECKING:  # torch (aggregate) and sklearn (NotFittedError) load when a prediction needs them
+    from sisa.aggregate import Aggregator
 
 
 class Server:
@@ -32,6 +36,16 @@ class Server:
             self.manifest, self._sig, self._agg = m, self._disk_sig(), None
             if m is not None:
                 self.ctx.prune_models(m)
+
+    def load(self) -> Manifest:
+        """Read the committed manifest and serve it. The file is stat'ed before it is read, so a commit that
+        lands in between is noticed by the next `follow_disk` (a harmless re-read), never missed."""
+        with self.lock:
+            sig = self._disk_sig()
+            m = manifests.read(self.ctx.workdir.path)
+            self.manifest, self._sig, self._agg = m, sig, None
+            self.ctx.prune_models(m)
+            return m
 
     def _disk_sig(self):
         try:
@@ -64,7 +78,7 @@ class Server:
                     self._agg = self.ctx.aggregator(m, active)
                     return self._agg
                 if not any(sh.excluded for sh in m.shards):
-                    raise NotFittedError(
+                    raise shard_errors.NotFittedError(
                         "no shard holds data any more: every training row of this ensemble has been deleted, "
                         "so there is nothing to predict from; train a new ensemble on the data you still hold"
                     )
