@@ -5,9 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
-
-# Transitional: modules not yet moved to `helpers` still import these from here.
-from helpers import tiny_config, tiny_data, weights_equal  # noqa: F401
+from helpers import tiny_data
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config, tiny_data
+from helpers import tiny_config, tiny_data
 
 from orchestration import ShardPlan
 from shards.store import read_slice, write_slice

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from conftest import tiny_config, tiny_data, weights_equal
+from helpers import tiny_config, tiny_data, weights_equal
 
 from sisa import SisaEnsemble
 from sisa.errors import DataError

@@ -5,7 +5,7 @@ import pickle
 import numpy as np
 import pytest
 import sklearn.exceptions
-from conftest import tiny_config
+from helpers import tiny_config
 from sklearn.utils.validation import check_is_fitted
 
 import shards.errors

@@ -132,3 +132,18 @@ def test_audit_catches_an_erased_held_out_row_put_back(tmp_path):
     (wd / evalfile.NAME).write_bytes(encode_rows(before))  # the erased row restored into eval.npy
     msgs = [f"{c.target} | {c.detail}" for c in ens.verify().failures()]
     assert any("eval.npy holds 1 id(s) deleted by request(s) " + receipt.request_id in m for m in msgs), msgs
+
+
+def test_the_superseded_evaluation_file_is_zeroed_not_just_unlinked(tmp_path):
+    """A rename over eval.npy would leave the erased rows in the old inode's blocks; a second name for the
+    old file (a hard link taken before the deletion) shows what became of those bytes."""
+    import os
+
+    X, y, ids, held = world()
+    wd = tmp_path / "w"
+    ens = fit_arrays(wd, X, y, ids, held)
+    os.link(wd / "eval.npy", tmp_path / "old-eval.npy")
+    ens.delete([str(ids[np.flatnonzero(held)[0]])])
+    old = (tmp_path / "old-eval.npy").read_bytes()
+    assert old and old == b"\0" * len(old)
+    assert not (wd / ".eval-old.npy").exists()

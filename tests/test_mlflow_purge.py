@@ -5,21 +5,11 @@ the rows' feature bytes and their raw ids are in no artifact and nowhere in the 
 import sqlite3
 
 import numpy as np
-from conftest import tiny_config, tiny_data
+from helpers import scan, tiny_config, tiny_data, weight_needles
 from mlflow.tracking import MlflowClient
-from test_purge import scan
 
 from sisa import SisaEnsemble
 from sisa.tracking.pyfunc import fingerprint
-
-
-def _weight_needles(ens, shards) -> list[bytes]:
-    """The largest tensor of each given shard's sub-model: present in a saved model iff that sub-model is."""
-    out = []
-    for s in shards:
-        sd = ens.load_shard_model(s).state_dict()
-        out.append(max(sd.values(), key=lambda t: t.numel()).numpy().tobytes())
-    return out
 
 
 def test_no_superseded_model_or_deleted_row_left_in_mlflow(tmp_path):
@@ -36,7 +26,7 @@ def test_no_superseded_model_or_deleted_row_left_in_mlflow(tmp_path):
     del_ids = [ids[r] for r in marked]
     affected = sorted({ens.shard_of(i)[0] for i in del_ids})
     kept = [s for s in ens.active_shards() if s not in affected]
-    old_weights = _weight_needles(ens, affected)
+    old_weights = weight_needles(ens, affected)
     # the superseded version's identity, held by its model-version and logged-model rows in the database
     old_version = [fingerprint(ens._ctx, ens.manifest).encode()]
     rows = [X[r].tobytes() for r in marked] + [i.encode() for i in del_ids] + [i.encode("utf-32-le") for i in del_ids]
@@ -61,8 +51,8 @@ def test_no_superseded_model_or_deleted_row_left_in_mlflow(tmp_path):
     db.close()
     assert not (w / "mlflow.db-wal").exists() or (w / "mlflow.db-wal").stat().st_size == 0
     # the live model is there (the unaffected shards' weights are in it), and the run history stays
-    assert {n for _, n in scan_mlflow(_weight_needles(ens, kept + affected))} == set(
-        _weight_needles(ens, kept + affected)
+    assert {n for _, n in scan_mlflow(weight_needles(ens, kept + affected))} == set(
+        weight_needles(ens, kept + affected)
     )
     exp = client.get_experiment_by_name(ens._ctx.tracker().experiment).experiment_id
     runs_after = client.search_runs([exp])

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import tiny_config, tiny_data, weights_equal
+from helpers import tiny_config, tiny_data, weights_equal
 
 from shards.ingest import ingest_parquet
 from shards.partition import holdout_mask

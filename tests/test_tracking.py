@@ -1,6 +1,6 @@
 """MLflow: one experiment per ensemble, a parent run per operation with one child run per shard."""
 
-from conftest import tiny_config, tiny_data
+from helpers import tiny_config, tiny_data
 from mlflow.tracking import MlflowClient
 
 from sisa import SisaEnsemble
