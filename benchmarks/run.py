@@ -10,7 +10,9 @@ Order (one local Ray with 2 CPUs; every timed phase runs on warm workers):
      Scaling, the plain-loop ratio and the deletion speedup use the mean of the two 1-worker fits (the
      machine drifts over minutes); the weights of all three fits must be identical;
   3. K ids per call, then deletions with MLflow on, on the second 1-worker ensemble; the monolithic model;
-  4. inference on the 2-worker ensemble; 5. accuracy vs S on digits and the synthetic set.
+  4. inference on the 2-worker ensemble; 5. accuracy vs S on digits and the synthetic set;
+  6. the small commands (`sisa status`, `locate`, `delete --dry-run`, `predict`), each a fresh process,
+     on the 2-worker ensemble's workdir (`cli_bench`).
 """
 
 from __future__ import annotations
@@ -29,11 +31,11 @@ if __package__ in (None, ""):  # run as a script: python benchmarks/run.py
 
 import numpy as np  # noqa: E402
 
-from benchmarks import accuracy_bench, deletion_bench, inference_bench, report, training_bench  # noqa: E402
+from benchmarks import accuracy_bench, cli_bench, deletion_bench, inference_bench, report, training_bench  # noqa: E402
 from benchmarks.common import init_ray, machine, ratio, reset_workers, slice_rows  # noqa: E402
 from benchmarks.workloads import ROOT, SIZES, make_data  # noqa: E402
 
-PHASES = ("plain", "monolithic", "deletion", "tracking", "inference", "accuracy")
+PHASES = ("plain", "monolithic", "deletion", "tracking", "inference", "accuracy", "cli")
 START, END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
 
 
@@ -125,6 +127,11 @@ def run(size_name: str = "full", out: Path | None = None, skip=(), log=print) ->
             res["accuracy"]["digits"] = accuracy_bench.sweep("digits", size, size.digits_seeds, tmp)
             res["accuracy"]["synthetic"] = accuracy_bench.sweep("synthetic", size, size.synthetic_seeds, tmp)
             log(f"[bench] digits gap S=5 vs S=1: {res['accuracy']['digits'].get('gap_pp_s5_vs_s1')}")
+        if "cli" not in skip:
+            repeats = 1 if size_name == "smoke" else 3
+            res["cli"] = cli_bench.run(ens2.workdir.path, int(data[0][2][0]), data[1][0], repeats)
+            times = ", ".join(f"{k} {v['seconds']:.2f}" for k, v in res["cli"]["commands"].items())
+            log(f"[bench] small commands, seconds: {times}")
         ens2.close()
     finally:
         torch.set_num_threads(threads)

@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from shards.errors import ConfigError
 from sisa import evalfile
 from sisa import manifest as manifests
-from sisa.aggregate import Aggregator, decide
 from sisa.config import SisaConfig, dump_yaml
 from sisa.ledger import Ledger
 from sisa.manifest import Manifest
 from sisa.tracking.observer import Observer
 from sisa.workdir import Workdir, write_atomic
+
+if TYPE_CHECKING:  # torch loads when a model is used, not with the context (`sisa status` needs none)
+    from sisa.aggregate import Aggregator
 
 EXECUTORS = ("ray", "inprocess")
 
@@ -157,6 +160,8 @@ class OpContext:
             self._models = {k: v for k, v in self._models.items() if k in keep}
 
     def aggregator(self, m: Manifest, active: list[int] | None = None) -> Aggregator:
+        from sisa.aggregate import Aggregator
+
         active = self.active_shards(m) if active is None else active
         a = self.config.aggregation
         models = {s: self.load_model(s, m) for s in active}
@@ -164,6 +169,8 @@ class OpContext:
 
     def evaluate(self, m: Manifest) -> dict:
         """Accuracy of the ensemble and of each active shard on the stored evaluation rows."""
+        from sisa.aggregate import decide
+
         rows = evalfile.read(self.workdir.path)  # (id, y, x), or (y, x) in a file without ids
         if rows is None or len(rows) == 0 or not self.active_shards(m):
             return {}

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from shards.errors import DataError, NotFittedError, WorkdirError
-from shards.ids import canonical_ids, is_scalar_id
+from shards import errors as shard_errors
+from shards.errors import DataError, WorkdirError
+from shards.ids import canonical_ids, is_scalar_id, unique_request
 from shards.partition import shard_of as _shard_of
 from sisa import data as datamod
 from sisa import manifest as manifests
-from sisa.aggregate import decide
 from sisa.config import SisaConfig, load_config
 from sisa.context import OpContext
 from sisa.manifest import Manifest
@@ -96,11 +96,11 @@ class SisaEnsemble:
         m = self._server.manifest
         if m is None:
             if self.workdir.exists():
-                raise NotFittedError(
+                raise shard_errors.NotFittedError(
                     f"this SisaEnsemble is not fitted, but {self.workdir.path} holds a trained one: "
                     f"use SisaEnsemble.open({str(self.workdir.path)!r})"
                 )
-            raise NotFittedError(
+            raise shard_errors.NotFittedError(
                 "this SisaEnsemble is not fitted yet; call .fit(X, y, ids=...) (or .fit() to load the config's dataset) first"
             )
         return m
@@ -174,6 +174,8 @@ class SisaEnsemble:
 
     def predict(self, X) -> np.ndarray:
         """(n,) predicted class indices."""
+        from sisa.aggregate import decide
+
         return decide(self.predict_proba(X))
 
     def shard_of(self, id_) -> tuple[int, int]:
@@ -193,6 +195,14 @@ class SisaEnsemble:
         from sisa.ops.inspect import status
 
         return status(self._ctx, self.manifest)
+
+    def locate(self, ids) -> list:
+        """Where each id is, in the order given (duplicates once): a `sisa.ops.locate.Location` with ``where``
+        "training" (``shard``, ``slice``), "held_out", "deleted" (``request_id``, ``deleted_at``) or "unknown"."""
+        from sisa.ops.locate import where
+
+        m = self.manifest
+        return where(self._ctx, m, unique_request(ids, m.id_kind))
 
     def estimate_deletion_cost(self, ids):
         """Dry run of `delete`: shards hit, first stage each retrains from, sample-epochs vs a full retrain."""

@@ -173,6 +173,20 @@ class Ledger:
                 out.update(r[0] for r in db.execute(q, chunk))
         return out
 
+    def deletions(self, hashed_ids: list[str]) -> dict[str, tuple[str, float]]:
+        """{hashed id: (request id, created)} of the latest recorded request (any state) naming each of these
+        hashed ids; ids no request names are left out. Answers only for the hashes asked about."""
+        out: dict[str, tuple[str, float]] = {}
+        with self._connect() as db:
+            for i in range(0, len(hashed_ids), 500):
+                chunk = hashed_ids[i : i + 500]
+                q = (
+                    "SELECT r.hashed_id, q.id, q.created FROM request_ids r JOIN requests q ON q.id = r.request "
+                    f"WHERE r.hashed_id IN ({','.join('?' * len(chunk))}) ORDER BY q.created"
+                )
+                out.update((h, (rid, created)) for h, rid, created in db.execute(q, chunk))  # the latest wins
+        return out
+
     def requests(self) -> list[dict]:
         with self._connect() as db:
             rows = db.execute("SELECT id, created, state, receipt FROM requests ORDER BY created").fetchall()

@@ -35,6 +35,13 @@ def test_benchmark_suite_smoke(ray_session, tmp_path):
     assert de["single"]["bound_real_partition"] > 1
     assert res["inference"]["by_rows"][0]["path"] == "fused"
     assert set(res["accuracy"]) == {"digits", "synthetic"}
+    cli = res["cli"]["commands"]
+    assert set(cli) == {"status", "locate", "delete --dry-run", "predict"} and all(
+        c["seconds"] > 0 for c in cli.values()
+    )
+    for name in ("status", "locate", "delete --dry-run"):  # read-only: no Ray, Lightning or torch
+        assert not {"ray", "pytorch_lightning", "lightning", "torch"} & set(cli[name]["imports"]), cli[name]
+    assert "ray" not in cli["predict"]["imports"]
 
     table = (out / "results.md").read_text()
     for needle in (

@@ -36,7 +36,7 @@ def test_cli_train_status_predict_delete(tmp_path):
     train_ids = [
         i for i in ("digits-0", "digits-1", "digits-2", "digits-4", "digits-6", "digits-9") if _is_train(ens, i)
     ][:3]
-    dry = json.loads(sisa("delete", "--workdir", wd, "--dry-run", "--executor", "inprocess", train_ids[0]).stdout)
+    dry = json.loads(sisa("delete", "--workdir", wd, "--dry-run", "--json", train_ids[0]).stdout)
     assert dry["rows"] == 1
     out = sisa("delete", "--workdir", wd, "--executor", "inprocess", train_ids[0]).stdout
     assert "1 row(s) deleted" in out and "sample-epochs" in out

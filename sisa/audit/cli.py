@@ -109,7 +109,7 @@ def audit(
         sys.exit(2)
     if as_json:
         out = {"certificate": cert.to_dict() if cert else None, "mia": mia.to_dict() if mia else None}
-        click.echo(json.dumps({**out, "mlflow_run_id": run_id}, indent=1))
+        click.echo(json.dumps(_finite({**out, "mlflow_run_id": run_id}), indent=1, allow_nan=False))
     else:
         if cert is not None:
             click.echo(cert.text())
@@ -118,6 +118,15 @@ def audit(
         if run_id:
             click.echo(f"\nMLflow audit run {run_id} (ROC plot: audit/roc.png); see `sisa ui --workdir {workdir}`")
     sys.exit(1 if cert is not None and not cert.ok else 0)
+
+
+def _finite(obj):
+    """JSON can hold no inf or NaN (RFC 8259): they become null, as in every `sisa ... --json`."""
+    if isinstance(obj, float):
+        return obj if np.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _finite(v) for k, v in obj.items()}
+    return [_finite(v) for v in obj] if isinstance(obj, (list, tuple)) else obj
 
 
 @click.command("publish")

@@ -1,11 +1,14 @@
-"""The `sisa` command: train, predict, status, delete, validate, repair, demo, ui (and, from `sisa.audit.cli`,
-audit, audit-example, publish). What it prints is rendered by `sisa.cli.render`."""
+"""The `sisa` command: train, predict, status, locate, delete, validate, repair, demo, ui (and, from
+`sisa.audit.cli`, audit, audit-example, publish). What it prints is rendered by `sisa.cli.render`.
+
+Exit status: 0 done; 1 the command ran and reports a negative answer (an id not found by `locate`, a config
+that does not validate, an unrepairable file, a failed audit); 2 an error (bad input, no ensemble ...).
+`status`, `locate` and `delete --dry-run` read the workdir only: they start no Ray and import neither
+Lightning nor torch (unless a crashed deletion must be finished first)."""
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,24 +17,33 @@ import numpy as np
 
 import sisa  # `sisa.SisaEnsemble` resolves on first use: `sisa --help` does not import torch or Ray
 from shards.ids import canonical_ids, parse_text_id, read_ids_file
+from sisa import costmodel
 from sisa import data as datamod
 from sisa.audit.cli import audit, audit_example, publish
+from sisa.cli import render
 from sisa.cli.demo import run as run_demo
-from sisa.cli.render import Progress, receipt_text, status_table
+from sisa.cli.quiet import hush
+from sisa.cli.render import Progress, receipt_text, status_table, to_json
 from sisa.config import load_config
 from sisa.errors import ConfigError, SisaError, WorkdirError
 from sisa.tracking.runs import Tracker, sqlite_path
 from sisa.workdir import Workdir
 
+JSON_HELP = "print valid JSON (RFC 8259: null for a missing or infinite value) instead of text"
+
 
 def _fail(e: SisaError):
-    click.echo(f"error: {e}", err=True)
+    click.echo(f"error: {render.cli_message(e)}", err=True)
     sys.exit(2)
 
 
 @click.group()
-def main():
+@click.option("-v", "--verbose", count=True, help="also show the libraries' notices (Ray, MLflow, the UI server)")
+@click.pass_context
+def main(ctx, verbose):
     """sisa: train ensembles that can forget rows exactly."""
+    ctx.obj = {"verbose": verbose}
+    hush(verbose)
 
 
 @main.command()
@@ -44,7 +56,8 @@ def train(config, workdir, executor, overwrite, tracking_uri):
     """Train the ensemble described by CONFIG into WORKDIR."""
     try:
         ens = sisa.SisaEnsemble.from_config(config, workdir, executor=executor, tracking_uri=tracking_uri)
-        prog = Progress.for_grid(ens.config.sharding.shards, ens.config.sharding.slices)
+        c = ens.config
+        prog = Progress.for_grid(c.sharding.shards, c.sharding.slices, c.epochs_per_stage())
         try:
             ens.fit(overwrite=overwrite, progress=prog)
         finally:
@@ -90,14 +103,14 @@ def _read_features(path: Path):
 
 @main.command()
 @click.option("--workdir", required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 def status(workdir, as_json):
     """Shards, slices, sizes, checkpoints, accuracy and deletions of WORKDIR."""
     try:
         st = sisa.SisaEnsemble.open(workdir, executor="inprocess").status()
     except SisaError as e:
         _fail(e)
-    click.echo(json.dumps(st, indent=1) if as_json else status_table(st))
+    click.echo(to_json(st) if as_json else status_table(st))
 
 
 @main.command()
@@ -117,43 +130,81 @@ def validate(configs):
     sys.exit(1 if bad else 0)
 
 
+def _ids_options(f):
+    """IDS arguments and --ids-file / --ids-format, as `delete` and `locate` take them."""
+    f = click.argument("ids", nargs=-1)(f)
+    f = click.option(
+        "--ids-format",
+        type=click.Choice(["lines", "nul", "json"]),
+        default="lines",
+        show_default=True,
+        help="lines: one id per line, kept exactly (only the line end is removed: spaces are part of the id); "
+        "nul: NUL-separated (for ids holding newlines, e.g. from `find -print0`); "
+        "json: a JSON array of ints or strings (any id, exactly)",
+    )(f)
+    return click.option(
+        "--ids-file",
+        type=click.Path(exists=True, dir_okay=False, allow_dash=True),
+        help="read ids from this file ('-' for stdin), in --ids-format",
+    )(f)
+
+
 @main.command()
 @click.option("--workdir", required=True, type=click.Path(exists=True, file_okay=False))
-@click.option(
-    "--ids-file",
-    type=click.Path(exists=True, dir_okay=False, allow_dash=True),
-    help="read ids from this file ('-' for stdin), in --ids-format",
-)
-@click.option(
-    "--ids-format",
-    type=click.Choice(["lines", "nul", "json"]),
-    default="lines",
-    show_default=True,
-    help="lines: one id per line, kept exactly (only the line end is removed: spaces are part of the id); "
-    "nul: NUL-separated (for ids holding newlines, e.g. from `find -print0`); "
-    "json: a JSON array of ints or strings (any id, exactly)",
-)
-@click.option("--dry-run", is_flag=True, help="only estimate the cost")
+@click.option("--dry-run", is_flag=True, help="only show the plan: shards, stages, cost and expected time")
 @click.option("--executor", type=click.Choice(["ray", "inprocess"]), default=None)
-@click.argument("ids", nargs=-1)
-def delete(workdir, ids_file, ids_format, dry_run, executor, ids):
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+@_ids_options
+def delete(workdir, dry_run, executor, as_json, ids_file, ids_format, ids):
     """Forget IDS exactly: retrain only the shards that held them, then purge every trace.
 
     Ids are matched exactly as written: for an ensemble with integer ids, only plain decimal integers
     (no leading zeros, '+', spaces or non-ASCII digits); for string ids, every character counts,
-    spaces included. For ids with spaces or newlines use --ids-file with --ids-format json (or nul)."""
+    spaces included. For ids with spaces or newlines use --ids-file with --ids-format json (or nul).
+    `sisa locate` says where ids are (training, held out, deleted, unknown)."""
     try:
-        ens = sisa.SisaEnsemble.open(workdir, executor=executor)
+        ens = sisa.SisaEnsemble.open(workdir, executor="inprocess" if dry_run else executor)
         wanted = _request_ids(ens.manifest.id_kind, ids, ids_file, ids_format)
         if dry_run:
-            plan = ens.estimate_deletion_cost(wanted)
-            click.echo(json.dumps(plan.__dict__, indent=1))
+            _show_plan(ens, wanted, as_json)
             return
         r = ens.delete(wanted)
         ens.close()
     except SisaError as e:
         _fail(e)
-    click.echo(receipt_text(r))
+    click.echo(to_json(r.to_dict()) if as_json else receipt_text(r))
+
+
+def _show_plan(ens, wanted: list, as_json: bool) -> None:
+    plan = ens.estimate_deletion_cost(wanted)
+    m, c = ens.manifest, ens.config
+    rate, source = m.metrics.get("seconds_per_sample_epoch"), "the last retrain"
+    if rate is None and m.metrics.get("fit_seconds"):
+        full = costmodel.full_cost(m.slice_rows(), c.epochs_per_stage())
+        rate, source = m.metrics["fit_seconds"] / max(1, full), "the fit"
+    expected = plan.sample_epochs * rate if rate is not None else None
+    if as_json:
+        click.echo(to_json({"ids": len(set(wanted)), **render.plan_dict(plan, expected, source if rate else None)}))
+    else:
+        n = len(set(wanted))
+        click.echo(render.plan_text(plan, n, c.sharding.shards, c.sharding.slices, expected, source))
+
+
+@main.command()
+@click.option("--workdir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+@_ids_options
+def locate(workdir, as_json, ids_file, ids_format, ids):
+    """Say where each of IDS is: a training row (shard, slice), a held-out row, deleted (by which request,
+    when) or unknown. Prints only the ids asked about. Exit status 0: every id is a row of the ensemble;
+    1: some are deleted or unknown; 2: an error."""
+    try:
+        ens = sisa.SisaEnsemble.open(workdir, executor="inprocess")
+        locs = ens.locate(_request_ids(ens.manifest.id_kind, ids, ids_file, ids_format))
+    except SisaError as e:
+        _fail(e)
+    click.echo(to_json([render.location_dict(x) for x in locs]) if as_json else render.locations_text(locs))
+    sys.exit(0 if all(x.found for x in locs) else 1)
 
 
 def _request_ids(kind: str, args, ids_file, ids_format) -> list:
@@ -196,19 +247,27 @@ def repair(workdir, executor):
 @main.command()
 @click.option("--workdir", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
 @click.option("--executor", type=click.Choice(["ray", "inprocess"]), default=None)
-def demo(workdir, executor):
+@click.option("--overwrite", is_flag=True, help="replace what WORKDIR holds (a previous demo)")
+def demo(workdir, executor, overwrite):
     """Train the digits ensemble, delete a few rows, and show what happened."""
     try:
-        run_demo(workdir, executor)
+        run_demo(workdir, executor, overwrite)
     except SisaError as e:
         _fail(e)
 
 
 @main.command()
 @click.option("--workdir", required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--port", default=5000, show_default=True)
-def ui(workdir, port):
-    """Open the MLflow UI on WORKDIR's tracking store (a local `mlflow server` on 127.0.0.1)."""
+@click.option(
+    "--port", type=int, default=None, help="refused if in use  [default: 5000, or a free port if 5000 is busy]"
+)
+@click.pass_context
+def ui(ctx, workdir, port):
+    """Open the MLflow UI on WORKDIR's tracking store (a local `mlflow server` on 127.0.0.1).
+
+    Runs until Ctrl-C or SIGTERM, which stop the server and its workers; `sisa -v ui` shows the server's log."""
+    from sisa.cli import ui as server
+
     wd = Workdir(workdir)
     if not (wd.path / "config.yaml").exists():
         _fail(WorkdirError(f"{wd.path} holds no sisa ensemble (no config.yaml); pass the workdir you trained in"))
@@ -224,12 +283,12 @@ def ui(workdir, port):
                 "or nothing was trained with tracking on"
             )
         )
+    port = server.choose_port(port)
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracker.uri]
     cmd += ["--artifacts-destination", str(wd.path / "mlartifacts")]  # never ./mlartifacts in the cwd
-    cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    click.echo(f"MLflow UI on http://127.0.0.1:{port}  experiment {tracker.experiment!r}  (Ctrl-C to stop)")
-    sys.exit(subprocess.call(cmd, env=env))
+    cmd += ["--host", server.HOST, "--port", str(port), "--workers", "1"]
+    sys.exit(server.serve(cmd, env, port, f"experiment {tracker.experiment!r}", bool(ctx.obj["verbose"])))
 
 
 main.add_command(audit)
@@ -254,9 +313,10 @@ main.add_command(publish)
     help="ids file of erased ids whose owners consented again (recorded in the ledger), in --readmit-format",
 )
 @click.option("--readmit-format", type=click.Choice(["lines", "nul", "json"]), default="lines", show_default=True)
-@click.option("--dry-run", is_flag=True, help="only check the rows and estimate the cost")
+@click.option("--dry-run", is_flag=True, help="only check the rows and show the plan: shards, stages and cost")
 @click.option("--executor", type=click.Choice(["ray", "inprocess"]), default=None)
-def add_rows(workdir, input_, readmit_file, readmit_format, dry_run, executor):
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+def add_rows(workdir, input_, readmit_file, readmit_format, dry_run, executor, as_json):
     """Add the rows of INPUT to the ensemble without a refit (erased ids are refused unless readmitted)."""
     try:
         ens = sisa.SisaEnsemble.open(workdir, executor=executor)
@@ -265,13 +325,14 @@ def add_rows(workdir, input_, readmit_file, readmit_format, dry_run, executor):
         readmit = _request_ids(kind, (), readmit_file, readmit_format) if readmit_file else None
         if dry_run:
             plan = ens.estimate_addition_cost(X, y, ids=ids, readmit=readmit)
-            click.echo(json.dumps(plan.__dict__, indent=1))
+            c = ens.config.sharding
+            click.echo(to_json(plan.__dict__) if as_json else render.addition_plan_text(plan, c.shards, c.slices))
             return
         r = ens.add(X, y, ids=ids, readmit=readmit)
         ens.close()
     except SisaError as e:
         _fail(e)
-    click.echo(_addition_text(r))
+    click.echo(to_json(r.to_dict()) if as_json else _addition_text(r))
 
 
 def _read_addition(path: Path, ens):

@@ -12,19 +12,27 @@ import sisa
 from sisa import costmodel
 from sisa.cli.render import Progress, receipt_text, status_table
 from sisa.config import load_config
+from sisa.errors import WorkdirError
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "digits.yaml"  # the repository's configs/
 
 
-def run(workdir: str, executor: str | None) -> None:
+def run(workdir: str, executor: str | None, overwrite: bool = False) -> None:
+    """Train, compare, delete and report in ``workdir``; a non-empty ``workdir`` is replaced only with
+    ``overwrite`` (a `WorkdirError` names the flag otherwise), and the output says it was."""
     wd = Path(workdir)
-    if wd.exists():
+    if wd.exists() and any(wd.iterdir()):
+        if not overwrite:
+            raise WorkdirError(
+                f"{wd} already exists (a previous demo?); pass --overwrite to replace it, or --workdir for another place"
+            )
+        click.echo(f"replacing {wd} (--overwrite)")
         shutil.rmtree(wd)
     cfg = load_config(CONFIG)
     click.echo(f"== training {cfg.sharding.shards} shards x {cfg.sharding.slices} slices on digits into {wd} ==")
     ens = sisa.SisaEnsemble.from_config(cfg, wd, executor=executor)
     S, R = cfg.sharding.shards, cfg.sharding.slices
-    prog = Progress.for_grid(S, R)
+    prog = Progress.for_grid(S, R, cfg.epochs_per_stage())
     t = time.time()
     ens.fit(progress=prog)
     prog.close()

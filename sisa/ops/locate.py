@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from shards.errors import UnknownIdsError
 from shards.partition import shard_of
 from shards.store import read_slice
@@ -18,12 +20,23 @@ def locate(ctx, m: Manifest, ids: list) -> tuple[dict, set, list, list]:
         by_slice.setdefault(shard_of(i, c.seed, c.sharding.shards, c.sharding.slices), []).append(i)
     found: dict[tuple[int, int], set] = {}
     missing = []
+    appended: dict[tuple[int, int], set] = {}  # slices after the config's R (sharding.new_rows: append)
     for (s, j), group in by_slice.items():
         present = set(read_slice(store, m.shards[s].slices[j].to_dict())["id"].tolist())
         hit = {i for i in group if i in present}
         if hit:
             found[(s, j)] = hit
-        missing += [i for i in group if i not in present]
+        rest = [i for i in group if i not in present]
+        for k in range(c.sharding.slices, len(m.shards[s].slices)):
+            if not rest:
+                break
+            if (s, k) not in appended:
+                appended[(s, k)] = set(read_slice(store, m.shards[s].slices[k].to_dict())["id"].tolist())
+            hit = {i for i in rest if i in appended[(s, k)]}
+            if hit:
+                found.setdefault((s, k), set()).update(hit)
+                rest = [i for i in rest if i not in hit]
+        missing += rest
     held = evalfile.find(ctx.workdir.path, missing)
     missing = [i for i in missing if i not in held]
     gone = set()
@@ -32,6 +45,46 @@ def locate(ctx, m: Manifest, ids: list) -> tuple[dict, set, list, list]:
         known = ctx.ledger().deleted(hashes)
         gone = {i for i, h in zip(missing, hashes) if h in known}
     return found, held, [i for i in missing if i in gone], [i for i in missing if i not in gone]
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where one id is: ``where`` is "training" (``shard`` and ``slice``, both 0-based as `shard_of`),
+    "held_out" (a row of the evaluation file), "deleted" (``request_id`` and ``deleted_at``, a Unix time, of
+    the latest deletion request that named it) or "unknown" (never a row of this ensemble)."""
+
+    id: int | str
+    where: str
+    shard: int | None = None
+    slice: int | None = None
+    request_id: str | None = None
+    deleted_at: float | None = None
+
+    @property
+    def found(self) -> bool:
+        """A row the ensemble holds now (training or held out)."""
+        return self.where in ("training", "held_out")
+
+
+def where(ctx, m: Manifest, ids: list) -> list[Location]:
+    """One `Location` per canonical id, in the order given. Reads only the slices these ids hash to and the
+    ledger entries of their keyed hashes: nothing about any other id."""
+    found, held, gone, _ = locate(ctx, m, ids)
+    at = {i: sj for sj, group in found.items() for i in group}
+    hashes = dict(zip(gone, ctx.workdir.hash_ids(gone))) if gone else {}
+    deleted = ctx.ledger().deletions(list(hashes.values())) if gone else {}
+    out = []
+    for i in ids:
+        if i in at:
+            out.append(Location(i, "training", *at[i]))
+        elif i in held:
+            out.append(Location(i, "held_out"))
+        elif hashes.get(i) in deleted:
+            rid, created = deleted[hashes[i]]
+            out.append(Location(i, "deleted", request_id=rid, deleted_at=created))
+        else:
+            out.append(Location(i, "unknown"))
+    return out
 
 
 def first_stages(found) -> dict[int, int]:
