@@ -69,16 +69,16 @@ class SisaEnsemble:
         that another process is running right now: that process finishes it, and until then its shards are
         excluded from prediction."""
         wd = Workdir(workdir)
-        m = manifests.read(wd.path)
+        manifests.read(wd.path)  # a workdir without a trained ensemble says so before anything else
         ens = cls(
             wd.path / "config.yaml", wd.path, executor=executor, tracking_uri=tracking_uri, wait_timeout=wait_timeout
         )
+        m = ens._server.load()  # stat, then read: a commit in between is picked up by the next predict
         if ens.config.training_hash() != m.training_hash:
             raise WorkdirError(
                 f"{wd.path}/config.yaml does not match the config the ensemble was trained with "
                 f"(hash {ens.config.training_hash()} != {m.training_hash}); restore it or train a new workdir"
             )
-        ens._server.set(m)
         if recover:
             from sisa.ops.add import recover as _recover  # additions and deletions, in ledger order
 
