@@ -6,6 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
+TESTS = Path(__file__).resolve().parent  # support modules (usermodel.py, resume_worker.py ...) live here
+REPO = TESTS.parent
+
 
 def tiny_config(**over) -> dict:
     """A small config whose full fit takes about a second."""

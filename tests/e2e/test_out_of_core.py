@@ -6,13 +6,12 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import tiny_config, tiny_data, weights_equal
+from helpers import REPO, tiny_config, tiny_data, weights_equal
 
 from shards.ingest import ingest_parquet
 from shards.partition import holdout_mask
@@ -229,7 +228,7 @@ def test_fit_a_dataset_larger_than_the_drivers_memory_cap(tmp_path):
         "MALLOC_ARENA_MAX": "2",
         "ARROW_DEFAULT_MEMORY_POOL": "system",
     }
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent.parent), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
         [sys.executable, "-c", CHILD, json.dumps(args)], env=env, capture_output=True, text=True, timeout=300
     )

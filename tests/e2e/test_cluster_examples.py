@@ -5,16 +5,16 @@ config and MLflow together, the sisa config validates, and every `sisa` command 
 import copy
 import re
 import shlex
-from pathlib import Path
 
 import pytest
 import ray
 import yaml
+from helpers import REPO
 
 from sisa import load_config
 from sisa.cli.commands import main
 
-HERE = Path(__file__).parent.parent / "configs" / "cluster"
+HERE = REPO / "configs" / "cluster"
 PY = "py311"
 
 

@@ -4,12 +4,13 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from helpers import REPO
 
 from sisa import SisaEnsemble, load_config
 from sisa.cli.commands import main
 from sisa.errors import ConfigError
 
-ROOT = Path(__file__).parent.parent / "configs"
+ROOT = REPO / "configs"
 CONFIGS = sorted([*ROOT.rglob("*.yaml"), *ROOT.rglob("*.yml")])  # configs/cluster/ too
 
 

@@ -24,14 +24,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import scan, tiny_config, tiny_data, weight_needles
+from helpers import REPO, scan, tiny_config, tiny_data, weight_needles
 from mlflow.tracking import MlflowClient
 
 from sisa import SisaEnsemble
 from sisa.cli.commands import main
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+ARTIFACTS = REPO / "test-artifacts"
 pytestmark = pytest.mark.slow
 
 

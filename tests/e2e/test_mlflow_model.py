@@ -6,14 +6,13 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import mlflow
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import tiny_config, tiny_data
+from helpers import REPO, tiny_config, tiny_data
 from mlflow.exceptions import MlflowException
 from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 from mlflow.tracking import MlflowClient
@@ -118,7 +117,7 @@ def test_a_deletion_killed_after_the_swap_is_purged_from_mlflow_on_reopen(tmp_pa
         env={**os.environ, "SISA_CRASH_AT": "after_swap"},
         capture_output=True,
         text=True,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=REPO,
     )
     assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
     assert client.get_model_version_by_alias(name, "current").version == v1.version  # not done yet

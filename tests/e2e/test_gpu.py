@@ -11,12 +11,11 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_config, tiny_data, weights_equal
+from helpers import REPO, tiny_config, tiny_data, weights_equal
 
 from sisa import SisaEnsemble
 from sisa.errors import ConfigError
@@ -81,7 +80,7 @@ PLACEMENT = textwrap.dedent(
 def test_fractional_gpus_put_two_shard_workers_on_one_gpu(tmp_path):
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
     }
     proc = subprocess.run(
         [sys.executable, "-c", PLACEMENT, str(tmp_path / "w")], env=env, capture_output=True, text=True, timeout=240

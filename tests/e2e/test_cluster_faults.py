@@ -5,15 +5,14 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from helpers import tiny_config, tiny_data, weights_equal
+from helpers import TESTS, tiny_config, tiny_data, weights_equal
 
 from sisa import SisaEnsemble
 from sisa.errors import ShardTrainingError
 
-HERE = Path(__file__).parent
+HERE = TESTS
 
 
 @pytest.mark.slow

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import tiny_config, tiny_data, weights_equal
+from helpers import REPO, tiny_config, tiny_data, weights_equal
 
 from sisa import SisaEnsemble
 from sisa.errors import IntegrityError, WorkdirError
 from sisa.ledger import Ledger
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO
 POINTS = [
     "before_ledger",
     "after_ledger",

@@ -11,16 +11,15 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import tiny_config, tiny_data
+from helpers import REPO, tiny_config, tiny_data
 
 from sisa import SisaEnsemble
 from sisa.errors import RetrainingError, SisaError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO
 CFG = tiny_config(sharding={"shards": 2, "slices": 2})
 
 
