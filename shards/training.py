@@ -235,7 +235,8 @@ def run_stage(
     opt_states, sched_states = None, None
     if prev is not None:
         module.load_state_dict(prev["state_dict"])
-        opt_states, sched_states = prev["optimizers"] or None, prev["schedulers"] or None
+        # copies: torch's load_state_dict keeps the tensors it is given, and training updates them in place
+        opt_states, sched_states = _cpu(prev["optimizers"]) or None, prev["schedulers"] or None
     epochs = spec.epochs_per_stage[stage - 1]
     n = len(rows)
     metrics: dict = {"shard": shard, "stage": stage, "rows": n, "epochs": [], "seconds": 0.0}
@@ -247,6 +248,10 @@ def run_stage(
         cb = _train(spec, shard, stage, module, X, y, opt_states, sched_states)
         opt_states, sched_states = cb.opt_states, cb.sched_states
         metrics["epochs"] = cb.epochs
+        # what ran (the fast engine where it applies, see shards.fast) and its fixed cost in this stage
+        fast = isinstance(module, SisaModule) and bool(module._fast)
+        metrics["engine"] = "fast" if fast else "eager"
+        metrics["engine_setup_seconds"] = module.engine_setup_seconds if fast else 0.0
         module = module.cpu()
         step = -(-n // ACCURACY_ROWS)
         metrics["train_accuracy"] = _accuracy(module, X[::step], y[::step])
@@ -272,6 +277,7 @@ def _train(spec: TrainSpec, shard: int, stage: int, module, X, y, opt_states, sc
     builtin = isinstance(module, SisaModule)
     if builtin:
         loader = EpochChunks(X, y, sampler, CHUNK_ROWS // spec.batch_size)
+        module.sisa_engine = spec.extra.get("engine", "eager")  # training.engine (shards.fast)
         mode: dict = {"barebones": True}
     else:
         loader = DataLoader(

@@ -1,0 +1,197 @@
+"""The fast engine (``training.engine: fast``): the built-in MLP's training step without autograd, Lightning
+or the optimizer's Python loop, bit-identical to the eager step it replaces.
+
+Per batch the eager step (`shards.models.SisaModule._chunk_step` with ``engine: eager``) costs about 5x
+the arithmetic on the side-by-side workload: autograd builds and walks a graph, and torch's CPU Adam loops
+over the parameters in Python, 7 small kernels each. `FastMLP` calls the very kernels autograd would call,
+with the same operands in the same layouts (``addmm`` forward, ``nll_loss_backward`` and
+``_log_softmax_backward_data``, ``mm`` of the transposed gradient for each weight, ``sum(0)`` for each
+bias, ``threshold_backward`` for ReLU, the dropout mask product), so the gradients are the same bits.
+The optimizer update is torch's single-tensor Adam / SGD formula, op for op, but applied once to flat
+buffers that hold every parameter, gradient and state tensor (each starting 64-byte aligned): the ops
+are elementwise, so each element gets the same bits as in the per-tensor loop. The optimizer's own
+state tensors become views into those buffers, so its ``state_dict`` (the checkpoint) is unchanged.
+
+`build` returns None where this does not hold (another net, optimizer or option): the caller then runs
+the eager step. tests/test_fast_training.py checks the bit identity on every run, including the last,
+smaller batch of an epoch, dropout, weight decay, momentum, a resumed optimizer and the LR scheduler.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+ALIGN = 16  # floats: every tensor starts on a 64-byte boundary of its flat buffer
+
+
+def _blocks(net: nn.Module) -> list[tuple[nn.Linear, bool, float]] | None:
+    """(linear, relu after it, dropout p after that) per layer of a `shards.models.MLP`, or None."""
+    layers = list(getattr(net, "layers", []))
+    if not layers or not isinstance(layers[0], nn.Flatten) or type(net).__name__ != "MLP":
+        return None
+    blocks: list[list] = []
+    for layer in layers[1:]:
+        if type(layer) is nn.Linear:
+            blocks.append([layer, False, 0.0])
+        elif type(layer) is nn.ReLU and blocks and not blocks[-1][1]:
+            blocks[-1][1] = True
+        elif type(layer) is nn.Dropout and blocks and blocks[-1][1] and not blocks[-1][2]:
+            blocks[-1][2] = float(layer.p)
+        else:
+            return None
+    if not blocks or blocks[-1][1] or any(lin.bias is None for lin, _, _ in blocks):
+        return None
+    return [tuple(b) for b in blocks]
+
+
+def _plain_group(opt: torch.optim.Optimizer) -> dict | None:
+    """The single param group of a torch Adam or SGD in its default (single-tensor, for-loop) mode."""
+    if type(opt) not in (torch.optim.Adam, torch.optim.SGD) or len(opt.param_groups) != 1:
+        return None
+    g = opt.param_groups[0]
+    if g.get("foreach") or g.get("fused") or g.get("differentiable") or g.get("capturable") or g.get("maximize"):
+        return None
+    if type(opt) is torch.optim.Adam and (g.get("amsgrad") or g.get("decoupled_weight_decay")):
+        return None
+    if type(opt) is torch.optim.SGD and g.get("nesterov"):
+        return None
+    for name in ("lr", "weight_decay", "momentum", "dampening"):
+        if isinstance(g.get(name), torch.Tensor):
+            return None
+    return g
+
+
+def build(net: nn.Module, opt: torch.optim.Optimizer) -> FastMLP | None:
+    """The fast step for ``net`` trained by ``opt``, or None where the eager step must run."""
+    blocks, group = _blocks(net), _plain_group(opt)
+    if blocks is None or group is None:
+        return None
+    params = [p for lin, _, _ in blocks for p in (lin.weight, lin.bias)]
+    if [id(p) for p in group["params"]] != [id(p) for p in params]:
+        return None
+    if any(p.dtype != torch.float32 or p.device.type != "cpu" or not p.requires_grad for p in params):
+        return None
+    keys = {frozenset(opt.state.get(p, {})) for p in params}
+    wanted = {frozenset(), frozenset({"step", "exp_avg", "exp_avg_sq"})} if type(opt) is torch.optim.Adam else None
+    if len(keys) != 1 or (wanted is not None and keys.pop() not in wanted):
+        return None  # a partly initialised state: leave it to torch
+    if type(opt) is torch.optim.Adam:
+        steps = {float(opt.state[p]["step"]) for p in params if opt.state.get(p)}
+        if len(steps) > 1:
+            return None
+    return FastMLP(blocks, opt, params)
+
+
+class FastMLP:
+    def __init__(self, blocks, opt, params: list[nn.Parameter]):
+        self.blocks, self.opt, self.params = blocks, opt, params
+        self.adam = type(opt) is torch.optim.Adam
+        sizes = [-(-p.numel() // ALIGN) * ALIGN for p in params]
+        total = sum(sizes)
+        self.P, self.G, self.M, self.V = (torch.zeros(total) for _ in range(4))
+        self.grads: list[torch.Tensor] = []
+        self._m_views: list[torch.Tensor] = []
+        self._v_views: list[torch.Tensor] = []
+        off = 0
+        for p, size in zip(params, sizes):
+            view = lambda buf, p=p, off=off: buf[off : off + p.numel()].view_as(p)  # noqa: E731
+            with torch.no_grad():
+                view(self.P).copy_(p)
+            p.data = view(self.P)
+            self.grads.append(view(self.G))
+            self._m_views.append(view(self.M))
+            self._v_views.append(view(self.V))
+            off += size
+        self._bind_state()
+
+    def _bind_state(self) -> None:
+        """Make the optimizer's state tensors views into the flat buffers (created as torch would)."""
+        state = self.opt.state
+        first = state.get(self.params[0]) or {}
+        if self.adam:
+            self.count = int(float(first["step"])) if first else 0
+            for p, m, v in zip(self.params, self._m_views, self._v_views):
+                st = state[p]
+                if st:
+                    m.copy_(st["exp_avg"])
+                    v.copy_(st["exp_avg_sq"])
+                else:
+                    st["step"] = torch.tensor(0.0, dtype=torch.float32)
+                st["exp_avg"], st["exp_avg_sq"] = m, v
+        else:
+            self.has_buf = "momentum_buffer" in first
+            for p, m in zip(self.params, self._m_views):
+                if self.has_buf:
+                    m.copy_(state[p]["momentum_buffer"])
+                    state[p]["momentum_buffer"] = m
+
+    def sync(self) -> None:
+        """Write the step count into the optimizer's state (its state_dict is then what torch's would be)."""
+        if self.adam:
+            for p in self.params:
+                self.opt.state[p]["step"].fill_(float(self.count))
+
+    @torch.no_grad()
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step on the batch (x, y); returns (loss, logits) as the eager step computes them."""
+        h = x.flatten(1)
+        inputs, saved = [], []  # each Linear's input; (relu output, dropout noise) after it
+        for lin, relu, p in self.blocks:
+            inputs.append(h)
+            h = torch.addmm(lin.bias, h, lin.weight.t())
+            r = noise = None
+            if relu:
+                h = r = torch.relu(h)
+            if p:
+                # torch.dropout on CPU: a Bernoulli(1-p) mask scaled by 1/(1-p), times the input
+                noise = torch.empty_like(h).bernoulli_(1 - p).div_(1 - p)
+                h = h * noise
+            saved.append((r, noise))
+        logp = torch._log_softmax(h, 1, False)
+        loss, total_weight = torch.ops.aten.nll_loss_forward(logp, y, None, 1, -100)
+        g = torch.ops.aten.nll_loss_backward(torch.ones(()), logp, y, None, 1, -100, total_weight)
+        g = torch._log_softmax_backward_data(g, logp, 1, torch.float32)
+        for i in range(len(self.blocks) - 1, -1, -1):
+            lin = self.blocks[i][0]
+            r, noise = saved[i]
+            if noise is not None:
+                g = g * noise
+            if r is not None:
+                g = torch.ops.aten.threshold_backward(g, r, 0)
+            torch.mm(g.t(), inputs[i], out=self.grads[2 * i])
+            torch.sum(g, 0, out=self.grads[2 * i + 1])
+            if i > 0:
+                g = g.mm(lin.weight)
+        self._update()
+        return loss, h
+
+    def _update(self) -> None:
+        """torch's single-tensor Adam / SGD step, on all parameters at once."""
+        group = self.opt.param_groups[0]
+        lr, wd = float(group["lr"]), group["weight_decay"]
+        P, G, M = self.P, self.G, self.M
+        grad = G.add(P, alpha=wd) if wd != 0 else G
+        if self.adam:
+            beta1, beta2 = group["betas"]
+            self.count += 1
+            step = float(self.count)
+            M.lerp_(grad, 1 - beta1)
+            self.V.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            bias_correction1 = 1 - beta1**step
+            bias_correction2 = 1 - beta2**step
+            step_size = lr / bias_correction1
+            denom = (self.V.sqrt() / bias_correction2**0.5).add_(group["eps"])
+            P.addcdiv_(M, denom, value=-step_size)
+            return
+        momentum = group["momentum"]
+        if momentum != 0:
+            if not self.has_buf:  # torch's first step: the buffer is a copy of the gradient
+                M.copy_(grad)
+                self.has_buf = True
+                for p, m in zip(self.params, self._m_views):
+                    self.opt.state[p]["momentum_buffer"] = m
+            else:
+                M.mul_(momentum).add_(grad, alpha=1 - group["dampening"])
+            grad = M
+        P.add_(grad, alpha=-lr)
