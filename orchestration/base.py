@@ -14,12 +14,15 @@ class ShardPlan:
     """Train ``shard`` from ``start_stage`` (1-based) to the last stage.
 
     ``prev`` is the manifest entry of the checkpoint after ``start_stage - 1`` (None: fresh init).
+    ``epochs`` is the shard's own schedule, one entry per slice, when it has stages appended after the
+    config's (``sharding.new_rows: append``); None: the spec's schedule.
     """
 
     shard: int
     start_stage: int
     slices: list[dict]
     prev: dict | None = None
+    epochs: tuple[int, ...] | None = None
     # filled while running
     checkpoints: list[dict] = field(default_factory=list)
     metrics: list[dict] = field(default_factory=list)
@@ -32,6 +35,14 @@ class ShardPlan:
     @property
     def last(self) -> dict | None:
         return self.checkpoints[-1] if self.checkpoints else self.prev
+
+    def stages(self, spec: TrainSpec) -> int:
+        """The shard's last stage: one per slice of its own schedule."""
+        return spec.slices if self.epochs is None else len(self.epochs)
+
+    def spec(self, spec: TrainSpec) -> TrainSpec:
+        """The spec of this shard's next stage (`TrainSpec.for_stage`)."""
+        return spec.for_stage(self.epochs, self.next_stage)
 
     def record(self, entry: dict, metrics: dict) -> None:
         self.checkpoints.append(entry)

@@ -19,9 +19,9 @@ class InProcessExecutor(Executor):
         self, storage: Storage, spec: TrainSpec, plans: list[ShardPlan], on_stage: StageCallback | None = None
     ) -> list[ShardPlan]:
         for plan in plans:
-            while plan.next_stage <= spec.slices:
+            while plan.next_stage <= plan.stages(spec):
                 try:
-                    entry, metrics = self.runner.run(storage, spec, plan.shard, plan.next_stage, plan.slices, plan.last)
+                    entry, metrics = self.runner.run(storage, plan.spec(spec), plan.shard, plan.next_stage, plan.slices, plan.last)
                 except SisaError as e:
                     raise e.add_detail(shard=plan.shard, stage=plan.next_stage) from None
                 except Exception as e:

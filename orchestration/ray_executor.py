@@ -63,7 +63,7 @@ class RayExecutor(Executor):
     def run(
         self, storage: Storage, spec: TrainSpec, plans: list[ShardPlan], on_stage: StageCallback | None = None
     ) -> list[ShardPlan]:
-        todo = [p for p in plans if p.next_stage <= spec.slices]
+        todo = [p for p in plans if p.next_stage <= p.stages(spec)]
         if not todo:
             return plans
         key = self._key()
@@ -84,7 +84,7 @@ class RayExecutor(Executor):
         pending: dict = {}  # ref -> (actor, plan)
 
         def submit(actor, plan):
-            ref = actor.run.remote(storage, spec, plan.shard, plan.next_stage, plan.slices, plan.last)
+            ref = actor.run.remote(storage, plan.spec(spec), plan.shard, plan.next_stage, plan.slices, plan.last)
             pending[ref] = (actor, plan)
 
         while queue or pending:
@@ -121,7 +121,7 @@ class RayExecutor(Executor):
                     submit(actor, plan)
                 continue
             plan.record(entry, metrics)
-            if plan.next_stage <= spec.slices:
+            if plan.next_stage <= plan.stages(spec):
                 submit(actor, plan)
             else:
                 free.append(actor)

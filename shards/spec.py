@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,17 @@ class TrainSpec:
     @property
     def slices(self) -> int:
         return len(self.epochs_per_stage)
+
+    def for_stage(self, schedule: tuple[int, ...] | None, stage: int) -> TrainSpec:
+        """The spec stage ``stage`` of a shard with its own ``schedule`` trains with (None: this spec's).
+
+        A shard with appended stages (``sharding.new_rows: append``) has a longer schedule than the
+        config's. Its canonical stages keep the config's schedule, so they train exactly as `fit` trains
+        them; appended stage k sees the schedule up to k (`SisaContext.total_epochs` grows with it), so a
+        stage never depends on stages appended after it and a replay of the history gives the same bits."""
+        if schedule is None:
+            return self
+        return replace(self, epochs_per_stage=tuple(schedule[: max(self.slices, stage)]))
 
 
 def derive_seed(*parts) -> int:

@@ -56,6 +56,9 @@ class ShardingConfig(_Strict):
     # where `add` puts new rows: "canonical" (the shard, slice and rank their ids hash to; the ensemble then
     # equals fit(live rows)) or "append" (one more slice and stage at the end of each shard they land in)
     new_rows: Literal["canonical", "append"] = "canonical"
+    # epochs of a stage appended by `add` (new_rows: append); None: the last stage's epochs of the schedule
+    # (the paper's per-stage epochs). An appended stage trains on all of the shard's slices so far.
+    append_epochs: int | None = Field(None, ge=1, le=10000)
 
 
 class ModelConfig(_Strict):
@@ -95,6 +98,11 @@ class TrainingConfig(_Strict):
     momentum: float = Field(0.0, ge=0)
     lr_gamma: float = Field(1.0, gt=0, le=1)
     threads: int = Field(1, ge=1)
+    # the training step of the built-in MLP: "fast" (shards.fast: no autograd, one flat optimizer update) or
+    # "eager" (autograd and torch's optimizer); the same bits on the same machine (tests check it). Unset: a
+    # new fit uses "fast" and writes it into the workdir's config.yaml; an existing workdir keeps the engine
+    # its manifest records (older workdirs: "eager"). A workdir never mixes engines.
+    engine: Literal["eager", "fast"] | None = None
 
     @field_validator("schedule")
     @classmethod
@@ -173,11 +181,22 @@ class SisaConfig(_Strict):
             return (e,) * R
         return (max(1, round(2 * e / (R + 1))),) * R
 
+    def appended_stage_epochs(self) -> int:
+        """Epochs of a stage that `add` appends (``sharding.new_rows: append``): ``sharding.append_epochs``,
+        or the last stage's epochs of the schedule."""
+        return self.sharding.append_epochs or self.epochs_per_stage()[-1]
+
     def with_num_classes(self, num_classes: int) -> SisaConfig:
         """This config with ``data.num_classes`` inferred from the data (fit writes it into the workdir's
         config.yaml). A later fit of the same config object infers it again."""
         cfg = self.model_copy(update={"data": self.data.model_copy(update={"num_classes": int(num_classes)})})
         cfg._classes_inferred = True
+        return cfg
+
+    def with_engine(self, engine: str) -> SisaConfig:
+        """This config with ``training.engine`` set (fit resolves an unset engine to "fast")."""
+        cfg = self.model_copy(update={"training": self.training.model_copy(update={"engine": engine})})
+        cfg._classes_inferred = self._classes_inferred
         return cfg
 
     @property
@@ -187,7 +206,8 @@ class SisaConfig(_Strict):
 
     def training_hash(self) -> str:
         """Hash of everything that changes the weights: two workdirs with equal hashes are comparable.
-        ``data.num_classes`` is part of it once set (configs without it keep their old hash)."""
+        ``data.num_classes`` is part of it once set (configs without it keep their old hash), and so is
+        ``training.engine: fast`` (unset or "eager" is what older workdirs trained with)."""
         dump = self._stable_dump()
         keep = {k: dump[k] for k in ("seed", "sharding", "model", "training")}
         if self.data.num_classes is not None:
@@ -204,6 +224,10 @@ class SisaConfig(_Strict):
             del dump["data"]["num_classes"]
         if dump["sharding"]["new_rows"] == "canonical":
             del dump["sharding"]["new_rows"]
+        if dump["training"]["engine"] in (None, "eager"):  # "eager" is what workdirs without it trained with
+            del dump["training"]["engine"]
+        if dump["sharding"]["append_epochs"] is None:
+            del dump["sharding"]["append_epochs"]
         return dump
 
 

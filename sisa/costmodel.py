@@ -3,9 +3,20 @@
 One implementation shared by `estimate_deletion_cost` and the benchmarks. Stage i of shard s trains on
 slices 1..i for e_i epochs: c_{s,i} = e_i * (d_{s,1} + ... + d_{s,i}); retraining from stage r costs
 C_{s,r} = sum_{i>=r} c_{s,i}. Stages are 1-based here, as in the paper.
+
+``epochs`` is one schedule for every shard (a tuple of ints), or one schedule per shard (a list of tuples):
+a shard with stages appended by `add` (``sharding.new_rows: append``) has its own, longer schedule
+(`Manifest.schedules`).
 """
 
 from __future__ import annotations
+
+
+def per_shard(epochs, n: int) -> list[tuple[int, ...]]:
+    """``epochs`` as one schedule per shard (``n`` shards)."""
+    if len(epochs) and isinstance(epochs[0], (tuple, list)):
+        return [tuple(e) for e in epochs]
+    return [tuple(epochs)] * n
 
 
 def stage_costs(slice_rows: list[int], epochs: tuple[int, ...]) -> list[int]:
@@ -23,13 +34,14 @@ def retrain_cost(slice_rows: list[int], epochs: tuple[int, ...], start_stage: in
 
 def full_cost(rows: list[list[int]], epochs: tuple[int, ...]) -> int:
     """Sample-epochs of training the whole ensemble; ``rows[s][j]`` is the size of slice j of shard s."""
-    return sum(retrain_cost(r, epochs, 1) for r in rows)
+    return sum(retrain_cost(r, e, 1) for r, e in zip(rows, per_shard(epochs, len(rows))))
 
 
 def expected_single(rows: list[list[int]], epochs: tuple[int, ...]) -> float:
     """Exact expected cost of deleting one uniformly chosen row: (1/N) sum_rows C_{shard,slice}."""
     n = sum(map(sum, rows))
-    total = sum(d * retrain_cost(r, epochs, j + 1) for r in rows for j, d in enumerate(r))
+    eps = per_shard(epochs, len(rows))
+    total = sum(d * retrain_cost(r, e, j + 1) for r, e in zip(rows, eps) for j, d in enumerate(r))
     return total / max(1, n)
 
 
@@ -38,12 +50,12 @@ def expected_batched(rows: list[list[int]], epochs: tuple[int, ...], k: int) -> 
     from its earliest affected stage)."""
     n = sum(map(sum, rows))
     total = 0.0
-    for r in rows:
+    for r, e in zip(rows, per_shard(epochs, len(rows))):
         R = len(r)
         before = [sum(r[:j]) / n for j in range(R + 1)]  # P(one request hits this shard before slice j)
         for stage in range(1, R + 1):
             p = (1 - before[stage - 1]) ** k - (1 - before[stage]) ** k
-            total += p * retrain_cost(r, epochs, stage)
+            total += p * retrain_cost(r, e, stage)
     return total
 
 
@@ -66,7 +78,8 @@ def speedup_bound(shards: int, slices: int) -> float:
 
 def plan_cost(rows: list[list[int]], epochs: tuple[int, ...], start: dict[int, int]) -> dict:
     """Cost of a concrete plan ``{shard: first stage to retrain}`` against a full retrain."""
-    retrain = sum(retrain_cost(rows[s], epochs, r) for s, r in start.items())
+    eps = per_shard(epochs, len(rows))
+    retrain = sum(retrain_cost(rows[s], eps[s], r) for s, r in start.items())
     full = full_cost(rows, epochs)
     return {
         "sample_epochs": retrain,
@@ -79,25 +92,63 @@ def plan_cost(rows: list[list[int]], epochs: tuple[int, ...], start: dict[int, i
 # -- additions (`SisaEnsemble.add`) -----------------------------------------------------------------------
 # Canonical placement: a new row lands in the shard, slice and rank its id hashes to, so an addition is
 # priced exactly like a deletion: each shard it lands in retrains from its earliest affected stage, and the
-# plan's cost is `plan_cost` on the partition *after* the addition. Append placement: the batch forms one
-# more slice at the end of each shard it lands in; that stage trains on all of the shard's slices so far,
-# cumulative like every SISA stage, for e_a epochs: C = e_a * (rows of the shard after the addition).
+# plan's cost is `plan_cost` on the partition *after* the addition.
+#
+# Append placement: the batch forms one more slice at the end of each shard it lands in (its id's shard);
+# that stage trains on all of the shard's slices so far, cumulative like every SISA stage, for e_a epochs:
+#     cost of the addition = sum over the shards it lands in of e_a * n_s',  n_s' = rows of s after it.
+# With K uniformly hashed ids over S shards, E[cost] = e_a * sum_s (n_s * (1 - (1 - 1/S)^K) + K/S).
+# The appended stages stay in the shard: a later deletion in slice j retrains stages j..last, appended
+# ones included. Stage i (> R) of shard s is retrained by a uniform deletion with probability D_{s,i}/N
+# (D_{s,i} = rows of slices 1..i) at cost c_{s,i} = e_i * D_{s,i}, so appended stages add
+#     sum_s sum_{i>R} e_i * D_{s,i}^2 / N
+# sample-epochs to the expected cost of one uniform deletion (`deletion_overhead`); compaction
+# (`SisaEnsemble.compact`, cost `full_cost` of the canonical layout) takes it back to zero.
 
 
-def expected_addition(rows_after: list[list[int]], epochs: tuple[int, ...], k: int) -> float:
+def expected_addition(rows_after: list[list[int]], epochs, k: int) -> float:
     """Expected cost of adding K rows with uniformly hashed ids (canonical placement): the same formula as
     deleting K uniform rows, `expected_batched`, on the partition after the addition."""
     return expected_batched(rows_after, epochs, k)
 
 
-def append_cost(rows_after: list[list[int]], epochs: list[tuple[int, ...]], shards: list[int]) -> dict:
+def append_cost(rows_after: list[list[int]], epochs, shards) -> dict:
     """Cost of an append-placement addition that appended one stage to each of ``shards``; ``rows_after``
     and ``epochs`` are per shard (each shard's own stage count), the appended stage last."""
-    work = sum(epochs[s][-1] * sum(rows_after[s]) for s in shards)
-    full = sum(retrain_cost(r, e, 1) for r, e in zip(rows_after, epochs))
+    eps = per_shard(epochs, len(rows_after))
+    work = sum(eps[s][-1] * sum(rows_after[s]) for s in shards)
+    full = full_cost(rows_after, eps)
     return {
         "sample_epochs": work,
         "full_retrain_sample_epochs": full,
         "fraction_of_full": work / full if full else 0.0,
         "speedup": full / work if work else float("inf"),
     }
+
+
+def expected_append(rows_before: list[list[int]], append_epochs: int, k: int) -> float:
+    """Expected cost of appending K rows with uniformly hashed ids: e_a * sum_s (n_s (1-(1-1/S)^K) + K/S)."""
+    S = len(rows_before)
+    hit = 1 - (1 - 1 / S) ** k if S else 0.0
+    return append_epochs * sum(sum(r) * hit + k / S for r in rows_before)
+
+
+def deletion_overhead(rows: list[list[int]], epochs, base_stages: int) -> float:
+    """Sample-epochs the stages after the first ``base_stages`` (the appended ones) add to the expected cost
+    of one uniform deletion: sum_s sum_{i > R} e_i * D_{s,i}^2 / N."""
+    n = sum(map(sum, rows))
+    total = 0
+    for r, e in zip(rows, per_shard(epochs, len(rows))):
+        seen = 0
+        for i, (d, ep) in enumerate(zip(r, e), start=1):
+            seen += d
+            if i > base_stages:
+                total += ep * seen * seen
+    return total / max(1, n)
+
+
+def appended_share(rows: list[list[int]], epochs, start: dict[int, int], base_stages: int) -> int:
+    """The sample-epochs of a plan ``{shard: first stage}`` spent on stages after the first ``base_stages``
+    (the appended ones): what append placement adds to this deletion."""
+    eps = per_shard(epochs, len(rows))
+    return sum(sum(stage_costs(rows[s], eps[s])[max(r, base_stages + 1) - 1 :]) for s, r in start.items())

@@ -74,6 +74,7 @@ class SisaEnsemble:
             wd.path / "config.yaml", wd.path, executor=executor, tracking_uri=tracking_uri, wait_timeout=wait_timeout
         )
         m = ens._server.load()  # stat, then read: a commit in between is picked up by the next predict
+        ens._ctx.engine(m)  # a config naming another training engine than the workdir's: a clear refusal
         if ens.config.training_hash() != m.training_hash:
             raise WorkdirError(
                 f"{wd.path}/config.yaml does not match the config the ensemble was trained with "
@@ -238,6 +239,22 @@ class SisaEnsemble:
         from sisa.ops.add import add
 
         return add(self._ctx, self.manifest, X, y, ids, readmit, progress)
+
+    # -- compaction (sisa.ops.compact) -------------------------------------------------------------------
+    def estimate_compaction_cost(self):
+        """Dry run of `compact`: appended slices, the refit's sample-epochs, and the expected cost of one
+        uniform deletion before and after (the overhead appended stages add, which compaction removes)."""
+        from sisa.ops.compact import estimate
+
+        return estimate(self._ctx, self.manifest)
+
+    def compact(self, progress=None):
+        """Refit the live rows into the canonical layout (after ``sharding.new_rows: append`` additions):
+        the result equals ``fit(live rows)`` bit for bit. Durable (a ledger request) and crash-safe; the
+        superseded files are purged. Returns the signed Receipt (``kind == "compact"``)."""
+        from sisa.ops.compact import compact
+
+        return compact(self._ctx, self.manifest, progress)
 
     def verify(self, receipt=None, timeout: float | None = None):
         """Re-check a deletion certificate: retrain the receipt's shards from scratch in a fresh process and

@@ -72,26 +72,42 @@ class Checkpoint(_JsonView):
 
 @dataclass(frozen=True)
 class ShardState(_JsonView):
-    """A shard's slices, its checkpoints (one per trained stage) and whether prediction excludes it."""
+    """A shard's slices, its checkpoints (one per trained stage) and whether prediction excludes it.
+
+    ``epochs`` is the shard's own schedule (one entry per slice) once stages were appended to it
+    (``sharding.new_rows: append``); None (and absent from older manifests): the config's schedule."""
 
     slices: tuple[SliceRef, ...]
     checkpoints: tuple[Checkpoint, ...] = ()
     excluded: bool = False
+    epochs: tuple[int, ...] | None = None
 
     @property
     def rows(self) -> int:
         return sum(e.rows for e in self.slices)
 
     @property
+    def stages(self) -> int:
+        """The shard's own stage count: one per slice (the config's R plus any appended)."""
+        return len(self.slices)
+
+    def schedule(self, base: tuple[int, ...]) -> tuple[int, ...]:
+        """Epochs of each of the shard's stages; ``base`` is the config's schedule."""
+        return tuple(base) if self.epochs is None else self.epochs
+
+    @property
     def final(self) -> Checkpoint | None:
         return self.checkpoints[-1] if self.checkpoints else None
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "slices": [e.to_dict() for e in self.slices],
             "checkpoints": [c.to_dict() for c in self.checkpoints],
             "excluded": self.excluded,
         }
+        if self.epochs is not None:
+            out["epochs"] = list(self.epochs)
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> ShardState:
@@ -99,6 +115,7 @@ class ShardState(_JsonView):
             slices=tuple(SliceRef.from_dict(e) for e in d["slices"]),
             checkpoints=tuple(Checkpoint.from_dict(c) for c in d.get("checkpoints", [])),
             excluded=bool(d.get("excluded", False)),
+            epochs=tuple(int(e) for e in d["epochs"]) if d.get("epochs") is not None else None,
         )
 
 
@@ -148,6 +165,7 @@ class Manifest(_JsonView):
     metrics: dict = field(default_factory=dict)
     retraining: Retraining | None = None
     created: float = 0.0
+    engine: str = "eager"  # training.engine the shards were trained with; absent from older manifests: eager
     format: int = FORMAT
 
     # -- derived views (each defined once) ----------------------------------------------------------------
@@ -155,13 +173,18 @@ class Manifest(_JsonView):
         """The rows of every (shard, slice): the matrix the cost model works on."""
         return [[e.rows for e in sh.slices] for sh in self.shards]
 
-    def active_shards(self, slices: int) -> list[int]:
-        """Shards that serve predictions: trained through all ``slices`` stages, holding rows, not excluded."""
+    def active_shards(self, slices: int | None = None) -> list[int]:
+        """Shards that serve predictions: trained through all their own stages (one per slice: the config's
+        R plus any appended; ``slices`` is ignored, kept for callers), holding rows, not excluded."""
         return [
             s
             for s, sh in enumerate(self.shards)
-            if not sh.excluded and len(sh.checkpoints) == slices and sh.checkpoints[-1].rows > 0
+            if not sh.excluded and sh.checkpoints and len(sh.checkpoints) == sh.stages and sh.checkpoints[-1].rows > 0
         ]
+
+    def schedules(self, base: tuple[int, ...]) -> list[tuple[int, ...]]:
+        """Every shard's own schedule (`ShardState.schedule`): the cost model's per-shard epochs."""
+        return [sh.schedule(base) for sh in self.shards]
 
     def referenced_files(self) -> set[str]:
         """Every store file the manifest names; everything else in the store is garbage."""
@@ -193,6 +216,8 @@ class Manifest(_JsonView):
         }
         if self.retraining is not None:
             out["retraining"] = self.retraining.to_dict()
+        if self.engine != "eager":
+            out["engine"] = self.engine
         return out
 
 
@@ -223,6 +248,7 @@ def from_dict(d: dict, where: str = "manifest") -> Manifest:
             metrics=dict(d.get("metrics", {})),
             retraining=Retraining.from_dict(d["retraining"]) if d.get("retraining") else None,
             created=float(d.get("created", 0.0)),
+            engine=str(d.get("engine", "eager")),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise WorkdirError(f"{where} is malformed ({type(e).__name__}: {e})", path=where) from None

@@ -186,7 +186,7 @@ def test_cli_add_csv_by_column_name_and_dry_run(tmp_path, fitted):
     new = {**{n: X[150:160, k] for k, n in reversed(list(enumerate(names)))}, "label": y[150:160], "id": ids[150:160]}
     pacsv.write_csv(pa.table(new), tmp_path / "new.csv")  # columns in another order: matched by name
     wd = str(ens.workdir.path)
-    out = CliRunner().invoke(main, ["add", "--workdir", wd, "--input", str(tmp_path / "new.csv"), "--dry-run"])
+    out = CliRunner().invoke(main, ["add", "--workdir", wd, "--input", str(tmp_path / "new.csv"), "--dry-run", "--json"])
     assert out.exit_code == 0, out.output
     assert json.loads(out.output)["rows"] == 10
     out = CliRunner().invoke(

@@ -108,3 +108,42 @@ def test_every_crash_point_of_an_addition_is_tested():
     src = (ROOT / "sisa" / "ops" / "add.py").read_text()
     named = set(re.findall(r"(?:crashpoint\(|stage_callback\([^,()]+,\s*)[\"']([a-z_]+)[\"']", src))
     assert named == set(POINTS), f"untested: {sorted(named - set(POINTS))}, gone: {sorted(set(POINTS) - named)}"
+
+
+@pytest.fixture(scope="module")
+def append_world(tmp_path_factory):
+    """Append placement: the old ensemble has one appended stage already; the new one is its replay + 40 rows."""
+    base = tmp_path_factory.mktemp("appendfaults")
+    X, y, ids = tiny_data(n=230)
+    cfg = tiny_config(sharding={"shards": 3, "slices": 3, "new_rows": "append"})
+    old = SisaEnsemble.from_config(cfg, base / "old").fit(X[:130], y[:130], ids=ids[:130])
+    old.add(X[130:150], y[130:150], ids=ids[130:150])
+    new = SisaEnsemble.from_config(cfg, base / "new").fit(X[:130], y[:130], ids=ids[:130])
+    new.add(X[130:150], y[130:150], ids=ids[130:150])
+    new.add(X[150:190], y[150:190], ids=ids[150:190])
+    np.savez(base / "batch.npz", X=X[150:190], y=y[150:190], ids=ids[150:190])
+    return {"base": base, "old": old, "new": new}
+
+
+@pytest.mark.parametrize("point", POINTS)
+def test_driver_killed_mid_append(append_world, tmp_path, point):
+    """The same crash points with append placement: old or new ensemble, the appended stage never half-made."""
+    wd = tmp_path / "w"
+    shutil.copytree(append_world["old"].workdir.path, wd)
+    manifest_before = (wd / "manifest.json").read_bytes()
+    res = _add_in_subprocess(wd, append_world["base"] / "batch.npz", env={"SISA_CRASH_AT": point})
+    assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
+    reopened = SisaEnsemble.open(wd, executor="inprocess")
+    reqs = Ledger(wd / "ledger.db").requests()
+    assert not list((wd / "additions").glob("*")), "no staged batch is left after recovery"
+    if point == "add_before_ledger":
+        assert len(reqs) == 1 and (wd / "manifest.json").read_bytes() == manifest_before
+        assert weights_equal(reopened, append_world["old"])
+        return
+    assert [r["state"] for r in reqs] == ["done", "done"]
+    assert reqs[-1]["receipt"]["placement"] == "append" and reqs[-1]["receipt"]["rows_added"] == 40
+    assert weights_equal(reopened, append_world["new"])
+    new = append_world["new"].manifest
+    assert [(sh.slices, sh.epochs) for sh in reopened.manifest.shards] == [(sh.slices, sh.epochs) for sh in new.shards]
+    store = {str(p.relative_to(wd / "store")) for p in (wd / "store").rglob("*") if p.is_file()}
+    assert store == reopened.manifest.referenced_files()

@@ -194,9 +194,14 @@ def _check_live_ids(report, wd, store, manifest, deleted: dict) -> None:
 
 def _check_chain(report, manifest, receipts: list[tuple[str, dict]], shards: list[int]) -> None:
     """Walk the receipts in ledger order: each one's checkpoints_before / resumed_from must be what the
-    previous ones left, and the last word on each stage must be the deployed checkpoint."""
-    R = max((len(sh.checkpoints) for sh in manifest.shards), default=0)
+    previous ones left, and the last word on each stage must be the deployed checkpoint.
+
+    Shards have their own stage counts (appended stages, ``sharding.new_rows: append``): a receipt's
+    checkpoints_before cover its first stage to the shard's last stage then, and its checkpoints_after to
+    the shard's last stage after it (one more for an appended stage, fewer when a deletion emptied an
+    appended slice, or a new layout after a compaction)."""
     state: dict[int, dict[int, tuple]] = {s: {} for s in shards}  # stage -> (digest, rid, field)
+    count: dict[int, int] = {}  # shard -> its stage count after the receipts walked so far
     lineage: dict[int, tuple] = {}  # shard -> (lineage_after, rid, field) of the last receipt retraining it
     problems: dict[str, list[str]] = {}
     for rid, r in receipts:
@@ -211,8 +216,11 @@ def _check_chain(report, manifest, receipts: list[tuple[str, dict]], shards: lis
             except (KeyError, TypeError, ValueError):
                 p.append(f"{f}: fields from_stage / checkpoints_before / checkpoints_after are missing or malformed")
                 continue
-            if len(after) != R - first + 1:
-                p.append(f"{f}.checkpoints_after has {len(after)} digests, expected {R - first + 1}")
+            last = first + len(before) - 1
+            if s in count and last != count[s] and not (r.get("kind") == "compact" and first == 1):
+                p.append(f"{f}.checkpoints_before ends at stage {last} but the shard had {count[s]} stages")
+            count[s] = first + len(after) - 1
+            state[s] = {k: v for k, v in state[s].items() if k < first or k <= count[s]}
             claims = [(first + k, d, f"{f}.checkpoints_before[{k}]") for k, d in enumerate(before)]
             if first > 1:
                 claims.append((first - 1, v.get("resumed_from"), f"{f}.resumed_from"))
@@ -227,6 +235,13 @@ def _check_chain(report, manifest, receipts: list[tuple[str, dict]], shards: lis
             lineage[s] = (v.get("lineage_after"), rid, f"{f}.lineage_after")
     for s in shards:
         cks = manifest.shards[s].checkpoints
+        if s in count and count[s] != len(cks):
+            rid = next(
+                rid
+                for rid, r in reversed(receipts)
+                if str(s) in (r.get("shards") or {}) or s in (r.get("shards") or {})
+            )
+            problems[rid].append(f"shard {s} has {len(cks)} stages deployed but its receipts leave {count[s]}")
         for stage, (digest, rid, name) in sorted(state[s].items()):
             dep = cks[stage - 1] if 0 < stage <= len(cks) else None
             if dep is None or dep.sha256 != digest:
@@ -296,6 +311,7 @@ def _check_retrain(report, ctx, manifest, store, shards: list[int], timeout) -> 
             "scratch": scratch,
             "spec": asdict(ctx.spec(manifest)),
             "shards": {str(s): [e.to_dict() for e in manifest.shards[s].slices] for s in shards},
+            "epochs": {str(s): list(manifest.shards[s].epochs) for s in shards if manifest.shards[s].epochs},
         }
         t0 = time.time()
         out = os.path.join(scratch, "result.json")
@@ -393,9 +409,10 @@ def retrain_worker(out_path: str) -> None:
     out: dict = {"pid": os.getpid(), "shards": {}}
     for key, slices in job["shards"].items():
         entries, prev = [], None
+        own = job.get("epochs", {}).get(key)  # the shard's own schedule (appended stages), else the spec's
         try:
-            for stage in range(1, spec.slices + 1):
-                prev, _ = runner.run(storage, spec, int(key), stage, slices, prev)
+            for stage in range(1, (len(own) if own else spec.slices) + 1):
+                prev, _ = runner.run(storage, spec.for_stage(own and tuple(own), stage), int(key), stage, slices, prev)
                 entries.append(prev)
             out["shards"][key] = {"checkpoints": entries}
         except SisaError as e:

@@ -373,3 +373,44 @@ def _addition_text(r) -> str:
     c = r.cost
     out += f"\ntrained {c['sample_epochs']} sample-epochs vs {c['full_retrain_sample_epochs']} for a full refit"
     return out + f" ({c['speedup']:.1f}x cheaper), wall time {r.wall_seconds:.2f}s"
+
+
+# -- continual data (issue 13): `sisa compact` ---------------------------------------------------------
+@main.command("compact")
+@click.option("--workdir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--dry-run", is_flag=True, help="only show the plan: appended slices, the refit's cost")
+@click.option("--executor", type=click.Choice(["ray", "inprocess"]), default=None)
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+def compact(workdir, dry_run, executor, as_json):
+    """Refit the live rows into the canonical layout (after `sharding.new_rows: append` additions): the
+    result equals a fit of the live rows, bit for bit; durable and crash-safe like a deletion."""
+    try:
+        ens = sisa.SisaEnsemble.open(workdir, executor="inprocess" if dry_run else executor)
+        if dry_run:
+            plan = ens.estimate_compaction_cost()
+            click.echo(to_json(plan.__dict__) if as_json else _compaction_plan_text(plan))
+            return
+        r = ens.compact()
+        ens.close()
+    except SisaError as e:
+        _fail(e)
+    if as_json:
+        click.echo(to_json(r.to_dict()))
+    elif r.request_id is None:
+        click.echo("nothing to compact: no shard has an appended slice (the layout is canonical)")
+    else:
+        c = r.cost
+        click.echo(
+            f"request {r.request_id}: compacted {len(r.shards)} shard(s) into the canonical layout; trained "
+            f"{c['sample_epochs']} sample-epochs, wall time {r.wall_seconds:.2f}s"
+        )
+
+
+def _compaction_plan_text(p) -> str:
+    return (
+        f"{p.appended_slices} appended slice(s) over {p.shards} shards, {p.rows} live rows\n"
+        f"compaction refits every shard: {p.sample_epochs} sample-epochs\n"
+        f"expected cost of one uniform deletion: {p.expected_deletion_sample_epochs_before:.0f} sample-epochs now "
+        f"({p.deletion_overhead_sample_epochs:.0f} of them for appended stages), "
+        f"{p.expected_deletion_sample_epochs_after:.0f} after compaction"
+    )

@@ -5,6 +5,10 @@ id hashes to (`shards.partition`), exactly where `fit` would have put it, and ea
 retrains from its earliest affected stage. The ensemble then equals ``fit(live rows)`` bit for bit, whatever
 the history of fits, additions and deletions, and an addition costs what deleting that many rows costs.
 
+Placement ``append``: the batch forms one more slice (and stage) at the end of each shard it lands in
+(`sisa.ops.append`); the ensemble equals the replay of its history without the deleted rows, and
+`sisa.ops.compact` takes it back to ``fit(live rows)``.
+
 Erased data stays erased: an id the ledger holds as deleted is refused (`check_erased`) unless the caller
 readmits it explicitly (``readmit=[...]``), which the ledger records with the request.
 
@@ -42,8 +46,8 @@ from sisa import data as datamod
 from sisa.failpoints import crashpoint
 from sisa.ledger import RequestState
 from sisa.manifest import Checkpoint, Manifest, SliceRef
+from sisa.ops import append, compact, purge, receipts
 from sisa.ops import delete as deletion
-from sisa.ops import purge, receipts
 from sisa.ops.locate import first_stages, locate
 from sisa.ops.receipts import AdditionPlan, Receipt
 from sisa.workdir import write_atomic
@@ -139,11 +143,24 @@ def estimate(ctx, m: Manifest, X, y, ids, readmit=None) -> AdditionPlan:
     """What `add` would do and cost, without changing anything (the same checks as `add`)."""
     X, y, ids, readmit = check_batch(ctx, m, X, y, ids, readmit)
     again = _check_new(ctx, m, ids, readmit)
+    if ctx.config.sharding.new_rows == "append":
+        stages, cost = append.estimate(ctx, m, ids, ctx.config.appended_stage_epochs())
+        return AdditionPlan(
+            placement="append",
+            shards=stages,
+            rows=len(ids),
+            sample_epochs=cost["sample_epochs"],
+            full_retrain_sample_epochs=cost["full_retrain_sample_epochs"],
+            speedup=cost["speedup"],
+            readmitted=len(again),
+            expected_sample_epochs=cost["expected_sample_epochs"],
+            deletion_overhead_sample_epochs=cost["deletion_overhead_sample_epochs"],
+        )
     rows = [list(r) for r in m.slice_rows()]
     targets = _targets(ctx, ids)
     for (s, j), idx in targets.items():
         rows[s][j] += len(idx)
-    eps = ctx.config.epochs_per_stage()
+    eps = m.schedules(ctx.config.epochs_per_stage())
     starts = first_stages(targets)
     cost = costmodel.plan_cost(rows, eps, starts)
     return AdditionPlan(
@@ -161,8 +178,6 @@ def estimate(ctx, m: Manifest, X, y, ids, readmit=None) -> AdditionPlan:
 # -- the operation --------------------------------------------------------------------------------------
 def add(ctx, m: Manifest, X, y, ids, readmit=None, progress=None) -> Receipt:
     """Add rows (durably, then trained in); returns the signed receipt once the new ensemble serves."""
-    if ctx.config.sharding.new_rows != "canonical":
-        raise DataError("sharding.new_rows: append is not implemented yet; use canonical (the default)")
     t0 = time.time()
     X, y, ids, readmit = check_batch(ctx, m, X, y, ids, readmit)
     with ctx.workdir.lock(what="add"):
@@ -170,8 +185,12 @@ def add(ctx, m: Manifest, X, y, ids, readmit=None, progress=None) -> Receipt:
         m = ctx.read_manifest()
         again = _check_new(ctx, m, ids, readmit)
         batch = _stage(ctx, encode_rows(make_rows(ids, y, X, m.id_kind)), len(ids))
-        targets = sorted([s, j] for s, j in _targets(ctx, ids))
-        plan = {"kind": OP, "placement": "canonical", "batch": batch, "slices": targets, "readmitted": again}
+        plan = {"kind": OP, "placement": ctx.config.sharding.new_rows, "batch": batch, "readmitted": again}
+        if plan["placement"] == "append":
+            plan["epochs"] = ctx.config.appended_stage_epochs()  # fixed at the ack: recovery trains the same
+            plan["slices"] = [[s, len(m.shards[s].slices)] for s in append.targets(ctx, ids)]
+        else:
+            plan["slices"] = sorted([s, j] for s, j in _targets(ctx, ids))
         crashpoint("add_before_ledger")
         rid = ctx.ledger().record([], plan, again)  # the ack point: from here on the addition is never lost
         crashpoint("add_after_ledger")
@@ -216,17 +235,33 @@ def _merge(ctx, before: Manifest, batch: np.ndarray):
     plans = []
     for s, r in sorted(starts.items()):
         prev = before.shards[s].checkpoints[r - 2].to_dict() if r > 1 else None
-        plans.append(ShardPlan(shard=s, start_stage=r, slices=[e.to_dict() for e in after.shards[s].slices], prev=prev))
+        sh = after.shards[s]
+        plans.append(
+            ShardPlan(shard=s, start_stage=r, slices=[e.to_dict() for e in sh.slices], prev=prev, epochs=sh.epochs)
+        )
     return after, plans, starts, added
+
+
+def _prepare(ctx, before: Manifest, plan: dict, batch: np.ndarray):
+    """The new slices written, the shard plans, each shard's first stage, rows added per shard, and the
+    plan's exact cost with its analytic expectation (`sisa.costmodel`)."""
+    base = ctx.config.epochs_per_stage()
+    if plan.get("placement", "canonical") == "append":
+        after, plans, starts, added = append.merge(ctx, before, batch, int(plan["epochs"]))
+        rows, sched = after.slice_rows(), after.schedules(base)
+        cost = append.cost(ctx, before.slice_rows(), rows, sched, sorted(starts), len(batch), int(plan["epochs"]))
+        return after, plans, starts, added, cost
+    after, plans, starts, added = _merge(ctx, before, batch)
+    rows, sched = after.slice_rows(), after.schedules(base)
+    cost = costmodel.plan_cost(rows, sched, starts)
+    cost["expected_sample_epochs"] = costmodel.expected_addition(rows, sched, len(batch))
+    return after, plans, starts, added, cost
 
 
 def _execute(ctx, before: Manifest, rid: str, plan: dict, t0: float, progress) -> Receipt:
     ctx.ledger().set_state(rid, RequestState.RETRAINING)
     batch = _read_batch(ctx, plan["batch"])
-    after, plans, starts, added = _merge(ctx, before, batch)
-    eps = ctx.config.epochs_per_stage()
-    cost = costmodel.plan_cost(after.slice_rows(), eps, starts)
-    cost["expected_sample_epochs"] = costmodel.expected_addition(after.slice_rows(), eps, len(batch))
+    after, plans, starts, added, cost = _prepare(ctx, before, plan, batch)
     ctx.observer.started(OP, after, {"sisa.request_id": rid})
     try:
         t_train = time.time()
@@ -319,7 +354,8 @@ def _finish(ctx, m: Manifest, rid: str, plan: dict, receipt, run_id) -> None:
 
 # -- recovery: every unfinished request of the ledger, additions and deletions, in ledger order ----------
 def recover(ctx, locked: bool = False, wait: bool = True) -> list[str]:
-    """Finish every unfinished request (`sisa.ops.delete.resume` for deletions, `resume` for additions) and
+    """Finish every unfinished request (`sisa.ops.delete.resume` for deletions, `resume` for additions,
+    `sisa.ops.compact.resume` for compactions) and
     drop staged batches no request names (an addition killed before its ledger commit). Returns their ids."""
     if not (ctx.workdir.path / "ledger.db").exists():
         return []
@@ -333,7 +369,8 @@ def recover(ctx, locked: bool = False, wait: bool = True) -> list[str]:
         with ctx.workdir.lock(what="recovery"):
             return recover(ctx, locked=True)
     for req in todo:
-        (resume if req["plan"].get("kind") == OP else deletion.resume)(ctx, req)
+        kind = req["plan"].get("kind")
+        (resume if kind == OP else compact.resume if kind == compact.OP else deletion.resume)(ctx, req)
     for p in _stray_batches(ctx, []):
         zero_and_remove(p)
     return [r["id"] for r in todo]

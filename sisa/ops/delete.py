@@ -9,7 +9,9 @@ Order of events (each step is safe to crash after; `recover` finishes the reques
   2. the affected shards are excluded from prediction (manifest commit, naming the request and its
      expected duration for predictors that wait, see `sisa.serving`);
   3. the evaluation file is rewritten without the request's rows (atomic, idempotent);
-  4. the slices are rewritten without the rows and the shards retrained, into new files;
+  4. the slices are rewritten without the rows and the shards retrained, into new files (with appended
+     stages, ``sharding.new_rows: append``, the later appended stages too; an appended slice left empty is
+     removed with its stage, `sisa.ops.append.squeeze`);
   5. the receipt is written, then the manifest switches to the new files (the atomic model swap);
   6. superseded slices and checkpoints are purged, worker caches and stale copies dropped, every MLflow
      model version that saw the rows purged (`sisa.ops.purge`), the request marked done.
@@ -28,7 +30,7 @@ from sisa import costmodel, evalfile
 from sisa.failpoints import crashpoint
 from sisa.ledger import RequestState
 from sisa.manifest import Checkpoint, Manifest, Retraining, SliceRef
-from sisa.ops import purge, receipts
+from sisa.ops import append, purge, receipts
 from sisa.ops.locate import first_stages, locate, unknown_error
 from sisa.ops.receipts import DeletionPlan, Receipt
 
@@ -52,7 +54,7 @@ def estimate(ctx, m: Manifest, ids) -> DeletionPlan:
     if unknown:
         raise unknown_error(ctx, unknown)
     starts = first_stages(found)
-    cost = costmodel.plan_cost(m.slice_rows(), ctx.config.epochs_per_stage(), starts)
+    cost = costmodel.plan_cost(m.slice_rows(), m.schedules(ctx.config.epochs_per_stage()), starts)
     return DeletionPlan(
         shards=dict(sorted(starts.items())),
         rows=sum(map(len, found.values())),
@@ -139,7 +141,7 @@ def _execute(ctx, before: Manifest, rid: str, hashed: set, plan: dict, t0: float
     evalfile.erase(ctx.workdir, hashed, before.id_kind)  # idempotent: a re-run after a crash finds nothing
     crashpoint("after_eval_rewrite")
     after, plans, removed, starts = _rewrite_slices(ctx, before, affected, plan, hashed)
-    cost = costmodel.plan_cost(after.slice_rows(), ctx.config.epochs_per_stage(), starts)
+    cost = _cost(ctx, after, starts)
     ctx.observer.started(OP, after, {"sisa.request_id": rid})
     try:
         t_train = time.time()
@@ -174,7 +176,7 @@ def _exclude(ctx, before: Manifest, rid: str, plan: dict) -> None:
     starts = first_stages([tuple(sj) for sj in plan["slices"]])
     affected = sorted(starts)
     if affected:
-        rows, eps = before.slice_rows(), ctx.config.epochs_per_stage()
+        rows, eps = before.slice_rows(), before.schedules(ctx.config.epochs_per_stage())
         work = costmodel.plan_cost(rows, eps, starts)["sample_epochs"]
         rate = before.metrics.get("seconds_per_sample_epoch")
         if rate is None and before.metrics.get("fit_seconds"):
@@ -190,7 +192,7 @@ def _exclude(ctx, before: Manifest, rid: str, plan: dict) -> None:
 def _rewrite_slices(ctx, before: Manifest, affected: list[int], plan: dict, hashed: set):
     """Write each affected slice again without the request's rows (new content-addressed files); returns the
     new manifest (not committed), the shard plans, rows removed per shard and each shard's first stage."""
-    store, key_hash = ctx.storage(), ctx.workdir.hash_ids
+    store, key_hash, R = ctx.storage(), ctx.workdir.hash_ids, ctx.config.sharding.slices
     after = before
     plans, removed, starts = [], {}, {}
     for s in affected:
@@ -208,11 +210,26 @@ def _rewrite_slices(ctx, before: Manifest, affected: list[int], plan: dict, hash
             first = j + 1 if first is None else min(first, j + 1)
         if first is None:  # nothing of this request left in the shard (a re-run after a crash)
             continue
+        slices, epochs, first = append.squeeze(store, s, slices, sh.epochs, R, first)
         starts[s] = first
         prev = sh.checkpoints[first - 2].to_dict() if first > 1 else None
-        plans.append(ShardPlan(shard=s, start_stage=first, slices=[e.to_dict() for e in slices], prev=prev))
-        after = after.with_shard(s, slices=tuple(slices))
+        plans.append(
+            ShardPlan(shard=s, start_stage=first, slices=[e.to_dict() for e in slices], prev=prev, epochs=epochs)
+        )
+        after = after.with_shard(s, slices=tuple(slices), epochs=epochs)
     return after, plans, removed, starts
+
+
+def _cost(ctx, after: Manifest, starts: dict[int, int]) -> dict:
+    """The plan's exact cost on the partition after the deletion, each shard with its own schedule; with
+    appended stages, the part of it they take (``appended_stages_sample_epochs``)."""
+    rows, sched = after.slice_rows(), after.schedules(ctx.config.epochs_per_stage())
+    cost = costmodel.plan_cost(rows, sched, starts)
+    if any(sh.epochs is not None for sh in after.shards):
+        cost["appended_stages_sample_epochs"] = costmodel.appended_share(
+            rows, sched, starts, ctx.config.sharding.slices
+        )
+    return cost
 
 
 def _receipt(ctx, rid, hashed, plan, before: Manifest, plans, removed, cost, t0, already) -> Receipt:

@@ -1,4 +1,4 @@
-"""Read-only views of an ensemble: its status (shards, sizes, checkpoints, accuracy, deletions)."""
+"""Read-only views of an ensemble: its status (shards, sizes, stages, accuracy, deletions, additions)."""
 
 from __future__ import annotations
 
@@ -15,12 +15,14 @@ def status(ctx, m: Manifest) -> dict:
             "rows": sh.rows,
             "slice_rows": [e.rows for e in sh.slices],
             "checkpoints": len(sh.checkpoints),
+            "stages": sh.stages,  # the config's slices plus any appended (sharding.new_rows: append)
+            "epochs_per_stage": list(sh.schedule(ctx.config.epochs_per_stage())),
             "active": s in active,
             "accuracy": acc.get(str(s)),
         }
         for s, sh in enumerate(m.shards)
     ]
-    reqs = ctx.ledger().requests() if (ctx.workdir.path / "ledger.db").exists() else []
+    reqs = _requests(ctx)
     c = ctx.config
     return {
         "workdir": str(ctx.workdir.path),
@@ -30,9 +32,29 @@ def status(ctx, m: Manifest) -> dict:
         "epochs_per_stage": list(c.epochs_per_stage()),
         "rows": sum(x["rows"] for x in shards),
         "ensemble_accuracy": m.metrics.get("ensemble_accuracy"),
-        "deletions": {
-            "done": sum(r["state"] == RequestState.DONE for r in reqs),
-            "unfinished": sum(r["state"] != RequestState.DONE for r in reqs),
-        },
+        "deletions": _count(reqs, "delete"),
+        "additions": _count(reqs, "add"),
+        "compactions": _count(reqs, "compact"),
         "config_hash": m.config_hash,
+    }
+
+
+def _requests(ctx) -> list[tuple[str, bool]]:
+    """(kind, done) of every ledger request: a done one's kind is its receipt's, an unfinished one's its plan's."""
+    if not (ctx.workdir.path / "ledger.db").exists():
+        return []
+    ledger = ctx.ledger()
+    pending = {r["id"]: r["plan"].get("kind", "delete") for r in ledger.unfinished()}
+    out = []
+    for r in ledger.requests():
+        done = r["state"] == RequestState.DONE
+        kind = (r["receipt"] or {}).get("kind", "delete") if done else pending.get(r["id"], "delete")
+        out.append((kind, done))
+    return out
+
+
+def _count(reqs: list[tuple[str, bool]], kind: str) -> dict:
+    return {
+        "done": sum(k == kind and done for k, done in reqs),
+        "unfinished": sum(k == kind and not done for k, done in reqs),
     }

@@ -1,5 +1,10 @@
-"""Plans and receipts: what a deletion or an addition will cost (`DeletionPlan`, `AdditionPlan`) and what
-it did (`Receipt`, whose ``kind`` is "delete" or "add").
+"""Plans and receipts: what a deletion, an addition or a compaction will cost (`DeletionPlan`,
+`AdditionPlan`, `CompactionPlan`) and what it did (`Receipt`, whose ``kind`` is "delete", "add" or
+"compact"). A receipt's ``cost`` holds the exact figures of `sisa.costmodel` for the real partition and
+each shard's own schedule: ``sample_epochs`` against ``full_retrain_sample_epochs``, the analytic
+``expected_sample_epochs``, and with appended stages (``sharding.new_rows: append``)
+``appended_stages_sample_epochs`` (the part of a deletion's cost spent on appended stages) and
+``deletion_overhead_sample_epochs`` (what appended stages add to one later uniform deletion, in expectation).
 
 A receipt is signed (HMAC-SHA256 with a key derived from the workdir's secret, over its canonical JSON)
 and written to ``WORKDIR/receipts/<request id>.json`` before the model swap; `sisa.audit` re-checks it.
@@ -40,7 +45,23 @@ class AdditionPlan:
     full_retrain_sample_epochs: int
     speedup: float
     readmitted: int = 0
-    expected_sample_epochs: float = 0.0  # the analytic expectation for that many uniform ids (canonical)
+    expected_sample_epochs: float = 0.0  # the analytic expectation for that many uniformly hashed ids
+    # append: what the appended stages add to the expected cost of one later uniform deletion
+    deletion_overhead_sample_epochs: float = 0.0
+
+
+@dataclass(frozen=True)
+class CompactionPlan:
+    """What `compact` would do (`estimate_compaction_cost`): refit the live rows into the canonical layout
+    (= ``fit(live rows)``), at the cost of a full fit, and the deletion overhead it takes back to zero."""
+
+    rows: int
+    shards: int
+    appended_slices: int  # slices beyond the config's R, over all shards
+    sample_epochs: int  # the refit: costmodel.full_cost of the canonical layout
+    deletion_overhead_sample_epochs: float  # expected extra cost of one uniform deletion now
+    expected_deletion_sample_epochs_before: float
+    expected_deletion_sample_epochs_after: float
 
 
 @dataclass(frozen=True)
@@ -56,7 +77,7 @@ class Receipt:
     cost: dict = field(default_factory=dict)
     wall_seconds: float = 0.0
     eval_rows_deleted: int = 0  # held-out evaluation rows erased from eval.npy
-    kind: str = "delete"  # "delete", or "add" (an addition: rows_added, readmitted; deletes nothing)
+    kind: str = "delete"  # "delete", "add" (rows_added, readmitted; deletes nothing) or "compact"
     rows_added: int = 0
     readmitted: list[str] = field(default_factory=list)  # hashed ids readmitted by an addition
     placement: str = ""  # an addition's: canonical or append

@@ -47,9 +47,9 @@ def repair(ctx) -> dict:
         if fixable:
             _rebuild(ctx, m, fixable)
         if not bad_store:
-            from sisa.ops.delete import recover
+            from sisa.ops.add import recover  # deletions, additions and compactions, in ledger order
 
-            recover(ctx, locked=True)  # a deletion that failed on the damaged file is finished now
+            recover(ctx, locked=True)  # a request that failed on the damaged file is finished now
         return {"repaired": fixable, "unrepairable": bad_store}
 
 
@@ -58,7 +58,8 @@ def _rebuild(ctx, m: Manifest, fixable: dict[int, int]) -> None:
     for s, r in sorted(fixable.items()):
         sh = m.shards[s]
         prev = sh.checkpoints[r - 2].to_dict() if r > 1 else None
-        plans.append(ShardPlan(shard=s, start_stage=r, slices=[e.to_dict() for e in sh.slices], prev=prev))
+        slices = [e.to_dict() for e in sh.slices]
+        plans.append(ShardPlan(shard=s, start_stage=r, slices=slices, prev=prev, epochs=sh.epochs))
     ctx.observer.started(OP, m, {})
     try:
         ctx.run_plans(OP, m, plans)
