@@ -107,12 +107,27 @@ class OpContext:
             num_classes=m.num_classes,
             threads=c.training.threads,
             accelerator="gpu" if c.resources.num_gpus > 0 else "cpu",
+            extra={"engine": c.training.engine or m.engine},
         )
+
+    def engine(self, m: Manifest) -> str:
+        """The workdir's training engine (`sisa.config.TrainingConfig.engine`): one per workdir, never mixed."""
+        engine = self.config.training.engine
+        if engine is not None and engine != m.engine:
+            raise ConfigError(
+                f"{self.workdir.path} was trained with training.engine {m.engine!r}, but the config says {engine!r}: "
+                f"every retrain of a shard must run the code path that trained it. Set training.engine: {m.engine} "
+                "(or leave it unset), or train a new workdir",
+                problems=[f"training.engine: {engine!r} != the workdir's {m.engine!r}"],
+            )
+        return m.engine
 
     def run_plans(self, op: str, m: Manifest, plans: list, on_stage=None) -> list:
         """Train ``plans`` (each a shard from some stage to the last); every finished stage goes to the
         observer, then to ``on_stage`` (crash points). The caller's torch RNG and thread count are kept."""
         import torch
+
+        self.engine(m)
 
         def stage(plan, entry, metrics):
             if on_stage is not None:

@@ -138,6 +138,8 @@ def _admit(ctx, storage, data, ingested, readmit) -> None:
 def _partition(ctx, storage, data, ingested) -> Manifest:
     """Write the config, the evaluation file and every slice; the manifest of the untrained ensemble."""
     c = ctx.config  # with data.num_classes filled in: the manifest records the hashes of the config as written
+    if c.training.engine is None:  # a new workdir trains with the fast engine (recorded, never mixed)
+        ctx.config = c = c.with_engine("fast")
     ctx.write_config()
     ctx.workdir.secret()
     if ingested is None:
@@ -160,6 +162,7 @@ def _partition(ctx, storage, data, ingested) -> Manifest:
         storage=storage.root,
         shards=tuple(ShardState(slices=tuple(SliceRef.from_dict(e) for e in sl)) for sl in slices),
         created=time.time(),
+        engine=c.training.engine,
     )
 
 
