@@ -35,7 +35,7 @@ from benchmarks import accuracy_bench, cli_bench, deletion_bench, inference_benc
 from benchmarks.common import init_ray, machine, ratio, reset_workers, slice_rows  # noqa: E402
 from benchmarks.workloads import ROOT, SIZES, make_data  # noqa: E402
 
-PHASES = ("plain", "monolithic", "deletion", "tracking", "inference", "accuracy", "cli")
+PHASES = ("plain", "monolithic", "deletion", "tracking", "inference", "accuracy", "cli", "add")
 START, END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
 
 
@@ -132,6 +132,15 @@ def run(size_name: str = "full", out: Path | None = None, skip=(), log=print) ->
             res["cli"] = cli_bench.run(ens2.workdir.path, int(data[0][2][0]), data[1][0], repeats)
             times = ", ".join(f"{k} {v['seconds']:.2f}" for k, v in res["cli"]["commands"].items())
             log(f"[bench] small commands, seconds: {times}")
+        if "add" not in skip:  # continual data: append vs canonical vs refit-every-time (add_bench, in-process)
+            from benchmarks import add_bench
+
+            res["add"] = add_bench.run("smoke" if size_name == "smoke" else "full", out, log=log)
+            s = res["add"]["summary"]
+            log(
+                f"[bench] additions / refits, sample-epochs: append {s['append']['add_over_refit']:.2f}, "
+                f"canonical {s['canonical']['add_over_refit']:.2f}"
+            )
         ens2.close()
     finally:
         torch.set_num_threads(threads)

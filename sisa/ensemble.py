@@ -252,9 +252,12 @@ class SisaEnsemble:
         """Refit the live rows into the canonical layout (after ``sharding.new_rows: append`` additions):
         the result equals ``fit(live rows)`` bit for bit. Durable (a ledger request) and crash-safe; the
         superseded files are purged. Returns the signed Receipt (``kind == "compact"``)."""
+        from sisa.ops.add import recover
         from sisa.ops.compact import compact
 
-        return compact(self._ctx, self.manifest, progress)
+        with self.workdir.lock(what="compact"):
+            recover(self._ctx, locked=True)  # every unfinished request first, in ledger order
+            return compact(self._ctx, self.manifest, progress)
 
     def verify(self, receipt=None, timeout: float | None = None):
         """Re-check a deletion certificate: retrain the receipt's shards from scratch in a fresh process and

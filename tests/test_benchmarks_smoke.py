@@ -71,3 +71,25 @@ def test_update_readme_needs_markers(tmp_path):
     readme.write_text("# no markers\n")
     with pytest.raises(SystemExit, match="markers"):
         bench.update_readme(tmp_path, readme=readme, docs=tmp_path / "docs")
+
+
+def test_add_benchmark_smoke(tmp_path):
+    """The continual-data benchmark at its smallest: every figure it reports, the invariants it checks."""
+    from benchmarks import add_bench
+
+    res = add_bench.run("smoke", tmp_path, log=lambda *a: None)
+    s, inv = res["summary"], res["invariants"]
+    batches = add_bench.SIZES["smoke"]["batches"]
+    for p in add_bench.PLACEMENTS:
+        assert len(res[p]["steps"]) == len(s[p]["cumulative_sample_epochs"]) == batches
+        assert s[p]["measured_equals_receipt"], "the workers train exactly what the receipt says"
+        assert s[p]["within_10_percent"], s[p]["max_deviation_from_expected"]
+        assert all(x["estimate_sample_epochs"] == x["receipt_sample_epochs"] for x in res[p]["steps"])
+    assert s["append"]["add_sample_epochs"] < s["canonical"]["add_sample_epochs"] <= s["refit"]["sample_epochs"]
+    assert res["append"]["steps"][-1]["stages"] == [4 + batches] * 4, "one appended stage per batch and shard"
+    assert any(x.get("delete_appended_sample_epochs", 0) > 0 for x in res["append"]["steps"])
+    assert inv["canonical_equals_fit_of_live_rows"] and inv["append_equals_replay"]
+    assert inv["compaction"]["equals_fit_of_live_rows"]
+    assert inv["compaction"]["measured_sample_epochs"] == inv["compaction"]["estimate_sample_epochs"]
+    assert s["canonical"]["final_accuracy"] == inv["fit_of_live_rows_accuracy"]
+    assert (tmp_path / "add_cost.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

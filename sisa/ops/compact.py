@@ -81,12 +81,10 @@ def estimate(ctx, m: Manifest) -> CompactionPlan:
 
 def compact(ctx, m: Manifest, progress=None) -> Receipt:
     """Refit into the canonical layout (durably requested, crash-safe); returns the signed receipt, or an
-    empty one (``request_id`` None) when the ensemble has no appended slice."""
-    from sisa.ops.add import recover  # every unfinished request first, in ledger order
-
+    empty one (``request_id`` None) when the ensemble has no appended slice. The caller finishes the ledger's
+    unfinished requests first (`sisa.ops.add.recover`, as `SisaEnsemble.compact` does)."""
     t0 = time.time()
     with ctx.workdir.lock(what="compact"):
-        recover(ctx, locked=True)
         m = ctx.read_manifest()
         if not _appended(ctx, m):
             return Receipt(None, t0, time.time(), [], 0, 0, config_hash=m.config_hash, kind=OP)
