@@ -69,6 +69,30 @@ def figures(r: dict) -> list[dict]:
                 "status": _status(est, "<=", 1.10),
             }
         )
+    for e in r.get("engine", {}).values():
+        med, w = e["median_ms_per_step"], e["workload"]
+        shape = "-".join(str(x) for x in [w["features"], *w["hidden"], w["classes"]])
+        lo, hi = e["plain_over_fast_spread"]
+        rows.append(
+            {
+                "figure": f"training step, plain torch loop ÷ sisa `engine: fast` (MLP {shape}, Adam, batch {w['batch']}, 1 thread)",
+                "target": "≥ 2.0",
+                "value": f"{_fmt(e['plain_over_fast'])} (spread {_fmt(lo)}–{_fmt(hi)}; ms/step: plain {_fmt(med['plain'], 3)}, "
+                f"sisa eager {_fmt(med['eager'], 3)}, fast {_fmt(med['fast'], 3)})",
+                "cpu": "",
+                "status": _status(e["plain_over_fast"], ">=", 2.0),
+            }
+        )
+        rows.append(
+            {
+                "figure": f"`engine: fast` step ÷ arithmetic limit (the step's GEMMs alone, MLP {shape}, batch {w['batch']})",
+                "target": "≤ 5 (stretch)",
+                "value": f"{_fmt(e['fast_over_arithmetic_limit'])} ({_fmt(e['flops_per_step'] / 1e6, 1)} MFLOP/step at a measured "
+                f"{_fmt(e['sgemm_gflops'], 0)} GFLOP/s = {_fmt(e['gemm_ms_per_step'], 3)} ms; plain loop {_fmt(e['plain_over_arithmetic_limit'])})",
+                "cpu": "",
+                "status": _status(e["fast_over_arithmetic_limit"], "<=", 5.0),
+            }
+        )
     if "framework_vs_plain" in t:
         rows.append(
             {

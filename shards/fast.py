@@ -23,6 +23,10 @@ import torch
 from torch import nn
 
 ALIGN = 16  # floats: every tensor starts on a 64-byte boundary of its flat buffer
+# resolved overloads: calling them skips the overload lookup of torch.ops.aten.<name>(...)
+_NLL_FORWARD = torch.ops.aten.nll_loss_forward.default
+_NLL_BACKWARD = torch.ops.aten.nll_loss_backward.default
+_RELU_BACKWARD = torch.ops.aten.threshold_backward.default
 
 
 def _blocks(net: nn.Module) -> list[tuple[nn.Linear, bool, float]] | None:
@@ -87,6 +91,7 @@ class FastMLP:
     def __init__(self, blocks, opt, params: list[nn.Parameter]):
         self.blocks, self.opt, self.params = blocks, opt, params
         self.adam = type(opt) is torch.optim.Adam
+        self._one = torch.ones(())  # d loss / d loss, as autograd seeds the backward pass
         sizes = [-(-p.numel() // ALIGN) * ALIGN for p in params]
         total = sum(sizes)
         self.P, self.G, self.M, self.V = (torch.zeros(total) for _ in range(4))
@@ -149,8 +154,8 @@ class FastMLP:
                 h = h * noise
             saved.append((r, noise))
         logp = torch._log_softmax(h, 1, False)
-        loss, total_weight = torch.ops.aten.nll_loss_forward(logp, y, None, 1, -100)
-        g = torch.ops.aten.nll_loss_backward(torch.ones(()), logp, y, None, 1, -100, total_weight)
+        loss, total_weight = _NLL_FORWARD(logp, y, None, 1, -100)
+        g = _NLL_BACKWARD(self._one, logp, y, None, 1, -100, total_weight)
         g = torch._log_softmax_backward_data(g, logp, 1, torch.float32)
         for i in range(len(self.blocks) - 1, -1, -1):
             lin = self.blocks[i][0]
@@ -158,7 +163,7 @@ class FastMLP:
             if noise is not None:
                 g = g * noise
             if r is not None:
-                g = torch.ops.aten.threshold_backward(g, r, 0)
+                g = _RELU_BACKWARD(g, r, 0)
             torch.mm(g.t(), inputs[i], out=self.grads[2 * i])
             torch.sum(g, 0, out=self.grads[2 * i + 1])
             if i > 0:

@@ -101,12 +101,13 @@ class SisaModule(pl.LightningModule):
         plain = self.trainer.precision == "32-true" and type(self.trainer.strategy).__name__ == "SingleDeviceStrategy"
         opt = lopt.optimizer if plain else lopt
         fast = self._fast_engine(opt) if plain else None
+        fast_logits: list = []  # the fast engine counts correct predictions once per chunk
         total = torch.zeros((), device=xs[0].device)
         correct = torch.zeros((), dtype=torch.long, device=xs[0].device)
         for xb, yb in zip(xs, ys):
             if fast is not None:  # the same kernels without autograd (shards.fast): the same bits
                 loss, logits = fast.step(xb, yb)
-                correct += (logits.argmax(1) == yb).sum()
+                fast_logits.append(logits)
                 total += loss
                 continue
             opt.zero_grad(set_to_none=True)
@@ -121,6 +122,7 @@ class SisaModule(pl.LightningModule):
             total += loss.detach()
         if fast is not None:
             fast.sync()
+            correct += (torch.cat(fast_logits).argmax(1) == torch.cat(ys)).sum()
             opt._opt_called = True  # what torch's Optimizer.step marks for LR schedulers (no false warning)
         return {
             "loss": total / len(xs),
