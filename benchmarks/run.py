@@ -31,11 +31,19 @@ if __package__ in (None, ""):  # run as a script: python benchmarks/run.py
 
 import numpy as np  # noqa: E402
 
-from benchmarks import accuracy_bench, cli_bench, deletion_bench, inference_bench, report, training_bench  # noqa: E402
+from benchmarks import (  # noqa: E402
+    accuracy_bench,
+    cli_bench,
+    deletion_bench,
+    engine_bench,
+    inference_bench,
+    report,
+    training_bench,
+)
 from benchmarks.common import init_ray, machine, ratio, reset_workers, slice_rows  # noqa: E402
 from benchmarks.workloads import ROOT, SIZES, make_data  # noqa: E402
 
-PHASES = ("plain", "monolithic", "deletion", "tracking", "inference", "accuracy", "cli", "add")
+PHASES = ("engine", "plain", "monolithic", "deletion", "tracking", "inference", "accuracy", "cli", "add")
 START, END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
 
 
@@ -61,6 +69,14 @@ def run(size_name: str = "full", out: Path | None = None, skip=(), log=print) ->
     res: dict = {"size": size_name, "machine": machine(), "deletion": {}, "accuracy": {}}
     tb = training_bench
     try:
+        if "engine" not in skip:  # the training step vs the plain loop and the arithmetic limit (one thread)
+            res["engine"] = {
+                name: engine_bench.run(name, 1 if size_name == "smoke" else 3) for name in engine_bench.WORKLOADS
+            }
+            log(
+                "[bench] plain loop / fast engine: "
+                + ", ".join(f"{k} {v['plain_over_fast']:.2f}x" for k, v in res["engine"].items())
+            )
         log(f"[bench] fitting {size.rows} rows, S={size.shards} R={size.slices}: 1 worker, 2 workers, 1 worker")
         ens_a, fit_a = tb.fit_on(size, data, tmp, "w1a", 1, fresh_pool=True)
         first = tb.weights(ens_a)
