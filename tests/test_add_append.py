@@ -135,3 +135,18 @@ def test_status_counts_additions_apart_from_deletions(tmp_path):
     assert st["additions"] == {"done": 2, "unfinished": 0}
     assert [x["stages"] for x in st["shards"]] == [len(sh.slices) for sh in a.manifest.shards]
     assert len(Ledger(a.workdir.path / "ledger.db").requests()) == 3
+
+
+def test_repair_rebuilds_an_appended_stage_with_its_own_schedule(tmp_path):
+    X, y, ids, ev = _data()
+    a = SisaEnsemble.from_config(_append(append_epochs=3), tmp_path / "a")
+    a.fit(*_rows(X, y, ids, slice(0, 150)), eval_set=ev)
+    a.add(X[150:200], y[150:200], ids=ids[150:200])
+    before = (a.workdir.path / "manifest.json").read_bytes()
+    ck = a.manifest.shards[1].checkpoints[-1]
+    path = a.workdir.path / "store" / ck.file
+    good = path.read_bytes()
+    path.write_bytes(b"not a checkpoint")
+    assert a.repair() == {"repaired": {1: 4}, "unrepairable": []}
+    assert path.read_bytes() == good, "the appended stage is rebuilt bit for bit, with its own epochs"
+    assert (a.workdir.path / "manifest.json").read_bytes() == before
