@@ -144,18 +144,7 @@ def estimate(ctx, m: Manifest, X, y, ids, readmit=None) -> AdditionPlan:
     X, y, ids, readmit = check_batch(ctx, m, X, y, ids, readmit)
     again = _check_new(ctx, m, ids, readmit)
     if ctx.config.sharding.new_rows == "append":
-        stages, cost = append.estimate(ctx, m, ids, ctx.config.appended_stage_epochs())
-        return AdditionPlan(
-            placement="append",
-            shards=stages,
-            rows=len(ids),
-            sample_epochs=cost["sample_epochs"],
-            full_retrain_sample_epochs=cost["full_retrain_sample_epochs"],
-            speedup=cost["speedup"],
-            readmitted=len(again),
-            expected_sample_epochs=cost["expected_sample_epochs"],
-            deletion_overhead_sample_epochs=cost["deletion_overhead_sample_epochs"],
-        )
+        return append.estimate(ctx, m, ids, ctx.config.appended_stage_epochs(), len(again))
     rows = [list(r) for r in m.slice_rows()]
     targets = _targets(ctx, ids)
     for (s, j), idx in targets.items():

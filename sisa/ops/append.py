@@ -18,9 +18,10 @@ import numpy as np
 from orchestration import ShardPlan
 from shards.partition import assign
 from shards.schema import make_rows
-from shards.store import read_slice, write_encoded, write_slice
+from shards.store import write_encoded, write_slice
 from sisa import costmodel
 from sisa.manifest import Manifest, SliceRef
+from sisa.ops.receipts import AdditionPlan
 
 
 def targets(ctx, ids) -> dict[int, np.ndarray]:
@@ -31,8 +32,8 @@ def targets(ctx, ids) -> dict[int, np.ndarray]:
     return {s: order[shard[order] == s] for s in sorted(set(shard.tolist()))}
 
 
-def estimate(ctx, m: Manifest, ids, epochs: int) -> tuple[dict[int, int], dict]:
-    """{shard: the stage it appends} and the cost of appending ``ids`` to ``m`` (see `cost`)."""
+def estimate(ctx, m: Manifest, ids, epochs: int, readmitted: int) -> AdditionPlan:
+    """The plan of appending ``ids`` to ``m``: {shard: the stage it appends} and its cost (see `cost`)."""
     rows = m.slice_rows()
     sched = m.schedules(ctx.config.epochs_per_stage())
     stages = {}
@@ -40,7 +41,18 @@ def estimate(ctx, m: Manifest, ids, epochs: int) -> tuple[dict[int, int], dict]:
         rows[s] = [*rows[s], len(idx)]
         sched[s] = (*sched[s], epochs)
         stages[s] = len(rows[s])
-    return stages, cost(ctx, m.slice_rows(), rows, sched, sorted(stages), len(ids), epochs)
+    c = cost(ctx, m.slice_rows(), rows, sched, sorted(stages), len(ids), epochs)
+    return AdditionPlan(
+        placement="append",
+        shards=stages,
+        rows=len(ids),
+        sample_epochs=c["sample_epochs"],
+        full_retrain_sample_epochs=c["full_retrain_sample_epochs"],
+        speedup=c["speedup"],
+        readmitted=readmitted,
+        expected_sample_epochs=c["expected_sample_epochs"],
+        deletion_overhead_sample_epochs=c["deletion_overhead_sample_epochs"],
+    )
 
 
 def cost(ctx, rows_before, rows_after, sched_after, shards, k: int, epochs: int) -> dict:
@@ -101,8 +113,3 @@ def squeeze(store, s: int, slices: list, epochs: tuple[int, ...] | None, canonic
         out.append(e)
     sched = tuple(epochs[j] for j in keep)
     return out, (None if len(sched) == canonical else sched), min(first, gone + 1)
-
-
-def read_all(store, m: Manifest, s: int) -> list[np.ndarray]:
-    """Every slice of shard ``s``, in order (compaction reads the live rows through this)."""
-    return [read_slice(store, e.to_dict()) for e in m.shards[s].slices]
