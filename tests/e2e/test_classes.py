@@ -104,7 +104,8 @@ def test_a_workdir_written_before_data_num_classes_still_opens(tmp_path):
     # what an older sisa wrote: no data.num_classes in config.yaml, the old hash in the manifest
     doc = yaml.safe_load((wd / "config.yaml").read_text())
     del doc["data"]["num_classes"]
-    doc["sharding"].pop("new_rows", None)  # nor the fields added since (written at their defaults)
+    for section, key in (("sharding", "new_rows"), ("sharding", "append_epochs"), ("training", "engine")):
+        doc[section].pop(key, None)  # nor the fields added since (written at their defaults)
     (wd / "config.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
     manifest = json.loads((wd / "manifest.json").read_text())
     old = {k: doc[k] for k in ("seed", "sharding", "model", "training")}

@@ -10,16 +10,15 @@ import shutil
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import tiny_config, tiny_data, weights_equal
+from helpers import REPO, tiny_config, tiny_data, weights_equal
 
 from sisa import SisaEnsemble
 from sisa.ledger import Ledger
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 POINTS = ["add_before_ledger", "add_after_ledger", "add_during_retrain", "add_before_swap", "add_after_swap"]
 
 

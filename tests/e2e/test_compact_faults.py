@@ -9,15 +9,14 @@ import shutil
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from helpers import tiny_config, tiny_data, weights_equal
+from helpers import REPO, tiny_config, tiny_data, weights_equal
 
 from sisa import SisaEnsemble
 from sisa.ledger import Ledger
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 POINTS = [
     "compact_before_ledger",
     "compact_after_ledger",
