@@ -2,6 +2,6 @@
 
 import sys
 
-from sisa.audit.certificate import retrain_worker
+from sisa.audit.retrain import retrain_worker
 
 retrain_worker(sys.argv[1])

@@ -113,17 +113,19 @@ def status_table(st: dict) -> str:
             s["shard"],
             s["rows"],
             "/".join(map(str, s["slice_rows"])),
-            s["checkpoints"],
+            f"{s['checkpoints']}/{s.get('stages', len(s['slice_rows']))}",
             "yes" if s["active"] else "no",
             s["accuracy"],
         ]
         for s in st["shards"]
     ]
-    out = table(rows, ["shard", "rows", "rows per slice", "checkpoints", "active", "test acc"])
+    out = table(rows, ["shard", "rows", "rows per slice", "checkpoints/stages", "active", "test acc"])
     acc = st["ensemble_accuracy"]
     out += f"\n\nensemble: {len(st['shards'])} shards x {st['slices']} slices, {st['rows']} training rows, "
     out += f"epochs per stage {st['epochs_per_stage']}, test accuracy {fmt(acc)}"
-    out += f"\ndeletions: {st['deletions']['done']} done, {st['deletions']['unfinished']} unfinished"
+    for kind in ("deletions", "additions", "compactions"):
+        if kind in st and (kind == "deletions" or sum(st[kind].values())):
+            out += f"\n{kind}: {st[kind]['done']} done, {st[kind]['unfinished']} unfinished"
     return out
 
 

@@ -216,6 +216,7 @@ def _log_child(run: _Op, manifest, plan, metrics: dict, epochs: list[int]) -> in
     from mlflow.entities import Metric, Param
 
     client = run.tracker.client
+    epochs = list(manifest.shards[plan.shard].schedule(tuple(epochs)))  # appended stages make it longer
     stages = sorted(run.stages.get(plan.shard, []), key=lambda st: st["stage"])
     start = int((stages[0]["_end"] - stages[0]["seconds"]) * 1000) if stages else None
     child = client.create_run(
@@ -268,6 +269,8 @@ def _stage_metrics(stages: list[dict], epochs: list[int]) -> tuple[list, int]:
         ]
         if "train_accuracy" in st:
             ms.append(Metric("stage_train_accuracy", st["train_accuracy"], ts, r))
+        if "engine_setup_seconds" in st:  # the training engine's fixed cost (shards.training)
+            ms.append(Metric("stage_engine_setup_seconds", st["engine_setup_seconds"], ts, r))
         if st["epochs"]:
             ms.append(Metric("stage_loss", st["epochs"][-1]["loss"], ts, r))
         epoch = sum(epochs[: r - 1])  # epochs are numbered across the shard's whole schedule
