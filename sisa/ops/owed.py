@@ -13,6 +13,8 @@ row, never an id (raw or hashed).
 from __future__ import annotations
 
 import json
+import time
+import warnings
 
 from orchestration import ShardPlan
 from sisa.workdir import write_atomic
@@ -61,7 +63,8 @@ def from_receipt(rid: str, receipt, plan: dict) -> dict:
             "shards_retrained": len(shards),
             **{k: v for k, v in (receipt.cost if receipt else {}).items() if v != float("inf")},
         },
-        "tags": {"sisa.rows_deleted": receipt.rows_deleted if receipt else 0, "sisa.recovered": "true"},
+        "tags": {"sisa.rows_deleted": receipt.rows_deleted if receipt else 0},
+        "recovered": True,
         "slices_hit": plan.get("slices", []),
         "phase_seconds": {},
         "logged": False,
@@ -86,6 +89,8 @@ def log_run(ctx, m, rec: dict, metrics: dict, note: str | None = None) -> str | 
     """Replay the request's events to the observer (an MLflow parent run with a child per retrained shard)
     on manifest ``m``; ``metrics``: the evaluation of ``m`` ({} for a request that is not the batch's last).
     Marks the record logged, so a crash after it does not log the run twice. Returns the run id."""
+    if rec.get("recovered"):
+        return _log_killed(ctx, m, rec)
     obs = ctx.observer
     plans = [ShardPlan(shard=p["shard"], start_stage=p["start_stage"], slices=[]) for p in rec["plans"]]
     obs.started(OP, m, {"sisa.request_id": rec["request_id"]})
@@ -101,3 +106,24 @@ def log_run(ctx, m, rec: dict, metrics: dict, note: str | None = None) -> str | 
     if obs.run_id is not None or not ctx.config.tracking.enabled:  # a failed log (MLflow down) is retried
         write(ctx.workdir, rec["request_id"], {**rec, "logged": True})
     return obs.run_id
+
+
+def _log_killed(ctx, m, rec: dict) -> None:
+    """The run of a request whose process died before it was effective: its counts and cost, closed as
+    KILLED with a note (`sisa.tracking.runs.Tracker.settle`); the stage figures died with the process."""
+    if not ctx.config.tracking.enabled:
+        return None
+    from mlflow.entities import Metric
+
+    try:
+        tracker = ctx.tracker()
+        _, run_id = tracker.start_run(OP, m, {"sisa.request_id": rec["request_id"], **rec["tags"]})
+        flat = {k: v for k, v in rec["metrics"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        now = int(time.time() * 1000)
+        tracker.client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in flat.items()])
+        tracker.settle(rec["request_id"])
+    except Exception as e:  # noqa: BLE001 - logging never fails an operation; the publish that follows may
+        warnings.warn(f"MLflow run of request {rec['request_id']} not logged ({type(e).__name__}: {e})", stacklevel=2)
+        return None
+    write(ctx.workdir, rec["request_id"], {**rec, "logged": True})
+    return None
