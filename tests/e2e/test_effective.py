@@ -73,7 +73,9 @@ def test_effective_serves_new_models_with_a_clean_store_and_done_purges_mlflow(t
     parent = [x for x in runs if "mlflow.parentRunId" not in x.data.tags]
     assert [x.info.status for x in parent] == ["FINISHED"]
     assert parent[0].data.metrics["rows_deleted"] == 3 and "phase_seconds/swap" in parent[0].data.metrics
-    assert len(runs) - 1 == len(r.shards), "a child run per retrained shard, with its stage figures"
+    children = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent[0].info.run_id}'")
+    assert sorted(int(c.data.tags["sisa.shard"]) for c in children) == sorted(r.shards)
+    assert all("stage_seconds" in c.data.metrics for c in children), "the stage figures, kept until logged"
 
 
 def test_a_queue_of_effective_deletions_is_settled_in_one_batch(tmp_path):
@@ -103,9 +105,6 @@ def test_a_queue_of_effective_deletions_is_settled_in_one_batch(tmp_path):
         [first.request_id, second.request_id, third.request_id]
     )
     assert all(x.info.status == "FINISHED" for x in parents)
-    assert ens.manifest.metrics["ensemble_accuracy"] == SisaEnsemble.open(tmp_path / "w")._ctx.evaluate(
-        ens.manifest
-    )["ensemble_accuracy"]
 
 
 def test_bookkeeping_owed_by_an_exited_process_is_finished_on_open(tmp_path):
