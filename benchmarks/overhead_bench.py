@@ -87,9 +87,7 @@ def summarise(runs: list[dict]) -> dict:
         p: statistics.median([r["phase_seconds"].get(p, 0.0) / r["retrain_compute_seconds"] for r in runs])
         for p in phases
     }
-    out["phase_seconds_median"] = {
-        p: statistics.median([r["phase_seconds"].get(p, 0.0) for r in runs]) for p in phases
-    }
+    out["phase_seconds_median"] = {p: statistics.median([r["phase_seconds"].get(p, 0.0) for r in runs]) for p in phases}
     return out
 
 
