@@ -8,6 +8,7 @@ last state it produced, both keyed by digest, so a stale cache can never be used
 from __future__ import annotations
 
 import hashlib
+import time
 
 import numpy as np
 
@@ -56,6 +57,7 @@ class StageRunner:
     ):
         """Train ``stage`` (1-based); ``prev`` is the manifest entry of the checkpoint after stage-1, or None."""
         prev_ckpt = None
+        t0 = time.perf_counter()
         if prev is not None:
             if self._state is not None and self._state[0] == prev["sha256"]:
                 prev_ckpt = self._state[1]
@@ -63,10 +65,14 @@ class StageRunner:
                 data = storage.read(prev["file"], prev["sha256"])
                 prev_ckpt = training.load_checkpoint(data, storage.describe(prev["file"]))
         rows = self._rows(storage, slice_entries[:stage])
+        t1 = time.perf_counter()
         ckpt, metrics = training.run_stage(spec, shard, stage, prev_ckpt, rows, lineage(slice_entries, stage))
+        t2 = time.perf_counter()
         data = training.save_checkpoint(ckpt)
         name = checkpoint_name(shard, stage, _sha(data))
         digest = storage.write(name, data)
+        # checkpoint and slice I/O around the compute (``seconds``): read, verify, serialise, write, fsync
+        metrics["io_seconds"] = (t1 - t0) + (time.perf_counter() - t2)
         self._state = (digest, ckpt)
         entry = {
             "stage": stage,

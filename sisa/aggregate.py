@@ -22,13 +22,18 @@ FUSED_MAX_ROWS = 256  # measured crossover on CPU: below it the fused call wins,
 BLOCK_ROWS = 2048  # rows per forward pass in the loop (intermediates stay cache-sized)
 
 
+def shard_weights(shards: list[int], weights=None) -> torch.Tensor:
+    """The aggregation weights of ``shards`` (configured ``weights`` or equal), normalised to sum 1."""
+    w = np.ones(len(shards)) if weights is None else np.array([weights[s] for s in shards], float)
+    return torch.tensor(w / w.sum() if w.sum() > 0 else np.ones_like(w) / len(w), dtype=torch.float32)
+
+
 class Aggregator:
     def __init__(self, modules: dict[int, torch.nn.Module], num_classes: int, method="mean_proba", weights=None):
         self.shards = sorted(modules)
         self.modules = [modules[s].eval() for s in self.shards]
         self.num_classes, self.method = num_classes, method
-        w = np.ones(len(self.shards)) if weights is None else np.array([weights[s] for s in self.shards], float)
-        self.weights = torch.tensor(w / w.sum() if w.sum() > 0 else np.ones_like(w) / len(w), dtype=torch.float32)
+        self.weights = shard_weights(self.shards, weights)
         self._fused = self._try_fuse()
 
     def _try_fuse(self):
@@ -72,11 +77,7 @@ class Aggregator:
         )
 
     def _scores(self, logits: torch.Tensor) -> torch.Tensor:
-        """Per-row class scores of (..., n, classes) logits, laid out as (..., classes, n): a softmax over
-        a few classes runs several times faster along a leading dim than along the last one."""
-        if self.method == "majority_vote":
-            return nn.functional.one_hot(logits.argmax(-1), self.num_classes).float().transpose(-1, -2)
-        return logits.transpose(-1, -2).softmax(-2)
+        return scores(logits, self.method, self.num_classes)
 
     @torch.no_grad()
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
@@ -105,6 +106,36 @@ class Aggregator:
 
     def per_shard_predictions(self, X: np.ndarray) -> np.ndarray:
         return self.predict_all(X)[1]
+
+
+def scores(logits: torch.Tensor, method: str, num_classes: int) -> torch.Tensor:
+    """Per-row class scores of (..., n, classes) logits, laid out as (..., classes, n): a softmax over
+    a few classes runs several times faster along a leading dim than along the last one."""
+    if method == "majority_vote":
+        return nn.functional.one_hot(logits.argmax(-1), num_classes).float().transpose(-1, -2)
+    return logits.transpose(-1, -2).softmax(-2)
+
+
+@torch.no_grad()
+def shard_outputs(module: nn.Module, X: torch.Tensor, method: str, num_classes: int):
+    """One sub-model's (classes, n) scores and (n,) predicted classes on ``X``, block by block of rows
+    exactly as `Aggregator.predict_all`'s loop computes them (so cached outputs combine to the same bits)."""
+    out = torch.empty(num_classes, len(X))
+    votes = torch.empty(len(X), dtype=torch.int64)
+    for i in range(0, len(X), BLOCK_ROWS):
+        logits = module.eval()(X[i : i + BLOCK_ROWS])
+        votes[i : i + BLOCK_ROWS] = logits.argmax(-1)
+        out[:, i : i + BLOCK_ROWS] = scores(logits, method, num_classes)
+    return out, votes
+
+
+def combine(outputs: list[torch.Tensor], weights: torch.Tensor) -> np.ndarray:
+    """(n, classes) aggregated probabilities of per-shard (classes, n) scores, added in shard order with
+    the loop's arithmetic (`Aggregator.predict_all`)."""
+    acc = torch.zeros_like(outputs[0])
+    for w, sc in zip(weights.tolist(), outputs):
+        acc.add_(sc, alpha=w)
+    return acc.t().contiguous().numpy()
 
 
 def _linear_chain(modules: list[nn.Module]):

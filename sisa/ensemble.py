@@ -211,15 +211,30 @@ class SisaEnsemble:
 
         return estimate(self._ctx, self.manifest, ids)
 
-    def delete(self, ids, progress=None):
-        """Forget ``ids`` exactly (training rows and held-out evaluation rows); returns a Receipt once the
-        ensemble no longer depends on them and no copy of their rows is left."""
+    def delete(self, ids, progress=None, wait: str = "done"):
+        """Forget ``ids`` exactly (training rows and held-out evaluation rows); returns the signed Receipt.
+
+        ``wait="done"`` (default): once no copy of their rows is left anywhere, MLflow's model versions
+        included. ``wait="effective"``: as soon as the retrained models serve and the store holds no byte
+        of the rows; the re-evaluation and the MLflow work (run, publish, purge of the versions that saw the
+        rows) stay owed, durably, and are finished in one batch by `settle`, by the next ``wait="done"``
+        deletion, or by the next `open`. ``receipt.timing`` has ``state``, ``effective_at`` (and
+        ``done_at``) and the fixed costs by phase (``phase_seconds``)."""
         from sisa.ops.add import recover
         from sisa.ops.delete import delete
 
         with self.workdir.lock(what="delete"):
-            recover(self._ctx, locked=True)  # an addition a crash left unfinished comes first
-            return delete(self._ctx, self.manifest, ids, progress)
+            recover(self._ctx, locked=True, settle=wait == "done")  # an unfinished addition comes first
+            return delete(self._ctx, self.manifest, ids, progress, wait)
+
+    def settle(self) -> list[str]:
+        """Finish what effective deletions (``delete(..., wait="effective")``) still owe, in one batch: one
+        re-evaluation, their MLflow runs, one publish that purges every model version that saw their rows.
+        Returns the request ids now done."""
+        from sisa.ops.purge import settle
+
+        with self.workdir.lock(what="settle"):
+            return settle(self._ctx)
 
     # -- continual data (sisa.ops.add) -------------------------------------------------------------------
     def estimate_addition_cost(self, X, y=None, ids=None, readmit=None):

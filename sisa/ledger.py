@@ -1,8 +1,11 @@
 """The deletion ledger: a sqlite file in the workdir, written with synchronous commits.
 
-A request is committed (state "pending") before any work starts and moves pending -> retraining -> done
-(`RequestState`, `TRANSITIONS`); `Ledger.set_state` refuses any other move. A recovery after a crash runs
-the request again, so retraining -> retraining is a legal move; nothing leaves done.
+A request is committed (state "pending") before any work starts and moves pending -> retraining ->
+effective -> done (`RequestState`, `TRANSITIONS`); `Ledger.set_state` refuses any other move. A deletion is
+*effective* once the retrained models serve and the store holds no byte of its rows; it is *done* once its
+owed bookkeeping (evaluation, MLflow run, MLflow publish and the purge of every superseded model version)
+is finished too. Additions and compactions go straight from retraining to done. A recovery after a crash
+runs the request again, so retraining -> retraining is a legal move; nothing leaves done.
 Ids are stored only as keyed hashes (HMAC-SHA256 with the workdir's secret). secure_delete is on, so
 sqlite zeroes freed pages; the ledger never holds raw ids in the first place.
 """
@@ -24,13 +27,15 @@ class RequestState(StrEnum):
 
     PENDING = "pending"  # recorded (ids hashed, plan fixed); no shard excluded yet
     RETRAINING = "retraining"  # its shards are excluded and retrain (again, after a crash)
+    EFFECTIVE = "effective"  # new models serve, store purged; evaluation and MLflow work still owed
     DONE = "done"  # swapped, purged and its receipt stored: final
 
 
 # the legal moves of `Ledger.set_state`: from a state to the states it may go to
 TRANSITIONS: dict[RequestState, frozenset[RequestState]] = {
     RequestState.PENDING: frozenset({RequestState.RETRAINING}),
-    RequestState.RETRAINING: frozenset({RequestState.RETRAINING, RequestState.DONE}),
+    RequestState.RETRAINING: frozenset({RequestState.RETRAINING, RequestState.EFFECTIVE, RequestState.DONE}),
+    RequestState.EFFECTIVE: frozenset({RequestState.DONE}),
     RequestState.DONE: frozenset(),
 }
 

@@ -342,13 +342,15 @@ def _finish(ctx, m: Manifest, rid: str, plan: dict, receipt, run_id) -> None:
 
 
 # -- recovery: every unfinished request of the ledger, additions and deletions, in ledger order ----------
-def recover(ctx, locked: bool = False, wait: bool = True) -> list[str]:
+def recover(ctx, locked: bool = False, wait: bool = True, settle: bool = True) -> list[str]:
     """Finish every unfinished request (`sisa.ops.delete.resume` for deletions, `resume` for additions,
     `sisa.ops.compact.resume` for compactions) and
     drop staged batches no request names (an addition killed before its ledger commit). Returns their ids."""
     if not (ctx.workdir.path / "ledger.db").exists():
         return []
     todo = ctx.ledger().unfinished()
+    if not settle:  # effective deletions keep their owed bookkeeping for a later batch
+        todo = [r for r in todo if r["state"] != RequestState.EFFECTIVE]
     stray = _stray_batches(ctx, todo)
     if not todo and not stray:
         return []
@@ -356,10 +358,13 @@ def recover(ctx, locked: bool = False, wait: bool = True) -> list[str]:
         if not wait and ctx.workdir.busy():
             return []
         with ctx.workdir.lock(what="recovery"):
-            return recover(ctx, locked=True)
+            return recover(ctx, locked=True, settle=settle)
     for req in todo:
         kind = req["plan"].get("kind")
-        (resume if kind == OP else compact.resume if kind == compact.OP else deletion.resume)(ctx, req)
+        if kind in (OP, compact.OP):
+            (resume if kind == OP else compact.resume)(ctx, req)
+        else:
+            deletion.resume(ctx, req, "done" if settle else "effective")
     for p in _stray_batches(ctx, []):
         zero_and_remove(p)
     return [r["id"] for r in todo]

@@ -13,8 +13,13 @@ Order of events (each step is safe to crash after; `recover` finishes the reques
      stages, ``sharding.new_rows: append``, the later appended stages too; an appended slice left empty is
      removed with its stage, `sisa.ops.append.squeeze`);
   5. the receipt is written, then the manifest switches to the new files (the atomic model swap);
-  6. superseded slices and checkpoints are purged, worker caches and stale copies dropped, every MLflow
-     model version that saw the rows purged (`sisa.ops.purge`), the request marked done.
+  6. superseded slices and checkpoints are purged from the store, worker caches and stale copies dropped,
+     the owed bookkeeping written (`sisa.ops.owed`) and the request marked *effective* (`sisa.ops.purge`);
+  7. (``wait="done"``, the default, or later, batched: `sisa.ops.purge.settle`) the held-out rows are
+     evaluated again (only the retrained shards' outputs are recomputed), the MLflow run logged, the new
+     model published and every MLflow model version that saw the rows purged; the request marked done.
+
+Each phase's wall time is measured (`sisa.ops.phases`) and returned in the receipt's ``timing``.
 """
 
 from __future__ import annotations
@@ -23,15 +28,16 @@ import time
 from dataclasses import replace
 
 from orchestration import ShardPlan
-from shards.errors import DataError
+from shards.errors import ConfigError, DataError
 from shards.ids import unique_request
 from shards.store import read_slice, without, write_slice
 from sisa import costmodel, evalfile
 from sisa.failpoints import crashpoint
 from sisa.ledger import RequestState
 from sisa.manifest import Checkpoint, Manifest, Retraining, SliceRef
-from sisa.ops import append, purge, receipts
+from sisa.ops import append, owed, purge, receipts
 from sisa.ops.locate import first_stages, locate, unknown_error
+from sisa.ops.phases import Phases
 from sisa.ops.receipts import DeletionPlan, Receipt
 
 OP = "delete"
@@ -79,98 +85,123 @@ def _check_resume_points(ctx, m: Manifest, starts: dict[int, int]) -> None:
             store.read(e.file, e.sha256)
 
 
-def delete(ctx, m: Manifest, ids, progress=None) -> Receipt:
-    """Forget ``ids`` exactly; returns the signed receipt once no copy of their rows is left."""
-    t0 = time.time()
+def delete(ctx, m: Manifest, ids, progress=None, wait: str = "done") -> Receipt:
+    """Forget ``ids`` exactly. ``wait="done"``: return the signed receipt once no copy of their rows is left
+    anywhere (MLflow included); ``wait="effective"``: once the new models serve and the store holds no byte
+    of them, leaving the evaluation and MLflow work owed (durable; `sisa.ops.purge.settle` finishes it,
+    batched, as does the next open or the next deletion that waits for done). ``receipt.timing`` says which."""
+    if wait not in purge.WAITS:
+        raise ConfigError(f"delete(wait={wait!r}): use 'effective' or 'done'", problems=["wait"])
+    ph, t0 = Phases(), time.time()
     ids = _normalise(m, ids)
     with ctx.workdir.lock(what="delete"):
-        recover(ctx, locked=True)
-        m = ctx.read_manifest()
-        found, held, gone, unknown = locate(ctx, m, ids)
-        if unknown:
-            raise unknown_error(ctx, unknown)
-        if not found and not held:
-            return Receipt(None, t0, time.time(), [], 0, len(gone), config_hash=m.config_hash)
-        _check_resume_points(ctx, m, first_stages(found))
-        hashed = ctx.workdir.hash_ids([i for g in found.values() for i in g] + sorted(held))
+        with ph("recover"):
+            recover(ctx, locked=True, settle=wait == "done")
+        with ph("preflight"):
+            m = ctx.read_manifest()
+            found, held, gone, unknown = locate(ctx, m, ids)
+            if unknown:
+                raise unknown_error(ctx, unknown)
+            if not found and not held:
+                return Receipt(None, t0, time.time(), [], 0, len(gone), config_hash=m.config_hash)
+            _check_resume_points(ctx, m, first_stages(found))
+            hashed = ctx.workdir.hash_ids([i for g in found.values() for i in g] + sorted(held))
         plan = {"slices": sorted([s, j] for s, j in found), "eval_rows": len(held)}
         crashpoint("before_ledger")
-        rid = ctx.ledger().record(hashed, plan)  # the ack point: from here on the deletion is never lost
+        with ph("ledger_commit"):
+            rid = ctx.ledger().record(hashed, plan)  # the ack point: from here on the deletion is never lost
         crashpoint("after_ledger")
-        return _execute(ctx, m, rid, set(hashed), plan, t0, len(gone), progress)
+        return _execute(ctx, m, rid, set(hashed), plan, t0, len(gone), progress, ph, wait)
 
 
-def recover(ctx, locked: bool = False, wait: bool = True) -> list[str]:
+def recover(ctx, locked: bool = False, wait: bool = True, settle: bool = True) -> list[str]:
     """Finish every request the ledger holds that is not done. Returns their ids.
 
     ``wait=False`` (`SisaEnsemble.open`): if another process holds the workdir, it is running the request
-    (a crashed one holds no lock), so leave it to that process instead of blocking until it is done."""
+    (a crashed one holds no lock), so leave it to that process instead of blocking until it is done.
+    ``settle=False``: requests that are effective already keep their owed bookkeeping for a later batch."""
     if not (ctx.workdir.path / "ledger.db").exists():
         return []
     todo = [r for r in ctx.ledger().unfinished() if r["plan"].get("kind", OP) == OP]  # additions: sisa.ops.add
+    if not settle:
+        todo = [r for r in todo if r["state"] != RequestState.EFFECTIVE]
     if not todo:
         return []
     if not locked:
         if not wait and ctx.workdir.busy():
             return []
         with ctx.workdir.lock(what="recovery"):
-            return recover(ctx, locked=True)
+            return recover(ctx, locked=True, settle=settle)
     for req in todo:
-        resume(ctx, req)
+        resume(ctx, req, "done" if settle else "effective")
     return [r["id"] for r in todo]
 
 
-def resume(ctx, req: dict) -> None:
+def resume(ctx, req: dict, wait: str = "done") -> None:
     """Finish one unfinished deletion request (hold the workdir lock)."""
     rid = req["id"]
+    if req["state"] == RequestState.EFFECTIVE:  # only the bookkeeping is owed
+        if wait == "done":
+            purge.settle(ctx)
+        return
     m = ctx.read_manifest()
-    if rid in m.applied_requests:  # swapped before the crash: evaluate, purge, done
-        m = m.with_metrics(**ctx.evaluate(m))
-        ctx.commit(m)
-        purge.finish(ctx, m, rid, None, None)
+    if rid in m.applied_requests:  # swapped before the crash: purge, effective, then (maybe) settle
+        purge.effective(ctx, m, rid, None, None, Phases(), wait)
     else:
         ctx.workdir.remove_temp_files()
         purge.unreferenced(ctx, m)  # half-written files of the crashed attempt
-        _execute(ctx, m, rid, set(ctx.ledger().hashed_ids(rid)), req["plan"], time.time(), 0, None)
+        hashed = set(ctx.ledger().hashed_ids(rid))
+        _execute(ctx, m, rid, hashed, req["plan"], time.time(), 0, None, Phases(), wait)
 
 
-def _execute(ctx, before: Manifest, rid: str, hashed: set, plan: dict, t0: float, already: int, progress) -> Receipt:
+def _execute(ctx, before: Manifest, rid, hashed: set, plan: dict, t0: float, already: int, progress, ph, wait):
     affected = sorted({s for s, _ in plan["slices"]})
-    _exclude(ctx, before, rid, plan)  # no prediction from a shard that saw the rows, from here on
+    _exclude(ctx, before, rid, plan, ph)  # no prediction from a shard that saw the rows, from here on
     crashpoint("before_eval_rewrite")
-    evalfile.erase(ctx.workdir, hashed, before.id_kind)  # idempotent: a re-run after a crash finds nothing
+    with ph("eval_rewrite"):
+        if evalfile.erase(ctx.workdir, hashed, before.id_kind):  # idempotent: a re-run finds nothing
+            ctx.forget_evaluations()  # cached predictions on the erased rows
     crashpoint("after_eval_rewrite")
-    after, plans, removed, starts = _rewrite_slices(ctx, before, affected, plan, hashed)
-    cost = _cost(ctx, after, starts)
-    ctx.observer.started(OP, after, {"sisa.request_id": rid})
-    try:
-        t_train = time.time()
-        if plans:
-            ctx.run_plans(OP, after, plans, _on_stage(progress))
-        rate = (time.time() - t_train) / cost["sample_epochs"] if cost["sample_epochs"] else None
-        for p in plans:
-            done = before.shards[p.shard].checkpoints[: p.start_stage - 1]
-            after = after.with_shard(p.shard, checkpoints=done + tuple(Checkpoint.from_dict(c) for c in p.checkpoints))
-        for s in affected:
-            after = after.with_shard(s, excluded=False)
-        after = replace(after, retraining=None, applied_requests=(*before.applied_requests, rid))
+    with ph("slice_rewrite"):
+        after, plans, removed, starts = _rewrite_slices(ctx, before, affected, plan, hashed)
+        cost = _cost(ctx, after, starts)
+    stages: dict[int, list[dict]] = {}
+    t_train = time.perf_counter()
+    if plans:
+        ctx.run_plans(OP, after, plans, _on_stage(progress, stages))
+    wall = time.perf_counter() - t_train
+    _training_phases(ph, wall, stages)
+    rate = wall / cost["sample_epochs"] if cost["sample_epochs"] else None
+    for p in plans:
+        done = before.shards[p.shard].checkpoints[: p.start_stage - 1]
+        after = after.with_shard(p.shard, checkpoints=done + tuple(Checkpoint.from_dict(c) for c in p.checkpoints))
+    for s in affected:
+        after = after.with_shard(s, excluded=False)
+    after = replace(after, retraining=None, applied_requests=(*before.applied_requests, rid))
+    if rate is not None:
+        after = after.with_metrics(seconds_per_sample_epoch=rate)
+    with ph("receipt"):
         receipt = _receipt(ctx, rid, hashed, plan, before, plans, removed, cost, t0, already)
         receipts.write(ctx.workdir, receipt)
-        crashpoint("before_swap")
+    crashpoint("before_swap")
+    with ph("swap"):
         ctx.commit(after)  # the atomic swap
-        crashpoint("after_swap")
-        metrics = ctx.evaluate(after)
-        after = after.with_metrics(**metrics, **({"seconds_per_sample_epoch": rate} if rate is not None else {}))
-        ctx.commit(after)
-        _tell(ctx, before, after, receipt, plans, cost, plan, metrics)
-    except BaseException as e:
-        ctx.observer.failed(OP, e)
-        raise
-    purge.finish(ctx, after, rid, receipt, ctx.observer.run_id)
-    return receipt
+    crashpoint("after_swap")
+    rec = owed.record(rid, before, receipt, plans, cost, plan, stages, {})
+    return purge.effective(ctx, after, rid, receipt, rec, ph, wait)
 
 
-def _exclude(ctx, before: Manifest, rid: str, plan: dict) -> None:
+def _training_phases(ph: Phases, wall: float, stages: dict) -> None:
+    """Split the retrain's wall time: compute (Lightning's fit, the workers' ``seconds``), checkpoint and
+    slice I/O in the workers (``io_seconds``), and the rest: scheduling, transfers, the driver's callbacks."""
+    compute = sum(st["seconds"] for v in stages.values() for st in v)
+    io = sum(st.get("io_seconds", 0.0) for v in stages.values() for st in v)
+    ph.add("retrain_compute", compute)
+    ph.add("checkpoint_io", io)
+    ph.add("scheduling", max(0.0, wall - compute - io))
+
+
+def _exclude(ctx, before: Manifest, rid: str, plan: dict, ph: Phases) -> None:
     """Commit the manifest that excludes the affected shards and says which request retrains them and for
     about how long (plan cost in sample-epochs times the last measured seconds per sample-epoch)."""
     starts = first_stages([tuple(sj) for sj in plan["slices"]])
@@ -185,8 +216,10 @@ def _exclude(ctx, before: Manifest, rid: str, plan: dict) -> None:
         for s in affected:
             excluded = excluded.with_shard(s, excluded=True)
         info = Retraining(rid, tuple(affected), time.time(), work, work * rate if rate is not None else None)
-        ctx.commit(replace(excluded, retraining=info))
-    ctx.ledger().set_state(rid, RequestState.RETRAINING)
+        with ph("exclude"):
+            ctx.commit(replace(excluded, retraining=info))
+    with ph("ledger_commit"):
+        ctx.ledger().set_state(rid, RequestState.RETRAINING)
 
 
 def _rewrite_slices(ctx, before: Manifest, affected: list[int], plan: dict, hashed: set):
@@ -259,28 +292,15 @@ def _receipt(ctx, rid, hashed, plan, before: Manifest, plans, removed, cost, t0,
     return replace(receipt, signature=receipts.sign_receipt(ctx.workdir, receipt.to_dict()))
 
 
-def _tell(ctx, before: Manifest, after: Manifest, receipt: Receipt, plans, cost, plan, metrics) -> None:
-    """The observer's summary of the deletion (counts and hashes only, never raw ids)."""
-    ctx.observer.finished(
-        OP,
-        after,
-        plans,
-        {
-            **metrics,
-            "ensemble_accuracy_before": before.metrics.get("ensemble_accuracy"),
-            "shard_accuracy_before": before.metrics.get("shard_accuracy"),
-            "rows_deleted": receipt.rows_deleted,
-            "eval_rows_deleted": receipt.eval_rows_deleted,
-            "shards_retrained": len(plans),
-            **{k: v for k, v in cost.items() if v != float("inf")},
-        },
-        {"sisa.rows_deleted": receipt.rows_deleted},
-        plan["slices"],
-    )
+def _on_stage(progress, stages: dict):
+    """The crash point, the stage's figures kept for the run (with their end time), then ``progress``."""
 
+    def cb(plan, entry, metrics):
+        stages.setdefault(plan.shard, []).append({**metrics, "_end": time.time()})
+        if progress:
+            progress(plan, entry, metrics)
 
-def _on_stage(progress):
-    return stage_callback(progress, "during_retrain")
+    return stage_callback(cb, "during_retrain")
 
 
 def stage_callback(progress, point: str):

@@ -82,13 +82,20 @@ class Receipt:
     readmitted: list[str] = field(default_factory=list)  # hashed ids readmitted by an addition
     placement: str = ""  # an addition's: canonical or append
     signature: str = ""  # HMAC of every other field (`sign_receipt`)
+    # not part of the signed receipt (nor of to_dict): what this call saw. A deletion's ``state`` when it
+    # returned ("effective" or "done"), ``effective_at`` / ``done_at`` (epoch seconds), ``seconds_to_effective``
+    # / ``seconds_to_done`` and ``phase_seconds`` (its fixed costs by phase, `sisa.ops.phases`)
+    timing: dict | None = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d.pop("timing")
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> Receipt:
         d = dict(d)
+        d.pop("timing", None)
         d["shards"] = {int(k): v for k, v in d.get("shards", {}).items()}
         return cls(**d)
 

@@ -172,7 +172,8 @@ class MLflowObserver(Observer):
     def stage(self, op: str, plan, entry: dict, metrics: dict) -> None:
         """Called on the driver as each stage result arrives (workers never log)."""
         if self._op is not None:
-            self._op.stages.setdefault(plan.shard, []).append({**metrics, "_end": time.time()})
+            # a replayed stage (a deletion logs its run once it is effective) carries its own end time
+            self._op.stages.setdefault(plan.shard, []).append({"_end": time.time(), **metrics})
 
     def failed(self, op: str, error: BaseException) -> None:
         run, self._op = self._op, None
@@ -195,7 +196,7 @@ class MLflowObserver(Observer):
         epochs = list(self.ctx.config.epochs_per_stage())
         sample_epochs = sum(_log_child(run, manifest, plan, metrics, epochs) for plan in plans)
         flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        flat["wall_seconds"] = time.time() - run.t0
+        flat.setdefault("wall_seconds", time.time() - run.t0)  # a deletion passes its own (to effective)
         flat["shards_trained"] = len(plans)
         flat.setdefault("sample_epochs", sample_epochs)  # a deletion passes its cost figures
         flat["rows"] = sum(sh.rows for sh in manifest.shards)
@@ -207,7 +208,8 @@ class MLflowObserver(Observer):
         tags.setdefault("mlflow.note.content", _note(run.kind, manifest, plans, flat))
         for k, v in tags.items():
             client.set_tag(run.run_id, k, v)
-        _log_plots(run, manifest, plans, metrics, slices_hit)
+        if metrics.get("plots", True):  # a batch of settled deletions plots the state once, on its last run
+            _log_plots(run, manifest, plans, metrics, slices_hit)
         client.set_terminated(run.run_id, "FINISHED")
 
 

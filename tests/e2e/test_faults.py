@@ -29,6 +29,10 @@ POINTS = [
     "before_swap",
     "after_swap",
     "during_purge",
+    "before_effective",
+    "after_effective",
+    "during_settle",
+    "before_done",
 ]
 
 
