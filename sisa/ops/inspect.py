@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from sisa import costmodel
 from sisa.ledger import RequestState
-from sisa.risk import summary as risk_summary
 from sisa.manifest import Manifest
+from sisa.risk import summary as risk_summary
 
 
 def status(ctx, m: Manifest) -> dict:
