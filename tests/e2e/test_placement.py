@@ -164,6 +164,10 @@ def test_status_reports_realised_against_expected(tmp_path):
     assert real["mean_sample_epochs"] == pytest.approx(np.mean(costs))
     assert real["mean_expected_sample_epochs"] == pytest.approx(np.mean(expected))
     assert real["realised_over_expected"] == pytest.approx(np.mean(costs) / np.mean(expected))
+    from sisa.cli.render import status_table
+
+    text = status_table(ens.status())
+    assert "placement: late_slices" in text and "over 3 request(s)" in text
 
 
 @pytest.mark.slow
