@@ -43,7 +43,7 @@ from benchmarks import (  # noqa: E402
 from benchmarks.common import init_ray, machine, ratio, reset_workers, slice_rows  # noqa: E402
 from benchmarks.workloads import ROOT, SIZES, make_data  # noqa: E402
 
-PHASES = ("engine", "plain", "monolithic", "deletion", "tracking", "inference", "accuracy", "cli", "add")
+PHASES = ("engine", "plain", "monolithic", "deletion", "tracking", "inference", "accuracy", "cli", "add", "placement")
 START, END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
 
 
@@ -156,6 +156,15 @@ def run(size_name: str = "full", out: Path | None = None, skip=(), log=print) ->
             log(
                 f"[bench] additions / refits, sample-epochs: append {s['append']['add_over_refit']:.2f}, "
                 f"canonical {s['canonical']['add_over_refit']:.2f}"
+            )
+        if "placement" not in skip:  # deletion-aware placement vs uniform (placement_bench, in-process)
+            from benchmarks import placement_bench
+
+            res["placement"] = placement_bench.run("smoke" if size_name == "smoke" else "full", out, log=log)
+            s = res["placement"]["summary"]
+            log(
+                "[bench] expected cost per request / uniform, skewed prior: "
+                + ", ".join(f"{p} {s[p]['skewed']['expected_over_uniform']:.2f}" for p in placement_bench.STRATEGIES)
             )
         ens2.close()
     finally:

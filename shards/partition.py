@@ -1,13 +1,21 @@
-"""Which shard and slice a row belongs to: a pure function of (id, seed, S, R).
+"""Which shard and slice a row belongs to: a pure function of (id, seed, S, R), and of the row's deletion
+prior (its risk) under a deletion-aware placement.
 
 A keyed BLAKE2b hash of the id's canonical bytes gives three independent 64-bit draws: the shard, the
 slice and the row's rank inside its slice. Removing rows therefore never moves any other row, and the
 order of rows inside a slice depends only on ids and the seed.
+
+Placements (`Placement`, ``sharding.placement``): ``uniform`` (the draws alone: every row equally likely
+anywhere); ``late_slices`` (a *likely* row, risk >= threshold, goes to the last slice of its shard, the
+others to slices 1..R-1); ``isolated_shards`` (likely rows go to the last k shards, the others to the
+first S-k). The draws are the same in every placement, and the risk only picks the range they are reduced
+into, so a row's place is a pure function of (id, seed, risk): deleting or adding other rows never moves it.
 """
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -33,29 +41,79 @@ def partition_key(seed: int) -> bytes:
     return hashlib.sha256(f"sisa-partition-{seed}".encode()).digest()[:32]
 
 
-def assign(ids, seed: int, shards: int, slices: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Shard, slice and in-slice rank (uint64) of every id."""
+PLACEMENTS = ("uniform", "late_slices", "isolated_shards")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How the risk of a row steers its place: ``kind`` (one of `PLACEMENTS`), the ``threshold`` from which
+    a row counts as likely to be erased, and ``isolated``, the number of shards of likely rows."""
+
+    kind: str = "uniform"
+    threshold: float = 0.1
+    isolated: int = 1
+
+    @property
+    def uniform(self) -> bool:
+        return self.kind == "uniform"
+
+    def likely(self, risk) -> np.ndarray:
+        return np.asarray(risk, dtype=np.float64) >= self.threshold
+
+    def place(self, a: int, b: int, likely: bool, shards: int, slices: int) -> tuple[int, int]:
+        """Shard and slice from the two draws ``a``, ``b`` and whether the row is likely to be erased."""
+        if self.kind == "late_slices" and slices > 1:
+            return a % shards, (slices - 1 if likely else b % (slices - 1))
+        if self.kind == "isolated_shards" and shards > self.isolated:
+            k = self.isolated
+            return ((shards - k) + a % k if likely else a % (shards - k)), b % slices
+        return a % shards, b % slices
+
+
+UNIFORM = Placement()
+
+
+def assign(ids, seed: int, shards: int, slices: int, risk=None, placement: Placement | None = None):
+    """Shard, slice and in-slice rank (uint64) of every id (``risk``: one prior per id, for a deletion-aware
+    ``placement``)."""
     key = partition_key(seed)
     n = len(ids)
     shard = np.empty(n, np.int64)
     sl = np.empty(n, np.int64)
     rank = np.empty(n, np.uint64)
+    placed = placement is not None and not placement.uniform
+    likely = placement.likely(risk) if placed else None
     for k, i in enumerate(ids.tolist() if hasattr(ids, "tolist") else ids):
         a, b, c = _draws(i, key)
-        shard[k] = a % shards
-        sl[k] = b % slices
+        if placed:
+            shard[k], sl[k] = placement.place(a, b, bool(likely[k]), shards, slices)
+        else:
+            shard[k] = a % shards
+            sl[k] = b % slices
         rank[k] = c
     return shard, sl, rank
 
 
-def shard_of(i, seed: int, shards: int, slices: int) -> tuple[int, int]:
+def shard_of(i, seed: int, shards: int, slices: int, risk=None, placement: Placement | None = None) -> tuple[int, int]:
     a, b, _ = _draws(i, partition_key(seed))
-    return a % shards, b % slices
+    if placement is None or placement.uniform:
+        return a % shards, b % slices
+    return placement.place(a, b, bool(placement.likely([risk])[0]), shards, slices)
 
 
-def split_rows(ids, seed: int, shards: int, slices: int) -> dict[tuple[int, int], np.ndarray]:
+def candidates(i, seed: int, shards: int, slices: int, placement: Placement | None = None) -> list[tuple[int, int]]:
+    """Every (shard, slice) the id can be in, whatever its risk: one under the uniform placement, at most two
+    (unlikely, likely) otherwise. Lets `locate` find a row without knowing its prior."""
+    a, b, _ = _draws(i, partition_key(seed))
+    if placement is None or placement.uniform:
+        return [(a % shards, b % slices)]
+    out = [placement.place(a, b, False, shards, slices), placement.place(a, b, True, shards, slices)]
+    return out[:1] if out[0] == out[1] else out
+
+
+def split_rows(ids, seed: int, shards: int, slices: int, risk=None, placement: Placement | None = None):
     """Row indices of every (shard, slice), each in its canonical order."""
-    shard, sl, rank = assign(ids, seed, shards, slices)
+    shard, sl, rank = assign(ids, seed, shards, slices, risk, placement)
     out: dict[tuple[int, int], np.ndarray] = {}
     order = np.lexsort((rank, sl, shard))
     bounds = shard[order] * slices + sl[order]

@@ -18,6 +18,7 @@ import numpy as np
 INT_ID = np.dtype(np.int64)
 LABEL = np.dtype(np.int64)
 FEATURE = np.dtype(np.float32)
+RISK = np.dtype(np.float64)  # a row's deletion prior: a fourth field, only under a deletion-aware placement
 
 
 def id_width(ids) -> int:
@@ -33,14 +34,21 @@ def id_dtype(id_kind: str, ids_or_width=1) -> np.dtype:
     return np.dtype(f"<U{width}")
 
 
-def row_fields(id_dt, feature_shape) -> list:
-    """The ``(id, y, x)`` fields with the id field's dtype given (a spill file keeps its chunk's id dtype)."""
-    return [("id", np.dtype(id_dt)), ("y", LABEL), ("x", FEATURE, tuple(feature_shape))]
+def row_fields(id_dt, feature_shape, risk: bool = False) -> list:
+    """The ``(id, y, x)`` fields with the id field's dtype given (a spill file keeps its chunk's id dtype);
+    ``(id, y, x, risk)`` with ``risk`` (slices of a deletion-aware placement, `shards.partition.Placement`).
+    Without it the bytes are those of every uniform workdir."""
+    fields = [("id", np.dtype(id_dt)), ("y", LABEL), ("x", FEATURE, tuple(feature_shape))]
+    return fields + [("risk", RISK)] if risk else fields
 
 
-def row_dtype(id_kind: str, ids_or_width, feature_shape) -> np.dtype:
-    """The dtype of an ``(id, y, x)`` row of a slice or evaluation file."""
-    return np.dtype(row_fields(id_dtype(id_kind, ids_or_width), feature_shape))
+def row_dtype(id_kind: str, ids_or_width, feature_shape, risk: bool = False) -> np.dtype:
+    """The dtype of an ``(id, y, x)`` row of a slice or evaluation file (``(id, y, x, risk)`` with ``risk``)."""
+    return np.dtype(row_fields(id_dtype(id_kind, ids_or_width), feature_shape, risk))
+
+
+def has_risk(rows: np.ndarray) -> bool:
+    return rows.dtype.names is not None and "risk" in rows.dtype.names
 
 
 def unnamed_row_dtype(feature_shape) -> np.dtype:
@@ -48,14 +56,20 @@ def unnamed_row_dtype(feature_shape) -> np.dtype:
     return np.dtype([("y", LABEL), ("x", FEATURE, tuple(feature_shape))])
 
 
-def make_rows(ids, y, X, id_kind: str | None) -> np.ndarray:
-    """Rows of ``(ids, y, X)``, or ``(y, X)`` when ``ids`` is None; the str id field as wide as the longest id."""
+def make_rows(ids, y, X, id_kind: str | None, risk=None) -> np.ndarray:
+    """Rows of ``(ids, y, X)``, or ``(y, X)`` when ``ids`` is None; the str id field as wide as the longest id.
+    ``risk`` (one prior per row) adds the ``risk`` field."""
     X = np.asarray(X)
-    dtype = unnamed_row_dtype(X.shape[1:]) if ids is None else row_dtype(id_kind, ids, X.shape[1:])
+    if ids is None:
+        dtype = unnamed_row_dtype(X.shape[1:])
+    else:
+        dtype = row_dtype(id_kind, ids, X.shape[1:], risk is not None)
     rows = np.zeros(len(y), dtype=dtype)
     if ids is not None:
         rows["id"] = ids
     rows["y"], rows["x"] = y, X
+    if risk is not None:
+        rows["risk"] = risk
     return rows
 
 
@@ -63,7 +77,7 @@ def compact(rows: np.ndarray, id_kind: str) -> np.ndarray:
     """``rows`` with the str id field narrowed to the longest id they hold, so equal rows give equal bytes."""
     if id_kind != "str":
         return rows
-    dtype = row_dtype(id_kind, rows["id"], rows["x"].shape[1:])
+    dtype = row_dtype(id_kind, rows["id"], rows["x"].shape[1:], has_risk(rows))
     return rows.astype(dtype) if dtype != rows.dtype else rows
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from shards.partition import split_rows
-from shards.schema import compact, decode_rows, encode_rows, make_rows
+from shards.partition import Placement, split_rows
+from shards.schema import compact, decode_rows, encode_rows, has_risk, make_rows
 from shards.storage import Storage, sha256
 
 
@@ -37,18 +37,27 @@ def write_encoded(storage: Storage, shard: int, slice_: int, data, n_rows: int) 
 
 
 def write_slice(storage: Storage, shard: int, slice_: int, rows: np.ndarray) -> dict:
-    return write_encoded(storage, shard, slice_, encode_rows(rows), len(rows))
+    """Store one slice; with a ``risk`` field its entry also holds the slice's summed deletion prior."""
+    entry = write_encoded(storage, shard, slice_, encode_rows(rows), len(rows))
+    if has_risk(rows):
+        entry["risk"] = float(np.sum(rows["risk"], dtype=np.float64))
+    return entry
 
 
-def write_partition(storage: Storage, ids, X, y, id_kind: str, seed: int, shards: int, slices: int) -> list[list[dict]]:
-    """Split the data and write every slice file; returns per-shard lists of slice entries."""
-    groups = split_rows(ids, seed, shards, slices)
+def write_partition(
+    storage: Storage, ids, X, y, id_kind: str, seed: int, shards: int, slices: int, risk=None, placement=None
+) -> list[list[dict]]:
+    """Split the data and write every slice file; returns per-shard lists of slice entries. With a
+    deletion-aware ``placement`` (`shards.partition.Placement`), ``risk`` steers the split and is stored."""
+    placed = isinstance(placement, Placement) and not placement.uniform
+    groups = split_rows(ids, seed, shards, slices, risk if placed else None, placement if placed else None)
     out = []
     for s in range(shards):
         entries = []
         for j in range(slices):
             idx = groups[(s, j)]
-            entries.append(write_slice(storage, s, j, make_rows(ids[idx], y[idx], X[idx], id_kind)))
+            r = np.asarray(risk, dtype=np.float64)[idx] if placed else None
+            entries.append(write_slice(storage, s, j, make_rows(ids[idx], y[idx], X[idx], id_kind, r)))
         out.append(entries)
     return out
 

@@ -199,3 +199,42 @@ def check_training(X, y, ids, shards: int, slices: int):
     check_unique(repeated_ids(ids))
     check_row_count(len(X), shards, slices)
     return X, y, ids, kind
+
+
+# -- deletion priors (risk) --------------------------------------------------------------------------
+def check_risk(risk, n_rows: int, classes: dict | None = None, what: str = "risk") -> np.ndarray:
+    """One deletion prior per row as float64 in [0, 1]: numbers, or class names mapped by ``classes``
+    (``sharding.risk_classes``). Names the first bad row; the class names known when one is not."""
+    arr = np.asarray(risk, dtype=object) if not isinstance(risk, np.ndarray) else risk
+    if arr.ndim != 1:
+        raise DataError(f"{what} must be one value per row (a 1-D sequence), got shape {arr.shape}")
+    if len(arr) != n_rows:
+        raise DataError(f"{what} has {len(arr)} entries but there are {n_rows} rows; give one prior per row")
+    if arr.dtype.kind in "USO" and any(isinstance(v, (str, bytes)) for v in arr.tolist()):
+        return _risk_classes(arr, classes or {}, what)
+    if arr.dtype.kind == "b" or any(isinstance(v, (bool, np.bool_)) or v is None for v in arr.tolist()):
+        raise DataError(f"{what} must be numbers in [0, 1] or class names, not booleans or None")
+    try:
+        out = np.asarray(arr, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise DataError(f"{what} must be numbers in [0, 1] or class names (sharding.risk_classes)") from None
+    bad = np.flatnonzero(~np.isfinite(out) | (out < 0) | (out > 1))
+    if len(bad):
+        raise DataError(
+            f"{what} must be a probability in [0, 1] for every row; row {int(bad[0])} has {float(out[bad[0]])!r} "
+            f"({len(bad)} bad row(s))",
+            rows=bad[:5].tolist(),
+        )
+    return out
+
+
+def _risk_classes(arr: np.ndarray, classes: dict, what: str) -> np.ndarray:
+    vals = [v.decode() if isinstance(v, bytes) else v for v in arr.tolist()]
+    unknown = sorted({str(v) for v in vals if not isinstance(v, str) or v not in classes})
+    if unknown:
+        known = ", ".join(sorted(classes)) or "none: set sharding.risk_classes"
+        raise DataError(
+            f"{what} names {len(unknown)} unknown class(es), e.g. {unknown[:5]}; known classes: {known}",
+            problems=[f"unknown risk class {u!r}" for u in unknown[:5]],
+        )
+    return np.array([float(classes[v]) for v in vals], dtype=np.float64)

@@ -39,6 +39,9 @@ class DataConfig(_Strict):
     # The model's output space: labels are the integers 0..num_classes-1. Inferred at fit when unset (the
     # largest label + 1) and then written into the workdir's config.yaml, so that a deletion never changes it.
     num_classes: int | None = Field(None, ge=1)
+    # a column (CSV, Parquet read in memory, or an array "risk" of an npz) holding each row's deletion prior:
+    # a probability in [0, 1] or a class name of sharding.risk_classes (needs a deletion-aware placement)
+    risk_column: str | None = None
     synthetic: SyntheticData = SyntheticData()
 
     @model_validator(mode="after")
@@ -59,6 +62,44 @@ class ShardingConfig(_Strict):
     # epochs of a stage appended by `add` (new_rows: append); None: the last stage's epochs of the schedule
     # (the paper's per-stage epochs). An appended stage trains on all of the shard's slices so far.
     append_epochs: int | None = Field(None, ge=1, le=10000)
+    # deletion-aware placement (shards.partition.Placement): "uniform" (every row equally likely anywhere),
+    # "late_slices" (rows with risk >= risk_threshold fill the last slice of each shard) or "isolated_shards"
+    # (those rows go to the last isolated_shards shards, default max(1, shards // 4), of their own)
+    placement: Literal["uniform", "late_slices", "isolated_shards"] = "uniform"
+    risk_threshold: float = Field(0.1, gt=0, le=1)
+    isolated_shards: int | None = Field(None, ge=1)
+    # named risk classes -> probability, e.g. {churned: 0.3, active: 0.01}
+    risk_classes: dict[str, float] | None = None
+
+    @field_validator("risk_classes")
+    @classmethod
+    def _probabilities(cls, v):
+        bad = {k: p for k, p in (v or {}).items() if not (0 <= p <= 1)}
+        if bad:
+            raise ValueError(f"risk_classes maps class names to probabilities in [0, 1]; not {bad}")
+        return v
+
+    @model_validator(mode="after")
+    def _placement(self):
+        if self.placement == "uniform":
+            if self.isolated_shards is not None or self.risk_classes is not None:
+                raise ValueError(
+                    "isolated_shards and risk_classes need a deletion-aware placement: "
+                    "set sharding.placement to late_slices or isolated_shards"
+                )
+            return self
+        if self.new_rows == "append":
+            raise ValueError(f"placement {self.placement!r} works with new_rows: canonical only, not append")
+        if self.placement == "late_slices" and self.slices < 2:
+            raise ValueError("placement late_slices needs sharding.slices >= 2 (likely rows fill the last slice)")
+        if self.placement == "isolated_shards" and self.isolated_count() >= self.shards:
+            raise ValueError(
+                f"placement isolated_shards needs isolated_shards < shards ({self.isolated_count()} >= {self.shards})"
+            )
+        return self
+
+    def isolated_count(self) -> int:
+        return self.isolated_shards or max(1, self.shards // 4)
 
 
 class ModelConfig(_Strict):
@@ -167,6 +208,8 @@ class SisaConfig(_Strict):
             raise ValueError(
                 f"training.schedule has {len(self.training.schedule)} entries but sharding.slices is {R}; give one epoch count per slice"
             )
+        if self.data.risk_column is not None and self.sharding.placement == "uniform":
+            raise ValueError("data.risk_column needs sharding.placement late_slices or isolated_shards")
         w = self.aggregation.weights
         if w is not None and (len(w) != S or any(x < 0 for x in w) or sum(w) <= 0):
             raise ValueError(f"aggregation.weights needs {S} non-negative numbers (one per shard), not all zero")
@@ -180,6 +223,13 @@ class SisaConfig(_Strict):
         if sched == "uniform":
             return (e,) * R
         return (max(1, round(2 * e / (R + 1))),) * R
+
+    def placement(self):
+        """The row placement (`shards.partition.Placement`) of ``sharding.placement``."""
+        from shards.partition import Placement
+
+        sh = self.sharding
+        return Placement(sh.placement, sh.risk_threshold, sh.isolated_count())
 
     def appended_stage_epochs(self) -> int:
         """Epochs of a stage that `add` appends (``sharding.new_rows: append``): ``sharding.append_epochs``,
@@ -228,6 +278,12 @@ class SisaConfig(_Strict):
             del dump["training"]["engine"]
         if dump["sharding"]["append_epochs"] is None:
             del dump["sharding"]["append_epochs"]
+        defaults = {"placement": "uniform", "risk_threshold": 0.1, "isolated_shards": None, "risk_classes": None}
+        for k, v in defaults.items():  # the deletion-aware placement: absent when uniform (old hashes match)
+            if dump["sharding"][k] == v:
+                del dump["sharding"][k]
+        if dump["data"]["risk_column"] is None:
+            del dump["data"]["risk_column"]
         return dump
 
 

@@ -152,3 +152,78 @@ def appended_share(rows: list[list[int]], epochs, start: dict[int, int], base_st
     (the appended ones): what append placement adds to this deletion."""
     eps = per_shard(epochs, len(rows))
     return sum(sum(stage_costs(rows[s], eps[s])[max(r, base_stages + 1) - 1 :]) for s, r in start.items())
+
+
+# -- deletion priors (`sharding.placement`) ----------------------------------------------------------------
+# A request names row i with probability pi_i = risk_i / sum(risk) (the prior of ``fit(..., risk=...)``), so
+# the expected cost of one request is sum_i pi_i C_{shard(i), slice(i)} = sum_{s,j} W_{s,j} C_{s,j} / sum W,
+# W_{s,j} the summed risk of slice j of shard s (`Manifest.slice_risk`). Uniform requests: W = rows.
+#
+# For the analytic figures take N rows over S shards, R slices, a share q of rows "likely" (risk >= the
+# threshold) receiving a share p of the requests, and balanced hashing (noise ignored; `ideal_partition`):
+#   uniform:          every slice N/(S R) rows; E = C averaged over slices = e N/S (R+1)(2R+1)/(6R^2) * R
+#                     with the paper's schedule (e per stage), whoever asks: the prior changes nothing;
+#   late_slices:      slices 1..R-1 hold (1-q)N/(S(R-1)) rows each, slice R holds qN/S; a likely request
+#                     retrains stage R only (e_R N/S), an unlikely one C_j for a uniform j < R:
+#                     E = p e_R N/S + (1-p) mean_{j<R} C_j;
+#   isolated_shards:  k shards of qN/k rows hold the likely rows, S-k shards of (1-q)N/(S-k) the others;
+#                     E = p mean_j C_j(qN/k) + (1-p) mean_j C_j((1-q)N/(S-k)).
+# `expected_placement` evaluates these on the ideal partition through `expected_prior`.
+
+
+def expected_prior(rows: list[list[int]], epochs, weights: list[list[float]]) -> float:
+    """Exact expected cost of one request when it names a row with probability proportional to its prior:
+    sum_{s,j} W_{s,j} C_{s,j} / sum W (``weights[s][j]``: the summed prior of that slice)."""
+    eps = per_shard(epochs, len(rows))
+    total = float(sum(map(sum, weights)))
+    if total <= 0:
+        return expected_single(rows, epochs)
+    acc = sum(w * retrain_cost(r, e, j + 1) for r, e, ws in zip(rows, eps, weights) for j, w in enumerate(ws) if w)
+    return acc / total
+
+
+def ideal_partition(kind: str, n: float, shards: int, slices: int, q: float, p: float, isolated: int = 1):
+    """(rows, weights) of the balanced partition of ``n`` rows under a placement, a share ``q`` of rows being
+    likely and receiving a share ``p`` of the requests (weights sum to 1)."""
+    S, R = shards, slices
+    lo_w = (1 - p) / ((1 - q) * n) if q < 1 else 0.0  # request probability of one unlikely row
+    hi_w = p / (q * n) if q > 0 else 0.0
+    if kind == "late_slices" and R > 1:
+        lo, hi = (1 - q) * n / (S * (R - 1)), q * n / S
+        rows = [[lo] * (R - 1) + [hi] for _ in range(S)]
+        weights = [[lo * lo_w] * (R - 1) + [hi * hi_w] for _ in range(S)]
+    elif kind == "isolated_shards" and S > isolated:
+        k = isolated
+        lo, hi = (1 - q) * n / ((S - k) * R), q * n / (k * R)
+        rows = [[lo] * R for _ in range(S - k)] + [[hi] * R for _ in range(k)]
+        weights = [[lo * lo_w] * R for _ in range(S - k)] + [[hi * hi_w] * R for _ in range(k)]
+    else:
+        d = n / (S * R)
+        rows = [[d] * R for _ in range(S)]
+        weights = [[d / n] * R for _ in range(S)]  # hashing mixes likely and unlikely rows evenly
+    return rows, weights
+
+
+def expected_placement(kind: str, n: float, shards: int, slices: int, epochs, q: float, p: float, isolated=1) -> float:
+    """Analytic expected cost of one request (sample-epochs) under placement ``kind`` (see above)."""
+    rows, weights = ideal_partition(kind, n, shards, slices, q, p, isolated)
+    return expected_prior(rows, epochs, weights)
+
+
+def realised(receipts: list[dict]) -> dict:
+    """Realised cost per deletion request over the ledger's history (done deletions that retrained or erased
+    rows), against what was expected when each was made (``cost.expected_sample_epochs``, the prior's
+    expectation for one row, recorded in receipts of a deletion-aware placement)."""
+    dels = [r for r in receipts if r.get("kind", "delete") == "delete" and r.get("request_id")]
+    costs = [float((r.get("cost") or {}).get("sample_epochs", 0)) for r in dels]
+    exp = [(r.get("cost") or {}).get("expected_sample_epochs") for r in dels]
+    exp = [float(e) for e in exp if e is not None]
+    mean = sum(costs) / len(costs) if costs else None
+    mean_exp = sum(exp) / len(exp) if exp and len(exp) == len(costs) else None
+    return {
+        "requests": len(dels),
+        "rows": sum(int(r.get("rows_deleted", 0)) for r in dels),
+        "mean_sample_epochs": mean,
+        "mean_expected_sample_epochs": mean_exp,
+        "realised_over_expected": mean / mean_exp if mean is not None and mean_exp else None,
+    }

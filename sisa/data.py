@@ -73,15 +73,22 @@ def read_file(path, arrays=("X",), optional=(), text_columns=(), suffixes=None):
     return out
 
 
-def from_file(path: Path, id_column: str, label_column: str):
+def from_file(path: Path, id_column: str, label_column: str, risk_column: str | None = None):
     """(X, y, ids, feature_names) of a .npz (arrays X, y and optionally ids; no names), a CSV or a Parquet
     file with id and label columns. A CSV id column is read as text: it holds int ids only when every value
-    is a canonical decimal int (so "007" stays the string "007"), see `shards.ids`."""
-    data = read_file(path, ("X", "y"), ("ids",), text_columns=(id_column,))
+    is a canonical decimal int (so "007" stays the string "007"), see `shards.ids`. With ``risk_column``
+    (``data.risk_column``) a fifth item: that column (or npz array), never a feature."""
+    extra = (risk_column,) if risk_column else ()
+    data = read_file(path, ("X", "y", *extra), ("ids",), text_columns=(id_column,))
     if isinstance(data, dict):
-        return data["X"], data["y"], data.get("ids"), None
+        out = data["X"], data["y"], data.get("ids"), None
+        return (*out, data[risk_column]) if risk_column else out
     where = str(path)
     feats = check.check_columns(data.column_names, id_column, label_column, where)
+    if risk_column:
+        if risk_column not in data.column_names:
+            raise DataError(f"{where} has no column {risk_column!r} (data.risk_column)", path=where)
+        feats = check.feature_columns(feats, (risk_column,), where)
     check.check_id_type(data.schema, id_column)
     X = table_features(data, feats, where)
     raw_ids, labels = data[id_column], data[label_column]
@@ -91,7 +98,8 @@ def from_file(path: Path, id_column: str, label_column: str):
         ids, _ = parse_text_ids(raw_ids.to_pylist())
     else:
         ids = raw_ids.to_numpy(zero_copy_only=False)
-    return X, labels.to_numpy(zero_copy_only=False), ids, feats
+    out = X, labels.to_numpy(zero_copy_only=False), ids, feats
+    return (*out, np.asarray(data[risk_column].to_pylist(), dtype=object)) if risk_column else out
 
 
 def read_table(path: Path, text_columns=()):
@@ -191,7 +199,9 @@ def parquet_source(X, y, ids, eval_set, cfg, resolve) -> str | None:
     return None
 
 
-def split_holdout(X, y, ids, seed: int, fraction: float):
-    """Split off the evaluation rows, with their ids, by a keyed hash of their id (stable under deletion)."""
+def split_holdout(X, y, ids, seed: int, fraction: float, risk=None):
+    """Split off the evaluation rows, with their ids, by a keyed hash of their id (stable under deletion).
+    With ``risk`` (one prior per row) a third item: the training rows' priors."""
     mask = holdout_mask(ids, seed, fraction)
-    return (X[~mask], y[~mask], ids[~mask]), (X[mask], y[mask], ids[mask])
+    out = (X[~mask], y[~mask], ids[~mask]), (X[mask], y[mask], ids[mask])
+    return (*out, np.asarray(risk)[~mask]) if risk is not None else out

@@ -148,7 +148,15 @@ class SisaEnsemble:
 
     # -- the verbs ---------------------------------------------------------------------------------------
     def fit(
-        self, X=None, y=None, ids=None, eval_set=None, overwrite: bool = False, progress=None, readmit=None
+        self,
+        X=None,
+        y=None,
+        ids=None,
+        eval_set=None,
+        overwrite: bool = False,
+        progress=None,
+        readmit=None,
+        risk=None,
     ) -> SisaEnsemble:
         """Partition, store and train every shard. With no arrays, loads the config's dataset.
 
@@ -156,10 +164,12 @@ class SisaEnsemble:
         dataset are held out by ``data.test_fraction``. These rows are stored in the workdir with their ids,
         and `delete` erases them too; ``eval_set=(X_test, y_test)`` rows cannot be named (a warning says so).
         ``progress(plan, entry, metrics)`` is called after every stage. A refit (``overwrite=True``) refuses
-        ids this workdir erased, unless named in ``readmit`` (recorded in the ledger)."""
+        ids this workdir erased, unless named in ``readmit`` (recorded in the ledger). ``risk``: each row's
+        deletion prior (a probability or a ``sharding.risk_classes`` name) for a deletion-aware
+        ``sharding.placement``; a refit with new priors re-places the rows."""
         from sisa.ops.fit import fit as _fit
 
-        m = _fit(self._ctx, X, y, ids, eval_set, overwrite, progress, readmit)
+        m = _fit(self._ctx, X, y, ids, eval_set, overwrite, progress, readmit, risk)
         self.last_fit_metrics = dict(m.metrics)
         return self
 
@@ -179,7 +189,7 @@ class SisaEnsemble:
 
         return decide(self.predict_proba(X))
 
-    def shard_of(self, id_) -> tuple[int, int]:
+    def shard_of(self, id_, risk=None) -> tuple[int, int]:
         """(shard, slice) of one id, both 0-based; the slice's rows are first seen at stage slice+1.
 
         The id is canonicalised like every other entry point's (`shards.ids`); once fitted, an id of the
@@ -189,7 +199,16 @@ class SisaEnsemble:
             raise DataError(f"shard_of takes one id, got a {type(id_).__name__}; call it once per id")
         m = self._server.manifest
         ids, _ = canonical_ids(id_, m.id_kind if m is not None else None)
-        return _shard_of(ids.tolist()[0], c.seed, c.sharding.shards, c.sharding.slices)
+        if c.sharding.placement != "uniform" and risk is None:  # the place depends on the stored prior
+            loc = self.locate(ids.tolist())[0]
+            if loc.shard is None:
+                raise DataError(f"id is not a training row of this ensemble ({loc.where}); pass its risk= to compute")
+            return loc.shard, loc.slice
+        if risk is not None:
+            from sisa.risk import resolve
+
+            risk = float(resolve(c, [risk], 1)[0])
+        return _shard_of(ids.tolist()[0], c.seed, c.sharding.shards, c.sharding.slices, risk, c.placement())
 
     def status(self) -> dict:
         """Shards, slices, sizes, checkpoints, accuracy and deletions, as a dict (`sisa status --json`)."""
@@ -237,7 +256,7 @@ class SisaEnsemble:
             return settle(self._ctx)
 
     # -- continual data (sisa.ops.add) -------------------------------------------------------------------
-    def estimate_addition_cost(self, X, y=None, ids=None, readmit=None):
+    def estimate_addition_cost(self, X, y=None, ids=None, readmit=None, risk=None):
         """Dry run of `add`: the same checks, the shards hit and the first stage each retrains from, and the
         sample-epochs against a full refit (``y`` may be left out: it does not change the cost)."""
         from sisa.ops.add import estimate
@@ -245,15 +264,15 @@ class SisaEnsemble:
         m = self.manifest
         if y is None and X is not None:
             y = np.zeros(len(X), np.int64)
-        return estimate(self._ctx, m, X, y, ids, readmit)
+        return estimate(self._ctx, m, X, y, ids, readmit, risk)
 
-    def add(self, X, y, ids, readmit=None, progress=None):
+    def add(self, X, y, ids, readmit=None, progress=None, risk=None):
         """Add rows without a refit (``sharding.new_rows``): durable before it returns, logged like a
         deletion. Ids must be new; ids this workdir erased are refused unless named in ``readmit`` (their
         owners consented again; the ledger records it). Returns the signed Receipt (``kind == "add"``)."""
         from sisa.ops.add import add
 
-        return add(self._ctx, self.manifest, X, y, ids, readmit, progress)
+        return add(self._ctx, self.manifest, X, y, ids, readmit, progress, risk)
 
     # -- compaction (sisa.ops.compact) -------------------------------------------------------------------
     def estimate_compaction_cost(self):

@@ -32,18 +32,24 @@ class _JsonView:
 
 @dataclass(frozen=True)
 class SliceRef(_JsonView):
-    """One slice file in the store: its content-addressed name, digest and row count."""
+    """One slice file in the store: its content-addressed name, digest and row count; ``risk`` is the sum of
+    its rows' deletion priors under a deletion-aware placement (None, and absent from the JSON, otherwise)."""
 
     file: str
     sha256: str
     rows: int
+    risk: float | None = None
 
     def to_dict(self) -> dict:
-        return {"file": self.file, "sha256": self.sha256, "rows": self.rows}
+        d = {"file": self.file, "sha256": self.sha256, "rows": self.rows}
+        if self.risk is not None:
+            d["risk"] = self.risk
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> SliceRef:
-        return cls(file=d["file"], sha256=d["sha256"], rows=int(d["rows"]))
+        risk = d.get("risk")
+        return cls(file=d["file"], sha256=d["sha256"], rows=int(d["rows"]), risk=None if risk is None else float(risk))
 
 
 @dataclass(frozen=True)
@@ -172,6 +178,13 @@ class Manifest(_JsonView):
     def slice_rows(self) -> list[list[int]]:
         """The rows of every (shard, slice): the matrix the cost model works on."""
         return [[e.rows for e in sh.slices] for sh in self.shards]
+
+    def slice_risk(self) -> list[list[float]] | None:
+        """The summed deletion prior of every (shard, slice), or None when the slices hold no priors
+        (a uniform placement): the weights of `sisa.costmodel.expected_prior`."""
+        if not any(e.risk is not None for sh in self.shards for e in sh.slices):
+            return None
+        return [[e.risk or 0.0 for e in sh.slices] for sh in self.shards]
 
     def active_shards(self, slices: int | None = None) -> list[int]:
         """Shards that serve predictions: trained through all their own stages (one per slice: the config's

@@ -126,7 +126,29 @@ def status_table(st: dict) -> str:
     for kind in ("deletions", "additions", "compactions"):
         if kind in st and (kind == "deletions" or sum(st[kind].values())):
             out += f"\n{kind}: {st[kind]['done']} done, {st[kind]['unfinished']} unfinished"
+    if st.get("placement"):
+        out += "\n" + placement_text(st["placement"])
     return out
+
+
+def placement_text(p: dict) -> str:
+    """The deletion-aware placement's line of `sisa status`: expected cost per request under the priors,
+    and the realised mean over the ledger's deletions (with what each expected), so a wrong prior shows."""
+    r = p["realised"]
+    line = (
+        f"placement: {p['placement']} (risk >= {p['risk_threshold']} counts as likely); expected cost per request "
+        f"{fmt(p['expected_sample_epochs'])} sample-epochs under the priors, "
+        f"{fmt(p['expected_uniform_requests_sample_epochs'])} if requests were uniform"
+    )
+    if not r["requests"]:
+        return line + "\nrealised: no deletion yet"
+    line += f"\nrealised: {fmt(r['mean_sample_epochs'])} sample-epochs per request over {r['requests']} request(s)"
+    if r["realised_over_expected"] is not None:
+        ratio = r["realised_over_expected"]
+        line += f" = {ratio:.2f}x the {fmt(r['mean_expected_sample_epochs'])} expected"
+        if ratio > 1.5 and r["requests"] >= 10:
+            line += " (the priors look wrong: refit with fit(..., risk=updated, overwrite=True))"
+    return line
 
 
 def receipt_text(r) -> str:

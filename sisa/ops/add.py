@@ -37,7 +37,7 @@ from orchestration import ShardPlan
 from shards.errors import DataError, WorkdirError
 from shards.ids import canonical_ids, unique_request
 from shards.partition import assign
-from shards.schema import decode_rows, encode_rows, make_rows
+from shards.schema import decode_rows, encode_rows, has_risk, make_rows
 from shards.storage import sha256, zero_and_remove
 from shards.store import read_slice, write_slice
 from shards.validation import check_features, check_labels, check_unique, repeated_ids
@@ -50,6 +50,7 @@ from sisa.ops import append, compact, purge, receipts
 from sisa.ops import delete as deletion
 from sisa.ops.locate import first_stages, locate
 from sisa.ops.receipts import AdditionPlan, Receipt
+from sisa.risk import resolve as resolve_risk
 from sisa.workdir import write_atomic
 
 OP = "add"
@@ -57,8 +58,9 @@ BATCHES = "additions"  # WORKDIR/additions/: staged batches of acknowledged addi
 
 
 # -- validation -----------------------------------------------------------------------------------------
-def check_batch(ctx, m: Manifest, X, y, ids, readmit):
-    """The batch as (X float32, y int64, canonical ids, canonical readmit ids), or a DataError; writes nothing."""
+def check_batch(ctx, m: Manifest, X, y, ids, readmit, risk=None):
+    """The batch as (X float32, y int64, canonical ids, canonical readmit ids, priors or None), or a
+    DataError; writes nothing. ``risk``: the rows' deletion priors (`sisa.risk`, deletion-aware placement)."""
     d = ctx.config.data
     if X is None or y is None or ids is None:
         raise DataError("add(X, y, ids=...) needs rows, labels and one id per row (ids name rows for delete)")
@@ -78,11 +80,12 @@ def check_batch(ctx, m: Manifest, X, y, ids, readmit):
     if len(ids) != len(X):
         raise DataError(f"ids has {len(ids)} entries but there are {len(X)} rows; give one id per row")
     check_unique(repeated_ids(ids))
+    risk = resolve_risk(ctx.config, risk, len(X))
     readmit = unique_request(readmit, m.id_kind) if readmit is not None and len(readmit) else []
     outside = set(readmit) - set(ids.tolist())
     if outside:
         raise DataError(f"readmit names {len(outside)} id(s) that are not in the batch; readmit only ids you add")
-    return X, y, ids, readmit
+    return X, y, ids, readmit, risk
 
 
 def _hash_list(hashes) -> str:
@@ -129,24 +132,25 @@ def _check_new(ctx, m: Manifest, ids, readmit) -> list[str]:
 
 
 # -- the plan -------------------------------------------------------------------------------------------
-def _targets(ctx, ids) -> dict[tuple[int, int], np.ndarray]:
-    """{(shard, slice): row indices of the batch} where canonical placement puts each row."""
+def _targets(ctx, ids, risk=None) -> dict[tuple[int, int], np.ndarray]:
+    """{(shard, slice): row indices of the batch} where canonical placement puts each row (by its prior too,
+    under a deletion-aware ``sharding.placement``: where `fit` puts it)."""
     c = ctx.config
-    shard, sl, _ = assign(ids, c.seed, c.sharding.shards, c.sharding.slices)
+    shard, sl, _ = assign(ids, c.seed, c.sharding.shards, c.sharding.slices, risk, c.placement())
     out: dict[tuple[int, int], np.ndarray] = {}
     for key in sorted(set(zip(shard.tolist(), sl.tolist()))):
         out[key] = np.flatnonzero((shard == key[0]) & (sl == key[1]))
     return out
 
 
-def estimate(ctx, m: Manifest, X, y, ids, readmit=None) -> AdditionPlan:
+def estimate(ctx, m: Manifest, X, y, ids, readmit=None, risk=None) -> AdditionPlan:
     """What `add` would do and cost, without changing anything (the same checks as `add`)."""
-    X, y, ids, readmit = check_batch(ctx, m, X, y, ids, readmit)
+    X, y, ids, readmit, risk = check_batch(ctx, m, X, y, ids, readmit, risk)
     again = _check_new(ctx, m, ids, readmit)
     if ctx.config.sharding.new_rows == "append":
         return append.estimate(ctx, m, ids, ctx.config.appended_stage_epochs(), len(again))
     rows = [list(r) for r in m.slice_rows()]
-    targets = _targets(ctx, ids)
+    targets = _targets(ctx, ids, risk)
     for (s, j), idx in targets.items():
         rows[s][j] += len(idx)
     eps = m.schedules(ctx.config.epochs_per_stage())
@@ -165,21 +169,21 @@ def estimate(ctx, m: Manifest, X, y, ids, readmit=None) -> AdditionPlan:
 
 
 # -- the operation --------------------------------------------------------------------------------------
-def add(ctx, m: Manifest, X, y, ids, readmit=None, progress=None) -> Receipt:
+def add(ctx, m: Manifest, X, y, ids, readmit=None, progress=None, risk=None) -> Receipt:
     """Add rows (durably, then trained in); returns the signed receipt once the new ensemble serves."""
     t0 = time.time()
-    X, y, ids, readmit = check_batch(ctx, m, X, y, ids, readmit)
+    X, y, ids, readmit, risk = check_batch(ctx, m, X, y, ids, readmit, risk)
     with ctx.workdir.lock(what="add"):
         recover(ctx, locked=True)
         m = ctx.read_manifest()
         again = _check_new(ctx, m, ids, readmit)
-        batch = _stage(ctx, encode_rows(make_rows(ids, y, X, m.id_kind)), len(ids))
+        batch = _stage(ctx, encode_rows(make_rows(ids, y, X, m.id_kind, risk)), len(ids))  # priors stored too
         plan = {"kind": OP, "placement": ctx.config.sharding.new_rows, "batch": batch, "readmitted": again}
         if plan["placement"] == "append":
             plan["epochs"] = ctx.config.appended_stage_epochs()  # fixed at the ack: recovery trains the same
             plan["slices"] = [[s, len(m.shards[s].slices)] for s in append.targets(ctx, ids)]
         else:
-            plan["slices"] = sorted([s, j] for s, j in _targets(ctx, ids))
+            plan["slices"] = sorted([s, j] for s, j in _targets(ctx, ids, risk))
         crashpoint("add_before_ledger")
         rid = ctx.ledger().record([], plan, again)  # the ack point: from here on the addition is never lost
         crashpoint("add_after_ledger")
@@ -209,11 +213,13 @@ def _merge(ctx, before: Manifest, batch: np.ndarray):
     the new manifest (not committed), the shard plans, each shard's first stage and rows added per shard."""
     c, store, kind = ctx.config, ctx.storage(), before.id_kind
     after, starts, added = before, {}, {}
-    for (s, j), idx in _targets(ctx, batch["id"]).items():
+    risk = batch["risk"] if has_risk(batch) else None
+    for (s, j), idx in _targets(ctx, batch["id"], risk).items():
         old = read_slice(store, after.shards[s].slices[j].to_dict())
         ids = np.concatenate([old["id"], batch["id"][idx]])
+        r = np.concatenate([old["risk"], risk[idx]]) if risk is not None else None
         rows = make_rows(
-            ids, np.concatenate([old["y"], batch["y"][idx]]), np.concatenate([old["x"], batch["x"][idx]]), kind
+            ids, np.concatenate([old["y"], batch["y"][idx]]), np.concatenate([old["x"], batch["x"][idx]]), kind, r
         )
         rows = rows[np.argsort(assign(rows["id"], c.seed, c.sharding.shards, c.sharding.slices)[2], kind="stable")]
         slices = list(after.shards[s].slices)

@@ -60,7 +60,12 @@ def estimate(ctx, m: Manifest, ids) -> DeletionPlan:
     if unknown:
         raise unknown_error(ctx, unknown)
     starts = first_stages(found)
-    cost = costmodel.plan_cost(m.slice_rows(), m.schedules(ctx.config.epochs_per_stage()), starts)
+    rows = [list(r) for r in m.slice_rows()]
+    for (s, j), g in found.items():  # priced on the partition after the deletion, as the receipt is
+        rows[s][j] -= len(g)
+    eps = m.schedules(ctx.config.epochs_per_stage())
+    cost = costmodel.plan_cost(rows, eps, starts)
+    weights = m.slice_risk()
     return DeletionPlan(
         shards=dict(sorted(starts.items())),
         rows=sum(map(len, found.values())),
@@ -69,6 +74,7 @@ def estimate(ctx, m: Manifest, ids) -> DeletionPlan:
         full_retrain_sample_epochs=cost["full_retrain_sample_epochs"],
         speedup=cost["speedup"],
         eval_rows=len(held),
+        expected_sample_epochs=None if weights is None else costmodel.expected_prior(m.slice_rows(), eps, weights),
     )
 
 
@@ -164,7 +170,7 @@ def _execute(ctx, before: Manifest, rid, hashed: set, plan: dict, t0: float, alr
     crashpoint("after_eval_rewrite")
     with ph("slice_rewrite"):
         after, plans, removed, starts = _rewrite_slices(ctx, before, affected, plan, hashed)
-        cost = _cost(ctx, after, starts)
+        cost = _cost(ctx, after, starts, before)
     stages: dict[int, list[dict]] = {}
     t_train = time.perf_counter()
     if plans:
@@ -253,11 +259,17 @@ def _rewrite_slices(ctx, before: Manifest, affected: list[int], plan: dict, hash
     return after, plans, removed, starts
 
 
-def _cost(ctx, after: Manifest, starts: dict[int, int]) -> dict:
+def _cost(ctx, after: Manifest, starts: dict[int, int], before: Manifest) -> dict:
     """The plan's exact cost on the partition after the deletion, each shard with its own schedule; with
-    appended stages, the part of it they take (``appended_stages_sample_epochs``)."""
+    appended stages, the part of it they take (``appended_stages_sample_epochs``); under a deletion-aware
+    placement, what one request was expected to cost beforehand under the rows' priors
+    (``expected_sample_epochs``, compared with the realised cost by `sisa status`)."""
     rows, sched = after.slice_rows(), after.schedules(ctx.config.epochs_per_stage())
     cost = costmodel.plan_cost(rows, sched, starts)
+    weights = before.slice_risk()
+    if weights is not None:
+        base = before.schedules(ctx.config.epochs_per_stage())
+        cost["expected_sample_epochs"] = costmodel.expected_prior(before.slice_rows(), base, weights)
     if any(sh.epochs is not None for sh in after.shards):
         cost["appended_stages_sample_epochs"] = costmodel.appended_share(
             rows, sched, starts, ctx.config.sharding.slices

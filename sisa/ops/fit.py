@@ -21,41 +21,60 @@ from shards.store import write_partition
 from sisa import data as datamod
 from sisa import evalfile
 from sisa.manifest import Checkpoint, Manifest, ShardState, SliceRef
+from sisa.risk import resolve as resolve_risk
 from sisa.workdir import purge_unreferenced, write_atomic
 
 OP = "fit"
 
 
-def load_arrays(ctx, X, y, ids, eval_set):
-    """Validated (X, y, ids, id kind, eval_set, feature names) for an in-memory fit.
+def load_arrays(ctx, X, y, ids, eval_set, risk=None):
+    """Validated (X, y, ids, id kind, eval_set, feature names, risk) for an in-memory fit.
 
     ``eval_set`` comes back as (X, y, ids or None): the held-out rows of the config's dataset keep their
-    ids, and a user's ``eval_set=(X, y, ids)`` may name its rows so that they can be erased too."""
+    ids, and a user's ``eval_set=(X, y, ids)`` may name its rows so that they can be erased too. ``risk``
+    (the deletion priors, `sisa.risk`) comes back validated, or None under the uniform placement."""
     c = ctx.config
     names = None
     if X is None:
-        src = c.data.source
-        if src == "arrays":
-            raise DataError(
-                "no data: pass fit(X, y, ids=...) or set data.source in the config (digits, synthetic, npz, csv, parquet)"
-            )
-        if src in ("digits", "synthetic"):
-            X, y, ids = datamod.builtin(src, c.data)
-        else:
-            X, y, ids, names = datamod.from_file(
-                ctx.workdir.inside(c.data.path, "data.path"), c.data.id_column, c.data.label_column
-            )
-        X, y, ids, kind = datamod.check_training(X, y, ids, 1, 1)
-        (X, y, ids), eval_set = datamod.split_holdout(X, y, ids, c.seed, c.data.test_fraction)
+        X, y, ids, eval_set, names, risk = _config_dataset(ctx, risk)
     elif y is None:
         raise DataError("fit(X) needs labels: call fit(X, y, ids=...)")
     elif datamod.is_table(X):  # a DataFrame: its column names are recorded and matched at predict
-        names = [str(n) for n in datamod.table_columns(X) if str(n) not in (c.data.id_column, c.data.label_column)]
+        drop = (c.data.id_column, c.data.label_column, c.data.risk_column)
+        if c.data.risk_column and risk is None and c.data.risk_column in map(str, datamod.table_columns(X)):
+            col = X[c.data.risk_column]
+            risk = np.asarray(col.to_pylist() if hasattr(col, "to_pylist") else list(col), dtype=object)
+        names = [str(n) for n in datamod.table_columns(X) if str(n) not in drop]
         X = datamod.select_features(X, names, c.data.id_column, c.data.label_column)
     X, y, ids, kind = datamod.check_training(X, y, ids, c.sharding.shards, c.sharding.slices)
+    risk = resolve_risk(c, risk, len(X))
     if eval_set is not None:
         eval_set = _check_eval_set(eval_set, X.shape[1:], names, kind, ids, c.data)
-    return X, y, ids, kind, eval_set, names
+    return X, y, ids, kind, eval_set, names, risk
+
+
+def _config_dataset(ctx, risk):
+    """The config's dataset (built in or a file), its held-out rows split off: X, y, ids, eval_set, names, risk."""
+    c = ctx.config
+    names = None
+    src = c.data.source
+    if src == "arrays":
+        raise DataError(
+            "no data: pass fit(X, y, ids=...) or set data.source in the config (digits, synthetic, npz, csv, parquet)"
+        )
+    if src in ("digits", "synthetic"):
+        X, y, ids = datamod.builtin(src, c.data)
+    else:
+        path = ctx.workdir.inside(c.data.path, "data.path")
+        got = datamod.from_file(path, c.data.id_column, c.data.label_column, c.data.risk_column)
+        X, y, ids, names = got[:4]
+        risk = got[4] if c.data.risk_column and risk is None else risk
+    X, y, ids, kind = datamod.check_training(X, y, ids, 1, 1)
+    if risk is not None:
+        risk = resolve_risk(c, risk, len(X))  # checked on all rows, so a bad row is named as in the file
+    split = datamod.split_holdout(X, y, ids, c.seed, c.data.test_fraction, risk)
+    (X, y, ids), eval_set = split[:2]
+    return X, y, ids, eval_set, names, (split[2] if risk is not None else None)
 
 
 def _check_eval_set(eval_set, input_shape, names, kind, train_ids, cfg_data):
@@ -80,21 +99,28 @@ def _check_eval_set(eval_set, input_shape, names, kind, train_ids, cfg_data):
     return ex, ey, eids
 
 
-def fit(ctx, X, y, ids, eval_set, overwrite: bool, progress, readmit=None) -> Manifest:
-    """Train the ensemble from arrays, the config's dataset or a Parquet source; returns the committed manifest."""
+def fit(ctx, X, y, ids, eval_set, overwrite: bool, progress, readmit=None, risk=None) -> Manifest:
+    """Train the ensemble from arrays, the config's dataset or a Parquet source; returns the committed manifest.
+    ``risk``: each row's deletion prior, for a deletion-aware ``sharding.placement`` (`sisa.risk`)."""
     c = ctx.config
     _check_gpus(ctx)
     parquet = datamod.parquet_source(X, y, ids, eval_set, c.data, lambda rel: ctx.workdir.inside(rel, "data.path"))
     data = None
+    if parquet is not None and (c.sharding.placement != "uniform" or risk is not None):
+        raise ConfigError(
+            "a deletion-aware sharding.placement is not supported for the streaming Parquet source yet: read the "
+            "table and call fit(X, y, ids=..., risk=...), or use data.source csv/npz with data.risk_column",
+            problems=["sharding.placement: streaming Parquet ingestion places rows uniformly only"],
+        )
     if parquet is None:
-        X, y, ids, kind, eval_set, names = load_arrays(ctx, X, y, ids, eval_set)
+        X, y, ids, kind, eval_set, names, risk = load_arrays(ctx, X, y, ids, eval_set, risk)
         num_classes = _num_classes(ctx, int(y.max()), X.shape[1:])
         if eval_set is not None and len(eval_set[1]) and int(eval_set[1].max()) >= num_classes:
             raise DataError(
                 f"eval_set labels go up to {int(eval_set[1].max())} but the ensemble has {num_classes} classes "
                 f"(labels 0..{num_classes - 1}); fix those labels or set data.num_classes"
             )
-        data = (X, y, ids, kind, eval_set, names, num_classes)
+        data = (X, y, ids, kind, eval_set, names, num_classes, risk)
     wd = ctx.workdir
     with wd.lock(what="fit"):
         if wd.exists() and not overwrite:
@@ -143,9 +169,10 @@ def _partition(ctx, storage, data, ingested) -> Manifest:
     ctx.write_config()
     ctx.workdir.secret()
     if ingested is None:
-        X, y, ids, kind, eval_set, names, num_classes = data
+        X, y, ids, kind, eval_set, names, num_classes, risk = data
         _write_eval(ctx.workdir.path / evalfile.NAME, eval_set, kind)
-        slices = write_partition(storage, ids, X, y, kind, c.seed, c.sharding.shards, c.sharding.slices)
+        S, R = c.sharding.shards, c.sharding.slices
+        slices = write_partition(storage, ids, X, y, kind, c.seed, S, R, risk=risk, placement=c.placement())
         shape = list(X.shape[1:])
     else:
         ing, num_classes, eval_tmp = ingested

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from sisa import costmodel
 from sisa.ledger import RequestState
 from sisa.manifest import Manifest
+from sisa.risk import summary as risk_summary
 
 
 def status(ctx, m: Manifest) -> dict:
@@ -24,7 +26,7 @@ def status(ctx, m: Manifest) -> dict:
     ]
     reqs = _requests(ctx)
     c = ctx.config
-    return {
+    out = {
         "workdir": str(ctx.workdir.path),
         "name": c.name,
         "shards": shards,
@@ -37,6 +39,12 @@ def status(ctx, m: Manifest) -> dict:
         "compactions": _count(reqs, "compact"),
         "config_hash": m.config_hash,
     }
+    placed = risk_summary(m, c)
+    if placed is not None:  # a deletion-aware placement: expected cost under the priors vs what was realised
+        receipts = [r["receipt"] for r in ctx.ledger().requests() if r["receipt"]] if reqs else []
+        placed["realised"] = costmodel.realised(receipts)
+        out["placement"] = placed
+    return out
 
 
 def _requests(ctx) -> list[tuple[str, bool]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shards.errors import UnknownIdsError
-from shards.partition import shard_of
+from shards.partition import candidates
 from shards.store import read_slice
 from sisa import evalfile
 from sisa.manifest import Manifest
@@ -16,8 +16,12 @@ def locate(ctx, m: Manifest, ids: list) -> tuple[dict, set, list, list]:
     deleted (the ledger knows their hashes), and unknown."""
     c, store = ctx.config, ctx.storage()
     by_slice: dict[tuple[int, int], list] = {}
+    later: dict = {}  # the second place an id can be in, under a deletion-aware placement (its prior unknown)
     for i in ids:
-        by_slice.setdefault(shard_of(i, c.seed, c.sharding.shards, c.sharding.slices), []).append(i)
+        places = candidates(i, c.seed, c.sharding.shards, c.sharding.slices, c.placement())
+        by_slice.setdefault(places[0], []).append(i)
+        if len(places) > 1:
+            later[i] = places[1]
     found: dict[tuple[int, int], set] = {}
     missing = []
     appended: dict[tuple[int, int], set] = {}  # slices after the config's R (sharding.new_rows: append)
@@ -27,6 +31,8 @@ def locate(ctx, m: Manifest, ids: list) -> tuple[dict, set, list, list]:
         if hit:
             found[(s, j)] = hit
         rest = [i for i in group if i not in present]
+        missing += [i for i in rest if i in later]
+        rest = [i for i in rest if i not in later]
         for k in range(c.sharding.slices, len(m.shards[s].slices)):
             if not rest:
                 break
@@ -37,6 +43,7 @@ def locate(ctx, m: Manifest, ids: list) -> tuple[dict, set, list, list]:
                 found.setdefault((s, k), set()).update(hit)
                 rest = [i for i in rest if i not in hit]
         missing += rest
+    missing = _second_places(store, m, later, missing, found)
     held = evalfile.find(ctx.workdir.path, missing)
     missing = [i for i in missing if i not in held]
     gone = set()
@@ -45,6 +52,22 @@ def locate(ctx, m: Manifest, ids: list) -> tuple[dict, set, list, list]:
         known = ctx.ledger().deleted(hashes)
         gone = {i for i, h in zip(missing, hashes) if h in known}
     return found, held, [i for i in missing if i in gone], [i for i in missing if i not in gone]
+
+
+def _second_places(store, m: Manifest, later: dict, missing: list, found: dict) -> list:
+    """Look for the ids not found at their first place at their second (a deletion-aware placement): adds
+    them to ``found``; returns the ids found nowhere."""
+    groups: dict[tuple[int, int], list] = {}
+    rest = []
+    for i in missing:
+        (groups.setdefault(later[i], []) if i in later else rest).append(i)
+    for (s, j), group in groups.items():
+        present = set(read_slice(store, m.shards[s].slices[j].to_dict())["id"].tolist())
+        hit = {i for i in group if i in present}
+        if hit:
+            found.setdefault((s, j), set()).update(hit)
+        rest += [i for i in group if i not in present]
+    return rest
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,8 @@ class DeletionPlan:
     full_retrain_sample_epochs: int
     speedup: float
     eval_rows: int = 0  # held-out evaluation rows among the ids (erased without retraining)
+    # a deletion-aware placement: the expected cost of one request under the rows' priors (sisa.costmodel)
+    expected_sample_epochs: float | None = None
 
 
 @dataclass(frozen=True)

@@ -93,3 +93,23 @@ def test_add_benchmark_smoke(tmp_path):
     assert inv["compaction"]["measured_sample_epochs"] == inv["compaction"]["estimate_sample_epochs"]
     assert s["canonical"]["final_accuracy"] == inv["fit_of_live_rows_accuracy"]
     assert (tmp_path / "add_cost.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_placement_benchmark_smoke(tmp_path):
+    """The deletion-aware placement benchmark at its smallest: the workers train exactly what each receipt
+    and estimate say, every figure is there, and the placements put the skewed prior's cost below uniform's."""
+    from benchmarks import placement_bench
+
+    res = placement_bench.run("smoke", tmp_path, log=lambda *a: None)
+    s = res["summary"]
+    k = placement_bench.SIZES["smoke"]["requests"]
+    for p in placement_bench.STRATEGIES:
+        for sc in ("skewed", "uniform"):
+            assert len(res[p][sc]) == k
+            assert s[p][sc]["measured_equals_receipt"], "workers' count == receipt == estimate"
+            assert s[p][sc]["expected"] > 0 and s[p][sc]["measured"] > 0
+        assert 0 <= s[p]["accuracy"] <= 1
+    assert sum(x["likely"] for x in res["uniform"]["skewed"]) == round(0.8 * k)
+    for p in ("late_slices", "isolated_shards"):
+        assert s[p]["skewed"]["expected_over_uniform"] < 0.8
+    assert (tmp_path / "placement.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
