@@ -202,8 +202,9 @@ def run_stage(
     metrics: dict = {"shard": shard, "stage": stage, "rows": n, "epochs": [], "seconds": 0.0}
     t0, c0 = time.perf_counter(), time.thread_time()
     if n > 0 and epochs > 0:
-        X = torch.from_numpy(np.ascontiguousarray(rows["x"]))
-        y = torch.from_numpy(np.ascontiguousarray(rows["y"]))
+        # copies, not ascontiguousarray: a one-row field view counts as contiguous with the record's stride
+        X = torch.from_numpy(np.array(rows["x"], dtype=np.float32, order="C", copy=True))
+        y = torch.from_numpy(np.array(rows["y"], dtype=np.int64, order="C", copy=True))
         cb = _train(spec, shard, stage, module, X, y, opt_states, sched_states)
         opt_states, sched_states = cb.opt_states, cb.sched_states
         metrics["epochs"] = cb.epochs
