@@ -155,3 +155,19 @@ def test_csv_id_column_keeps_leading_zeros(tmp_path):
     assert ens.manifest["id_kind"] == "str" and {"007", "7"} <= set(live_ids(ens))
     assert ens.delete("7").rows_deleted == 1
     assert "007" in live_ids(ens) and "7" not in live_ids(ens)
+
+
+def test_a_one_row_slice_with_odd_width_ids_trains():
+    """Found by the property test: a one-row field view of a (U1, i8, f4[6]) record counts as contiguous
+    with the record's 36-byte stride, which torch refuses."""
+    from shards import training
+    from shards.spec import TrainSpec
+
+    rows = np.zeros(1, dtype=[("id", "<U1"), ("y", "<i8"), ("x", "<f4", (6,))])
+    rows["id"], rows["y"], rows["x"] = "0", 1, np.arange(6, dtype=np.float32)
+    spec = TrainSpec(
+        seed=0, model="mlp", model_kwargs={"hidden": [4]}, optim={"optimizer": "adam", "lr": 0.01},
+        epochs_per_stage=(1,), batch_size=4, input_shape=(6,), num_classes=2, threads=1, accelerator="cpu",
+    )
+    ckpt, metrics = training.run_stage(spec, 0, 1, None, rows, "lineage")
+    assert metrics["rows"] == 1 and metrics["epochs"]
