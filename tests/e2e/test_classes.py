@@ -103,9 +103,13 @@ def test_a_workdir_written_before_data_num_classes_still_opens(tmp_path):
     wd = tmp_path / "w"
     # what an older sisa wrote: no data.num_classes in config.yaml, the old hash in the manifest
     doc = yaml.safe_load((wd / "config.yaml").read_text())
-    del doc["data"]["num_classes"]
-    for section, key in (("sharding", "new_rows"), ("sharding", "append_epochs"), ("training", "engine")):
-        doc[section].pop(key, None)  # nor the fields added since (written at their defaults)
+    old_keys = {  # the keys of these sections that sisa wrote before data.num_classes (later ones: defaults)
+        "data": {"source", "path", "id_column", "label_column", "test_fraction", "synthetic"},
+        "sharding": {"shards", "slices"},
+        "training": {"epochs", "schedule", "batch_size", "optimizer", "lr", "weight_decay", "momentum", "lr_gamma", "threads"},
+    }
+    for section, keep in old_keys.items():
+        doc[section] = {k: v for k, v in doc[section].items() if k in keep}
     (wd / "config.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
     manifest = json.loads((wd / "manifest.json").read_text())
     old = {k: doc[k] for k in ("seed", "sharding", "model", "training")}
