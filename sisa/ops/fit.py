@@ -44,6 +44,9 @@ def load_arrays(ctx, X, y, ids, eval_set, risk=None):
         if c.data.risk_column and risk is None and c.data.risk_column in map(str, datamod.table_columns(X)):
             col = X[c.data.risk_column]
             risk = np.asarray(col.to_pylist() if hasattr(col, "to_pylist") else list(col), dtype=object)
+        if c.data.risk_column in map(str, datamod.table_columns(X)):  # the prior is never a feature
+            rc = c.data.risk_column
+            X = X.drop_columns([rc]) if hasattr(X, "drop_columns") else X.drop(columns=[rc])
         names = [str(n) for n in datamod.table_columns(X) if str(n) not in drop]
         X = datamod.select_features(X, names, c.data.id_column, c.data.label_column)
     X, y, ids, kind = datamod.check_training(X, y, ids, c.sharding.shards, c.sharding.slices)

@@ -117,3 +117,52 @@ def test_streaming_placement_needs_the_risk_column(tmp_path):
         SisaEnsemble.from_config(cfg, tmp_path / "b").fit(str(src))
     with pytest.raises(DataError, match="set data.risk_column instead of passing risk"):
         SisaEnsemble.from_config(tiny_config(sharding=PLACED["late"]), tmp_path / "c").fit(str(src), risk=[0.1] * 120)
+
+
+def cli(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "sisa.cli", *map(str, args)], capture_output=True, text=True)
+
+
+def test_cli_add_reads_the_priors_from_the_risk_column(tmp_path):
+    import pyarrow.csv as pacsv
+
+    from shards.partition import assign
+
+    X, y, ids = tiny_data(n=200)
+    risk = priors(len(ids))
+    cfg = tiny_config(sharding=PLACED["late"], data={"risk_column": "p"})
+    ens = SisaEnsemble.from_config(cfg, tmp_path / "w")
+    ens.fit(table(X[:150], y[:150], ids[:150], risk[:150]), y[:150], ids=ids[:150])
+    wd = ens.workdir.path
+    new = table(X[150:175], y[150:175], ids[150:175], risk[150:175])
+    pacsv.write_csv(new.drop_columns(["p"]), tmp_path / "bare.csv")
+    out = cli("add", "--workdir", wd, "--input", tmp_path / "bare.csv", "--executor", "inprocess")
+    assert out.returncode == 2 and "has no column 'p'" in out.stderr and "--risk-column NAME" in out.stderr
+    bad = new.set_column(new.schema.get_field_index("p"), "p", pa.array([0.1] * 24 + [7.0]))
+    pacsv.write_csv(bad, tmp_path / "bad.csv")
+    out = cli("add", "--workdir", wd, "--input", tmp_path / "bad.csv", "--executor", "inprocess")
+    assert out.returncode == 2 and "row 24 has 7.0" in out.stderr
+    pacsv.write_csv(new, tmp_path / "new.csv")
+    out = cli("add", "--workdir", wd, "--input", tmp_path / "new.csv", "--executor", "inprocess")
+    assert out.returncode == 0, out.stderr
+    # a Parquet input naming its prior column on the command line
+    pq.write_table(table(X[175:], y[175:], ids[175:], risk[175:]).rename_columns([*new.column_names[:-1], "q"]),
+                   tmp_path / "more.parquet")  # fmt: skip
+    out = cli("add", "--workdir", wd, "--input", tmp_path / "more.parquet", "--risk-column", "q", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    out = cli("add", "--workdir", wd, "--input", tmp_path / "more.parquet", "--executor", "inprocess")
+    assert out.returncode == 2 and "has no column 'p'" in out.stderr, "data.risk_column is the default"
+
+    ens = SisaEnsemble.open(wd, executor="inprocess")
+    got = {}
+    for s, sh in enumerate(ens.manifest.shards):
+        for j, e in enumerate(sh.slices):
+            rows = ens._ctx.storage().read(e.file, e.sha256)
+            rows = np.load(__import__("io").BytesIO(rows))
+            got.update({i: (s, j, r) for i, r in zip(rows["id"].tolist(), rows["risk"].tolist())})
+    shard, sl, _ = assign(ids[:175], cfg["seed"], 3, 3, risk[:175], ens._ctx.config.placement())
+    assert got == {i: (int(a), int(b), float(r)) for i, a, b, r in zip(ids[:175].tolist(), shard, sl, risk[:175])}
+    assert any(r >= 0.2 for r in risk[150:175]), "the batch has likely rows, placed in the last slice"
