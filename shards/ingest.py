@@ -30,7 +30,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from shards import validation as check
 from shards.errors import DataError
-from shards.partition import assign, canonical_ids, holdout_mask
+from shards.partition import Placement, assign, canonical_ids, holdout_mask
 from shards.schema import npy_header, row_dtype, row_fields
 from shards.storage import Storage, atomic_path, zero_and_remove
 from shards.store import write_encoded
@@ -89,9 +89,15 @@ class _Columns:
     """Which columns are ids, labels and features (`shards.validation` rules), and the numpy type the
     features are combined in."""
 
-    def __init__(self, schema, id_column: str, label_column: str, where: str):
+    def __init__(self, schema, id_column: str, label_column: str, where: str, risk_column: str | None = None):
         names = schema.names
         self.features = check.check_columns(names, id_column, label_column, where)
+        self.risk, self.risk_type = risk_column, None
+        if risk_column:  # the deletion priors (data.risk_column): never a feature, as in `sisa.data.from_file`
+            if risk_column not in names:
+                raise DataError(f"{where} has no column {risk_column!r} (data.risk_column)", path=where)
+            self.features = check.feature_columns(self.features, (risk_column,), where)
+            self.risk_type = schema.field(risk_column).type
         check.check_id_type(schema, id_column)
         self.common = np.result_type(*check.feature_dtypes(schema, self.features, where))  # as np.column_stack
         self.id, self.label, self.names, self.where = id_column, label_column, names, where
@@ -99,13 +105,20 @@ class _Columns:
     def check_same(self, other: _Columns, where: str) -> None:
         if other.names != self.names:
             raise DataError(f"{where} has columns {other.names[:10]}, unlike the first file's {self.names[:10]}")
+        if other.risk_type != self.risk_type:
+            raise DataError(
+                f"{where}: risk column {self.risk!r} has type {other.risk_type}, unlike the first file's "
+                f"{self.risk_type}; priors are numbers or class names in every file"
+            )
 
 
 class _Spill:
     """Rows appended per (shard, slice) to local files, plus the held-out rows in their original order."""
 
-    def __init__(self, root: str, shards: int, slices: int, seed: int, test_fraction: float):
+    def __init__(self, root: str, shards: int, slices: int, seed: int, test_fraction: float, placement=None, classes=None):
         self.root, self.S, self.R = root, shards, slices
+        self.placement = placement if isinstance(placement, Placement) and not placement.uniform else None
+        self.risk = check.RiskCheck(classes, "risk") if self.placement else None
         self.seed, self.test_fraction = seed, test_fraction
         self.counts = np.zeros(shards * slices, np.int64)
         self.id_width = np.ones(shards * slices, np.int64)  # longest str id per slice (1 for int ids)
@@ -118,8 +131,9 @@ class _Spill:
     def file(self, b) -> str:
         return os.path.join(self.root, f"{b}.spill")
 
-    def add(self, ids_arr, labels, X: np.ndarray, cols: _Columns) -> None:
-        """Check one chunk (arrow id and label arrays, float32 features) by `shards.validation` and spill it."""
+    def add(self, ids_arr, labels, X: np.ndarray, cols: _Columns, risk_arr=None) -> None:
+        """Check one chunk (arrow id, label and, under a deletion-aware placement, risk arrays; float32
+        features) by `shards.validation` and spill it. Bad priors are raised at the end (`RiskCheck.finish`)."""
         n, first = len(X), self.seen
         self.seen += n
         check.check_missing(ids_arr, "id", cols.id, first, cols.where)
@@ -129,34 +143,39 @@ class _Spill:
         check.check_finite(X, first)
         y = check.check_labels(labels.to_numpy(zero_copy_only=False), n, first_row=first)
         self.feature_shape = X.shape[1:]
+        risk = self.risk.add(np.asarray(risk_arr.to_pylist(), dtype=object)) if self.risk else None
         held = holdout_mask(ids, self.seed, self.test_fraction)
         if held.any():
             self._append("eval", ids[held], y[held], X[held], None)
             self.eval_rows += int(held.sum())
         keep = ~held
         ids, y, X = ids[keep], y[keep], X[keep]
+        risk = risk[keep] if risk is not None else None
         if len(y):  # like the in-memory path: the class count comes from the training rows
             self.max_label = max(self.max_label, int(y.max()))
-        shard, sl, rank = assign(ids, self.seed, self.S, self.R)
+        shard, sl, rank = assign(ids, self.seed, self.S, self.R, risk, self.placement)
         bucket = shard * self.R + sl
         order = np.argsort(bucket, kind="stable")  # keeps source order inside a bucket (the rank tie-break)
         bounds = np.searchsorted(bucket[order], np.arange(self.S * self.R + 1))
         lengths = np.char.str_len(ids) if kind == "str" else None
         for b in np.flatnonzero(np.diff(bounds)):
             idx = order[bounds[b] : bounds[b + 1]]
-            self._append(b, ids[idx], y[idx], X[idx], rank[idx])
+            self._append(b, ids[idx], y[idx], X[idx], rank[idx], None if risk is None else risk[idx])
             self.counts[b] += len(idx)
             if lengths is not None:
                 self.id_width[b] = max(self.id_width[b], int(lengths[idx].max()))
 
-    def _append(self, b, ids, y, X, rank) -> None:
-        fields = row_fields(ids.dtype, X.shape[1:])  # the chunk's id dtype: widths are fixed when a slice is written
+    def _append(self, b, ids, y, X, rank, risk=None) -> None:
+        # the chunk's id dtype: widths are fixed when a slice is written
+        fields = row_fields(ids.dtype, X.shape[1:], risk is not None)
         if rank is not None:
             fields.insert(0, ("rank", np.uint64))
         rows = np.empty(len(ids), dtype=fields)
         rows["id"], rows["y"], rows["x"] = ids, y, X
         if rank is not None:
             rows["rank"] = rank
+        if risk is not None:
+            rows["risk"] = risk
         with open(self.file(b), "ab") as f:
             np.save(f, rows, allow_pickle=False)
 
@@ -201,11 +220,13 @@ def _read_file(pf, cols: _Columns, spill: _Spill, batch_bytes: int, row_group_bu
                 for c in feats:
                     check.check_missing(batch.column(c), "feature", c, spill.seen, cols.where)
                 X = np.column_stack([batch.column(c).to_numpy(zero_copy_only=False) for c in feats])
-                spill.add(batch.column(cols.id), batch.column(cols.label), X.astype(np.float32), cols)
+                risk = batch.column(cols.risk) if cols.risk else None
+                spill.add(batch.column(cols.id), batch.column(cols.label), X.astype(np.float32), cols, risk)
             continue
         # A big row group: one column at a time into a disk-backed (features, rows) buffer.
         ids = pf.read_row_group(g, columns=[cols.id], use_threads=False).column(0).combine_chunks()
         labels = pf.read_row_group(g, columns=[cols.label], use_threads=False).column(0).combine_chunks()
+        risk = pf.read_row_group(g, columns=[cols.risk], use_threads=False).column(0).combine_chunks() if cols.risk else None
         n = len(ids)
         path = os.path.join(scratch, "rowgroup.buf")
         buf = np.memmap(path, dtype=np.float32, mode="w+", shape=(len(feats), max(1, n)))
@@ -219,7 +240,8 @@ def _read_file(pf, cols: _Columns, spill: _Spill, batch_bytes: int, row_group_bu
             for a in range(0, n, batch_rows):
                 b = min(n, a + batch_rows)
                 X = np.ascontiguousarray(buf[:, a:b].T)
-                spill.add(ids.slice(a, b - a), labels.slice(a, b - a), X, cols)
+                r = risk.slice(a, b - a) if risk is not None else None
+                spill.add(ids.slice(a, b - a), labels.slice(a, b - a), X, cols, r)
         finally:
             del buf
             os.remove(path)
@@ -240,21 +262,31 @@ def ingest_parquet(
     options: dict | None = None,
     batch_bytes: int = 8 << 20,
     row_group_budget: int = 64 << 20,
+    risk_column: str | None = None,
+    placement: Placement | None = None,
+    risk_classes: dict | None = None,
 ) -> Ingested:
     """Partition the Parquet dataset at ``source`` into ``storage`` without holding it in memory.
 
+    Under a deletion-aware ``placement`` each row's prior is read from ``risk_column`` (`RiskCheck`: the rules
+    and messages of the in-memory path), steers its place (`shards.partition.assign`) and is stored with it.
     Raises DataError (naming what to change) on bad data; slice files written before the error are
     left for the caller to purge (they are content-addressed and referenced by no manifest).
     """
     fs, files = parquet_files(source, options)
     os.makedirs(spill_dir or tempfile.gettempdir(), exist_ok=True)
     root = tempfile.mkdtemp(prefix=".ingest-", dir=spill_dir)
-    spill = _Spill(root, shards, slices, seed, test_fraction)
+    spill = _Spill(root, shards, slices, seed, test_fraction, placement, risk_classes)
+    if spill.placement is not None and not risk_column:
+        raise DataError(
+            f"sharding.placement {placement.kind} places rows by their deletion prior: set data.risk_column to "
+            f"the column of {source} that holds each row's prior (a probability in [0, 1] or a class name)"
+        )
     try:
         first = None
         for path in files:
             pf = _open(fs, path)
-            cols = _Columns(pf.schema_arrow, id_column, label_column, path)
+            cols = _Columns(pf.schema_arrow, id_column, label_column, path, risk_column if spill.placement else None)
             if first is None:
                 first = cols
             else:
@@ -262,6 +294,8 @@ def ingest_parquet(
             _read_file(pf, cols, spill, batch_bytes, row_group_budget, root)
         train = int(spill.counts.sum())
         check.check_not_empty(spill.seen, source)
+        if spill.risk is not None:
+            spill.risk.finish()
         check.check_row_count(train, shards, slices)
         # equal ids land in the same slice (or both in eval): checked per part, reported as for all rows
         repeated = (
@@ -286,7 +320,8 @@ def _write_slice(storage: Storage, spill: _Spill, s: int, j: int, repeated: list
     about twice the slice."""
     b = s * spill.R + j
     n = int(spill.counts[b])
-    dtype = row_dtype(spill.kind, int(spill.id_width[b]), spill.feature_shape)
+    placed = spill.placement is not None
+    dtype = row_dtype(spill.kind, int(spill.id_width[b]), spill.feature_shape, placed)
     rows = np.zeros(n, dtype=dtype)
     rank = np.empty(n, np.uint64)
     at = 0
@@ -294,8 +329,10 @@ def _write_slice(storage: Storage, spill: _Spill, s: int, j: int, repeated: list
         k = len(c)
         rows["id"][at : at + k], rows["y"][at : at + k], rows["x"][at : at + k] = c["id"], c["y"], c["x"]
         rank[at : at + k] = c["rank"]
+        if placed:
+            rows["risk"][at : at + k] = c["risk"]
         at += k
-    assert at == n and dtype == row_dtype(spill.kind, rows["id"], spill.feature_shape)
+    assert at == n and dtype == row_dtype(spill.kind, rows["id"], spill.feature_shape, placed)
     repeated.append(check.repeated_ids(rows["id"]))
     header = npy_header(dtype, n)
     h = len(header)
@@ -305,7 +342,10 @@ def _write_slice(storage: Storage, spill: _Spill, s: int, j: int, repeated: list
     # mode="clip": the indices are valid anyway, and the default mode would buffer a full copy
     np.take(rows, order, axis=0, out=np.frombuffer(data, dtype=dtype, offset=h, count=n), mode="clip")
     del rows, rank
-    return write_encoded(storage, s, j, data, n)
+    entry = write_encoded(storage, s, j, data, n)
+    if placed:  # as `shards.store.write_slice`: the slice's summed prior, over its rows in canonical order
+        entry["risk"] = float(np.sum(np.frombuffer(data, dtype=dtype, offset=h, count=n)["risk"], dtype=np.float64))
+    return entry
 
 
 def _write_eval(spill: _Spill, eval_path: str) -> None:

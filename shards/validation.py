@@ -210,31 +210,73 @@ def check_risk(risk, n_rows: int, classes: dict | None = None, what: str = "risk
         raise DataError(f"{what} must be one value per row (a 1-D sequence), got shape {arr.shape}")
     if len(arr) != n_rows:
         raise DataError(f"{what} has {len(arr)} entries but there are {n_rows} rows; give one prior per row")
-    if arr.dtype.kind in "USO" and any(isinstance(v, (str, bytes)) for v in arr.tolist()):
-        return _risk_classes(arr, classes or {}, what)
-    if arr.dtype.kind == "b" or any(isinstance(v, (bool, np.bool_)) or v is None for v in arr.tolist()):
-        raise DataError(f"{what} must be numbers in [0, 1] or class names, not booleans or None")
-    try:
-        out = np.asarray(arr, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise DataError(f"{what} must be numbers in [0, 1] or class names (sharding.risk_classes)") from None
-    bad = np.flatnonzero(~np.isfinite(out) | (out < 0) | (out > 1))
-    if len(bad):
-        raise DataError(
-            f"{what} must be a probability in [0, 1] for every row; row {int(bad[0])} has {float(out[bad[0]])!r} "
-            f"({len(bad)} bad row(s))",
-            rows=bad[:5].tolist(),
-        )
+    stream = RiskCheck(classes, what)
+    out = stream.add(arr)
+    stream.finish()
     return out
 
 
-def _risk_classes(arr: np.ndarray, classes: dict, what: str) -> np.ndarray:
-    vals = [v.decode() if isinstance(v, bytes) else v for v in arr.tolist()]
-    unknown = sorted({str(v) for v in vals if not isinstance(v, str) or v not in classes})
-    if unknown:
-        known = ", ".join(sorted(classes)) or "none: set sharding.risk_classes"
-        raise DataError(
-            f"{what} names {len(unknown)} unknown class(es), e.g. {unknown[:5]}; known classes: {known}",
-            problems=[f"unknown risk class {u!r}" for u in unknown[:5]],
-        )
-    return np.array([float(classes[v]) for v in vals], dtype=np.float64)
+class RiskCheck:
+    """`check_risk` over the chunks of a stream (`shards.ingest`): `add` gives each chunk's priors (NaN where a
+    value is bad) and `finish` raises the DataError `check_risk` raises for all rows at once, with the same
+    message (first bad row, counts, unknown class names over the whole stream). A column holds class names
+    or numbers, not both (the out-of-core path checks the column's type is the same in every file)."""
+
+    def __init__(self, classes: dict | None = None, what: str = "risk"):
+        self.classes, self.what = classes or {}, what
+        self.rows = 0
+        self.named = False  # some value is a class name: every other value must be one too
+        self.unknown: set[str] = set()
+        self.nulls = False  # a None (unknown as a class name; refused as a number)
+        self.invalid = self.nonnumeric = False
+        self.bad: list[int] = []  # out of [0, 1]: the first five rows
+        self.bad_count, self.bad_value = 0, None
+
+    def add(self, chunk) -> np.ndarray:
+        arr = np.asarray(chunk, dtype=object) if not isinstance(chunk, np.ndarray) else chunk
+        first, vals = self.rows, arr.tolist()
+        self.rows += len(vals)
+        self.nulls |= any(v is None for v in vals)
+        if arr.dtype.kind in "USO" and any(isinstance(v, (str, bytes)) for v in vals):
+            self.named = True
+            vals = [v.decode() if isinstance(v, bytes) else v for v in vals]
+            self.unknown.update(str(v) for v in vals if v is not None and (not isinstance(v, str) or v not in self.classes))
+            return np.array([float(self.classes.get(v, np.nan)) if isinstance(v, str) else np.nan for v in vals])
+        if arr.dtype.kind == "b" or any(isinstance(v, (bool, np.bool_)) for v in vals):
+            self.invalid = True
+            return np.full(len(vals), np.nan)
+        try:
+            out = np.asarray([np.nan if v is None else v for v in vals] if arr.dtype.kind == "O" else arr, np.float64)
+        except (TypeError, ValueError):
+            self.nonnumeric = True
+            return np.full(len(vals), np.nan)
+        bad = np.flatnonzero(~np.isfinite(out) | (out < 0) | (out > 1))
+        bad = bad[[vals[k] is not None for k in bad]] if arr.dtype.kind == "O" and len(bad) else bad
+        if len(bad) and self.bad_value is None:
+            self.bad_value = float(out[bad[0]])
+        self.bad.extend((first + bad[: 5 - len(self.bad)]).tolist())
+        self.bad_count += len(bad)
+        return out
+
+    def finish(self) -> None:
+        """Raise the DataError of the bad values seen, if any."""
+        what = self.what
+        if self.named:
+            unknown = sorted(self.unknown | ({"None"} if self.nulls else set()))
+            if unknown:
+                known = ", ".join(sorted(self.classes)) or "none: set sharding.risk_classes"
+                raise DataError(
+                    f"{what} names {len(unknown)} unknown class(es), e.g. {unknown[:5]}; known classes: {known}",
+                    problems=[f"unknown risk class {u!r}" for u in unknown[:5]],
+                )
+            return
+        if self.invalid or self.nulls:
+            raise DataError(f"{what} must be numbers in [0, 1] or class names, not booleans or None")
+        if self.nonnumeric:
+            raise DataError(f"{what} must be numbers in [0, 1] or class names (sharding.risk_classes)")
+        if self.bad_count:
+            raise DataError(
+                f"{what} must be a probability in [0, 1] for every row; row {self.bad[0]} has {self.bad_value!r} "
+                f"({self.bad_count} bad row(s))",
+                rows=self.bad[:5],
+            )

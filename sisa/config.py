@@ -39,7 +39,7 @@ class DataConfig(_Strict):
     # The model's output space: labels are the integers 0..num_classes-1. Inferred at fit when unset (the
     # largest label + 1) and then written into the workdir's config.yaml, so that a deletion never changes it.
     num_classes: int | None = Field(None, ge=1)
-    # a column (CSV, Parquet read in memory, or an array "risk" of an npz) holding each row's deletion prior:
+    # a column (CSV, Parquet, also streamed, or an array "risk" of an npz) holding each row's deletion prior:
     # a probability in [0, 1] or a class name of sharding.risk_classes (needs a deletion-aware placement)
     risk_column: str | None = None
     synthetic: SyntheticData = SyntheticData()
@@ -89,7 +89,12 @@ class ShardingConfig(_Strict):
                 )
             return self
         if self.new_rows == "append":
-            raise ValueError(f"placement {self.placement!r} works with new_rows: canonical only, not append")
+            raise ValueError(
+                f"placement {self.placement!r} works with new_rows: canonical only, not append: an appended slice "
+                "takes a whole batch at the end of its shards whatever the rows' priors, so the placement's layout "
+                "(and compaction back to it) would not hold; use new_rows: canonical (the default: each new row goes "
+                "where fit would put it by its prior) or placement: uniform to append"
+            )
         if self.placement == "late_slices" and self.slices < 2:
             raise ValueError("placement late_slices needs sharding.slices >= 2 (likely rows fill the last slice)")
         if self.placement == "isolated_shards" and self.isolated_count() >= self.shards:

@@ -21,6 +21,7 @@ from sisa import costmodel
 from sisa import data as datamod
 from sisa.audit.cli import audit, audit_example, publish
 from sisa.cli import render
+from sisa.cli.addinput import read_addition
 from sisa.cli.demo import run as run_demo
 from sisa.cli.quiet import hush
 from sisa.cli.render import Progress, receipt_text, status_table, to_json
@@ -313,50 +314,32 @@ main.add_command(publish)
     help="ids file of erased ids whose owners consented again (recorded in the ledger), in --readmit-format",
 )
 @click.option("--readmit-format", type=click.Choice(["lines", "nul", "json"]), default="lines", show_default=True)
+@click.option(
+    "--risk-column",
+    default=None,
+    help="the column of INPUT (npz: array) with each row's deletion prior (default data.risk_column); "
+    "needed when sharding.placement is not uniform",
+)
 @click.option("--dry-run", is_flag=True, help="only check the rows and show the plan: shards, stages and cost")
 @click.option("--executor", type=click.Choice(["ray", "inprocess"]), default=None)
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
-def add_rows(workdir, input_, readmit_file, readmit_format, dry_run, executor, as_json):
+def add_rows(workdir, input_, readmit_file, readmit_format, risk_column, dry_run, executor, as_json):
     """Add the rows of INPUT to the ensemble without a refit (erased ids are refused unless readmitted)."""
     try:
         ens = sisa.SisaEnsemble.open(workdir, executor=executor)
-        X, y, ids = _read_addition(Path(input_), ens)
+        X, y, ids, risk = read_addition(Path(input_), ens, risk_column)
         kind = ens.manifest.id_kind
         readmit = _request_ids(kind, (), readmit_file, readmit_format) if readmit_file else None
         if dry_run:
-            plan = ens.estimate_addition_cost(X, y, ids=ids, readmit=readmit)
+            plan = ens.estimate_addition_cost(X, y, ids=ids, readmit=readmit, risk=risk)
             c = ens.config.sharding
             click.echo(to_json(plan.__dict__) if as_json else render.addition_plan_text(plan, c.shards, c.slices))
             return
-        r = ens.add(X, y, ids=ids, readmit=readmit)
+        r = ens.add(X, y, ids=ids, readmit=readmit, risk=risk)
         ens.close()
     except SisaError as e:
         _fail(e)
     click.echo(to_json(r.to_dict()) if as_json else _addition_text(r))
-
-
-def _read_addition(path: Path, ens):
-    """(X, y, ids) of a new batch: an .npz (X, y, ids; positional), or a CSV/Parquet table whose id and label
-    columns are the config's and whose features are matched to the training features by name."""
-    from shards import validation as check
-    from shards.ids import parse_text_ids
-
-    d = ens.config.data
-    data = datamod.read_file(
-        path, ("X", "y", "ids"), text_columns=(d.id_column,), suffixes=(".npz", *datamod.TABLE_SUFFIXES)
-    )
-    if isinstance(data, dict):
-        return data["X"], data["y"], data["ids"]
-    check.check_columns(data.column_names, d.id_column, d.label_column, str(path))
-    check.check_id_type(data.schema, d.id_column)
-    raw, labels = data[d.id_column], data[d.label_column]
-    check.check_missing(raw, "id", d.id_column, where=str(path))
-    check.check_missing(labels, "label", d.label_column, where=str(path))
-    if path.suffix.lower() == ".csv":
-        ids = parse_text_ids(raw.to_pylist(), ens.manifest.id_kind)[0]
-    else:
-        ids = raw.to_numpy(zero_copy_only=False)
-    return data, labels.to_numpy(zero_copy_only=False), ids
 
 
 def _addition_text(r) -> str:

@@ -44,6 +44,9 @@ def load_arrays(ctx, X, y, ids, eval_set, risk=None):
         if c.data.risk_column and risk is None and c.data.risk_column in map(str, datamod.table_columns(X)):
             col = X[c.data.risk_column]
             risk = np.asarray(col.to_pylist() if hasattr(col, "to_pylist") else list(col), dtype=object)
+        if c.data.risk_column in map(str, datamod.table_columns(X)):  # the prior is never a feature
+            rc = c.data.risk_column
+            X = X.drop_columns([rc]) if hasattr(X, "drop_columns") else X.drop(columns=[rc])
         names = [str(n) for n in datamod.table_columns(X) if str(n) not in drop]
         X = datamod.select_features(X, names, c.data.id_column, c.data.label_column)
     X, y, ids, kind = datamod.check_training(X, y, ids, c.sharding.shards, c.sharding.slices)
@@ -106,11 +109,10 @@ def fit(ctx, X, y, ids, eval_set, overwrite: bool, progress, readmit=None, risk=
     _check_gpus(ctx)
     parquet = datamod.parquet_source(X, y, ids, eval_set, c.data, lambda rel: ctx.workdir.inside(rel, "data.path"))
     data = None
-    if parquet is not None and (c.sharding.placement != "uniform" or risk is not None):
-        raise ConfigError(
-            "a deletion-aware sharding.placement is not supported for the streaming Parquet source yet: read the "
-            "table and call fit(X, y, ids=..., risk=...), or use data.source csv/npz with data.risk_column",
-            problems=["sharding.placement: streaming Parquet ingestion places rows uniformly only"],
+    if parquet is not None and risk is not None:
+        raise DataError(
+            "a streaming Parquet source reads each row's deletion prior from its own column: set data.risk_column "
+            "instead of passing risk=[...] (or read the table and call fit(X, y, ids=..., risk=...))"
         )
     if parquet is None:
         X, y, ids, kind, eval_set, names, risk = load_arrays(ctx, X, y, ids, eval_set, risk)
@@ -284,6 +286,9 @@ def _ingest(ctx, storage, source: str):
             eval_path=str(eval_tmp),
             spill_dir=os.environ.get("SISA_SPILL_DIR") or str(wd.path),
             options=options,
+            risk_column=c.data.risk_column,
+            placement=c.placement(),
+            risk_classes=c.sharding.risk_classes,
         )
         return ing, _num_classes(ctx, ing.max_label, ing.input_shape), eval_tmp
     except BaseException:

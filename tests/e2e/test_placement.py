@@ -140,7 +140,7 @@ def test_risk_needs_a_placement_and_the_config_is_checked(tmp_path):
         fit(tiny_config(), tmp_path / "a", X, y, ids, priors(ids))
     with pytest.raises(ConfigError, match="isolated_shards < shards"):
         SisaEnsemble.from_config(tiny_config(sharding={"placement": "isolated_shards", "isolated_shards": 3}), tmp_path)
-    with pytest.raises(ConfigError, match="new_rows: canonical only"):
+    with pytest.raises(ConfigError, match="new_rows: canonical only, not append: an appended slice .* use new_rows: canonical"):
         SisaEnsemble.from_config(tiny_config(sharding={"placement": "late_slices", "new_rows": "append"}), tmp_path)
     with pytest.raises(ConfigError, match="probabilities in \\[0, 1\\]"):
         SisaEnsemble.from_config(
