@@ -290,17 +290,7 @@ def _receipt(ctx, rid: str, plan: dict, before: Manifest, plans, added: dict, co
         hashed_ids=[],  # an addition deletes nothing; the ledger holds no ids for it
         rows_deleted=0,
         already_deleted=0,
-        shards={
-            p.shard: {
-                "from_stage": p.start_stage,
-                "rows_added": added[p.shard],
-                "resumed_from": p.prev["sha256"] if p.prev else None,
-                "checkpoints_before": [c.sha256 for c in before.shards[p.shard].checkpoints[p.start_stage - 1 :]],
-                "checkpoints_after": [c["sha256"] for c in p.checkpoints],
-                "lineage_after": p.checkpoints[-1]["lineage"] if p.checkpoints else None,
-            }
-            for p in plans
-        },
+        shards={p.shard: receipts.shard_entry(p, before, rows_added=added[p.shard]) for p in plans},
         config_hash=before.config_hash,
         cost=cost,
         wall_seconds=time.time() - t0,

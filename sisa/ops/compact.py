@@ -167,16 +167,7 @@ def _receipt(ctx, rid: str, before: Manifest, plans, cost: dict, t0: float) -> R
         hashed_ids=[],  # a compaction deletes nothing and adds nothing
         rows_deleted=0,
         already_deleted=0,
-        shards={
-            p.shard: {
-                "from_stage": 1,
-                "resumed_from": None,
-                "checkpoints_before": [c.sha256 for c in before.shards[p.shard].checkpoints],
-                "checkpoints_after": [c["sha256"] for c in p.checkpoints],
-                "lineage_after": p.checkpoints[-1]["lineage"] if p.checkpoints else None,
-            }
-            for p in plans
-        },
+        shards={p.shard: receipts.shard_entry(p, before) for p in plans},  # every shard from stage 1
         config_hash=before.config_hash,
         cost=cost,
         wall_seconds=time.time() - t0,

@@ -285,17 +285,7 @@ def _receipt(ctx, rid, hashed, plan, before: Manifest, plans, removed, cost, t0,
         hashed_ids=sorted(hashed),
         rows_deleted=sum(removed.values()),
         already_deleted=already,
-        shards={
-            p.shard: {
-                "from_stage": p.start_stage,
-                "rows_removed": removed[p.shard],
-                "resumed_from": p.prev["sha256"] if p.prev else None,
-                "checkpoints_before": [c.sha256 for c in before.shards[p.shard].checkpoints[p.start_stage - 1 :]],
-                "checkpoints_after": [c["sha256"] for c in p.checkpoints],
-                "lineage_after": p.checkpoints[-1]["lineage"] if p.checkpoints else None,
-            }
-            for p in plans
-        },
+        shards={p.shard: receipts.shard_entry(p, before, rows_removed=removed[p.shard]) for p in plans},
         config_hash=before.config_hash,
         cost=cost,
         wall_seconds=time.time() - t0,

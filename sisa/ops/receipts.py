@@ -102,6 +102,19 @@ class Receipt:
         return cls(**d)
 
 
+def shard_entry(plan, before, **extra) -> dict:
+    """A receipt's record of one retrained shard: the stage it restarted from, what it resumed from, and its
+    checkpoints before and after (``before`` is the manifest the operation started from)."""
+    return {
+        "from_stage": plan.start_stage,
+        **extra,
+        "resumed_from": plan.prev["sha256"] if plan.prev else None,
+        "checkpoints_before": [c.sha256 for c in before.shards[plan.shard].checkpoints[plan.start_stage - 1 :]],
+        "checkpoints_after": [c["sha256"] for c in plan.checkpoints],
+        "lineage_after": plan.checkpoints[-1]["lineage"] if plan.checkpoints else None,
+    }
+
+
 def _receipt_key(workdir) -> bytes:
     return hmac.new(workdir.secret(), b"sisa receipt signature v1", hashlib.sha256).digest()
 
