@@ -99,7 +99,11 @@ class SisaModule(pl.LightningModule):
         """
         lopt = self.optimizers()
         plain = self.trainer.precision == "32-true" and type(self.trainer.strategy).__name__ == "SingleDeviceStrategy"
-        opt = lopt.optimizer if plain else lopt
+        return self.train_chunk(lopt.optimizer if plain else lopt, xs, ys, plain)
+
+    def train_chunk(self, opt, xs, ys, plain: bool = True) -> dict:
+        """`_chunk_step` with the optimizer given: ``plain`` steps the torch optimizer ``opt`` directly (also
+        what `shards.loop` calls, without a Trainer), else ``opt`` is Lightning's and so is the backward."""
         fast = self._fast_engine(opt) if plain else None
         fast_logits: list = []  # the fast engine counts correct predictions once per chunk
         total = torch.zeros((), device=xs[0].device)

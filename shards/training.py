@@ -1,7 +1,8 @@
 """One shard's sliced training: stage r resumes from the state after stage r-1 and trains on slices 1..r.
 
 Every stage goes through the same path, straight run or resume: build the module from its seed, load the
-previous state (weights, optimizer, scheduler), train with a fresh Lightning Trainer, serialize. The data
+previous state (weights, optimizer, scheduler), train with a fresh Lightning Trainer (built-ins on the CPU:
+the same steps without one, `shards.loop`), serialize. The data
 order and the torch RNG are re-derived from (seed, shard, stage, epoch) at every epoch start, so nothing
 else needs restoring and a resumed stage is bit-identical to a straight one.
 
@@ -23,18 +24,22 @@ import re
 import threading
 import time
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from shards import loop
 from shards.errors import ConfigError, IntegrityError
 from shards.models import SisaModule, build_module
 from shards.spec import SisaContext, TrainSpec, derive_seed
 
 FORMAT = 1
 CHUNK_ROWS = 4096  # rows per Lightning step for built-in modules (whole batches, at least one)
+# built-in modules on the CPU train in `shards.loop` (no Trainer); False: under Lightning (tests compare the two)
+DIRECT = True
 ACCURACY_ROWS = 1024  # train accuracy after each stage is measured on at most this many rows (every k-th)
 # Lightning's info logs and the warnings sisa's own Trainer setup triggers are silenced while a stage trains,
 # and only then: importing sisa changes no global warning or logging state.
@@ -150,7 +155,7 @@ class _ExactResume(pl.Callback):
     def on_train_epoch_start(self, trainer, pl_module):
         self._take_logged(trainer)
         epoch = trainer.current_epoch
-        torch.manual_seed(derive_seed(self.spec.seed, self.shard, self.stage, epoch, "torch"))
+        loop.seed_torch(derive_seed(self.spec.seed, self.shard, self.stage, epoch, "torch"), self.spec.accelerator)
         self.sampler.set_epoch(epoch)
         self._loss, self._batches, self._t0 = 0.0, 0, time.perf_counter()
         self._correct, self._seen = 0, 0
@@ -202,7 +207,7 @@ class _ExactResume(pl.Callback):
 
 
 def init_module(spec: TrainSpec, shard: int) -> pl.LightningModule:
-    torch.manual_seed(derive_seed(spec.seed, shard, "init"))
+    loop.seed_torch(derive_seed(spec.seed, shard, "init"), spec.accelerator)
     return build_module(spec.model, spec.model_kwargs, spec.optim, spec.input_shape, spec.num_classes)
 
 
@@ -222,7 +227,6 @@ def save_checkpoint(ckpt: dict) -> bytes:
     return buf.getvalue()
 
 
-@quiet_training()
 def run_stage(
     spec: TrainSpec, shard: int, stage: int, prev: dict | None, rows: np.ndarray, lineage: str
 ) -> tuple[dict, dict]:
@@ -270,15 +274,25 @@ def run_stage(
     return ckpt, metrics
 
 
-def _train(spec: TrainSpec, shard: int, stage: int, module, X, y, opt_states, sched_states) -> _ExactResume:
-    """One stage's Lightning fit. Built-ins: chunks of batches, barebones. A user's module: plain batches,
-    its ``sisa_context``, and a Trainer that keeps ``self.log`` (no logger, checkpoints or progress bar)."""
+class Trained(NamedTuple):
+    """What a stage's training leaves: per-epoch metrics and the optimizer and scheduler states."""
+
+    epochs: list[dict]
+    opt_states: list
+    sched_states: list
+
+
+def _train(spec: TrainSpec, shard: int, stage: int, module, X, y, opt_states, sched_states) -> Trained | _ExactResume:
+    """One stage's training. Built-ins: chunks of batches, in `shards.loop` on the CPU, else a barebones
+    Trainer. A user's module: plain batches, its ``sisa_context``, and a Trainer that keeps ``self.log``
+    (no logger, checkpoints or progress bar)."""
     sampler = EpochBatches(len(y), spec.batch_size, spec.seed, shard, stage)
     builtin = isinstance(module, SisaModule)
     if builtin:
         loader = EpochChunks(X, y, sampler, CHUNK_ROWS // spec.batch_size)
         module.sisa_engine = spec.extra.get("engine", "eager")  # training.engine (shards.fast)
-        mode: dict = {"barebones": True}
+        if DIRECT and loop.applies(module, spec.accelerator):  # no Trainer: the same bits (shards.loop)
+            return Trained(*loop.train(spec, shard, stage, module, loader, sampler, opt_states, sched_states))
     else:
         loader = DataLoader(
             _Rows(X, y),
@@ -286,10 +300,18 @@ def _train(spec: TrainSpec, shard: int, stage: int, module, X, y, opt_states, sc
             batch_size=None,
             generator=torch.Generator().manual_seed(derive_seed(spec.seed, shard, stage, "loader")),
         )
+        module.sisa_context = SisaContext(shard, stage, spec.epochs_per_stage, len(y), spec.batch_size, spec.optim)
+    with quiet_training():  # only Lightning chatters: the direct loop needs no silencing
+        return _fit(spec, stage, module, loader, _ExactResume(spec, shard, stage, opt_states, sched_states, sampler))
+
+
+def _fit(spec: TrainSpec, stage: int, module, loader, cb: _ExactResume) -> _ExactResume:
+    """The Lightning fit of one stage."""
+    builtin = isinstance(module, SisaModule)
+    mode: dict = {"barebones": True}
+    if not builtin:
         mode = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
         mode |= {"enable_model_summary": False, "num_sanity_val_steps": 0}
-        module.sisa_context = SisaContext(shard, stage, spec.epochs_per_stage, len(y), spec.batch_size, spec.optim)
-    cb = _ExactResume(spec, shard, stage, opt_states, sched_states, sampler)
     trainer = pl.Trainer(
         accelerator=spec.accelerator,
         devices=1,
