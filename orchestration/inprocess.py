@@ -18,10 +18,19 @@ class InProcessExecutor(Executor):
     def run(
         self, storage: Storage, spec: TrainSpec, plans: list[ShardPlan], on_stage: StageCallback | None = None
     ) -> list[ShardPlan]:
+        try:
+            self._run(storage, spec, plans, on_stage)
+        finally:
+            self.runner.sync()  # the stages' checkpoints, durable before the caller commits
+        return plans
+
+    def _run(self, storage: Storage, spec: TrainSpec, plans: list[ShardPlan], on_stage: StageCallback | None) -> None:
         for plan in plans:
             while plan.next_stage <= plan.stages(spec):
                 try:
-                    entry, metrics = self.runner.run(storage, plan.spec(spec), plan.shard, plan.next_stage, plan.slices, plan.last)
+                    entry, metrics = self.runner.run(
+                        storage, plan.spec(spec), plan.shard, plan.next_stage, plan.slices, plan.last
+                    )
                 except SisaError as e:
                     raise e.add_detail(shard=plan.shard, stage=plan.next_stage) from None
                 except Exception as e:
@@ -33,7 +42,6 @@ class InProcessExecutor(Executor):
                 plan.record(entry, metrics)
                 if on_stage:
                     on_stage(plan, entry, metrics)
-        return plans
 
     def drop_caches(self) -> None:
         self.runner.drop_cache()

@@ -34,6 +34,9 @@ class ShardWorker:
     def drop_cache(self):
         self.runner.drop_cache()
 
+    def sync(self):
+        self.runner.sync()
+
     def ping(self):
         return True
 
@@ -71,13 +74,17 @@ class RayExecutor(Executor):
         if self.max_workers:
             limit = min(limit, self.max_workers)
         actors = pool.borrow(key, len(todo), limit, ShardWorker)
+        written: dict = {}  # actor -> the checkpoint files it wrote in this run (not yet synced)
         try:
-            self._drive(key, actors, storage, spec, todo, on_stage)
+            self._drive(key, actors, storage, spec, todo, on_stage, written)
         finally:
-            pool.give_back(key, actors)
+            try:
+                _sync(actors, storage, written)
+            finally:
+                pool.give_back(key, actors)
         return plans
 
-    def _drive(self, key, actors, storage, spec, todo, on_stage):
+    def _drive(self, key, actors, storage, spec, todo, on_stage, written: dict):
         """Keep every actor busy; a shard sticks to its actor between stages (warm caches)."""
         queue = list(todo)
         free = list(actors)
@@ -121,6 +128,7 @@ class RayExecutor(Executor):
                     submit(actor, plan)
                 continue
             plan.record(entry, metrics)
+            written.setdefault(actor, []).append(entry["file"])
             if plan.next_stage <= plan.stages(spec):
                 submit(actor, plan)
             else:
@@ -150,6 +158,20 @@ class RayExecutor(Executor):
 
     def shutdown(self) -> None:
         """Workers stay warm in the process-wide pool; `orchestration.pool.shutdown_all()` ends them."""
+
+
+def _sync(actors: list, storage: Storage, written: dict) -> None:
+    """Every checkpoint of this run durable before the caller commits: each live worker syncs what it
+    wrote; the files of a worker that died, or cannot sync, are synced from here (on one machine that is
+    its disk's page cache; on a shared mount, what the dead worker's node had flushed)."""
+    refs = {a: a.sync.remote() for a in actors if a in written}
+    orphans = [f for a, files in written.items() if a not in refs for f in files]
+    for actor, ref in refs.items():
+        try:
+            ray.get(ref)
+        except RayError:
+            orphans.extend(written[actor])
+    storage.sync(orphans)
 
 
 def _short(e: Exception) -> str:

@@ -1,5 +1,7 @@
 """One stage of one shard as a self-contained job: read its slices and the previous checkpoint from
-storage (digest-checked), train, write the new checkpoint under a content-addressed name.
+storage (digest-checked), train, write the new checkpoint under a content-addressed name. Checkpoints are
+written without their own fsyncs; `StageRunner.sync` makes all of them durable at once, and the executors
+call it before a run returns (before the manifest that names them is committed).
 
 The executor (in-process or a Ray actor) keeps a `StageRunner` warm: it caches decoded slices and the
 last state it produced, both keyed by digest, so a stale cache can never be used after a deletion.
@@ -35,6 +37,8 @@ class StageRunner:
         self._slices: dict[str, np.ndarray] = {}
         self._state: tuple[str, dict] | None = None
         self.max_cached_slices = max_cached_slices
+        # checkpoints written without fsync since the last `sync` (the executor syncs before returning)
+        self._unsynced: list[tuple[Storage, str]] = []
 
     def _rows(self, storage: Storage, entries: list[dict]) -> np.ndarray:
         parts = []
@@ -47,6 +51,16 @@ class StageRunner:
                 self._slices[e["sha256"]] = rows
             parts.append(rows)
         return np.concatenate(parts) if parts else np.zeros(0)
+
+    def sync(self) -> None:
+        """Make every checkpoint written since the last call durable (one filesystem sync for all): an
+        executor calls it before its run returns, so before any manifest names them."""
+        by_root: dict[str, tuple[Storage, list[str]]] = {}
+        for storage, name in self._unsynced:
+            by_root.setdefault(storage.root, (storage, []))[1].append(name)
+        self._unsynced = []
+        for storage, names in by_root.values():
+            storage.sync(names)
 
     def drop_cache(self) -> None:
         self._slices.clear()
@@ -70,7 +84,8 @@ class StageRunner:
         t2 = time.perf_counter()
         data = training.save_checkpoint(ckpt)
         name = checkpoint_name(shard, stage, _sha(data))
-        digest = storage.write(name, data)
+        digest = storage.write(name, data, durable=False)
+        self._unsynced.append((storage, name))
         # checkpoint and slice I/O around the compute (``seconds``): read, verify, serialise, write, fsync
         metrics["io_seconds"] = (t1 - t0) + (time.perf_counter() - t2)
         self._state = (digest, ckpt)

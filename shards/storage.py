@@ -17,9 +17,12 @@ Local files anywhere (the workdir's manifest and evaluation file too) are writte
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
 import os
 import posixpath
+import sys
 import threading
 import uuid
 from contextlib import contextmanager
@@ -44,6 +47,7 @@ class Storage:
         self.storage_options = dict(storage_options or {})
         self.fs, self._base = fsspec.core.url_to_fs(self.root, **self.storage_options)
         self.local = isinstance(self.fs, LocalFileSystem)
+        self._deferred: list[str] | None = None  # local files written without fsync inside deferred_sync
 
     def __reduce__(self):
         return (Storage, (self.root, self.storage_options))
@@ -56,14 +60,38 @@ class Storage:
     def path(self, rel: str) -> str:
         return posixpath.join(self._base, rel) if not self.local else os.path.join(self._base, rel)
 
-    def write(self, rel: str, data: bytes) -> str:
-        """Write ``data`` to ``rel`` atomically and return its sha256."""
+    def write(self, rel: str, data: bytes, durable: bool = True) -> str:
+        """Write ``data`` to ``rel`` atomically and return its sha256. ``durable=False`` (local files) skips
+        the fsyncs: the caller makes the file durable with `sync` before any commit names it."""
         target = self.path(rel)
         if self.local:
-            write_atomic(target, data, tmp_name=f".tmp-{uuid.uuid4().hex}")
+            durable = durable and self._deferred is None
+            write_atomic(target, data, tmp_name=f".tmp-{uuid.uuid4().hex}", durable=durable)
+            if not durable and self._deferred is not None:
+                self._deferred.append(rel)
         else:
             self.fs.pipe_file(target, data)
         return sha256(data)
+
+    def sync(self, rels: list[str]) -> None:
+        """Make files written with ``durable=False`` durable: one filesystem sync for all of them (an object
+        store's PUT already is)."""
+        if self.local and rels:
+            sync_paths([self.path(r) for r in rels])
+
+    @contextmanager
+    def deferred_sync(self):
+        """Local writes inside skip their own fsyncs and are made durable together on leaving (also on an
+        error): many small files (slices, stage checkpoints) then cost one sync, not two fsyncs each."""
+        if not self.local or self._deferred is not None:
+            yield
+            return
+        self._deferred = []
+        try:
+            yield
+        finally:
+            rels, self._deferred = self._deferred, None
+            self.sync(rels)
 
     def read(self, rel: str, digest: str | None = None) -> bytes:
         """Read ``rel``; if ``digest`` is given, refuse content that does not match it."""
@@ -210,29 +238,67 @@ class Storage:
 
 # -- local files: the one atomic write and the one zero-then-delete ------------------------------------
 @contextmanager
-def atomic_path(path, tmp_name: str | None = None):
+def atomic_path(path, tmp_name: str | None = None, durable: bool = True):
     """A temp path next to ``path`` to write; on success it is fsynced and renamed over ``path`` (and the
     directory fsynced), on failure removed. ``tmp_name`` defaults to ``.NAME.tmp-PID-THREAD`` (what
-    ``Workdir.remove_temp_files`` cleans up after a crash)."""
+    ``Workdir.remove_temp_files`` cleans up after a crash). ``durable=False``: renamed without the fsyncs
+    (the caller calls `sync_paths` before a commit names the file)."""
     path = os.fspath(path)
     d = os.path.dirname(path) or "."
     os.makedirs(d, exist_ok=True)
     tmp = os.path.join(d, tmp_name or f".{os.path.basename(path)}.tmp-{os.getpid()}-{threading.get_ident()}")
     try:
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        if durable:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         zero_and_remove(tmp)
         raise
-    _fsync_dir(d)
+    if durable:
+        _fsync_dir(d)
 
 
-def write_atomic(path, data: bytes, tmp_name: str | None = None) -> None:
-    """Write ``data`` to the local file ``path`` atomically: temp file, fsync, rename, fsync of the directory."""
-    with atomic_path(path, tmp_name) as tmp, open(tmp, "wb") as f:
+def write_atomic(path, data: bytes, tmp_name: str | None = None, durable: bool = True) -> None:
+    """Write ``data`` to the local file ``path`` atomically: temp file, fsync, rename, fsync of the directory
+    (``durable=False``: no fsyncs, see `atomic_path`)."""
+    with atomic_path(path, tmp_name, durable) as tmp, open(tmp, "wb") as f:
         f.write(data)
+
+
+def sync_paths(paths: list[str]) -> None:
+    """Make local files, and their renames, durable: Linux's syncfs once per filesystem they are on
+    (one journal commit for all), elsewhere an fsync of each file and each directory."""
+    syncfs = getattr(_libc(), "syncfs", None)
+    dirs = sorted({os.path.dirname(p) or "." for p in paths})
+    if syncfs is None:
+        for p in paths:
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+        for d in dirs:
+            _fsync_dir(d)
+        return
+    done = set()
+    for d in dirs:
+        dev = os.stat(d).st_dev
+        if dev in done:
+            continue
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            if syncfs(fd) != 0:
+                raise OSError(ctypes.get_errno(), f"syncfs of {d} failed")
+        finally:
+            os.close(fd)
+        done.add(dev)
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    try:
+        return ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+    except OSError:
+        return None
 
 
 def zero_and_remove(path, chunk: int = 1 << 24) -> bool:

@@ -174,7 +174,8 @@ def _partition(ctx, storage, data, ingested) -> Manifest:
         X, y, ids, kind, eval_set, names, num_classes, risk = data
         _write_eval(ctx.workdir.path / evalfile.NAME, eval_set, kind)
         S, R = c.sharding.shards, c.sharding.slices
-        slices = write_partition(storage, ids, X, y, kind, c.seed, S, R, risk=risk, placement=c.placement())
+        with storage.deferred_sync():  # every slice file durable by one sync, before the manifest names it
+            slices = write_partition(storage, ids, X, y, kind, c.seed, S, R, risk=risk, placement=c.placement())
         shape = list(X.shape[1:])
     else:
         ing, num_classes, eval_tmp = ingested

@@ -1,0 +1,126 @@
+"""The fixed cost per stage (issue 14, item 4): a fit at S x R = 256 against one at S x R = 16, on the
+same rows and epochs: ``python -m benchmarks.stage_overhead_bench [--repeats N] [--executor inprocess|ray]``.
+
+The pairs keep R and the schedule and change S only, so every row is trained for the same sample-epochs
+in both fits (S=16, R=1 against S=256, R=1; S=4, R=4 against S=64, R=4). The workload is the synthetic
+config's (20 features, an MLP 128-128, batch 64, e=10, the paper schedule) on 16,384 training rows,
+tracking off, the fast engine. Each fit runs in a fresh workdir; the pair is interleaved ``repeats``
+times after one warm-up fit; the ratio is of medians, its spread min..max over all pairings. Per fit the
+stages' own compute (``seconds``: the training loop and the accuracy pass) and checkpoint I/O
+(``io_seconds``) are summed, and the rest of the wall time (partition, slice writes, manifest) is
+reported beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # the benchmark's own local Ray only
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+
+from benchmarks.common import StageLog, init_ray  # noqa: E402
+from sisa import SisaEnsemble  # noqa: E402
+
+ROWS = 16_384
+PAIRS = ((16, 1, 256, 1), (4, 4, 64, 4))  # (S, R) at S x R = 16, then at S x R = 256
+
+
+def _data(rows: int):
+    from sklearn.datasets import make_classification
+
+    X, y = make_classification(
+        n_samples=rows, n_features=20, n_informative=10, n_classes=4, flip_y=0.02, random_state=0
+    )
+    return X.astype(np.float32), y, np.arange(rows)
+
+
+def _config(shards: int, slices: int, executor: str) -> dict:
+    return {
+        "name": "stage-overhead",
+        "seed": 0,
+        "sharding": {"shards": shards, "slices": slices},
+        "model": {"name": "mlp", "kwargs": {"hidden": [128, 128]}},
+        "training": {"epochs": 10, "schedule": "paper", "batch_size": 64, "lr": 0.002, "engine": "fast"},
+        "tracking": {"enabled": False},
+        "cluster": {"executor": executor},
+    }
+
+
+def fit_once(shards: int, slices: int, data, executor: str = "inprocess") -> dict:
+    """One fit in a fresh workdir: wall seconds, the stages' compute and checkpoint I/O, and the rest."""
+    X, y, ids = data
+    log = StageLog()
+    with tempfile.TemporaryDirectory(prefix="sisa-stage-bench-") as d:
+        ens = SisaEnsemble.from_config(_config(shards, slices, executor), Path(d) / "w")
+        t0 = time.perf_counter()
+        ens.fit(X, y, ids=ids, progress=log)
+        wall = time.perf_counter() - t0
+        ens.close()
+    io = sum(m.get("io_seconds", 0.0) for m in log.stages)
+    return {
+        "wall_seconds": wall,
+        "stage_compute_seconds": log.train_seconds,
+        "stage_io_seconds": io,
+        "other_seconds": wall - log.train_seconds - io,
+        "stages": len(log.stages),
+        "sample_epochs": log.sample_epochs,
+    }
+
+
+def run(repeats: int = 3, executor: str = "inprocess", rows: int = ROWS) -> dict:
+    data = _data(rows)
+    fit_once(4, 1, (data[0][:2048], data[1][:2048], data[2][:2048]), executor)  # imports, workers, first calls
+    out = {}
+    for s1, r1, s2, r2 in PAIRS:
+        small, large = [], []
+        for _ in range(repeats):
+            small.append(fit_once(s1, r1, data, executor))
+            large.append(fit_once(s2, r2, data, executor))
+        ws, wl = [f["wall_seconds"] for f in small], [f["wall_seconds"] for f in large]
+        key = f"S{s1}xR{r1}_vs_S{s2}xR{r2}"
+        out[key] = {
+            "ratio": statistics.median(wl) / statistics.median(ws),
+            "ratio_spread": [min(b / a for a in ws for b in wl), max(b / a for a in ws for b in wl)],
+            # the extra wall time per extra stage: the fixed cost of a stage at this size
+            "fixed_ms_per_stage": 1000
+            * (statistics.median(wl) - statistics.median(ws))
+            / (large[0]["stages"] - small[0]["stages"]),
+            "small": _median(small),
+            "large": _median(large),
+        }
+        assert small[0]["sample_epochs"] == large[0]["sample_epochs"], "the pair must train the same sample-epochs"
+    return {"rows": rows, "executor": executor, "repeats": repeats, "pairs": out}
+
+
+def _median(fits: list[dict]) -> dict:
+    return {k: statistics.median(f[k] for f in fits) for k in fits[0]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--executor", choices=["inprocess", "ray"], default="inprocess")
+    ap.add_argument("--rows", type=int, default=ROWS)
+    args = ap.parse_args()
+    started = args.executor == "ray" and init_ray()
+    try:
+        print(json.dumps(run(args.repeats, args.executor, args.rows), indent=1))
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
