@@ -2,7 +2,8 @@
 
 For one MLP, optimizer and batch size, on one thread in this process, the same sample-epochs:
   - the plain torch loop (`benchmarks.plain_loop.train_shard`: eager autograd, torch's Adam);
-  - sisa's stage training (`shards.training.run_stage`: Lightning, the sampler, metrics) with
+  - sisa's stage training (`shards.training.run_stage`: the direct loop of `shards.loop`, the sampler,
+    metrics) with
     ``training.engine: eager`` and with ``fast`` (`shards.fast`);
   - the arithmetic limit: the step's GEMMs alone (forward, weight and input gradients, the model's own
     shapes), timed back to back; their FLOPs over that time is the measured sgemm rate.

@@ -108,6 +108,10 @@ class FastMLP:
             self._m_views.append(view(self.M))
             self._v_views.append(view(self.V))
             off += size
+        # per layer: weight, its transpose, bias (detached views of the flat buffer, built once: the same
+        # operands as the module's own, without an attribute lookup and a transpose per step), relu, p
+        self.layers = [(lin.weight.detach(), lin.weight.detach().t(), lin.bias.detach(), r, q) for lin, r, q in blocks]
+        self.D = torch.zeros(total)  # Adam's denominator, computed in place each step
         self._bind_state()
 
     def _bind_state(self) -> None:
@@ -142,9 +146,9 @@ class FastMLP:
         """One optimizer step on the batch (x, y); returns (loss, logits) as the eager step computes them."""
         h = x.flatten(1)
         inputs, saved = [], []  # each Linear's input; (relu output, dropout noise) after it
-        for lin, relu, p in self.blocks:
+        for _, wt, bias, relu, p in self.layers:
             inputs.append(h)
-            h = torch.addmm(lin.bias, h, lin.weight.t())
+            h = torch.addmm(bias, h, wt)
             r = noise = None
             if relu:
                 h = r = torch.relu(h)
@@ -157,8 +161,7 @@ class FastMLP:
         loss, total_weight = _NLL_FORWARD(logp, y, None, 1, -100)
         g = _NLL_BACKWARD(self._one, logp, y, None, 1, -100, total_weight)
         g = torch._log_softmax_backward_data(g, logp, 1, torch.float32)
-        for i in range(len(self.blocks) - 1, -1, -1):
-            lin = self.blocks[i][0]
+        for i in range(len(self.layers) - 1, -1, -1):
             r, noise = saved[i]
             if noise is not None:
                 g = g * noise
@@ -167,7 +170,7 @@ class FastMLP:
             torch.mm(g.t(), inputs[i], out=self.grads[2 * i])
             torch.sum(g, 0, out=self.grads[2 * i + 1])
             if i > 0:
-                g = g.mm(lin.weight)
+                g = g.mm(self.layers[i][0])
         self._update()
         return loss, h
 
@@ -186,7 +189,8 @@ class FastMLP:
             bias_correction1 = 1 - beta1**step
             bias_correction2 = 1 - beta2**step
             step_size = lr / bias_correction1
-            denom = (self.V.sqrt() / bias_correction2**0.5).add_(group["eps"])
+            # torch: (V.sqrt() / bias_correction2**0.5).add_(eps); the same elementwise ops, in place
+            denom = torch.sqrt(self.V, out=self.D).div_(bias_correction2**0.5).add_(group["eps"])
             P.addcdiv_(M, denom, value=-step_size)
             return
         momentum = group["momentum"]

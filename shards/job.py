@@ -55,11 +55,11 @@ class StageRunner:
     def sync(self) -> None:
         """Make every checkpoint written since the last call durable (one filesystem sync for all): an
         executor calls it before its run returns, so before any manifest names them."""
-        by_root: dict[str, tuple[Storage, list[str]]] = {}
+        by_store: dict[int, tuple[Storage, list[str]]] = {}
         for storage, name in self._unsynced:
-            by_root.setdefault(storage.root, (storage, []))[1].append(name)
+            by_store.setdefault(id(storage), (storage, []))[1].append(name)
         self._unsynced = []
-        for storage, names in by_root.values():
+        for storage, names in by_store.values():
             storage.sync(names)
 
     def drop_cache(self) -> None:
@@ -83,8 +83,9 @@ class StageRunner:
         ckpt, metrics = training.run_stage(spec, shard, stage, prev_ckpt, rows, lineage(slice_entries, stage))
         t2 = time.perf_counter()
         data = training.save_checkpoint(ckpt)
-        name = checkpoint_name(shard, stage, _sha(data))
-        digest = storage.write(name, data, durable=False)
+        digest = _sha(data)
+        name = checkpoint_name(shard, stage, digest)
+        storage.write(name, data, durable=False, digest=digest)
         self._unsynced.append((storage, name))
         # checkpoint and slice I/O around the compute (``seconds``): read, verify, serialise, write, fsync
         metrics["io_seconds"] = (t1 - t0) + (time.perf_counter() - t2)

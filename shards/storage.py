@@ -60,9 +60,10 @@ class Storage:
     def path(self, rel: str) -> str:
         return posixpath.join(self._base, rel) if not self.local else os.path.join(self._base, rel)
 
-    def write(self, rel: str, data: bytes, durable: bool = True) -> str:
-        """Write ``data`` to ``rel`` atomically and return its sha256. ``durable=False`` (local files) skips
-        the fsyncs: the caller makes the file durable with `sync` before any commit names it."""
+    def write(self, rel: str, data: bytes, durable: bool = True, digest: str | None = None) -> str:
+        """Write ``data`` to ``rel`` atomically and return its sha256 (``digest``: the caller's, already
+        computed for the content-addressed name). ``durable=False`` (local files) skips the fsyncs: the
+        caller makes the file durable with `sync` before any commit names it."""
         target = self.path(rel)
         if self.local:
             durable = durable and self._deferred is None
@@ -71,7 +72,7 @@ class Storage:
                 self._deferred.append(rel)
         else:
             self.fs.pipe_file(target, data)
-        return sha256(data)
+        return digest or sha256(data)
 
     def sync(self, rels: list[str]) -> None:
         """Make files written with ``durable=False`` durable: one filesystem sync for all of them (an object
@@ -245,7 +246,8 @@ def atomic_path(path, tmp_name: str | None = None, durable: bool = True):
     (the caller calls `sync_paths` before a commit names the file)."""
     path = os.fspath(path)
     d = os.path.dirname(path) or "."
-    os.makedirs(d, exist_ok=True)
+    if not os.path.isdir(d):  # a stat: cheaper than makedirs' failing mkdir where the directory exists
+        os.makedirs(d, exist_ok=True)
     tmp = os.path.join(d, tmp_name or f".{os.path.basename(path)}.tmp-{os.getpid()}-{threading.get_ident()}")
     try:
         yield tmp

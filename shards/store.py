@@ -32,7 +32,7 @@ def write_encoded(storage: Storage, shard: int, slice_: int, data, n_rows: int) 
     its manifest entry."""
     digest = sha256(data)
     name = slice_name(shard, slice_, digest)
-    storage.write(name, data)
+    storage.write(name, data, digest=digest)
     return {"file": name, "sha256": digest, "rows": int(n_rows)}
 
 

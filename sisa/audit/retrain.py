@@ -105,10 +105,13 @@ class _LiveSlicesScratchCheckpoints:
     def read(self, rel: str, digest: str | None = None) -> bytes:
         return self._of(rel).read(rel, digest)
 
-    def write(self, rel: str, data: bytes) -> str:
+    def write(self, rel: str, data: bytes, durable: bool = True, digest: str | None = None) -> str:
         if not rel.startswith("ckpt/"):
             raise WorkdirError(f"the audit never writes into the live store (asked to write {rel})")
-        return self.scratch.write(rel, data)
+        return self.scratch.write(rel, data, durable, digest)
+
+    def sync(self, rels: list[str]) -> None:
+        self.scratch.sync(rels)
 
     def describe(self, rel: str) -> str:
         return self._of(rel).describe(rel)
