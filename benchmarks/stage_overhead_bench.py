@@ -8,7 +8,7 @@ tracking off, the fast engine. Each fit runs in a fresh workdir; the pair is int
 times after one warm-up fit; the ratio is of medians, its spread min..max over all pairings. Per fit the
 stages' own compute (``seconds``: the training loop and the accuracy pass) and checkpoint I/O
 (``io_seconds``) are summed, and the rest of the wall time (partition, slice writes, manifest) is
-reported beside them.
+reported beside them. Then one-row deletions at S=8, R=4 on the same rows (`deletions`).
 """
 
 from __future__ import annotations
@@ -99,7 +99,44 @@ def run(repeats: int = 3, executor: str = "inprocess", rows: int = ROWS) -> dict
             "large": _median(large),
         }
         assert small[0]["sample_epochs"] == large[0]["sample_epochs"], "the pair must train the same sample-epochs"
-    return {"rows": rows, "executor": executor, "repeats": repeats, "pairs": out}
+    return {"rows": rows, "executor": executor, "repeats": repeats, "pairs": out, "deletion": deletions(data, executor)}
+
+
+def deletions(data, executor: str = "inprocess", rounds: int = 2) -> dict:
+    """One-row deletions at S=8, R=4 on the same workload: one row from each slice position j (a different
+    shard each), ``rounds`` times; E[T] = sum_j w_j T_j (w_j: the share of rows in position j), the fit's
+    wall time over E[T], and that over the analytic bound (`sisa.costmodel.expected_speedup`)."""
+    from shards.store import read_slice
+    from sisa import costmodel
+
+    X, y, ids = data
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory(prefix="sisa-stage-bench-") as d:
+        ens = SisaEnsemble.from_config(_config(8, 4, executor), Path(d) / "w")
+        t0 = time.perf_counter()
+        ens.fit(X, y, ids=ids)
+        fit = time.perf_counter() - t0
+        rows, epochs = ens.manifest.slice_rows(), ens.config.epochs_per_stage()
+        walls: list[list[float]] = [[] for _ in range(4)]
+        for r in range(rounds):
+            for j in range(4):
+                shard = (j + 4 * r) % 8
+                part = read_slice(ens.storage(), ens.manifest.shards[shard].slices[j].to_dict())
+                t0 = time.perf_counter()
+                ens.delete([int(rng.choice(part["id"]))])
+                walls[j].append(time.perf_counter() - t0)
+        ens.close()
+    share = [sum(sh[j] for sh in rows) / sum(map(sum, rows)) for j in range(4)]
+    expected = sum(w * statistics.mean(t) for w, t in zip(share, walls))
+    bound = costmodel.expected_speedup(rows, epochs)
+    return {
+        "fit_seconds": fit,
+        "expected_deletion_seconds": expected,
+        "deletion_seconds_by_slice": [statistics.mean(t) for t in walls],
+        "speedup": fit / expected,
+        "bound": bound,
+        "speedup_over_bound": fit / expected / bound,
+    }
 
 
 def _median(fits: list[dict]) -> dict:

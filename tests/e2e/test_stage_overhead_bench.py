@@ -14,3 +14,4 @@ def test_stage_overhead_bench_runs_and_pairs_train_the_same_sample_epochs():
         assert pair["small"]["stages"] == 16 and pair["large"]["stages"] == 256
         assert pair["small"]["sample_epochs"] == pair["large"]["sample_epochs"] > 0
         assert pair["ratio"] > 0 and pair["ratio_spread"][0] <= pair["ratio"] <= pair["ratio_spread"][1]
+    assert out["deletion"]["bound"] > 1 and out["deletion"]["expected_deletion_seconds"] > 0
