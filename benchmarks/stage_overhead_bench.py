@@ -62,13 +62,14 @@ def fit_once(shards: int, slices: int, data, executor: str = "inprocess") -> dic
     log = StageLog()
     with tempfile.TemporaryDirectory(prefix="sisa-stage-bench-") as d:
         ens = SisaEnsemble.from_config(_config(shards, slices, executor), Path(d) / "w")
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         ens.fit(X, y, ids=ids, progress=log)
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         ens.close()
     io = sum(m.get("io_seconds", 0.0) for m in log.stages)
     return {
         "wall_seconds": wall,
+        "cpu_seconds": cpu,  # this process (the in-process executor trains here): far less load-sensitive
         "stage_compute_seconds": log.train_seconds,
         "stage_io_seconds": io,
         "other_seconds": wall - log.train_seconds - io,
@@ -87,13 +88,19 @@ def run(repeats: int = 3, executor: str = "inprocess", rows: int = ROWS) -> dict
             small.append(fit_once(s1, r1, data, executor))
             large.append(fit_once(s2, r2, data, executor))
         ws, wl = [f["wall_seconds"] for f in small], [f["wall_seconds"] for f in large]
+        cs, cl = [f["cpu_seconds"] for f in small], [f["cpu_seconds"] for f in large]
         key = f"S{s1}xR{r1}_vs_S{s2}xR{r2}"
         out[key] = {
             "ratio": statistics.median(wl) / statistics.median(ws),
             "ratio_spread": [min(b / a for a in ws for b in wl), max(b / a for a in ws for b in wl)],
+            "cpu_ratio": statistics.median(cl) / statistics.median(cs),
+            "cpu_ratio_spread": [min(b / a for a in cs for b in cl), max(b / a for a in cs for b in cl)],
             # the extra wall time per extra stage: the fixed cost of a stage at this size
             "fixed_ms_per_stage": 1000
             * (statistics.median(wl) - statistics.median(ws))
+            / (large[0]["stages"] - small[0]["stages"]),
+            "fixed_cpu_ms_per_stage": 1000
+            * (statistics.median(cl) - statistics.median(cs))
             / (large[0]["stages"] - small[0]["stages"]),
             "small": _median(small),
             "large": _median(large),
