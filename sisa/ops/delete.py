@@ -36,6 +36,7 @@ from sisa.failpoints import crashpoint
 from sisa.ledger import RequestState
 from sisa.manifest import Checkpoint, Manifest, Retraining, SliceRef
 from sisa.ops import append, owed, purge, receipts
+from sisa.ops import base as startops
 from sisa.ops.locate import first_stages, locate, unknown_error
 from sisa.ops.phases import Phases
 from sisa.ops.receipts import DeletionPlan, Receipt
@@ -58,7 +59,7 @@ def estimate(ctx, m: Manifest, ids) -> DeletionPlan:
     ids = _normalise(m, ids)
     found, held, gone, unknown = locate(ctx, m, ids)
     if unknown:
-        raise unknown_error(ctx, unknown)
+        raise _unknown(ctx, m, unknown)
     starts = first_stages(found)
     rows = [list(r) for r in m.slice_rows()]
     for (s, j), g in found.items():  # priced on the partition after the deletion, as the receipt is
@@ -76,6 +77,12 @@ def estimate(ctx, m: Manifest, ids) -> DeletionPlan:
         eval_rows=len(held),
         expected_sample_epochs=None if weights is None else costmodel.expected_prior(m.slice_rows(), eps, weights),
     )
+
+
+def _unknown(ctx, m: Manifest, unknown: list):
+    """The error for ids not found in the shards: base rows (never erasable) are named as such."""
+    base = startops.base_rows_named(ctx, m, unknown)
+    return startops.base_error(len(base)) if base else unknown_error(ctx, unknown)
 
 
 def _check_resume_points(ctx, m: Manifest, starts: dict[int, int]) -> None:
@@ -107,7 +114,7 @@ def delete(ctx, m: Manifest, ids, progress=None, wait: str = "done") -> Receipt:
             m = ctx.read_manifest()
             found, held, gone, unknown = locate(ctx, m, ids)
             if unknown:
-                raise unknown_error(ctx, unknown)
+                raise _unknown(ctx, m, unknown)
             if not found and not held:
                 return Receipt(None, t0, time.time(), [], 0, len(gone), config_hash=m.config_hash)
             _check_resume_points(ctx, m, first_stages(found))
