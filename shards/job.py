@@ -69,7 +69,9 @@ class StageRunner:
                 prev_ckpt = training.load_checkpoint(data, storage.describe(prev["file"]))
         rows = self._rows(storage, slice_entries[:stage])
         t1 = time.perf_counter()
-        ckpt, metrics = training.run_stage(spec, shard, stage, prev_ckpt, rows, lineage(slice_entries, stage, spec.extra.get("start")))
+        ckpt, metrics = training.run_stage(
+            spec, shard, stage, prev_ckpt, rows, lineage(slice_entries, stage, spec.extra.get("start"))
+        )
         t2 = time.perf_counter()
         data = training.save_checkpoint(ckpt)
         name = checkpoint_name(shard, stage, _sha(data))

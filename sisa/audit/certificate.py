@@ -75,7 +75,9 @@ def verify(ctx, m, receipt=None, timeout: float | None = None) -> AuditReport:
         _check_chain(report, manifest, chain, shards)
         files_ok = {s: _check_files(report, store, manifest, s) for s in shards}
         if manifest.base is not None and shards and not _check_start(report, store, manifest):
-            files_ok = dict.fromkeys(files_ok, False)  # no retrain from a start that is not the recorded one
+            for s in shards:  # no retrain from a start that is not the recorded one
+                report.add(f"shard {s}", "retrained from scratch", ["not retrained: the shared start is damaged"])
+            files_ok = dict.fromkeys(files_ok, False)
         check_retrain(report, ctx, manifest, store, [s for s in shards if files_ok[s]], timeout)
         from sisa.audit.published import check_published
 

@@ -128,6 +128,14 @@ def _check_new(ctx, m: Manifest, ids, readmit) -> list[str]:
             f"rows), e.g. {shown}; ids are unique: give new ids, or delete the old rows first",
             ids=shown,
         )
+    from sisa.ops.base import base_rows_named
+
+    base = base_rows_named(ctx, m, ids.tolist())
+    if base:
+        raise DataError(
+            f"{len(base)} id(s) are base rows of this ensemble (data.base or "
+            "fit(base=...)); ids are unique across training and base rows: give new ids"
+        )
     return check_erased(ctx, ids.tolist(), readmit)
 
 
