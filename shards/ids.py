@@ -101,7 +101,7 @@ def canonical_ids(ids, kind: str | None = None) -> tuple[np.ndarray, str]:
     if kind is not None and got != kind and len(out):
         example = "[17, 942]" if kind == INT else "['u-17', 'u-942']"
         raise DataError(
-            f'ids are {got} but this ensemble\'s ids are {kind}; nothing is converted ("7" and 7 are different ids): '
+            f"ids are {got} but this ensemble's ids are {kind}; nothing is converted (\"7\" and 7 are different ids): "
             f"pass {kind} ids, e.g. {example}",
             ids=out[:5].tolist(),
         )
@@ -120,9 +120,7 @@ def _fast_array(ids) -> tuple[np.ndarray, str] | None:
             raise DataError(f"int id {int(ids.max())} is outside the signed 64-bit range; store such ids as strings")
         return ids.astype(np.int64), INT
     if k == "S":
-        return _fast_array(
-            np.array([canonical_id(x)[0] for x in ids.tolist()], dtype=str) if len(ids) else ids.astype(str)
-        )
+        return _fast_array(np.array([canonical_id(x)[0] for x in ids.tolist()], dtype=str) if len(ids) else ids.astype(str))
     if k == "U":
         if len(ids):
             lengths = np.char.str_len(ids)
@@ -138,9 +136,7 @@ def _fast_array(ids) -> tuple[np.ndarray, str] | None:
     if k == "b":
         raise DataError("ids are bools; ids are ints or strings")
     if k == "f":
-        raise DataError(
-            f"ids are floats ({ids.dtype}); ids must be int or str: convert whole numbers with ids.astype(int)"
-        )
+        raise DataError(f"ids are floats ({ids.dtype}); ids must be int or str: convert whole numbers with ids.astype(int)")
     raise DataError(f"ids must be int or str, got dtype {ids.dtype}; convert them with ids.astype(str)")
 
 
@@ -187,7 +183,7 @@ def read_ids_file(data: bytes, fmt: str) -> list:
         try:
             doc = json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as e:
-            raise DataError(f'the ids file is not valid UTF-8 JSON ({e}); write a JSON array like ["a", "b"]') from None
+            raise DataError(f"the ids file is not valid UTF-8 JSON ({e}); write a JSON array like [\"a\", \"b\"]") from None
         if not isinstance(doc, list):
             raise DataError('the ids file must hold a JSON array of ids, like ["a", "b"] or [17, 942]')
         return doc

@@ -115,9 +115,7 @@ class _Columns:
 class _Spill:
     """Rows appended per (shard, slice) to local files, plus the held-out rows in their original order."""
 
-    def __init__(
-        self, root: str, shards: int, slices: int, seed: int, test_fraction: float, placement=None, classes=None
-    ):
+    def __init__(self, root: str, shards: int, slices: int, seed: int, test_fraction: float, placement=None, classes=None):
         self.root, self.S, self.R = root, shards, slices
         self.placement = placement if isinstance(placement, Placement) and not placement.uniform else None
         self.risk = check.RiskCheck(classes, "risk") if self.placement else None
@@ -228,11 +226,7 @@ def _read_file(pf, cols: _Columns, spill: _Spill, batch_bytes: int, row_group_bu
         # A big row group: one column at a time into a disk-backed (features, rows) buffer.
         ids = pf.read_row_group(g, columns=[cols.id], use_threads=False).column(0).combine_chunks()
         labels = pf.read_row_group(g, columns=[cols.label], use_threads=False).column(0).combine_chunks()
-        risk = (
-            pf.read_row_group(g, columns=[cols.risk], use_threads=False).column(0).combine_chunks()
-            if cols.risk
-            else None
-        )
+        risk = pf.read_row_group(g, columns=[cols.risk], use_threads=False).column(0).combine_chunks() if cols.risk else None
         n = len(ids)
         path = os.path.join(scratch, "rowgroup.buf")
         buf = np.memmap(path, dtype=np.float32, mode="w+", shape=(len(feats), max(1, n)))

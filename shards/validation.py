@@ -240,9 +240,7 @@ class RiskCheck:
         if arr.dtype.kind in "USO" and any(isinstance(v, (str, bytes)) for v in vals):
             self.named = True
             vals = [v.decode() if isinstance(v, bytes) else v for v in vals]
-            self.unknown.update(
-                str(v) for v in vals if v is not None and (not isinstance(v, str) or v not in self.classes)
-            )
+            self.unknown.update(str(v) for v in vals if v is not None and (not isinstance(v, str) or v not in self.classes))
             return np.array([float(self.classes.get(v, np.nan)) if isinstance(v, str) else np.nan for v in vals])
         if arr.dtype.kind == "b" or any(isinstance(v, (bool, np.bool_)) for v in vals):
             self.invalid = True

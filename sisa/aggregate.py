@@ -88,9 +88,7 @@ class Aggregator:
         """(n, classes) aggregated probabilities and (shards, n) each sub-model's predicted class, in one pass."""
         if len(X) == 0:
             return np.zeros((0, self.num_classes), np.float32), np.zeros((len(self.modules), 0), np.int64)
-        X = torch.from_numpy(
-            np.array(X, dtype=np.float32, order="C", copy=True)
-        )  # a one-row field view may be oddly strided
+        X = torch.from_numpy(np.array(X, dtype=np.float32, order="C", copy=True))  # a one-row field view may be oddly strided
         fused = self._fused_logits(X)
         if fused is not None:
             proba = torch.einsum("s,scn->nc", self.weights, self._scores(fused))

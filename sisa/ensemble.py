@@ -113,9 +113,7 @@ class SisaEnsemble:
         """A classifier, for sklearn's `check_is_fitted` (sklearn is imported only when it asks)."""
         from sklearn.utils import ClassifierTags, Tags, TargetTags
 
-        return Tags(
-            estimator_type="classifier", target_tags=TargetTags(required=True), classifier_tags=ClassifierTags()
-        )
+        return Tags(estimator_type="classifier", target_tags=TargetTags(required=True), classifier_tags=ClassifierTags())
 
     def _commit(self, m: Manifest | None) -> None:
         """Atomically switch to ``m`` (the model swap); None forgets the manifest (a refit starts over)."""

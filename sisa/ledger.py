@@ -87,9 +87,7 @@ class Ledger:
         now = time.time()
         with self._connect() as db:
             db.execute("BEGIN IMMEDIATE")
-            db.executemany(
-                "INSERT OR REPLACE INTO readmissions VALUES (?, ?, ?)", [(h, now, request) for h in hashed_ids]
-            )
+            db.executemany("INSERT OR REPLACE INTO readmissions VALUES (?, ?, ?)", [(h, now, request) for h in hashed_ids])
             db.execute("COMMIT")
 
     def erased(self, hashed_ids: list[str]) -> set[str]:

@@ -159,9 +159,7 @@ def _check_survivors(report, tracker, exp, current, receipts: dict) -> None:
         problems.append(f"models:/{name}/{v.version} (logged model {mid}) survives" + _saw(tracker, mid, superseded))
     if exp is not None:
         flt = f"tags.`sisa.ensemble` = '{name}'"
-        for lm in adapter.all_pages(
-            lambda tok: client.search_logged_models([exp.experiment_id], filter_string=flt, page_token=tok)
-        ):
+        for lm in adapter.all_pages(lambda tok: client.search_logged_models([exp.experiment_id], filter_string=flt, page_token=tok)):
             if lm.model_id not in seen | {keep}:
                 seen.add(lm.model_id)
                 problems.append(f"logged model {lm.model_id} survives" + _saw(tracker, lm.model_id, superseded))

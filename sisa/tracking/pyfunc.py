@@ -123,6 +123,8 @@ def save(ctx, m, path: Path, mlflow_model=None) -> dict:
     return meta
 
 
+
+
 def _load_pyfunc(data_path: str, model_config=None):
     """MLflow's entry point (``loader_module``): verify the model directory, then build the ensemble."""
     from shards.errors import IntegrityError
