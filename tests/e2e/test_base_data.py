@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_config, tiny_data, weights_equal
+from helpers import scan, tiny_config, tiny_data, weights_equal
 
 from shards.job import lineage
 from sisa import SisaEnsemble
@@ -79,6 +79,20 @@ def test_deleting_a_base_id_is_refused_and_nothing_is_written(tmp_path):
     assert after == before and Ledger(tmp_path / "w" / "ledger.db").requests() == []
     with pytest.raises(DataError, match=r"neither training nor evaluation rows"):
         ens.delete(["nobody"])  # an unknown id is still just unknown
+
+
+def test_a_refit_without_base_data_removes_it(tmp_path):
+    X, y, ids = tiny_data()
+    Xb, yb, idb = base_data()
+    ens = fit(tmp_path / "w", X, y, ids, base=(Xb, yb, idb))
+    store = tmp_path / "w" / "store"
+    assert sorted(p.name.split("-")[0] for p in (store / "base").iterdir()) == ["rows", "stage"]
+    ens.fit(X, y, ids=ids, base=(Xb[10:], yb[10:], idb[10:]), overwrite=True)  # base rows 0..9 removed
+    assert len(list((store / "base").iterdir())) == 2
+    assert scan(store, [Xb[i].tobytes() for i in range(10)]) == []
+    ens.fit(X, y, ids=ids, overwrite=True)
+    assert ens.manifest.base is None and list((store / "base").iterdir()) == []
+    assert scan(tmp_path / "w", [Xb[i].tobytes() for i in range(60)]) == []
 
 
 def test_base_ids_must_not_collide_with_training_ids(tmp_path):
