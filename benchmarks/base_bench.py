@@ -6,8 +6,8 @@ there), its held-out rows drawn as fit draws them. 10% of the training rows (a s
 base data: the "base" ensembles train them once into the start every shard shares and shard the other
 90%; the "plain" ensembles shard all rows. "one model" is S=1, R=1 on every training row. The deletion
 cost is the cost model's expected sample-epochs of deleting one uniformly drawn erasable row (analytic,
-over every row) and the measured sample-epochs and wall seconds of deleting one drawn row. In-process
-executor, tracking off.
+over every row) and the measured sample-epochs (what the workers trained, equal to the receipt's) and wall
+seconds of deleting a few drawn rows, one call each. In-process executor, tracking off.
 """
 
 from __future__ import annotations
@@ -63,7 +63,9 @@ def dataset(name: str, seed: int, n_samples: int | None):
     return (X, y, ids), eval_set, base
 
 
-def one_fit(cfg: dict, train, eval_set, base_rows, workdir: Path, delete_one: bool, seed: int) -> dict:
+def one_fit(cfg: dict, train, eval_set, base_rows, workdir: Path, deletions: int, seed: int) -> dict:
+    """Fit, then delete ``deletions`` drawn erasable rows one call each: accuracy, the cost model's expected
+    one-deletion sample-epochs, and per deletion the sample-epochs the workers trained (and the receipt's)."""
     from sisa import SisaEnsemble, costmodel
 
     X, y, ids = train
@@ -74,45 +76,59 @@ def one_fit(cfg: dict, train, eval_set, base_rows, workdir: Path, delete_one: bo
         ens.fit(X, y, ids=ids, eval_set=eval_set, base=base_rows)
         out = {"accuracy": ens.last_fit_metrics["ensemble_accuracy"], "fit_seconds": time.perf_counter() - t0}
         m = ens.manifest
-        eps = m.schedules(ens.config.epochs_per_stage())
-        out["expected_delete_sample_epochs"] = costmodel.expected_single(m.slice_rows(), eps)
-        if delete_one:
-            victim = ids[np.random.default_rng(seed).integers(len(ids))]
+        out["expected_delete_sample_epochs"] = costmodel.expected_single(
+            m.slice_rows(), m.schedules(ens.config.epochs_per_stage())
+        )
+        victims = np.random.default_rng(seed).choice(len(ids), deletions, replace=False)
+        out["deletions"] = []
+        for v in victims:
             log = StageLog()
             t0 = time.perf_counter()
-            ens.delete([victim], progress=log)
-            out["delete_seconds"] = time.perf_counter() - t0
-            out["delete_sample_epochs"] = log.sample_epochs
+            receipt = ens.delete([ids[v]], progress=log)
+            out["deletions"].append(
+                {
+                    "seconds": time.perf_counter() - t0,
+                    "sample_epochs": log.sample_epochs,
+                    "receipt_sample_epochs": receipt.cost["sample_epochs"],
+                }
+            )
     shutil.rmtree(workdir, ignore_errors=True)
     return out
 
 
-def sweep(name: str, seeds, shards, tmp: Path, n_samples: int | None = None, log=print) -> dict:
+def sweep(
+    name: str, seeds, shards, tmp: Path, n_samples: int | None = None, deletions: int = 3, epochs=None, log=print
+) -> dict:
     rows: dict = {"one_model": [], "plain": {}, "base": {}}
     for seed in seeds:
         train, eval_set, base = dataset(name, seed, n_samples)
         X, y, ids = train
-        one = config(name, 1, seed, slices=1)
-        rows["one_model"].append(one_fit(one, train, eval_set, None, tmp / "one", False, seed)["accuracy"])
+        one = config(name, 1, seed, slices=1, epochs=epochs)
+        rows["one_model"].append(one_fit(one, train, eval_set, None, tmp / "one", 0, seed)["accuracy"])
         rest = (X[~base], y[~base], ids[~base])
         for S in shards:
-            cfg = config(name, S, seed)
-            p = one_fit(cfg, train, eval_set, None, tmp / "plain", True, seed)
-            b = one_fit(cfg, rest, eval_set, (X[base], y[base], ids[base]), tmp / "base", True, seed)
+            cfg = config(name, S, seed, epochs=epochs)
+            p = one_fit(cfg, train, eval_set, None, tmp / "plain", deletions, seed)
+            b = one_fit(cfg, rest, eval_set, (X[base], y[base], ids[base]), tmp / "base", deletions, seed)
             rows["plain"].setdefault(S, []).append(p)
             rows["base"].setdefault(S, []).append(b)
             log(f"[base_bench] {name} seed {seed} S={S}: plain {p['accuracy']:.3f}, base {b['accuracy']:.3f}")
     one = summary(rows["one_model"])
     out: dict = {"dataset": name, "seeds": list(seeds), "base_fraction": BASE_FRACTION, "one_model": one}
     for kind in ("plain", "base"):
-        out[kind] = {
-            str(S): {
-                key: summary(r[key] for r in runs)
-                for key in ("accuracy", "expected_delete_sample_epochs", "delete_sample_epochs", "delete_seconds")
+        out[kind] = {}
+        for S, runs in rows[kind].items():
+            dels = [d for r in runs for d in r["deletions"]]
+            acc = summary(r["accuracy"] for r in runs)
+            expected = summary(r["expected_delete_sample_epochs"] for r in runs)
+            out[kind][str(S)] = {
+                "accuracy": acc,
+                "gap_pp": 100 * (one["mean"] - acc["mean"]),
+                "expected_delete_sample_epochs": expected,
+                "delete_sample_epochs": summary(d["sample_epochs"] for d in dels),
+                "delete_seconds": summary(d["seconds"] for d in dels),
+                "measured_equals_receipt": all(d["sample_epochs"] == d["receipt_sample_epochs"] for d in dels),
             }
-            | {"gap_pp": 100 * (one["mean"] - summary(r["accuracy"] for r in runs)["mean"])}
-            for S, runs in rows[kind].items()
-        }
     return out
 
 
@@ -143,7 +159,7 @@ def plot(results: list[dict], path: Path) -> None:
 def table(results: list[dict]) -> str:
     lines = [
         "| dataset | S | one model | plain: acc (gap pp) | base: acc (gap pp) | one deletion, sample-epochs "
-        "expected plain / base | measured plain / base | seconds plain / base |",
+        "expected plain / base | measured (mean ± sd) plain / base | seconds plain / base |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -156,15 +172,20 @@ def table(results: list[dict]) -> str:
             lines.append(
                 f"| {r['dataset']} | {S} | {r['one_model']['mean']:.3f} | {acc(p)} | {acc(b)} | "
                 f"{p['expected_delete_sample_epochs']['mean']:.0f} / {b['expected_delete_sample_epochs']['mean']:.0f} | "
-                f"{p['delete_sample_epochs']['mean']:.0f} / {b['delete_sample_epochs']['mean']:.0f} | "
+                f"{_pm(p['delete_sample_epochs'])} / {_pm(b['delete_sample_epochs'])} | "
                 f"{p['delete_seconds']['mean']:.2f} / {b['delete_seconds']['mean']:.2f} |"
             )
     return "\n".join(lines)
 
 
+def _pm(x: dict) -> str:
+    return f"{x['mean']:.0f} ± {x['std']:.0f}"
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="S in (1, 5), one seed, 2,000 synthetic rows")
+    ap.add_argument("--deletions", type=int, default=3, help="one-row deletions measured per ensemble")
     ap.add_argument("--digits-seeds", type=int, default=3)
     ap.add_argument("--synthetic-seeds", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "base.json"))
@@ -178,8 +199,15 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     try:
         results = [
-            sweep("digits", range(1 if a.quick else a.digits_seeds), shards, tmp),
-            sweep("synthetic", range(1 if a.quick else a.synthetic_seeds), shards, tmp, 2000 if a.quick else None),
+            sweep("digits", range(1 if a.quick else a.digits_seeds), shards, tmp, None, a.deletions),
+            sweep(
+                "synthetic",
+                range(1 if a.quick else a.synthetic_seeds),
+                shards,
+                tmp,
+                2000 if a.quick else None,
+                a.deletions,
+            ),
         ]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
