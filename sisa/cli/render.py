@@ -290,6 +290,7 @@ def locations_text(locs: list) -> str:
             f"training row: shard {x.shard}, slice {x.slice} (a deletion retrains the shard from stage {x.slice + 1})"
         ),
         "held_out": lambda x: "held-out evaluation row (a deletion erases it; nothing retrains)",
+        "base": lambda x: "base row: non-erasable (every shard starts from it); only a refit without it removes it",
         "deleted": lambda x: f"deleted by request {x.request_id} on {when(x.deleted_at)}",
         "unknown": lambda x: "unknown: not a row of this ensemble, and never deleted from it",
     }

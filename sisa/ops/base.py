@@ -95,6 +95,15 @@ def check(got: StartInput, input_shape, names, kind: str, taken: list, cfg_data)
     got.ids = ids
 
 
+def check_init(ctx, got: StartInput, input_shape, num_classes: int) -> None:
+    """A ``model.init`` state dict that does not fit the model is refused before fit writes anything."""
+    from types import SimpleNamespace
+
+    if got.init is not None:
+        shape = SimpleNamespace(input_shape=list(input_shape), num_classes=num_classes, engine="eager", base=None)
+        startmod.check_fits(ctx.spec(shape), got.init, f"model.init.uri {ctx.config.model.init.uri}")
+
+
 def check_streamed(ctx, m: Manifest, got: StartInput) -> None:
     """`check` beside a streamed Parquet source, once its slices are written (fit removes them on error)."""
     from sisa.ops.locate import locate

@@ -123,6 +123,7 @@ def fit(ctx, X, y, ids, eval_set, overwrite: bool, progress, readmit=None, risk=
         eval_ids = eval_set[2] if eval_set is not None and eval_set[2] is not None else []
         startops.check(start, X.shape[1:], names, kind, [*ids.tolist(), *list(eval_ids)], c.data)
         num_classes = _num_classes(ctx, max(int(y.max()), start.max_label), X.shape[1:])
+        startops.check_init(ctx, start, X.shape[1:], num_classes)
         if eval_set is not None and len(eval_set[1]) and int(eval_set[1].max()) >= num_classes:
             raise DataError(
                 f"eval_set labels go up to {int(eval_set[1].max())} but the ensemble has {num_classes} classes "

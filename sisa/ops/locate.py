@@ -73,7 +73,7 @@ def _second_places(store, m: Manifest, later: dict, missing: list, found: dict) 
 @dataclass(frozen=True)
 class Location:
     """Where one id is: ``where`` is "training" (``shard`` and ``slice``, both 0-based as `shard_of`),
-    "held_out" (a row of the evaluation file), "deleted" (``request_id`` and ``deleted_at``, a Unix time, of
+    "held_out" (a row of the evaluation file), "base" (a non-erasable base row), "deleted" (``request_id`` and ``deleted_at``, a Unix time, of
     the latest deletion request that named it) or "unknown" (never a row of this ensemble)."""
 
     id: int | str
@@ -92,7 +92,10 @@ class Location:
 def where(ctx, m: Manifest, ids: list) -> list[Location]:
     """One `Location` per canonical id, in the order given. Reads only the slices these ids hash to and the
     ledger entries of their keyed hashes: nothing about any other id."""
-    found, held, gone, _ = locate(ctx, m, ids)
+    from sisa.ops.base import base_rows_named
+
+    found, held, gone, unknown = locate(ctx, m, ids)
+    base = set(base_rows_named(ctx, m, unknown))
     at = {i: sj for sj, group in found.items() for i in group}
     hashes = dict(zip(gone, ctx.workdir.hash_ids(gone))) if gone else {}
     deleted = ctx.ledger().deletions(list(hashes.values())) if gone else {}
@@ -105,6 +108,8 @@ def where(ctx, m: Manifest, ids: list) -> list[Location]:
         elif hashes.get(i) in deleted:
             rid, created = deleted[hashes[i]]
             out.append(Location(i, "deleted", request_id=rid, deleted_at=created))
+        elif i in base:
+            out.append(Location(i, "base"))
         else:
             out.append(Location(i, "unknown"))
     return out

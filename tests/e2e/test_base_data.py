@@ -79,6 +79,8 @@ def test_deleting_a_base_id_is_refused_and_nothing_is_written(tmp_path):
     assert after == before and Ledger(tmp_path / "w" / "ledger.db").requests() == []
     with pytest.raises(DataError, match=r"neither training nor evaluation rows"):
         ens.delete(["nobody"])  # an unknown id is still just unknown
+    assert [loc.where for loc in ens.locate(["b-4", "u-1", "nobody"])] == ["base", "training", "unknown"]
+    assert ens.status()["base"] == {"rows": 60, "sha256": ens.manifest.base.sha256, "init_sha256": None}
 
 
 def test_a_refit_without_base_data_removes_it(tmp_path):
@@ -217,9 +219,12 @@ def test_model_init_is_loaded_weights_only(tmp_path):
     torch.save({"w": torch.zeros(2)}, path)  # a state dict, of another model
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     model = tiny_config()["model"] | {"init": {"uri": str(path), "sha256": digest}}
+    ens = fit(tmp_path / "w2", X, y, ids)
+    before = snapshot(tmp_path / "w2")
+    refit = SisaEnsemble.from_config(tiny_config(model=model), tmp_path / "w2", executor="inprocess")
     with pytest.raises(ConfigError, match="does not fit model 'mlp'"):
-        fit(tmp_path / "w2", X, y, ids, model=model)
-    assert not (tmp_path / "w2" / "manifest.json").exists()
+        refit.fit(X, y, ids=ids, overwrite=True)
+    assert snapshot(tmp_path / "w2") == before and ens.manifest.base is None  # the old ensemble stands
 
 
 def test_model_init_config_is_checked():
