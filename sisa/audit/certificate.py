@@ -264,6 +264,7 @@ def _check_start(report, store, manifest) -> bool:
     from shards import training
 
     b, problems = manifest.base, []
+    report.start = {"sha256": b.sha256, "lineage": b.lineage, "rows": b.rows, "init_sha256": b.init_sha256}
     try:
         ckpt = training.load_checkpoint(store.read(b.file, b.sha256), store.describe(b.file))
         if b.rows_file is not None:

@@ -188,6 +188,8 @@ def test_model_init_is_the_start_and_its_digest_is_in_the_lineage(tmp_path):
     assert weights_equal(a, fit(tmp_path / "b", X[keep], y[keep], ids[keep], model=init | tiny_config()["model"]))
     report = a.verify()
     assert report.ok, [c for c in report.checks if not c.ok]
+    assert report.start["init_sha256"] == digest and report.to_dict()["start"]["sha256"] == m.base.sha256
+    assert f"model.init sha256 {digest[:12]}" in report.text()
     # with base rows too: the base stage starts from the pretrained weights
     c = fit(tmp_path / "c", X, y, ids, base=base_data(), model=init | tiny_config()["model"])
     d = fit(tmp_path / "d", X, y, ids, base=base_data())
