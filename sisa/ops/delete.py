@@ -94,6 +94,8 @@ def _check_resume_points(ctx, m: Manifest, starts: dict[int, int]) -> None:
         if r > 1:
             c = sh.checkpoints[r - 2]
             store.read(c.file, c.sha256)
+        elif m.base is not None:  # stage 1 resumes from the shared start
+            store.read(m.base.file, m.base.sha256)
         for e in sh.slices:
             store.read(e.file, e.sha256)
 

@@ -92,6 +92,7 @@ def test_a_refit_without_base_data_removes_it(tmp_path):
     ens.fit(X, y, ids=ids, base=(Xb[10:], yb[10:], idb[10:]), overwrite=True)  # base rows 0..9 removed
     assert len(list((store / "base").iterdir())) == 2
     assert scan(store, [Xb[i].tobytes() for i in range(10)]) == []
+    (store / "base" / "stage-00-0123456789ab.pt").write_bytes(b"left by a killed fit")
     ens.fit(X, y, ids=ids, overwrite=True)
     assert ens.manifest.base is None and list((store / "base").iterdir()) == []
     assert scan(tmp_path / "w", [Xb[i].tobytes() for i in range(60)]) == []
@@ -142,6 +143,10 @@ def test_reopen_keeps_the_start_and_the_audit_retrains_from_it(tmp_path):
     start.write_bytes(bytes(data))
     report = ens.verify()
     assert not report.ok
+    first = next(loc.id for loc in ens.locate(list(ids[keep])) if loc.slice == 0)  # retrains from stage 1
+    with pytest.raises(IntegrityError, match="corrupt"):  # refused before the ledger acknowledges it
+        ens.delete([first])
+    assert len(Ledger(tmp_path / "w" / "ledger.db").requests()) == 1
     assert any(c.target == "base" and not c.ok and "corrupt" in c.detail for c in report.checks)
     assert not any(report.shards.values())
 
