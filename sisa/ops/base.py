@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 
-from shards import base as startmod
 from shards.errors import DataError
 from shards.schema import make_rows
 from shards.storage import Storage
@@ -46,6 +45,8 @@ class StartInput:
 
 def prepare(ctx, base) -> StartInput:
     """Read ``model.init`` (digest first) and the base rows (``base=(X, y[, ids])`` or ``data.base``)."""
+    from shards import base as startmod
+
     c = ctx.config
     got = StartInput()
     if c.model.init is not None:
@@ -99,6 +100,8 @@ def check_init(ctx, got: StartInput, input_shape, num_classes: int) -> None:
     """A ``model.init`` state dict that does not fit the model is refused before fit writes anything."""
     from types import SimpleNamespace
 
+    from shards import base as startmod
+
     if got.init is not None:
         shape = SimpleNamespace(input_shape=list(input_shape), num_classes=num_classes, engine="eager", base=None)
         startmod.check_fits(ctx.spec(shape), got.init, f"model.init.uri {ctx.config.model.init.uri}")
@@ -130,6 +133,8 @@ def _clash(n: int) -> DataError:
 
 def build(ctx, storage: Storage, spec, got: StartInput, kind: str) -> tuple[Start | None, dict]:
     """Store the base rows and train the start once; its record for the manifest and the stage's metrics."""
+    from shards import base as startmod
+
     if got.empty:
         return None, {}
     if got.init is not None:
