@@ -241,3 +241,33 @@ def test_model_init_config_is_checked():
         load_config(tiny_config(model={"name": "mlp", "init": {"uri": "x.pt", "sha256": "abc"}}))
     with pytest.raises(ConfigError, match="data.base.source"):
         load_config(tiny_config(data={"base": {"source": "digits", "path": "x"}}))
+
+
+def test_data_base_beside_a_streamed_parquet_source(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def table(X, y, ids):
+        return pa.table({"id": ids, **{f"f{k}": X[:, k] for k in range(X.shape[1])}, "label": y})
+
+    X, y, ids = tiny_data()
+    Xb, yb, idb = base_data()
+    wd = tmp_path / "w"
+    wd.mkdir()
+    pq.write_table(table(X, y, ids), wd / "train.parquet")
+    pq.write_table(table(Xb, yb, idb), wd / "base.parquet")
+    data = {"source": "parquet", "path": "train.parquet", "base": {"source": "parquet", "path": "base.parquet"}}
+    ens = SisaEnsemble.from_config(tiny_config(data=data), wd, executor="inprocess").fit()
+    assert ens.manifest.base.rows == 60
+    with pytest.raises(DataError, match="are base rows"):
+        ens.delete(["b-1"])
+    idb[3] = ids[0]
+    (tmp_path / "w2").mkdir()
+    pq.write_table(table(Xb, yb, idb), tmp_path / "w2" / "clash.parquet")
+    data["base"]["path"] = "clash.parquet"
+    with pytest.raises(DataError, match=r"1 base id\(s\) are also ids of training or evaluation rows"):
+        SisaEnsemble.from_config(tiny_config(data=data), tmp_path / "w2", executor="inprocess").fit(
+            wd / "train.parquet"
+        )
+    assert not (tmp_path / "w2" / "manifest.json").exists()
+    assert [p.name for p in (tmp_path / "w2").rglob("*") if p.is_file() and "store" in p.parts] == []
