@@ -76,6 +76,8 @@ def one_fit(cfg: dict, train, eval_set, base_rows, workdir: Path, deletions: int
         ens.fit(X, y, ids=ids, eval_set=eval_set, base=base_rows)
         out = {"accuracy": ens.last_fit_metrics["ensemble_accuracy"], "fit_seconds": time.perf_counter() - t0}
         m = ens.manifest
+        if m.base is not None:
+            out["start_accuracy"] = start_accuracy(ens, eval_set)
         out["expected_delete_sample_epochs"] = costmodel.expected_single(
             m.slice_rows(), m.schedules(ens.config.epochs_per_stage())
         )
@@ -94,6 +96,22 @@ def one_fit(cfg: dict, train, eval_set, base_rows, workdir: Path, deletions: int
             )
     shutil.rmtree(workdir, ignore_errors=True)
     return out
+
+
+def start_accuracy(ens, eval_set) -> float:
+    """Accuracy of the shared start alone (the model trained on the base rows, before any shard)."""
+    import torch
+
+    from shards import training
+
+    ctx, m = ens._ctx, ens.manifest
+    store = ctx.storage()
+    ckpt = training.load_checkpoint(store.read(m.base.file, m.base.sha256))
+    module = training.init_module(ctx.spec(m), 0)
+    module.load_state_dict(ckpt["state_dict"])
+    with torch.no_grad():
+        pred = module.eval()(torch.from_numpy(np.asarray(eval_set[0], np.float32))).argmax(1).numpy()
+    return float((pred == eval_set[1]).mean())
 
 
 def sweep(
@@ -115,6 +133,8 @@ def sweep(
             log(f"[base_bench] {name} seed {seed} S={S}: plain {p['accuracy']:.3f}, base {b['accuracy']:.3f}")
     one = summary(rows["one_model"])
     out: dict = {"dataset": name, "seeds": list(seeds), "base_fraction": BASE_FRACTION, "one_model": one}
+    first = rows["base"][shards[0]]  # the start depends on the seed and the base rows, not on S
+    out["start_alone"] = summary(r["start_accuracy"] for r in first)
     for kind in ("plain", "base"):
         out[kind] = {}
         for S, runs in rows[kind].items():
@@ -146,6 +166,7 @@ def plot(results: list[dict], path: Path) -> None:
             std = np.array([r[kind][str(s)]["accuracy"]["std"] for s in S])
             ax.errorbar(S, mean, yerr=std, marker="o", capsize=3, label=label)
         ax.axhline(r["one_model"]["mean"], color="gray", ls="--", label="one model, all rows")
+        ax.axhline(r["start_alone"]["mean"], color="tab:orange", ls=":", label="the start alone (base rows)")
         ax.set_xscale("log")
         ax.set_xlabel("shards S")
         ax.set_ylabel("test accuracy")
@@ -158,9 +179,9 @@ def plot(results: list[dict], path: Path) -> None:
 
 def table(results: list[dict]) -> str:
     lines = [
-        "| dataset | S | one model | plain: acc (gap pp) | base: acc (gap pp) | one deletion, sample-epochs "
+        "| dataset | S | one model | start alone | plain: acc (gap pp) | base: acc (gap pp) | one deletion, sample-epochs "
         "expected plain / base | measured (mean ± sd) plain / base | seconds plain / base |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         for S in r["plain"]:
@@ -170,7 +191,8 @@ def table(results: list[dict]) -> str:
                 return f"{x['accuracy']['mean']:.3f} ± {x['accuracy']['std']:.3f} ({x['gap_pp']:.1f})"
 
             lines.append(
-                f"| {r['dataset']} | {S} | {r['one_model']['mean']:.3f} | {acc(p)} | {acc(b)} | "
+                f"| {r['dataset']} | {S} | {r['one_model']['mean']:.3f} | {r['start_alone']['mean']:.3f} | "
+                f"{acc(p)} | {acc(b)} | "
                 f"{p['expected_delete_sample_epochs']['mean']:.0f} / {b['expected_delete_sample_epochs']['mean']:.0f} | "
                 f"{_pm(p['delete_sample_epochs'])} / {_pm(b['delete_sample_epochs'])} | "
                 f"{p['delete_seconds']['mean']:.2f} / {b['delete_seconds']['mean']:.2f} |"

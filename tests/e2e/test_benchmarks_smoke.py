@@ -126,7 +126,7 @@ def test_base_benchmark_smoke(tmp_path):
         for r in res[kind].values():
             assert r["measured_equals_receipt"] and r["delete_sample_epochs"]["mean"] > 0
             assert 0 < r["accuracy"]["mean"] <= 1
-    assert 0 < res["one_model"]["mean"] <= 1
+    assert 0 < res["one_model"]["mean"] <= 1 and 0 < res["start_alone"]["mean"] <= 1
     assert "| digits | 3 |" in base_bench.table([res])
     base_bench.plot([res], tmp_path / "base.png")
     assert (tmp_path / "base.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
