@@ -48,6 +48,7 @@ from sisa.ledger import RequestState
 from sisa.manifest import Checkpoint, Manifest, SliceRef
 from sisa.ops import append, compact, purge, receipts
 from sisa.ops import delete as deletion
+from sisa.ops.base import refuse_base_ids
 from sisa.ops.locate import first_stages, locate
 from sisa.ops.receipts import AdditionPlan, Receipt
 from sisa.risk import resolve as resolve_risk
@@ -128,14 +129,7 @@ def _check_new(ctx, m: Manifest, ids, readmit) -> list[str]:
             f"rows), e.g. {shown}; ids are unique: give new ids, or delete the old rows first",
             ids=shown,
         )
-    from sisa.ops.base import base_rows_named
-
-    base = base_rows_named(ctx, m, ids.tolist())
-    if base:
-        raise DataError(
-            f"{len(base)} id(s) are base rows of this ensemble (data.base or "
-            "fit(base=...)); ids are unique across training and base rows: give new ids"
-        )
+    refuse_base_ids(ctx, m, ids.tolist())
     return check_erased(ctx, ids.tolist(), readmit)
 
 

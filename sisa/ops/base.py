@@ -161,6 +161,16 @@ def base_rows_named(ctx, m: Manifest, ids: list) -> list:
     return [i for i in ids if i in present]
 
 
+def refuse_base_ids(ctx, m: Manifest, ids: list) -> None:
+    """`add`: a new row may not take a base row's id."""
+    base = base_rows_named(ctx, m, ids)
+    if base:
+        raise DataError(
+            f"{len(base)} id(s) are base rows of this ensemble (data.base or fit(base=...)); ids are unique "
+            "across training and base rows: give new ids"
+        )
+
+
 def base_error(n: int) -> DataError:
     return DataError(
         f"{n} id(s) are base rows, declared non-erasable at fit (fit(base=...) or data.base): delete cannot "
