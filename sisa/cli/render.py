@@ -128,6 +128,10 @@ def status_table(st: dict) -> str:
             out += f"\n{kind}: {st[kind]['done']} done, {st[kind]['unfinished']} unfinished"
     if st.get("placement"):
         out += "\n" + placement_text(st["placement"])
+    if st.get("base"):
+        b = st["base"]
+        init = f", model.init sha256 {b['init_sha256'][:12]}" if b["init_sha256"] else ""
+        out += f"\nshared start {b['sha256'][:12]}: {b['rows']} non-erasable base rows{init}"
     return out
 
 

@@ -14,6 +14,7 @@ from helpers import scan, tiny_config, tiny_data, weights_equal
 
 from shards.job import lineage
 from sisa import SisaEnsemble
+from sisa.cli.render import status_table
 from sisa.errors import ConfigError, DataError, IntegrityError
 from sisa.ledger import Ledger
 
@@ -81,6 +82,7 @@ def test_deleting_a_base_id_is_refused_and_nothing_is_written(tmp_path):
         ens.delete(["nobody"])  # an unknown id is still just unknown
     assert [loc.where for loc in ens.locate(["b-4", "u-1", "nobody"])] == ["base", "training", "unknown"]
     assert ens.status()["base"] == {"rows": 60, "sha256": ens.manifest.base.sha256, "init_sha256": None}
+    assert f"shared start {ens.manifest.base.sha256[:12]}: 60 non-erasable base rows" in status_table(ens.status())
 
 
 def test_a_refit_without_base_data_removes_it(tmp_path):
