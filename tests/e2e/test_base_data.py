@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from helpers import scan, tiny_config, tiny_data, weights_equal
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from shards.job import lineage
 from sisa import SisaEnsemble
@@ -273,3 +277,40 @@ def test_data_base_beside_a_streamed_parquet_source(tmp_path):
         )
     assert not (tmp_path / "w2" / "manifest.json").exists()
     assert [p.name for p in (tmp_path / "w2").rglob("*") if p.is_file() and "store" in p.parts] == []
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(st.data())
+def test_any_sequence_with_base_equals_a_fit_of_the_live_rows(data):
+    """Random deletions, additions and refused base-id deletions on an ensemble with base data: it stays,
+    bit for bit, the fit of the rows that are live with the same base data (the start never retrained)."""
+    X, y, ids = tiny_data(n=160)
+    B = base_data(20)
+    over = {"sharding": {"shards": 2, "slices": 2}, "training": {"epochs": 2}, "data": {"test_fraction": 0.0}}
+    live = set(range(120))  # rows 120.. are the pool that additions draw from
+    with tempfile.TemporaryDirectory() as d:
+        ens = fit(Path(d) / "w", X[:120], y[:120], ids[:120], base=B, **over)
+        start = ens.manifest.base
+        for _ in range(data.draw(st.integers(1, 3))):
+            op = data.draw(st.sampled_from(["delete", "add", "base"]))
+            if op == "delete":
+                gone = data.draw(st.lists(st.sampled_from(sorted(live)), min_size=1, max_size=5, unique=True))
+                ens.delete(list(ids[gone]))
+                live -= set(gone)
+            elif op == "add":
+                new = data.draw(st.lists(st.sampled_from(range(120, 160)), min_size=1, max_size=5, unique=True))
+                new = [i for i in new if i not in live]
+                if not new:
+                    continue
+                try:
+                    ens.add(X[new], y[new], ids=list(ids[new]))
+                except DataError as e:  # a row added and deleted before is erased: it needs readmit
+                    assert "readmit" in str(e)
+                    continue
+                live |= set(new)
+            else:
+                with pytest.raises(DataError, match="are base rows"):
+                    ens.delete([B[2][data.draw(st.integers(0, 19))]])
+        rows = sorted(live)
+        assert ens.manifest.base == start
+        assert weights_equal(ens, fit(Path(d) / "ref", X[rows], y[rows], ids[rows], base=B, **over))
