@@ -314,3 +314,17 @@ def test_any_sequence_with_base_equals_a_fit_of_the_live_rows(data):
         rows = sorted(live)
         assert ens.manifest.base == start
         assert weights_equal(ens, fit(Path(d) / "ref", X[rows], y[rows], ids[rows], base=B, **over))
+
+
+def test_repair_rebuilds_a_first_stage_from_the_start(tmp_path):
+    X, y, ids = tiny_data(n=120)
+    over = {"sharding": {"shards": 2, "slices": 2}}
+    ref = fit(tmp_path / "ref", X, y, ids, base=base_data(30), **over)
+    ens = fit(tmp_path / "w", X, y, ids, base=base_data(30), **over)
+    first = tmp_path / "w" / "store" / ens.manifest.shards[0].checkpoints[0].file
+    first.write_bytes(first.read_bytes()[:100])  # truncated: the rebuild starts at stage 1, from the start
+    out = ens.repair()
+    fixed = SisaEnsemble.open(tmp_path / "w", executor="inprocess")
+    c = fixed.manifest.shards[0].checkpoints[0]
+    assert fixed.storage().read(c.file, c.sha256) and c == ref.manifest.shards[0].checkpoints[0], out
+    assert weights_equal(fixed, ref)
