@@ -239,7 +239,7 @@ def _train_start(ctx, m: Manifest, start) -> Manifest:
     with torch.random.fork_rng(devices=[]):
         threads = torch.get_num_threads()
         try:
-            base, metrics = startops.build(ctx, ctx.storage(), ctx.spec(m), start, m.id_kind)
+            base, _ = startops.build(ctx, ctx.storage(), ctx.spec(m), start, m.id_kind)
         finally:
             torch.set_num_threads(threads)
     m = dataclasses.replace(m, base=base)
