@@ -3,7 +3,7 @@
 
 `prepare` reads and checks everything before fit writes anything (the init file's digest before it is
 loaded, the base rows against the training data); `build` stores the base rows and trains the start;
-`base_rows_named` lets `delete` refuse a base row's id with the way out (a refit without it).
+`refuse_base_ids` keeps `add` from reusing a base row's id (`sisa.ops.locate` finds base rows for `delete`).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import numpy as np
 from shards.errors import DataError
 from shards.schema import make_rows
 from shards.storage import Storage
-from shards.store import read_slice
 from sisa import data as datamod
 from sisa.manifest import Manifest, SliceRef, Start
+from sisa.ops.locate import base_rows_named, locate
 
 
 @dataclass
@@ -109,8 +109,6 @@ def check_init(ctx, got: StartInput, input_shape, num_classes: int) -> None:
 
 def check_streamed(ctx, m: Manifest, got: StartInput) -> None:
     """`check` beside a streamed Parquet source, once its slices are written (fit removes them on error)."""
-    from sisa.ops.locate import locate
-
     check(got, m.input_shape, m.feature_names, m.id_kind, [], ctx.config.data)
     if got.max_label >= m.num_classes:
         raise DataError(
@@ -150,17 +148,6 @@ def build(ctx, storage: Storage, spec, got: StartInput, kind: str) -> tuple[Star
     return Start(**entry, init_sha256=got.init_sha256, rows_file=SliceRef.from_dict(rows_file)), metrics
 
 
-def base_rows_named(ctx, m: Manifest, ids: list) -> list:
-    """The ids among ``ids`` that are base rows of ``m`` (their rows are stored when they have ids)."""
-    if m.base is None or m.base.rows_file is None or not ids:
-        return []
-    rows = read_slice(ctx.storage(), m.base.rows_file.to_dict())
-    if "id" not in (rows.dtype.names or ()):
-        return []
-    present = set(rows["id"].tolist())
-    return [i for i in ids if i in present]
-
-
 def refuse_base_ids(ctx, m: Manifest, ids: list) -> None:
     """`add`: a new row may not take a base row's id."""
     base = base_rows_named(ctx, m, ids)
@@ -169,15 +156,6 @@ def refuse_base_ids(ctx, m: Manifest, ids: list) -> None:
             f"{len(base)} id(s) are base rows of this ensemble (data.base or fit(base=...)); ids are unique "
             "across training and base rows: give new ids"
         )
-
-
-def base_error(n: int) -> DataError:
-    return DataError(
-        f"{n} id(s) are base rows, declared non-erasable at fit (fit(base=...) or data.base): delete cannot "
-        "erase them, since every shard starts from the model trained on them. To remove base data, refit "
-        "without those rows (fit(..., base=the remaining base rows, overwrite=True)). Nothing was changed",
-        ids=[],
-    )
 
 
 def _read_init(ctx, uri: str) -> tuple[str, bytes]:

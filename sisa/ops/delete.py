@@ -36,8 +36,7 @@ from sisa.failpoints import crashpoint
 from sisa.ledger import RequestState
 from sisa.manifest import Checkpoint, Manifest, Retraining, SliceRef
 from sisa.ops import append, owed, purge, receipts
-from sisa.ops import base as startops
-from sisa.ops.locate import first_stages, locate, unknown_error
+from sisa.ops.locate import base_error, base_rows_named, first_stages, locate, unknown_error
 from sisa.ops.phases import Phases
 from sisa.ops.receipts import DeletionPlan, Receipt
 
@@ -81,8 +80,8 @@ def estimate(ctx, m: Manifest, ids) -> DeletionPlan:
 
 def _unknown(ctx, m: Manifest, unknown: list):
     """The error for ids not found in the shards: base rows (never erasable) are named as such."""
-    base = startops.base_rows_named(ctx, m, unknown)
-    return startops.base_error(len(base)) if base else unknown_error(ctx, unknown)
+    base = base_rows_named(ctx, m, unknown)
+    return base_error(len(base)) if base else unknown_error(ctx, unknown)
 
 
 def _check_resume_points(ctx, m: Manifest, starts: dict[int, int]) -> None:
