@@ -157,13 +157,14 @@ def fit(ctx, X, y, ids, eval_set, overwrite: bool, progress, readmit=None, risk=
 def _admit(ctx, storage, data, ingested, readmit, start) -> None:
     from sisa.ops.add import admit_refit, slice_ids
 
+    kind = data[3] if data is not None else ingested[0].id_kind
     try:
+        base_ids = [] if start.ids is None else datamod.canonical_ids(start.ids, kind)[0].tolist()  # base rows too
         if data is not None:
             eval_ids = data[4][2] if data[4] is not None and data[4][2] is not None else []
-            base_ids = start.ids.tolist() if start.ids is not None else []
-            admit_refit(ctx, [*data[2].tolist(), *list(eval_ids), *base_ids], readmit, data[3])
+            admit_refit(ctx, [*data[2].tolist(), *list(eval_ids), *base_ids], readmit, kind)
         else:
-            admit_refit(ctx, slice_ids(storage, ingested[0].slices), readmit, ingested[0].id_kind)
+            admit_refit(ctx, [*slice_ids(storage, ingested[0].slices), *base_ids], readmit, kind)
     except BaseException:
         if ingested is not None:
             purge_unreferenced(storage, ctx.read_manifest() if ctx.workdir.exists() else None)

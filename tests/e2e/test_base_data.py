@@ -104,6 +104,18 @@ def test_a_refit_without_base_data_removes_it(tmp_path):
     assert scan(tmp_path / "w", [Xb[i].tobytes() for i in range(60)]) == []
 
 
+def test_an_erased_id_does_not_come_back_as_base_data(tmp_path):
+    X, y, ids = tiny_data()
+    ens = fit(tmp_path / "w", X, y, ids)
+    ens.delete(["u-3"])
+    Xb, yb, idb = base_data()
+    idb[0] = "u-3"
+    keep = ids != "u-3"
+    with pytest.raises(DataError, match=r"fit: 1 id\(s\) were erased from this ensemble"):
+        ens.fit(X[keep], y[keep], ids=ids[keep], base=(Xb, yb, idb), overwrite=True)
+    assert ens.manifest.base is None
+
+
 def test_base_ids_must_not_collide_with_training_ids(tmp_path):
     X, y, ids = tiny_data()
     Xb, yb, idb = base_data()
