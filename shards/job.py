@@ -24,9 +24,12 @@ def checkpoint_name(shard: int, stage: int, digest: str) -> str:
     return f"ckpt/shard-{shard:03d}/stage-{stage:02d}-{digest[:12]}.pt"
 
 
-def lineage(slice_entries: list[dict], stage: int) -> str:
-    """Digest of the exact rows stage ``stage`` trained on: the chain of its slice files' digests."""
+def lineage(slice_entries: list[dict], stage: int, start: str | None = None) -> str:
+    """Digest of the exact rows stage ``stage`` trained on: the chain of its slice files' digests, after the
+    digest of the shared start checkpoint (`shards.base`) when the shards begin from one."""
     h = hashlib.sha256()
+    if start:
+        h.update(f"start:{start}/".encode())
     for e in slice_entries[:stage]:
         h.update(e["sha256"].encode())
     return h.hexdigest()
@@ -80,7 +83,9 @@ class StageRunner:
                 prev_ckpt = training.load_checkpoint(data, storage.describe(prev["file"]))
         rows = self._rows(storage, slice_entries[:stage])
         t1 = time.perf_counter()
-        ckpt, metrics = training.run_stage(spec, shard, stage, prev_ckpt, rows, lineage(slice_entries, stage))
+        ckpt, metrics = training.run_stage(
+            spec, shard, stage, prev_ckpt, rows, lineage(slice_entries, stage, spec.extra.get("start"))
+        )
         t2 = time.perf_counter()
         data = training.save_checkpoint(ckpt)
         digest = _sha(data)

@@ -30,6 +30,15 @@ class SyntheticData(_Strict):
     flip_y: float = Field(0.02, ge=0, le=1)
 
 
+class BaseDataConfig(_Strict):
+    """Base rows (`shards.base`): declared non-erasable, trained once into the start every shard shares. A
+    file with the data section's id and label columns (the ids are optional: without them the rows cannot be
+    named, so `delete` cannot even be asked to erase them)."""
+
+    source: Literal["npz", "csv", "parquet"]
+    path: str
+
+
 class DataConfig(_Strict):
     source: Literal["digits", "synthetic", "npz", "csv", "parquet", "arrays"] = "arrays"
     path: str | None = None
@@ -43,6 +52,8 @@ class DataConfig(_Strict):
     # a probability in [0, 1] or a class name of sharding.risk_classes (needs a deletion-aware placement)
     risk_column: str | None = None
     synthetic: SyntheticData = SyntheticData()
+    # rows that are never erased (public, licensed or synthetic data you may keep): see BaseDataConfig
+    base: BaseDataConfig | None = None
 
     @model_validator(mode="after")
     def _path_needed(self):
@@ -107,9 +118,18 @@ class ShardingConfig(_Strict):
         return self.isolated_shards or max(1, self.shards // 4)
 
 
+class InitConfig(_Strict):
+    """A pretrained state dict every shard starts from (`shards.base`): a local path or an object-store URI
+    (s3://..., with storage.options), loaded only after its sha256 matches, and with ``weights_only``."""
+
+    uri: str = Field(min_length=1)
+    sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
+
+
 class ModelConfig(_Strict):
     name: str = "mlp"
     kwargs: dict = Field(default_factory=dict)
+    init: InitConfig | None = None
 
     @field_validator("kwargs")
     @classmethod
@@ -144,6 +164,8 @@ class TrainingConfig(_Strict):
     momentum: float = Field(0.0, ge=0)
     lr_gamma: float = Field(1.0, gt=0, le=1)
     threads: int = Field(1, ge=1)
+    # epochs of the base stage (data.base or fit(base=...)), trained once; None: training.epochs
+    base_epochs: int | None = Field(None, ge=1)
     # the training step of the built-in MLP: "fast" (shards.fast: no autograd, one flat optimizer update) or
     # "eager" (autograd and torch's optimizer); the same bits on the same machine (tests check it). Unset: a
     # new fit uses "fast" and writes it into the workdir's config.yaml; an existing workdir keeps the engine
@@ -289,6 +311,9 @@ class SisaConfig(_Strict):
                 del dump["sharding"][k]
         if dump["data"]["risk_column"] is None:
             del dump["data"]["risk_column"]
+        for section, key in (("data", "base"), ("model", "init"), ("training", "base_epochs")):
+            if dump[section][key] is None:  # the shared start (shards.base): absent when unused
+                del dump[section][key]
         return dump
 
 

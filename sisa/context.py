@@ -109,7 +109,7 @@ class OpContext:
             num_classes=m.num_classes,
             threads=c.training.threads,
             accelerator="gpu" if c.resources.num_gpus > 0 else "cpu",
-            extra={"engine": c.training.engine or m.engine},
+            extra={"engine": c.training.engine or m.engine, **({"start": m.base.sha256} if m.base else {})},
         )
 
     def engine(self, m: Manifest) -> str:
@@ -130,6 +130,10 @@ class OpContext:
         import torch
 
         self.engine(m)
+        if m.base is not None:  # every shard's stage 1 starts from the shared start (shards.base)
+            for p in plans:
+                if p.start_stage == 1 and p.prev is None:
+                    p.prev = m.base.entry()
 
         def stage(plan, entry, metrics):
             if on_stage is not None:

@@ -157,6 +157,7 @@ class SisaEnsemble:
         progress=None,
         readmit=None,
         risk=None,
+        base=None,
     ) -> SisaEnsemble:
         """Partition, store and train every shard. With no arrays, loads the config's dataset.
 
@@ -166,10 +167,12 @@ class SisaEnsemble:
         ``progress(plan, entry, metrics)`` is called after every stage. A refit (``overwrite=True``) refuses
         ids this workdir erased, unless named in ``readmit`` (recorded in the ledger). ``risk``: each row's
         deletion prior (a probability or a ``sharding.risk_classes`` name) for a deletion-aware
-        ``sharding.placement``; a refit with new priors re-places the rows."""
+        ``sharding.placement``; a refit with new priors re-places the rows. ``base=(X_base, y_base[, ids_base])``
+        (or ``data.base``): rows declared non-erasable, trained once into the start every shard shares;
+        `delete` refuses their ids, only a refit without them removes them (see the README)."""
         from sisa.ops.fit import fit as _fit
 
-        m = _fit(self._ctx, X, y, ids, eval_set, overwrite, progress, readmit, risk)
+        m = _fit(self._ctx, X, y, ids, eval_set, overwrite, progress, readmit, risk, base)
         self.last_fit_metrics = dict(m.metrics)
         return self
 

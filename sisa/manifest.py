@@ -77,6 +77,42 @@ class Checkpoint(_JsonView):
 
 
 @dataclass(frozen=True)
+class Start(_JsonView):
+    """The stage-0 checkpoint every shard's stage 1 starts from (`shards.base`): a pretrained state dict
+    (``init_sha256``, the digest of the ``model.init`` file) and/or a model trained once on the base rows
+    (``rows`` of them, stored in ``rows_file``, with their ids when they have some). Never retrained."""
+
+    file: str
+    sha256: str
+    rows: int
+    lineage: str
+    init_sha256: str | None = None
+    rows_file: SliceRef | None = None
+
+    def to_dict(self) -> dict:
+        d = {"file": self.file, "sha256": self.sha256, "rows": self.rows, "lineage": self.lineage}
+        d["init_sha256"] = self.init_sha256
+        d["rows_file"] = None if self.rows_file is None else self.rows_file.to_dict()
+        return d
+
+    def entry(self) -> dict:
+        """The checkpoint entry a stage-1 plan resumes from (`orchestration.ShardPlan.prev`)."""
+        return {"stage": 0, "file": self.file, "sha256": self.sha256, "rows": self.rows, "lineage": self.lineage}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Start:
+        rf = d.get("rows_file")
+        return cls(
+            file=d["file"],
+            sha256=d["sha256"],
+            rows=int(d["rows"]),
+            lineage=d["lineage"],
+            init_sha256=d.get("init_sha256"),
+            rows_file=None if rf is None else SliceRef.from_dict(rf),
+        )
+
+
+@dataclass(frozen=True)
 class ShardState(_JsonView):
     """A shard's slices, its checkpoints (one per trained stage) and whether prediction excludes it.
 
@@ -172,6 +208,7 @@ class Manifest(_JsonView):
     retraining: Retraining | None = None
     created: float = 0.0
     engine: str = "eager"  # training.engine the shards were trained with; absent from older manifests: eager
+    base: Start | None = None  # the shared start of every shard (`shards.base`); absent: a fresh init per shard
     format: int = FORMAT
 
     # -- derived views (each defined once) ----------------------------------------------------------------
@@ -201,7 +238,10 @@ class Manifest(_JsonView):
 
     def referenced_files(self) -> set[str]:
         """Every store file the manifest names; everything else in the store is garbage."""
-        return {e.file for sh in self.shards for e in (*sh.slices, *sh.checkpoints)}
+        files = {e.file for sh in self.shards for e in (*sh.slices, *sh.checkpoints)}
+        if self.base is not None:
+            files |= {self.base.file} | ({self.base.rows_file.file} if self.base.rows_file else set())
+        return files
 
     # -- building the next manifest -----------------------------------------------------------------------
     def with_shard(self, s: int, **changes) -> Manifest:
@@ -231,6 +271,8 @@ class Manifest(_JsonView):
             out["retraining"] = self.retraining.to_dict()
         if self.engine != "eager":
             out["engine"] = self.engine
+        if self.base is not None:
+            out["base"] = self.base.to_dict()
         return out
 
 
@@ -262,6 +304,7 @@ def from_dict(d: dict, where: str = "manifest") -> Manifest:
             retraining=Retraining.from_dict(d["retraining"]) if d.get("retraining") else None,
             created=float(d.get("created", 0.0)),
             engine=str(d.get("engine", "eager")),
+            base=Start.from_dict(d["base"]) if d.get("base") else None,
         )
     except (KeyError, TypeError, ValueError) as e:
         raise WorkdirError(f"{where} is malformed ({type(e).__name__}: {e})", path=where) from None

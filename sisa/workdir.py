@@ -161,12 +161,12 @@ class Workdir:
 
 
 def purge_unreferenced(storage: Storage, manifest, on_delete=None) -> list[str]:
-    """Delete every data/checkpoint file ``manifest`` (a `sisa.manifest.Manifest`, or None: keep nothing) does
+    """Delete every data/checkpoint/base file ``manifest`` (a `sisa.manifest.Manifest`, or None: keep nothing) does
     not reference: superseded or half-written files. Each file is zeroed, then removed (`Storage.delete`)."""
     keep = manifest.referenced_files() if manifest is not None else set()
     gone = []
     for rel in storage.listdir():
-        if (rel.startswith(("data/", "ckpt/")) and rel not in keep) or os.path.basename(rel).startswith(".tmp-"):
+        if (rel.startswith(("data/", "ckpt/", "base/")) and rel not in keep) or os.path.basename(rel).startswith(".tmp-"):
             storage.delete(rel)
             gone.append(rel)
             if on_delete:

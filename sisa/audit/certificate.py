@@ -74,6 +74,10 @@ def verify(ctx, m, receipt=None, timeout: float | None = None) -> AuditReport:
         _check_live_ids(report, wd, store, manifest, deleted)
         _check_chain(report, manifest, chain, shards)
         files_ok = {s: _check_files(report, store, manifest, s) for s in shards}
+        if manifest.base is not None and shards and not _check_start(report, store, manifest):
+            for s in shards:  # no retrain from a start that is not the recorded one
+                report.add(f"shard {s}", "retrained from scratch", ["not retrained: the shared start is damaged"])
+            files_ok = dict.fromkeys(files_ok, False)
         check_retrain(report, ctx, manifest, store, [s for s in shards if files_ok[s]], timeout)
         from sisa.audit.published import check_published
 
@@ -253,6 +257,27 @@ def _check_chain(report, manifest, receipts: list[tuple[str, dict]], shards: lis
             report.add(f"receipt {rid}", "checkpoint digests lead to the deployed checkpoints", problems.get(rid, []))
 
 
+def _check_start(report, store, manifest) -> bool:
+    """The shared start (`shards.base`) and its base rows file match their digests; the start's lineage is
+    the digest of the ``model.init`` file and the base rows it was made of."""
+    from shards import base as startmod
+    from shards import training
+
+    b, problems = manifest.base, []
+    report.start = {"sha256": b.sha256, "lineage": b.lineage, "rows": b.rows, "init_sha256": b.init_sha256}
+    try:
+        ckpt = training.load_checkpoint(store.read(b.file, b.sha256), store.describe(b.file))
+        if b.rows_file is not None:
+            store.read(b.rows_file.file, b.rows_file.sha256)
+        want = startmod.start_lineage(b.init_sha256, b.rows_file.sha256 if b.rows_file else None)
+        if ckpt.get("lineage") != b.lineage or b.lineage != want:
+            problems.append(f"{store.describe(b.file)}: lineage is not the digest of model.init and the base rows")
+    except SisaError as err:
+        problems.append(str(err).split(";")[0])
+    report.add("base", "the shared start and base rows match the manifest digests", problems)
+    return not problems
+
+
 def _check_files(report, store, manifest, s: int) -> bool:
     """Every slice and checkpoint file of shard s matches its digest; checkpoint lineage and row counts
     match the live slice files."""
@@ -277,7 +302,7 @@ def _check_files(report, store, manifest, s: int) -> bool:
         except SisaError as err:
             problems.append(str(err).split(";")[0])
             continue
-        want = lineage(slices, k + 1)
+        want = lineage(slices, k + 1, manifest.base.sha256 if manifest.base else None)
         if c.lineage != want:
             lin.append(
                 f"manifest.json shards.{s}.checkpoints[{k}].lineage is not the digest of the live slices 1..{k + 1}"

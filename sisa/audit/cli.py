@@ -48,6 +48,7 @@ def _merge(reports):
         out.retrain_seconds += r.retrain_seconds
         out.seconds += r.seconds
         out.worker_pid = r.worker_pid or out.worker_pid
+        out.start = r.start or out.start
     return out
 
 

@@ -25,6 +25,8 @@ class AuditReport:
     shards: dict[int, bool] = field(default_factory=dict)  # retrained from scratch == deployed, per shard
     receipts: dict[str, bool] = field(default_factory=dict)
     worker_pid: int | None = None
+    # the shared start every shard was retrained from (shards.base): its sha256, lineage, model.init digest
+    start: dict | None = None
     retrain_seconds: float = 0.0
     seconds: float = 0.0
 
@@ -50,6 +52,12 @@ class AuditReport:
                 lines.append(f"{''.ljust(width)}          -> {c.detail}")
         per = ", ".join(f"{s}: {'pass' if v else 'FAIL'}" for s, v in sorted(self.shards.items()))
         lines.append(f"\nshards retrained from scratch in a fresh process (pid {self.worker_pid}): {per or 'none'}")
+        if self.start:
+            init = self.start["init_sha256"]
+            lines.append(
+                f"from the shared start {self.start['sha256'][:12]} ({self.start['rows']} base rows"
+                + (f", model.init sha256 {init[:12]})" if init else ")")
+            )
         n = len(self.failures())
         lines.append(
             f"audit of {self.scope}: {'PASS' if self.ok else f'FAIL ({n} failed check(s))'} in {self.seconds:.1f}s"

@@ -32,6 +32,8 @@ def check_retrain(report, ctx, manifest, store, shards: list[int], timeout) -> N
             "spec": asdict(ctx.spec(manifest)),
             "shards": {str(s): [e.to_dict() for e in manifest.shards[s].slices] for s in shards},
             "epochs": {str(s): list(manifest.shards[s].epochs) for s in shards if manifest.shards[s].epochs},
+            # the shared start (shards.base), read from the live store and digest-checked before it is loaded
+            "start": manifest.base.entry() if manifest.base else None,
         }
         t0 = time.time()
         out = os.path.join(scratch, "result.json")
@@ -131,7 +133,7 @@ def retrain_worker(out_path: str) -> None:
     runner = StageRunner()
     out: dict = {"pid": os.getpid(), "shards": {}}
     for key, slices in job["shards"].items():
-        entries, prev = [], None
+        entries, prev = [], job.get("start")
         own = job.get("epochs", {}).get(key)  # the shard's own schedule (appended stages), else the spec's
         try:
             for stage in range(1, (len(own) if own else spec.slices) + 1):

@@ -128,6 +128,10 @@ def status_table(st: dict) -> str:
             out += f"\n{kind}: {st[kind]['done']} done, {st[kind]['unfinished']} unfinished"
     if st.get("placement"):
         out += "\n" + placement_text(st["placement"])
+    if st.get("base"):
+        b = st["base"]
+        init = f", model.init sha256 {b['init_sha256'][:12]}" if b["init_sha256"] else ""
+        out += f"\nshared start {b['sha256'][:12]}: {b['rows']} non-erasable base rows{init}"
     return out
 
 
@@ -290,6 +294,7 @@ def locations_text(locs: list) -> str:
             f"training row: shard {x.shard}, slice {x.slice} (a deletion retrains the shard from stage {x.slice + 1})"
         ),
         "held_out": lambda x: "held-out evaluation row (a deletion erases it; nothing retrains)",
+        "base": lambda x: "base row: non-erasable (every shard starts from it); only a refit without it removes it",
         "deleted": lambda x: f"deleted by request {x.request_id} on {when(x.deleted_at)}",
         "unknown": lambda x: "unknown: not a row of this ensemble, and never deleted from it",
     }

@@ -48,6 +48,7 @@ from sisa.ledger import RequestState
 from sisa.manifest import Checkpoint, Manifest, SliceRef
 from sisa.ops import append, compact, purge, receipts
 from sisa.ops import delete as deletion
+from sisa.ops.base import refuse_base_ids
 from sisa.ops.locate import first_stages, locate
 from sisa.ops.receipts import AdditionPlan, Receipt
 from sisa.risk import resolve as resolve_risk
@@ -128,6 +129,7 @@ def _check_new(ctx, m: Manifest, ids, readmit) -> list[str]:
             f"rows), e.g. {shown}; ids are unique: give new ids, or delete the old rows first",
             ids=shown,
         )
+    refuse_base_ids(ctx, m, ids.tolist())
     return check_erased(ctx, ids.tolist(), readmit)
 
 

@@ -36,7 +36,7 @@ from sisa.failpoints import crashpoint
 from sisa.ledger import RequestState
 from sisa.manifest import Checkpoint, Manifest, Retraining, SliceRef
 from sisa.ops import append, owed, purge, receipts
-from sisa.ops.locate import first_stages, locate, unknown_error
+from sisa.ops.locate import base_error, base_rows_named, first_stages, locate, unknown_error
 from sisa.ops.phases import Phases
 from sisa.ops.receipts import DeletionPlan, Receipt
 
@@ -58,7 +58,7 @@ def estimate(ctx, m: Manifest, ids) -> DeletionPlan:
     ids = _normalise(m, ids)
     found, held, gone, unknown = locate(ctx, m, ids)
     if unknown:
-        raise unknown_error(ctx, unknown)
+        raise _unknown(ctx, m, unknown)
     starts = first_stages(found)
     rows = [list(r) for r in m.slice_rows()]
     for (s, j), g in found.items():  # priced on the partition after the deletion, as the receipt is
@@ -78,6 +78,12 @@ def estimate(ctx, m: Manifest, ids) -> DeletionPlan:
     )
 
 
+def _unknown(ctx, m: Manifest, unknown: list):
+    """The error for ids not found in the shards: base rows (never erasable) are named as such."""
+    base = base_rows_named(ctx, m, unknown)
+    return base_error(len(base)) if base else unknown_error(ctx, unknown)
+
+
 def _check_resume_points(ctx, m: Manifest, starts: dict[int, int]) -> None:
     """Refuse before the ledger commit if a file the retrain needs (the checkpoint it resumes from, the
     shard's slices) is damaged, so that a doomed request is never acknowledged."""
@@ -87,6 +93,8 @@ def _check_resume_points(ctx, m: Manifest, starts: dict[int, int]) -> None:
         if r > 1:
             c = sh.checkpoints[r - 2]
             store.read(c.file, c.sha256)
+        elif m.base is not None:  # stage 1 resumes from the shared start
+            store.read(m.base.file, m.base.sha256)
         for e in sh.slices:
             store.read(e.file, e.sha256)
 
@@ -107,7 +115,7 @@ def delete(ctx, m: Manifest, ids, progress=None, wait: str = "done") -> Receipt:
             m = ctx.read_manifest()
             found, held, gone, unknown = locate(ctx, m, ids)
             if unknown:
-                raise unknown_error(ctx, unknown)
+                raise _unknown(ctx, m, unknown)
             if not found and not held:
                 return Receipt(None, t0, time.time(), [], 0, len(gone), config_hash=m.config_hash)
             _check_resume_points(ctx, m, first_stages(found))

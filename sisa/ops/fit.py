@@ -6,6 +6,7 @@ created are removed again. Runs over an explicit `sisa.context.OpContext`.
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import os
 import time
@@ -21,6 +22,7 @@ from shards.store import write_partition
 from sisa import data as datamod
 from sisa import evalfile
 from sisa.manifest import Checkpoint, Manifest, ShardState, SliceRef
+from sisa.ops import base as startops
 from sisa.risk import resolve as resolve_risk
 from sisa.workdir import purge_unreferenced, write_atomic
 
@@ -102,11 +104,13 @@ def _check_eval_set(eval_set, input_shape, names, kind, train_ids, cfg_data):
     return ex, ey, eids
 
 
-def fit(ctx, X, y, ids, eval_set, overwrite: bool, progress, readmit=None, risk=None) -> Manifest:
+def fit(ctx, X, y, ids, eval_set, overwrite: bool, progress, readmit=None, risk=None, base=None) -> Manifest:
     """Train the ensemble from arrays, the config's dataset or a Parquet source; returns the committed manifest.
-    ``risk``: each row's deletion prior, for a deletion-aware ``sharding.placement`` (`sisa.risk`)."""
+    ``risk``: each row's deletion prior, for a deletion-aware ``sharding.placement`` (`sisa.risk`).
+    ``base``: non-erasable rows every shard starts from (`sisa.ops.base`), or ``data.base``."""
     c = ctx.config
     _check_gpus(ctx)
+    start = startops.prepare(ctx, base)  # model.init's digest is checked here, before anything is written
     parquet = datamod.parquet_source(X, y, ids, eval_set, c.data, lambda rel: ctx.workdir.inside(rel, "data.path"))
     data = None
     if parquet is not None and risk is not None:
@@ -116,7 +120,10 @@ def fit(ctx, X, y, ids, eval_set, overwrite: bool, progress, readmit=None, risk=
         )
     if parquet is None:
         X, y, ids, kind, eval_set, names, risk = load_arrays(ctx, X, y, ids, eval_set, risk)
-        num_classes = _num_classes(ctx, int(y.max()), X.shape[1:])
+        eval_ids = eval_set[2] if eval_set is not None and eval_set[2] is not None else []
+        startops.check(start, X.shape[1:], names, kind, [*ids.tolist(), *list(eval_ids)], c.data)
+        num_classes = _num_classes(ctx, max(int(y.max()), start.max_label), X.shape[1:])
+        startops.check_init(ctx, start, X.shape[1:], num_classes)
         if eval_set is not None and len(eval_set[1]) and int(eval_set[1].max()) >= num_classes:
             raise DataError(
                 f"eval_set labels go up to {int(eval_set[1].max())} but the ensemble has {num_classes} classes "
@@ -133,12 +140,12 @@ def fit(ctx, X, y, ids, eval_set, overwrite: bool, progress, readmit=None, risk=
         storage = ctx.storage()
         _claim(ctx, storage)
         ingested = _ingest(ctx, storage, parquet) if parquet is not None else None  # before anything else changes
-        _admit(ctx, storage, data, ingested, readmit)  # erased ids stay erased (sisa.ops.add.admit_refit)
+        _admit(ctx, storage, data, ingested, readmit, start)  # erased ids stay erased (sisa.ops.add.admit_refit)
         if wd.exists():
             ctx.commit(None)
         try:
             m = _partition(ctx, storage, data, ingested)
-            m = _train(ctx, m, progress)
+            m = _train(ctx, m, progress, start)
             purge_unreferenced(storage, m)
         except BaseException:
             if not wd.exists():
@@ -147,15 +154,17 @@ def fit(ctx, X, y, ids, eval_set, overwrite: bool, progress, readmit=None, risk=
     return m
 
 
-def _admit(ctx, storage, data, ingested, readmit) -> None:
+def _admit(ctx, storage, data, ingested, readmit, start) -> None:
     from sisa.ops.add import admit_refit, slice_ids
 
+    kind = data[3] if data is not None else ingested[0].id_kind
     try:
+        base_ids = [] if start.ids is None else datamod.canonical_ids(start.ids, kind)[0].tolist()  # base rows too
         if data is not None:
             eval_ids = data[4][2] if data[4] is not None and data[4][2] is not None else []
-            admit_refit(ctx, [*data[2].tolist(), *list(eval_ids)], readmit, data[3])
+            admit_refit(ctx, [*data[2].tolist(), *list(eval_ids), *base_ids], readmit, kind)
         else:
-            admit_refit(ctx, slice_ids(storage, ingested[0].slices), readmit, ingested[0].id_kind)
+            admit_refit(ctx, [*slice_ids(storage, ingested[0].slices), *base_ids], readmit, kind)
     except BaseException:
         if ingested is not None:
             purge_unreferenced(storage, ctx.read_manifest() if ctx.workdir.exists() else None)
@@ -196,11 +205,13 @@ def _partition(ctx, storage, data, ingested) -> Manifest:
     )
 
 
-def _train(ctx, m: Manifest, progress) -> Manifest:
-    """Train every shard from stage 1, commit, evaluate, commit, register the first model version."""
+def _train(ctx, m: Manifest, progress, start) -> Manifest:
+    """Train the shared start (if any) and every shard from stage 1, commit, evaluate, commit, register the
+    first model version."""
     t0 = time.time()
     ctx.observer.started(OP, m, {})
     try:
+        m = _train_start(ctx, m, start)
         plans = [
             ShardPlan(shard=s, start_stage=1, slices=[e.to_dict() for e in sh.slices]) for s, sh in enumerate(m.shards)
         ]
@@ -216,6 +227,25 @@ def _train(ctx, m: Manifest, progress) -> Manifest:
         raise
     ctx.publish(m, run_id=ctx.observer.run_id)  # the first version of the ensemble as a registered pyfunc model
     return m
+
+
+def _train_start(ctx, m: Manifest, start) -> Manifest:
+    """The stage-0 checkpoint every shard starts from (`sisa.ops.base`), trained in this process."""
+    import torch
+
+    if start.empty:
+        return m
+    if start.X is not None and not start.checked:  # beside a streamed Parquet source: checked only now
+        startops.check_streamed(ctx, m, start)
+    t0 = time.time()
+    with torch.random.fork_rng(devices=[]):
+        threads = torch.get_num_threads()
+        try:
+            base, _ = startops.build(ctx, ctx.storage(), ctx.spec(m), start, m.id_kind)
+        finally:
+            torch.set_num_threads(threads)
+    m = dataclasses.replace(m, base=base)
+    return m.with_metrics(base_seconds=time.time() - t0, base_rows=base.rows)
 
 
 def _check_gpus(ctx) -> None:

@@ -38,6 +38,10 @@ def status(ctx, m: Manifest) -> dict:
         "additions": _count(reqs, "add"),
         "compactions": _count(reqs, "compact"),
         "config_hash": m.config_hash,
+        # the shared start (shards.base): non-erasable base rows and/or a pretrained state dict
+        "base": None
+        if m.base is None
+        else {"rows": m.base.rows, "sha256": m.base.sha256, "init_sha256": m.base.init_sha256},
     }
     placed = risk_summary(m, c)
     if placed is not None:  # a deletion-aware placement: expected cost under the priors vs what was realised

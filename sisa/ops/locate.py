@@ -1,10 +1,11 @@
-"""Where ids are: training rows (by shard and slice), held-out evaluation rows, already deleted, unknown."""
+"""Where ids are: training rows (by shard and slice), held-out evaluation rows, base rows (non-erasable,
+`sisa.ops.base`), already deleted, unknown."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shards.errors import UnknownIdsError
+from shards.errors import DataError, UnknownIdsError
 from shards.partition import candidates
 from shards.store import read_slice
 from sisa import evalfile
@@ -73,7 +74,7 @@ def _second_places(store, m: Manifest, later: dict, missing: list, found: dict) 
 @dataclass(frozen=True)
 class Location:
     """Where one id is: ``where`` is "training" (``shard`` and ``slice``, both 0-based as `shard_of`),
-    "held_out" (a row of the evaluation file), "deleted" (``request_id`` and ``deleted_at``, a Unix time, of
+    "held_out" (a row of the evaluation file), "base" (a non-erasable base row), "deleted" (``request_id`` and ``deleted_at``, a Unix time, of
     the latest deletion request that named it) or "unknown" (never a row of this ensemble)."""
 
     id: int | str
@@ -92,7 +93,8 @@ class Location:
 def where(ctx, m: Manifest, ids: list) -> list[Location]:
     """One `Location` per canonical id, in the order given. Reads only the slices these ids hash to and the
     ledger entries of their keyed hashes: nothing about any other id."""
-    found, held, gone, _ = locate(ctx, m, ids)
+    found, held, gone, unknown = locate(ctx, m, ids)
+    base = set(base_rows_named(ctx, m, unknown))
     at = {i: sj for sj, group in found.items() for i in group}
     hashes = dict(zip(gone, ctx.workdir.hash_ids(gone))) if gone else {}
     deleted = ctx.ledger().deletions(list(hashes.values())) if gone else {}
@@ -105,6 +107,8 @@ def where(ctx, m: Manifest, ids: list) -> list[Location]:
         elif hashes.get(i) in deleted:
             rid, created = deleted[hashes[i]]
             out.append(Location(i, "deleted", request_id=rid, deleted_at=created))
+        elif i in base:
+            out.append(Location(i, "base"))
         else:
             out.append(Location(i, "unknown"))
     return out
@@ -130,4 +134,24 @@ def unknown_error(ctx, unknown) -> UnknownIdsError:
         f"{len(unknown)} id(s) are neither training nor evaluation rows of this ensemble and were never deleted "
         f"from it: {shown}{unnamed}. Nothing was changed; check the ids (and their type) and call delete() again",
         ids=unknown[:5],
+    )
+
+
+def base_rows_named(ctx, m: Manifest, ids: list) -> list:
+    """The ids among ``ids`` that are base rows of ``m`` (their rows are stored when they have ids)."""
+    if m.base is None or m.base.rows_file is None or not ids:
+        return []
+    rows = read_slice(ctx.storage(), m.base.rows_file.to_dict())
+    if "id" not in (rows.dtype.names or ()):
+        return []
+    present = set(rows["id"].tolist())
+    return [i for i in ids if i in present]
+
+
+def base_error(n: int) -> DataError:
+    return DataError(
+        f"{n} id(s) are base rows, declared non-erasable at fit (fit(base=...) or data.base): delete cannot "
+        "erase them, since every shard starts from the model trained on them. To remove base data, refit "
+        "without those rows (fit(..., base=the remaining base rows, overwrite=True)). Nothing was changed",
+        ids=[],
     )

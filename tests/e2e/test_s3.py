@@ -4,6 +4,7 @@ without the rows, and afterwards no object in the bucket (no version either) hol
 or a superseded checkpoint."""
 
 import hashlib
+import io
 import socket
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import s3fs  # the test extra installs it (and moto[server])
 from helpers import scan, tiny_config, tiny_data, weights_equal
 
 from sisa import SisaEnsemble
-from sisa.errors import ConfigError, WorkdirError
+from sisa.errors import ConfigError, IntegrityError, WorkdirError
 from sisa.ops import purge
 
 
@@ -286,3 +287,35 @@ def test_audit_and_repair_work_on_the_bucket(tmp_path, bucket, endpoint):
     assert ens.repair()["unrepairable"] == []
     assert hashlib.sha256(fs.cat_file(f"{name}/ens/{lost['file']}")).hexdigest() == lost["sha256"]
     assert ens.verify().ok
+
+
+def test_model_init_and_base_data_on_the_bucket(tmp_path, bucket, endpoint):
+    """model.init read from s3:// (digest checked first), the shared start stored in the bucket beside the
+    shards, and a refit without base data removes the base rows and their start from there."""
+    import torch
+
+    fs, name = bucket
+    X, y, ids = tiny_data()
+    donor = SisaEnsemble.from_config(tiny_config(sharding={"shards": 1, "slices": 1}), tmp_path / "d").fit(
+        X, y, ids=ids
+    )
+    buf = io.BytesIO()
+    torch.save(donor.load_shard_model(0).state_dict(), buf)
+    fs.pipe_file(f"{name}/models/init.pt", buf.getvalue())
+    digest = hashlib.sha256(buf.getvalue()).hexdigest()
+    store = {"uri": f"s3://{name}/ens", "options": opts(endpoint)}
+    model = tiny_config()["model"] | {"init": {"uri": f"s3://{name}/models/init.pt", "sha256": "f" * 64}}
+    with pytest.raises(IntegrityError, match="model.init.sha256 says ffff"):
+        SisaEnsemble.from_config(tiny_config(model=model, storage=store), tmp_path / "bad").fit(X, y, ids=ids)
+    model["init"]["sha256"] = digest
+    base = (X[:30] + 1, y[:30], np.array([f"b-{i}" for i in range(30)]))
+    ens = SisaEnsemble.from_config(tiny_config(model=model, storage=store), tmp_path / "a")
+    ens.fit(X, y, ids=ids, base=base)
+    assert ens.manifest.base.init_sha256 == digest
+    assert {k for k in keys(fs, name) if k.startswith("base/")} == {
+        ens.manifest.base.file,
+        ens.manifest.base.rows_file.file,
+    }
+    ens.fit(X, y, ids=ids, overwrite=True)  # model.init alone: the start is the pretrained state dict
+    assert ens.manifest.base.rows == 0 and ens.manifest.base.file.startswith("base/init-")
+    assert {k for k in keys(fs, name) if k.startswith("base/")} == {ens.manifest.base.file}
