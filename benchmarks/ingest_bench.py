@@ -40,8 +40,9 @@ def setup():
 
         def logged(batch, job, fn=fn, name=name):
             out = fn(batch, job)
+            use = resource.getrusage(resource.RUSAGE_SELF)
             with open(os.environ["SISA_BENCH_LOG"], "a") as f:
-                f.write(f"{name} {os.getpid()} {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}\n")
+                f.write(f"{name} {os.getpid()} {use.ru_maxrss * 1024} {use.ru_utime + use.ru_stime}\n")
             return out
 
         setattr(ingest, name, logged)
@@ -73,9 +74,13 @@ def child(args) -> None:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     workers = [ln.split() for ln in log.read_text().splitlines()] if log.exists() else []
     peak = {k: max([int(w[2]) for w in workers if w[0] == k] or [0]) for k in ("_place_unit", "_write_group")}
+    cpu: dict[str, float] = {}  # per worker process: its CPU seconds after its last task
+    for w in workers:
+        cpu[w[1]] = max(cpu.get(w[1], 0.0), float(w[3]))
     print("RESULT " + json.dumps({"seconds": seconds, "driver_disk_written": written, "driver_rss_before": rss0,
                                   "driver_peak_rss": rss, "place_worker_peak_rss": peak["_place_unit"],
-                                  "group_worker_peak_rss": peak["_write_group"]}))  # fmt: skip
+                                  "group_worker_peak_rss": peak["_write_group"],
+                                  "worker_cpu_seconds": sum(cpu.values())}))  # fmt: skip
     ray.shutdown()
 
 
@@ -139,6 +144,7 @@ def bench(where: str, source: str, store_root: str, options: dict, dataset: int,
     out = {"where": where, "dataset_bytes": dataset, "speedup_2_over_1": spread(ratios)}
     for w, rs in runs.items():
         out[f"w{w}"] = {"MB_per_s": spread([dataset / r["seconds"] / 1e6 for r in rs]),
+                        "worker_cpu_s_per_GB": spread([r["worker_cpu_seconds"] / dataset * 1e9 for r in rs]),
                         **{k: max(r[k] for r in rs) for k in rs[0] if k != "seconds"}}  # fmt: skip
     return out
 
