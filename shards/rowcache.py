@@ -7,13 +7,14 @@ the first changed slice on are overwritten with zeros, cut off and read again. T
 cache's business: training re-derives it from (seed, shard, stage, epoch) over rows in slice order.
 
 Cache files hold raw rows: `wipe` zeroes and removes them (after a deletion, see `StageRunner.drop_cache`),
-and a new cache zeroes the directories that workers which died without wiping left behind.
+at interpreter exit, and a new cache zeroes the directories that workers killed without wiping left behind.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+import weakref
 
 import numpy as np
 
@@ -42,6 +43,7 @@ class RowCache:
         os.makedirs(base, exist_ok=True)
         _wipe_orphans(base)
         self.dir = tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=base)
+        self._finalizer = weakref.finalize(self, _wipe_dir, self.dir)  # also at interpreter exit
         self._held: dict[int, list[tuple[str, int]]] = {}  # shard -> (digest, rows) of the slices in its files
         self._shape: dict[int, tuple] = {}
 
@@ -90,6 +92,15 @@ class RowCache:
         self._held.clear()
 
 
+def _wipe_dir(path: str) -> None:
+    for name in os.listdir(path) if os.path.isdir(path) else []:
+        zero_and_remove(os.path.join(path, name))
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
+
+
 def _zero_tail(path: str, keep: int, chunk: int = 1 << 24) -> None:
     size = os.path.getsize(path)
     with open(path, "r+b") as f:
@@ -107,13 +118,7 @@ def _wipe_orphans(base: str) -> None:
         pid = name.split("-", 1)[0]
         if not pid.isdigit() or _alive(int(pid)):
             continue
-        path = os.path.join(base, name)
-        for f in os.listdir(path) if os.path.isdir(path) else []:
-            zero_and_remove(os.path.join(path, f))
-        try:
-            os.rmdir(path)
-        except OSError:
-            pass
+        _wipe_dir(os.path.join(base, name))
 
 
 def _alive(pid: int) -> bool:

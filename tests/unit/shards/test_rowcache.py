@@ -70,3 +70,13 @@ def test_a_dead_workers_cache_is_wiped(tmp_path):
     (dead / "shard-0.x").write_bytes(b"raw row bytes")
     RowCache(str(root))
     assert not dead.exists()
+
+
+def test_the_cache_directory_goes_with_the_cache(tmp_path):
+    store, entries = partition(tmp_path)
+    cache = RowCache(str(tmp_path / "cache"))
+    cache.rows(store, 0, entries)
+    d = cache.dir
+    assert os.listdir(d)
+    del cache
+    assert not os.path.exists(d)
