@@ -42,10 +42,16 @@ def setup():
             out = fn(batch, job)
             use = resource.getrusage(resource.RUSAGE_SELF)
             with open(os.environ["SISA_BENCH_LOG"], "a") as f:
-                f.write(f"{name} {os.getpid()} {use.ru_maxrss * 1024} {use.ru_utime + use.ru_stime}\n")
+                f.write(f"{name} {os.getpid()} {peak_rss()} {use.ru_utime + use.ru_stime}\n")
             return out
 
         setattr(ingest, name, logged)
+
+
+def peak_rss() -> int:
+    """This process's peak RSS in bytes (VmHWM: unlike ru_maxrss, not inherited across exec)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def _io_written() -> int:
@@ -63,15 +69,15 @@ def child(args) -> None:
 
     log = Path(args.log)
     env = {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), "SISA_BENCH_LOG": str(log)}
-    ray.init(num_cpus=args.workers, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+    ray.init(address="local", num_cpus=args.workers, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
              runtime_env={"env_vars": env, "worker_process_setup_hook": "benchmarks.ingest_bench.setup"})  # fmt: skip
     ray.data.DataContext.get_current().enable_progress_bars = False
     options = json.loads(args.options)
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss0 = peak_rss()
     w0, t0 = _io_written(), time.perf_counter()
     ray_ingest(args.source, Storage(args.store, options), seed=0, shards=S, slices=R, options=options)
     seconds, written = time.perf_counter() - t0, _io_written() - w0
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss = peak_rss()
     workers = [ln.split() for ln in log.read_text().splitlines()] if log.exists() else []
     peak = {k: max([int(w[2]) for w in workers if w[0] == k] or [0]) for k in ("_place_unit", "_write_group")}
     cpu: dict[str, float] = {}  # per worker process: its CPU seconds after its last task

@@ -1,4 +1,6 @@
-"""Out-of-core partitioning of a Parquet dataset into the shard/slice store.
+"""Out-of-core partitioning of a Parquet dataset into the shard/slice store, in one process: the path of
+the ``inprocess`` executor (on Ray, `orchestration.ingest` partitions on the cluster with the same reading
+and checking code, `shards.parquet` and `shards.blocks`, and writes the same files).
 
 The driver never holds the dataset. One streaming pass reads the Parquet file(s) (a local path or any
 fsspec URI such as ``s3://bucket/train/``) a row group or a batch at a time, checks each chunk (the rules of
