@@ -93,7 +93,12 @@ def _corrupt_page(path):
 @pytest.mark.parametrize("bad", ["not-parquet", "new-schema", "corrupt-page"])
 def test_a_bad_file_is_named_and_nothing_changes(tmp_path, ray_session, bad):
     X, y, ids = tiny_data(n=240)
-    cfg = tiny_config(data={"source": "parquet", "path": "in", "test_fraction": 0.2}, cluster={"executor": "ray"})
+    cfg = tiny_config(
+        data={"source": "parquet", "path": "in", "test_fraction": 0.2},
+        sharding={"shards": 2, "slices": 2},
+        training={"epochs": 1},
+        cluster={"executor": "ray"},
+    )
     wd = tmp_path / "w"
     write_parts(wd / "in", X, y, ids, cuts=(0, 120, None))
     ens = SisaEnsemble.from_config(cfg, wd).fit()
