@@ -62,6 +62,13 @@ class Executor:
     ) -> list[ShardPlan]:
         raise NotImplementedError
 
+    def ingest(self, source: str, storage: Storage, **kwargs):
+        """Partition the Parquet dataset ``source`` into ``storage`` (`shards.ingest.ingest_parquet`: one
+        process, a local spill); returns its `shards.ingest.Ingested`."""
+        from shards.ingest import ingest_parquet
+
+        return ingest_parquet(source, storage, **kwargs)
+
     def drop_caches(self) -> None:
         """Forget cached shard data (called after a deletion)."""
 

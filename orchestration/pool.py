@@ -93,6 +93,20 @@ def all_free(key: tuple) -> list:
         return list(_free.get(key, []))
 
 
+def release_idle() -> None:
+    """End every worker no run has borrowed (they hold CPUs; the next run starts fresh ones)."""
+    with _lock:
+        for key, actors in _free.items():
+            for a in actors:
+                try:
+                    ray.kill(a)
+                except Exception:
+                    pass
+            _count[key] = max(0, _count.get(key, 0) - len(actors))
+            actors.clear()
+        _lock.notify_all()
+
+
 def shutdown_all() -> None:
     with _lock:
         for actors in _free.values():

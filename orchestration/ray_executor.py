@@ -150,6 +150,18 @@ class RayExecutor(Executor):
                 stage=plan.next_stage,
             ) from e
 
+    def ingest(self, source: str, storage: Storage, **kwargs):
+        """Partition on the cluster with Ray Data (`orchestration.ingest`); a deletion-aware placement, which
+        needs every row's prior checked in one stream, takes the single-process path."""
+        placement = kwargs.get("placement")
+        if placement is not None and not placement.uniform:
+            return super().ingest(source, storage, **kwargs)
+        from orchestration.ingest import ray_ingest
+
+        self._key()  # connect
+        keep = ("seed", "shards", "slices", "id_column", "label_column", "test_fraction", "eval_path", "options")
+        return ray_ingest(source, storage, **{k: v for k, v in kwargs.items() if k in keep})
+
     def drop_caches(self) -> None:
         if ray.is_initialized():
             actors = pool.all_free(self._key())

@@ -1,4 +1,6 @@
-"""Out-of-core partitioning of a Parquet dataset into the shard/slice store.
+"""Out-of-core partitioning of a Parquet dataset into the shard/slice store, in one process: the path of
+the ``inprocess`` executor (on Ray, `orchestration.ingest` partitions on the cluster with the same reading
+and checking code, `shards.parquet` and `shards.blocks`, and writes the same files).
 
 The driver never holds the dataset. One streaming pass reads the Parquet file(s) (a local path or any
 fsspec URI such as ``s3://bucket/train/``) a row group or a batch at a time, checks each chunk (the rules of
@@ -19,23 +21,20 @@ overwritten with zeros and removed at the end, also on failure.
 from __future__ import annotations
 
 import os
-import posixpath
 import shutil
 import tempfile
 from dataclasses import dataclass
 
-import fsspec
 import numpy as np
-from fsspec.implementations.local import LocalFileSystem
 
 from shards import validation as check
+from shards.blocks import EVAL, check_rows, place_chunk, sorted_bytes
 from shards.errors import DataError
-from shards.partition import Placement, assign, canonical_ids, holdout_mask
-from shards.schema import npy_header, row_dtype, row_fields
+from shards.parquet import Columns, iter_chunks, open_parquet, parquet_files
+from shards.partition import Placement
+from shards.schema import row_dtype, row_fields
 from shards.storage import Storage, atomic_path, zero_and_remove
 from shards.store import write_encoded
-
-PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
 
 
 @dataclass
@@ -47,69 +46,6 @@ class Ingested:
     rows: int  # training rows
     eval_rows: int
     feature_names: list[str] | None = None  # the feature columns, in the order the model sees them
-
-
-def parquet_files(source: str, options: dict | None = None) -> tuple[object, list[str]]:
-    """The fsspec filesystem and the sorted Parquet files of ``source`` (a file, a directory or a URI)."""
-    fs, path = fsspec.core.url_to_fs(str(source), **(options or {}))
-    try:
-        if fs.isdir(path):
-            files = sorted(
-                p
-                for p in fs.find(path)
-                if p.lower().endswith(PARQUET_SUFFIXES) and not posixpath.basename(p).startswith(("_", "."))
-            )
-            if not files:
-                raise DataError(f"{source} is a directory without .parquet files", path=str(source))
-            return fs, files
-        if not fs.exists(path):
-            raise DataError(f"data file {source} does not exist", path=str(source))
-    except DataError:
-        raise
-    except Exception as e:  # unreachable endpoint, no permission ...
-        raise DataError(
-            f"cannot read {source}: {type(e).__name__}: {e}; check the path and, for a URI, storage.options "
-            "or the credentials in the environment",
-            path=str(source),
-        ) from e
-    return fs, [path]
-
-
-def _open(fs, path: str):
-    import pyarrow.parquet as pq
-
-    src = path if isinstance(fs, LocalFileSystem) else fs.open(path, "rb")
-    try:
-        return pq.ParquetFile(src, pre_buffer=False, buffer_size=1 << 20)
-    except Exception as e:
-        raise DataError(f"{path} is not a readable Parquet file ({type(e).__name__}: {e})", path=path) from e
-
-
-class _Columns:
-    """Which columns are ids, labels and features (`shards.validation` rules), and the numpy type the
-    features are combined in."""
-
-    def __init__(self, schema, id_column: str, label_column: str, where: str, risk_column: str | None = None):
-        names = schema.names
-        self.features = check.check_columns(names, id_column, label_column, where)
-        self.risk, self.risk_type = risk_column, None
-        if risk_column:  # the deletion priors (data.risk_column): never a feature, as in `sisa.data.from_file`
-            if risk_column not in names:
-                raise DataError(f"{where} has no column {risk_column!r} (data.risk_column)", path=where)
-            self.features = check.feature_columns(self.features, (risk_column,), where)
-            self.risk_type = schema.field(risk_column).type
-        check.check_id_type(schema, id_column)
-        self.common = np.result_type(*check.feature_dtypes(schema, self.features, where))  # as np.column_stack
-        self.id, self.label, self.names, self.where = id_column, label_column, names, where
-
-    def check_same(self, other: _Columns, where: str) -> None:
-        if other.names != self.names:
-            raise DataError(f"{where} has columns {other.names[:10]}, unlike the first file's {self.names[:10]}")
-        if other.risk_type != self.risk_type:
-            raise DataError(
-                f"{where}: risk column {self.risk!r} has type {other.risk_type}, unlike the first file's "
-                f"{self.risk_type}; priors are numbers or class names in every file"
-            )
 
 
 class _Spill:
@@ -131,33 +67,27 @@ class _Spill:
     def file(self, b) -> str:
         return os.path.join(self.root, f"{b}.spill")
 
-    def add(self, ids_arr, labels, X: np.ndarray, cols: _Columns, risk_arr=None) -> None:
+    def add(self, ids_arr, labels, X: np.ndarray, cols: Columns, risk_arr=None) -> None:
         """Check one chunk (arrow id, label and, under a deletion-aware placement, risk arrays; float32
         features) by `shards.validation` and spill it. Bad priors are raised at the end (`RiskCheck.finish`)."""
         n, first = len(X), self.seen
         self.seen += n
-        check.check_missing(ids_arr, "id", cols.id, first, cols.where)
-        check.check_missing(labels, "label", cols.label, first, cols.where)
-        ids, kind = canonical_ids(ids_arr.to_numpy(zero_copy_only=False))
-        self.kind = check.check_id_kind(kind, self.kind, first)
-        check.check_finite(X, first)
-        y = check.check_labels(labels.to_numpy(zero_copy_only=False), n, first_row=first)
+        ids, y, self.kind = check_rows(ids_arr, labels, X, first, self.kind, cols)
         self.feature_shape = X.shape[1:]
         risk = self.risk.add(np.asarray(risk_arr.to_pylist(), dtype=object)) if self.risk else None
-        held = holdout_mask(ids, self.seed, self.test_fraction)
+        bucket, rank = place_chunk(ids, self.seed, self.S, self.R, self.test_fraction, risk, self.placement)
+        held = bucket == EVAL
         if held.any():
             self._append("eval", ids[held], y[held], X[held], None)
             self.eval_rows += int(held.sum())
         keep = ~held
-        ids, y, X = ids[keep], y[keep], X[keep]
+        ids, y, X, bucket, rank = ids[keep], y[keep], X[keep], bucket[keep], rank[keep]
         risk = risk[keep] if risk is not None else None
         if len(y):  # like the in-memory path: the class count comes from the training rows
             self.max_label = max(self.max_label, int(y.max()))
-        shard, sl, rank = assign(ids, self.seed, self.S, self.R, risk, self.placement)
-        bucket = shard * self.R + sl
         order = np.argsort(bucket, kind="stable")  # keeps source order inside a bucket (the rank tie-break)
         bounds = np.searchsorted(bucket[order], np.arange(self.S * self.R + 1))
-        lengths = np.char.str_len(ids) if kind == "str" else None
+        lengths = np.char.str_len(ids) if self.kind == "str" else None
         for b in np.flatnonzero(np.diff(bounds)):
             idx = order[bounds[b] : bounds[b + 1]]
             self._append(b, ids[idx], y[idx], X[idx], rank[idx], None if risk is None else risk[idx])
@@ -211,40 +141,10 @@ def wipe_stale_spills(directory) -> list[str]:
     return gone
 
 
-def _read_file(pf, cols: _Columns, spill: _Spill, batch_bytes: int, row_group_budget: int, scratch: str) -> None:
-    feats = cols.features
-    batch_rows = max(256, batch_bytes // (8 * len(feats) + 64))
-    for g in range(pf.metadata.num_row_groups):
-        if pf.metadata.row_group(g).total_byte_size <= row_group_budget:
-            for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[g], columns=cols.names, use_threads=False):
-                for c in feats:
-                    check.check_missing(batch.column(c), "feature", c, spill.seen, cols.where)
-                X = np.column_stack([batch.column(c).to_numpy(zero_copy_only=False) for c in feats])
-                risk = batch.column(cols.risk) if cols.risk else None
-                spill.add(batch.column(cols.id), batch.column(cols.label), X.astype(np.float32), cols, risk)
-            continue
-        # A big row group: one column at a time into a disk-backed (features, rows) buffer.
-        ids = pf.read_row_group(g, columns=[cols.id], use_threads=False).column(0).combine_chunks()
-        labels = pf.read_row_group(g, columns=[cols.label], use_threads=False).column(0).combine_chunks()
-        risk = pf.read_row_group(g, columns=[cols.risk], use_threads=False).column(0).combine_chunks() if cols.risk else None
-        n = len(ids)
-        path = os.path.join(scratch, "rowgroup.buf")
-        buf = np.memmap(path, dtype=np.float32, mode="w+", shape=(len(feats), max(1, n)))
-        try:
-            for k, c in enumerate(feats):
-                col = pf.read_row_group(g, columns=[c], use_threads=False).column(0)
-                check.check_missing(col, "feature", c, spill.seen, cols.where)
-                # equal to np.column_stack(columns).astype(float32), element by element
-                buf[k, :n] = col.to_numpy(zero_copy_only=False).astype(cols.common).astype(np.float32)
-                del col
-            for a in range(0, n, batch_rows):
-                b = min(n, a + batch_rows)
-                X = np.ascontiguousarray(buf[:, a:b].T)
-                r = risk.slice(a, b - a) if risk is not None else None
-                spill.add(ids.slice(a, b - a), labels.slice(a, b - a), X, cols, r)
-        finally:
-            del buf
-            os.remove(path)
+def _read_file(pf, cols: Columns, spill: _Spill, batch_bytes: int, row_group_budget: int, scratch: str) -> None:
+    groups = range(pf.metadata.num_row_groups)
+    for c in iter_chunks(pf, cols, groups, spill.seen, scratch, batch_bytes, row_group_budget):
+        spill.add(c.ids, c.labels, c.X, cols, c.risk)
 
 
 def ingest_parquet(
@@ -285,8 +185,8 @@ def ingest_parquet(
     try:
         first = None
         for path in files:
-            pf = _open(fs, path)
-            cols = _Columns(pf.schema_arrow, id_column, label_column, path, risk_column if spill.placement else None)
+            pf = open_parquet(fs, path)
+            cols = Columns(pf.schema_arrow, id_column, label_column, path, risk_column if spill.placement else None)
             if first is None:
                 first = cols
             else:
@@ -334,13 +234,8 @@ def _write_slice(storage: Storage, spill: _Spill, s: int, j: int, repeated: list
         at += k
     assert at == n and dtype == row_dtype(spill.kind, rows["id"], spill.feature_shape, placed)
     repeated.append(check.repeated_ids(rows["id"]))
-    header = npy_header(dtype, n)
-    h = len(header)
-    data = bytearray(h + rows.nbytes)  # what encode_rows writes, built in place: header, then the sorted rows
-    data[:h] = header
-    order = np.argsort(rank, kind="stable")
-    # mode="clip": the indices are valid anyway, and the default mode would buffer a full copy
-    np.take(rows, order, axis=0, out=np.frombuffer(data, dtype=dtype, offset=h, count=n), mode="clip")
+    data = sorted_bytes(rows, rank)
+    h = len(data) - rows.nbytes
     del rows, rank
     entry = write_encoded(storage, s, j, data, n)
     if placed:  # as `shards.store.write_slice`: the slice's summed prior, over its rows in canonical order

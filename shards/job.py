@@ -3,8 +3,9 @@ storage (digest-checked), train, write the new checkpoint under a content-addres
 written without their own fsyncs; `StageRunner.sync` makes all of them durable at once, and the executors
 call it before a run returns (before the manifest that names them is committed).
 
-The executor (in-process or a Ray actor) keeps a `StageRunner` warm: it caches decoded slices and the
-last state it produced, both keyed by digest, so a stale cache can never be used after a deletion.
+The executor (in-process or a Ray actor) keeps a `StageRunner` warm: it caches the shard's rows in local
+files it memory-maps (`shards.rowcache`) and the last state it produced, both keyed by digest, so a stale
+cache can never be used after a deletion.
 """
 
 from __future__ import annotations
@@ -12,12 +13,10 @@ from __future__ import annotations
 import hashlib
 import time
 
-import numpy as np
-
 from shards import training
+from shards.rowcache import RowCache, Rows
 from shards.spec import TrainSpec
 from shards.storage import Storage
-from shards.store import read_slice
 
 
 def checkpoint_name(shard: int, stage: int, digest: str) -> str:
@@ -36,24 +35,16 @@ def lineage(slice_entries: list[dict], stage: int, start: str | None = None) -> 
 
 
 class StageRunner:
-    def __init__(self, max_cached_slices: int = 256):
-        self._slices: dict[str, np.ndarray] = {}
+    def __init__(self):
+        self._cache: RowCache | None = None  # the shards' rows, in local files, memory-mapped
         self._state: tuple[str, dict] | None = None
-        self.max_cached_slices = max_cached_slices
         # checkpoints written without fsync since the last `sync` (the executor syncs before returning)
         self._unsynced: list[tuple[Storage, str]] = []
 
-    def _rows(self, storage: Storage, entries: list[dict]) -> np.ndarray:
-        parts = []
-        for e in entries:
-            rows = self._slices.get(e["sha256"])
-            if rows is None:
-                rows = read_slice(storage, e)
-                if len(self._slices) >= self.max_cached_slices:
-                    self._slices.clear()
-                self._slices[e["sha256"]] = rows
-            parts.append(rows)
-        return np.concatenate(parts) if parts else np.zeros(0)
+    def _rows(self, storage: Storage, shard: int, entries: list[dict]) -> Rows:
+        if self._cache is None:
+            self._cache = RowCache()
+        return self._cache.rows(storage, shard, entries)
 
     def sync(self) -> None:
         """Make every checkpoint written since the last call durable (one filesystem sync for all): an
@@ -66,7 +57,8 @@ class StageRunner:
             storage.sync(names)
 
     def drop_cache(self) -> None:
-        self._slices.clear()
+        if self._cache is not None:
+            self._cache.wipe()
         self._state = None
 
     def run(
@@ -81,7 +73,7 @@ class StageRunner:
             else:
                 data = storage.read(prev["file"], prev["sha256"])
                 prev_ckpt = training.load_checkpoint(data, storage.describe(prev["file"]))
-        rows = self._rows(storage, slice_entries[:stage])
+        rows = self._rows(storage, shard, slice_entries[:stage])
         t1 = time.perf_counter()
         ckpt, metrics = training.run_stage(
             spec, shard, stage, prev_ckpt, rows, lineage(slice_entries, stage, spec.extra.get("start"))

@@ -16,7 +16,7 @@ import numpy as np
 
 from orchestration import ShardPlan
 from shards.errors import ConfigError, DataError, WorkdirError
-from shards.ingest import ingest_parquet, wipe_stale_spills
+from shards.ingest import wipe_stale_spills
 from shards.storage import zero_and_remove
 from shards.store import write_partition
 from sisa import data as datamod
@@ -305,7 +305,7 @@ def _ingest(ctx, storage, source: str):
     data_protocol = source.split("://", 1)[0] if "://" in source else "file"
     options = dict(c.storage.options) if data_protocol == storage.protocol and not storage.local else {}
     try:
-        ing = ingest_parquet(
+        ing = ctx.executor.ingest(  # on Ray: Ray Data on the cluster; in process: one stream and a local spill
             source,
             storage,
             seed=c.seed,

@@ -32,6 +32,26 @@ def test_node_lost_mid_training_and_mid_deletion():
     assert out["fit_equal"] and out["delete_equal"] and out["joined_address"], out
 
 
+@pytest.mark.slow
+def test_node_lost_mid_ingest_gives_the_same_files():
+    """A node dies while Ray Data ingest units run on it (tests/ingest_faults.py): Ray re-runs them and the
+    slice files, held-out rows and records equal the single-process ingest's."""
+    res = subprocess.run(
+        [sys.executable, str(HERE / "ingest_faults.py")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+    )
+    line = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert line, res.stdout[-3000:] + res.stderr[-3000:]
+    out = json.loads(line[0][7:])
+    assert "error" not in out, out
+    assert out["killed_at_run"] < out["units"] and out["runs_on_killed_node"] >= 1, f"killed mid-ingest: {out}"
+    assert out["runs"] > out["units"], f"a unit was re-run: {out}"
+    assert out["records_equal"] and out["files_equal"] and out["eval_equal"], out
+
+
 def test_transient_task_failure_is_retried(tmp_path, ray_session):
     X, y, ids = tiny_data(n=120)
     base = tiny_config(sharding={"shards": 2, "slices": 2}, cluster={"executor": "ray", "max_retries": 2})

@@ -220,6 +220,31 @@ def test_parquet_dataset_read_from_the_bucket(tmp_path, bucket, endpoint):
     ]
 
 
+def test_parquet_dataset_ingested_on_ray_from_the_bucket(tmp_path, bucket, endpoint, ray_session):
+    """Ray Data workers read the files from the bucket and write the slices to it (`orchestration.ingest`):
+    the slices, held-out rows and weights of the single-process ingest; nothing staged is left behind."""
+    fs, name = bucket
+    X, y, ids = tiny_data(n=260)
+    t = pa.table({"id": ids, **{f"f{k}": X[:, k] for k in range(X.shape[1])}, "label": y})
+    for k, part in enumerate((t.slice(0, 130), t.slice(130))):
+        with fs.open(f"{name}/in/train/part-{k}.parquet", "wb") as f:
+            pq.write_table(part, f, row_group_size=40)
+
+    def cfg(prefix, executor):
+        return tiny_config(
+            data={"source": "parquet", "path": f"s3://{name}/in/train", "test_fraction": 0.2},
+            storage={"uri": f"s3://{name}/{prefix}", "options": opts(endpoint)},
+            cluster={"executor": executor},
+        )
+
+    a = SisaEnsemble.from_config(cfg("ray", "ray"), tmp_path / "a").fit()
+    b = SisaEnsemble.from_config(cfg("one", "inprocess"), tmp_path / "b").fit()
+    assert [sh["slices"] for sh in a.manifest["shards"]] == [sh["slices"] for sh in b.manifest["shards"]]
+    assert weights_equal(a, b)
+    assert (tmp_path / "a" / "eval.npy").read_bytes() == (tmp_path / "b" / "eval.npy").read_bytes()
+    assert keys(fs, name, "ray/") == referenced(a) | {"OWNER"}, "the staged held-out rows are removed"
+
+
 def test_one_prefix_per_workdir_and_clear_errors(tmp_path, bucket, endpoint):
     fs, name = bucket
     X, y, ids = tiny_data(n=150)

@@ -1,0 +1,131 @@
+"""A shard worker's local cache of the rows it trains on: features and labels of slices 1..r as two flat
+files per shard, memory-mapped, instead of decoded slices held in memory.
+
+Stage r of a shard trains on slices 1..r, so the files grow by one slice per stage; they are keyed by the
+digests of the slices they hold (read digest-checked from the store), so after a deletion the rows from
+the first changed slice on are overwritten with zeros, cut off and read again. The data order is not the
+cache's business: training re-derives it from (seed, shard, stage, epoch) over rows in slice order.
+
+Cache files hold raw rows: `wipe` zeroes and removes them (after a deletion, see `StageRunner.drop_cache`),
+at interpreter exit, and a new cache zeroes the directories that workers killed without wiping left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import weakref
+
+import numpy as np
+
+from shards.schema import FEATURE, LABEL, decode_rows
+from shards.storage import Storage, zero_and_remove
+
+ROOT_ENV = "SISA_ROW_CACHE"  # where the cache directories live (default: the system temp directory)
+
+
+class Rows:
+    """Rows of slices 1..r as the training code reads them: ``rows["x"]``, ``rows["y"]``, ``len(rows)``."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray):
+        self._fields = {"x": x, "y": y}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._fields[name]
+
+    def __len__(self) -> int:
+        return len(self._fields["y"])
+
+
+class RowCache:
+    def __init__(self, root: str | None = None):
+        base = root or os.environ.get(ROOT_ENV) or os.path.join(tempfile.gettempdir(), "sisa-row-cache")
+        os.makedirs(base, exist_ok=True)
+        _wipe_orphans(base)
+        self.dir = tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=base)
+        self._finalizer = weakref.finalize(self, _wipe_dir, self.dir)  # also at interpreter exit
+        self._held: dict[int, list[tuple[str, int]]] = {}  # shard -> (digest, rows) of the slices in its files
+        self._shape: dict[int, tuple] = {}
+
+    def _paths(self, shard: int) -> tuple[str, str]:
+        return os.path.join(self.dir, f"shard-{shard}.x"), os.path.join(self.dir, f"shard-{shard}.y")
+
+    def rows(self, storage: Storage, shard: int, entries: list[dict]) -> Rows:
+        """The rows of ``entries`` (slice entries, in order), memory-mapped."""
+        held = self._held.get(shard, [])
+        keep = 0
+        while keep < min(len(held), len(entries)) and held[keep][0] == entries[keep]["sha256"]:
+            keep += 1
+        px, py = self._paths(shard)
+        if keep < min(len(held), len(entries)):  # a slice changed: what follows it is stale
+            self._cut(shard, held, keep)
+            held = held[:keep]
+        for e in entries[keep:]:
+            rows = decode_rows(storage.read(e["file"], e["sha256"]))
+            x = np.ascontiguousarray(rows["x"], dtype=FEATURE)
+            if len(rows):
+                self._shape.setdefault(shard, x.shape[1:])
+            with open(px, "ab") as f:
+                f.write(x.tobytes())
+            with open(py, "ab") as f:
+                f.write(np.ascontiguousarray(rows["y"], dtype=LABEL).tobytes())
+            held.append((e["sha256"], len(rows)))
+        self._held[shard] = held
+        n = sum(k for _, k in held[: len(entries)])
+        shape = self._shape.get(shard, (0,))
+        if n == 0:
+            return Rows(np.zeros((0, *shape), FEATURE), np.zeros(0, LABEL))
+        return Rows(np.memmap(px, FEATURE, "r", shape=(n, *shape)), np.memmap(py, LABEL, "r", shape=(n,)))
+
+    def _cut(self, shard: int, held: list, keep: int) -> None:
+        """Zero the rows after the first ``keep`` slices, then cut them off."""
+        n = sum(k for _, k in held[:keep])
+        width = int(np.prod(self._shape.get(shard, (0,)))) * FEATURE.itemsize
+        for path, size in zip(self._paths(shard), (width, LABEL.itemsize)):
+            if os.path.exists(path):
+                _zero_tail(path, n * size)
+
+    def wipe(self) -> None:
+        """Zero and remove every cache file (they hold raw rows)."""
+        for name in os.listdir(self.dir) if os.path.isdir(self.dir) else []:
+            zero_and_remove(os.path.join(self.dir, name))
+        self._held.clear()
+
+
+def _wipe_dir(path: str) -> None:
+    for name in os.listdir(path) if os.path.isdir(path) else []:
+        zero_and_remove(os.path.join(path, name))
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
+
+
+def _zero_tail(path: str, keep: int, chunk: int = 1 << 24) -> None:
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.seek(keep)
+        for off in range(keep, size, chunk):
+            f.write(b"\0" * min(chunk, size - off))
+        f.flush()
+        os.fsync(f.fileno())
+        f.truncate(keep)
+
+
+def _wipe_orphans(base: str) -> None:
+    """Zero and remove the cache directories of processes that are gone."""
+    for name in os.listdir(base):
+        pid = name.split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        _wipe_dir(os.path.join(base, name))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

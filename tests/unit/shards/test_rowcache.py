@@ -1,0 +1,82 @@
+"""A shard worker's rows in local memory-mapped files (`shards.rowcache`): the same checkpoints as training
+on the decoded slices in memory; a changed slice and what follows it re-read; no cached row left behind
+after a wipe or by a worker that died."""
+
+import os
+
+import numpy as np
+from helpers import tiny_data
+
+from shards import training
+from shards.job import StageRunner
+from shards.rowcache import RowCache
+from shards.spec import TrainSpec
+from shards.storage import Storage
+from shards.store import read_slice, write_partition
+
+
+def spec(shape):
+    return TrainSpec(seed=3, model="mlp", model_kwargs={"hidden": [8]}, optim={"lr": 0.05},
+                     epochs_per_stage=(2, 2, 3), batch_size=16, input_shape=shape, num_classes=3)  # fmt: skip
+
+
+def partition(tmp_path, n=240, drop=()):
+    X, y, ids = tiny_data(n=n)
+    keep = ~np.isin(ids, list(drop))
+    store = Storage(str(tmp_path / "store"))
+    return store, write_partition(store, ids[keep], X[keep], y[keep], "str", 1, 2, 3)[1]
+
+
+def files_bytes(d):
+    return b"".join(open(os.path.join(d, f), "rb").read() for f in os.listdir(d))
+
+
+def test_checkpoints_equal_those_of_rows_in_memory(tmp_path):
+    store, entries = partition(tmp_path)
+    runner, prev, in_memory = StageRunner(), None, None
+    for stage in (1, 2, 3):
+        entry, _ = runner.run(store, spec((6,)), 1, stage, entries, prev)
+        rows = np.concatenate([read_slice(store, e) for e in entries[:stage]])
+        in_memory, _ = training.run_stage(spec((6,)), 1, stage, in_memory, rows, "x")
+        cached = training.load_checkpoint(store.read(entry["file"], entry["sha256"]))
+        assert all(np.array_equal(cached["state_dict"][k], in_memory["state_dict"][k]) for k in cached["state_dict"])
+        prev = entry
+    runner.drop_cache()
+
+
+def test_a_changed_slice_is_reread_and_wipe_leaves_no_row(tmp_path):
+    X, _, ids = tiny_data(n=240)
+    store, entries = partition(tmp_path)
+    cache = RowCache(str(tmp_path / "cache"))
+    cache.rows(store, 1, entries)
+    gone = read_slice(store, entries[1])["id"][0]
+    needle = X[ids == gone][0].tobytes()
+    assert needle in files_bytes(cache.dir)
+    store2, after = partition(tmp_path / "b", drop=[gone])
+    assert after[0] == entries[0] and after[1] != entries[1], "the row sits in slice 2"
+    got = cache.rows(store2, 1, after)
+    want = np.concatenate([read_slice(store2, e) for e in after])
+    assert np.array_equal(got["x"], want["x"]) and np.array_equal(got["y"], want["y"])
+    assert needle not in files_bytes(cache.dir), "the erased row's features are gone from the cache files"
+    assert len(cache.rows(store2, 1, after[:1])) == after[0]["rows"], "a shorter prefix is a view"
+    cache.wipe()
+    assert os.listdir(cache.dir) == []
+
+
+def test_a_dead_workers_cache_is_wiped(tmp_path):
+    root = tmp_path / "cache"
+    dead = root / "999999999-abc"  # no such pid
+    dead.mkdir(parents=True)
+    (dead / "shard-0.x").write_bytes(b"raw row bytes")
+    RowCache(str(root))
+    assert not dead.exists()
+
+
+def test_the_cache_directory_goes_with_the_cache(tmp_path):
+    store, entries = partition(tmp_path)
+    cache = RowCache(str(tmp_path / "cache"))
+    cache.rows(store, 0, entries)
+    d = cache.dir
+    assert os.listdir(d)
+    del cache
+    assert not os.path.exists(d)
