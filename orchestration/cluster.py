@@ -20,7 +20,8 @@ def connect(address: str | None = None, num_cpus: int | None = None, namespace: 
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+        # "local": a Ray of our own; without it ray.init joins any Ray already running on this machine
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
     return ray.cluster_resources()
 
 

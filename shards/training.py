@@ -37,7 +37,8 @@ from shards.models import SisaModule, build_module
 from shards.spec import SisaContext, TrainSpec, derive_seed
 
 FORMAT = 1
-CHUNK_ROWS = 4096  # rows per Lightning step for built-in modules (whole batches, at least one)
+CHUNK_ROWS = 4096  # rows per Lightning step for built-in modules (whole batches, at least one) ...
+CHUNK_BYTES = 16 << 20  # ... and at most this many bytes of features, so wide rows stay out of memory
 # built-in modules on the CPU train in `shards.loop` (no Trainer); False: under Lightning (tests compare the two)
 DIRECT = True
 ACCURACY_ROWS = 1024  # train accuracy after each stage is measured on at most this many rows (every k-th)
@@ -246,9 +247,7 @@ def run_stage(
     metrics: dict = {"shard": shard, "stage": stage, "rows": n, "epochs": [], "seconds": 0.0}
     t0, c0 = time.perf_counter(), time.thread_time()
     if n > 0 and epochs > 0:
-        # copies, not ascontiguousarray: a one-row field view counts as contiguous with the record's stride
-        X = torch.from_numpy(np.array(rows["x"], dtype=np.float32, order="C", copy=True))
-        y = torch.from_numpy(np.array(rows["y"], dtype=np.int64, order="C", copy=True))
+        X, y = _tensor(rows["x"], np.float32), _tensor(rows["y"], np.int64)
         cb = _train(spec, shard, stage, module, X, y, opt_states, sched_states)
         opt_states, sched_states = cb.opt_states, cb.sched_states
         metrics["epochs"] = cb.epochs
@@ -289,7 +288,8 @@ def _train(spec: TrainSpec, shard: int, stage: int, module, X, y, opt_states, sc
     sampler = EpochBatches(len(y), spec.batch_size, spec.seed, shard, stage)
     builtin = isinstance(module, SisaModule)
     if builtin:
-        loader = EpochChunks(X, y, sampler, CHUNK_ROWS // spec.batch_size)
+        row_bytes = max(1, X[0].numel() * X.element_size())
+        loader = EpochChunks(X, y, sampler, min(CHUNK_ROWS, CHUNK_BYTES // row_bytes) // spec.batch_size)
         module.sisa_engine = spec.extra.get("engine", "eager")  # training.engine (shards.fast)
         if DIRECT and loop.applies(module, spec.accelerator):  # no Trainer: the same bits (shards.loop)
             return Trained(*loop.train(spec, shard, stage, module, loader, sampler, opt_states, sched_states))
@@ -336,6 +336,18 @@ def _fit(spec: TrainSpec, stage: int, module, loader, cb: _ExactResume) -> _Exac
 
 
 @torch.no_grad()
+def _tensor(a: np.ndarray, dtype) -> torch.Tensor:
+    """A worker's memory-mapped rows (`shards.rowcache`) as a tensor over the mapping, so a shard larger
+    than memory trains (every batch is gathered into a fresh tensor, and nothing writes to these); other
+    arrays are copied, not ascontiguousarray'd: a one-row field view counts as contiguous with the record's
+    stride. Either way the batches hold the same values, so the same bits."""
+    if isinstance(a, np.memmap) and a.dtype == dtype and a.flags.c_contiguous:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return torch.from_numpy(a)
+    return torch.from_numpy(np.array(a, dtype=dtype, order="C", copy=True))
+
+
 def _accuracy(module, X, y) -> float:
     was = module.training
     module.eval()

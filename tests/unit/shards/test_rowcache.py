@@ -3,9 +3,12 @@ on the decoded slices in memory; a changed slice and what follows it re-read; no
 after a wipe or by a worker that died."""
 
 import os
+import subprocess
+import sys
 
 import numpy as np
-from helpers import tiny_data
+import pytest
+from helpers import REPO, TESTS, tiny_data
 
 from shards import training
 from shards.job import StageRunner
@@ -80,3 +83,14 @@ def test_the_cache_directory_goes_with_the_cache(tmp_path):
     assert os.listdir(d)
     del cache
     assert not os.path.exists(d)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_DATA and /proc/self/status are Linux's")
+def test_a_shard_larger_than_the_memory_allowed_trains(tmp_path):
+    """tests/bigshard.py caps its data memory (RLIMIT_DATA) at less than half a 320 MiB shard: training
+    from the memory-mapped cache finishes, while the same stage on a copy of the rows in memory fails."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)])}
+    out = subprocess.run([sys.executable, str(TESTS / "bigshard.py"), str(tmp_path)], env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["memmap:", "trained", "copy:", "MemoryError"]
