@@ -185,6 +185,9 @@ class TrackingConfig(_Strict):
     enabled: bool = True
     uri: str | None = None
     experiment: str | None = None
+    # PNG plots on a deletion's run (once per settled batch): drawing them costs more than the rest of a
+    # small deletion's fixed cost, so they are off unless asked for; fits and other operations plot always
+    deletion_plots: bool = False
 
 
 class StorageConfig(_Strict):
@@ -289,6 +292,8 @@ class SisaConfig(_Strict):
                 del dump["sharding"][k]
         if dump["data"]["risk_column"] is None:
             del dump["data"]["risk_column"]
+        if not dump["tracking"]["deletion_plots"]:
+            del dump["tracking"]["deletion_plots"]
         return dump
 
 

@@ -1,7 +1,8 @@
 """The deletion ledger: a sqlite file in the workdir, written with synchronous commits.
 
 A request is committed (state "pending") before any work starts and moves pending -> retraining ->
-effective -> done (`RequestState`, `TRANSITIONS`); `Ledger.set_state` refuses any other move. A deletion is
+effective -> done (`RequestState`, `TRANSITIONS`); a deletion skips retraining (pending -> effective: its
+manifest's ``retraining`` entry says which request retrains, one fsynced commit fewer on its way); `Ledger.set_state` refuses any other move. A deletion is
 *effective* once the retrained models serve and the store holds no byte of its rows; it is *done* once its
 owed bookkeeping (evaluation, MLflow run, MLflow publish and the purge of every superseded model version)
 is finished too. Additions and compactions go straight from retraining to done. A recovery after a crash
@@ -25,7 +26,7 @@ from shards.errors import WorkdirError
 class RequestState(StrEnum):
     """Where a deletion request stands. A `str`: ``state == "done"`` and JSON both see the plain value."""
 
-    PENDING = "pending"  # recorded (ids hashed, plan fixed); no shard excluded yet
+    PENDING = "pending"  # recorded (ids hashed, plan fixed); a deletion's shards may be excluded (manifest)
     RETRAINING = "retraining"  # its shards are excluded and retrain (again, after a crash)
     EFFECTIVE = "effective"  # new models serve, store purged; evaluation and MLflow work still owed
     DONE = "done"  # swapped, purged and its receipt stored: final
@@ -33,16 +34,21 @@ class RequestState(StrEnum):
 
 # the legal moves of `Ledger.set_state`: from a state to the states it may go to
 TRANSITIONS: dict[RequestState, frozenset[RequestState]] = {
-    RequestState.PENDING: frozenset({RequestState.RETRAINING}),
+    RequestState.PENDING: frozenset({RequestState.RETRAINING, RequestState.EFFECTIVE}),
     RequestState.RETRAINING: frozenset({RequestState.RETRAINING, RequestState.EFFECTIVE, RequestState.DONE}),
     RequestState.EFFECTIVE: frozenset({RequestState.DONE}),
     RequestState.DONE: frozenset(),
 }
 
 
+_SCHEMA_READY: set[str] = set()  # ledger files whose tables this process has made sure of
+
+
 class Ledger:
     def __init__(self, path: Path):
         self.path = Path(path)
+        if str(self.path) in _SCHEMA_READY and self.path.exists():
+            return  # created by this process already: no connection spent on the schema per use
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as db:
             db.execute(
@@ -57,6 +63,7 @@ class Ledger:
                 "CREATE TABLE IF NOT EXISTS readmissions (hashed_id TEXT, time REAL, request TEXT, "
                 "PRIMARY KEY (hashed_id, request))"
             )
+        _SCHEMA_READY.add(str(self.path))
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
@@ -87,7 +94,9 @@ class Ledger:
         now = time.time()
         with self._connect() as db:
             db.execute("BEGIN IMMEDIATE")
-            db.executemany("INSERT OR REPLACE INTO readmissions VALUES (?, ?, ?)", [(h, now, request) for h in hashed_ids])
+            db.executemany(
+                "INSERT OR REPLACE INTO readmissions VALUES (?, ?, ?)", [(h, now, request) for h in hashed_ids]
+            )
             db.execute("COMMIT")
 
     def erased(self, hashed_ids: list[str]) -> set[str]:

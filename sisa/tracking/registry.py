@@ -13,6 +13,7 @@ import contextlib
 import json
 from pathlib import Path
 
+from shards.errors import WorkdirError
 from sisa.tracking import adapter
 from sisa.tracking.digest import FORMAT, read_record, tree_digests, write_record
 from sisa.tracking.pyfunc import fingerprint, save
@@ -190,12 +191,20 @@ def _purge_logged_model(tracker, store, mid: str) -> None:
 
 
 def _vacuum(tracker) -> None:
-    """Rewrite our sqlite file so freed pages keep nothing of the purged rows (and fold in any WAL)."""
+    """Leave nothing of the purged rows in our sqlite file. Where MLflow's connections delete with
+    ``secure_delete`` (`adapter.zero_on_delete`) the freed bytes are zeros already and only the WAL, which
+    still holds the pages as they were, is folded in and emptied; otherwise the file is rewritten (VACUUM)."""
     import sqlite3
 
     db = sqlite3.connect(adapter.sqlite_path(tracker.uri), timeout=60, isolation_level=None)
     try:
-        db.execute("VACUUM")
-        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        if not tracker.zeroing:
+            db.execute("VACUUM")
+        busy, _, _ = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:  # a reader (`sisa ui`?) pins old pages in the log: not done until they are gone
+            raise WorkdirError(
+                f"{tracker.uri}: the purge could not empty the database's write-ahead log while another "
+                "process reads it; close it (e.g. `sisa ui`) and reopen the workdir to finish the deletion"
+            )
     finally:
         db.close()

@@ -41,14 +41,22 @@ class Tracker:
         self.experiment = config.tracking.experiment or f"sisa-{config.name}-{workdir.path.name}"
         self.model_name = re.sub(r"[^A-Za-z0-9_.-]+", "-", self.experiment)
         self._client = None
+        self._experiment_id: str | None = None
+        self.zeroing = False  # sqlite deletes zero the freed bytes (`adapter.zero_on_delete`): no VACUUM
 
     @property
     def client(self):
         if self._client is None:
             self._client = adapter.client(self.uri)
+            self.zeroing = adapter.zero_on_delete(self._client, self.uri)
         return self._client
 
     def experiment_id(self) -> str:
+        if self._experiment_id is None:
+            self._experiment_id = self._find_or_create_experiment()
+        return self._experiment_id
+
+    def _find_or_create_experiment(self) -> str:
         exp = self.client.get_experiment_by_name(self.experiment)
         if exp is not None:
             return exp.experiment_id

@@ -39,7 +39,11 @@ def test_a_request_moves_pending_retraining_done(ledger):
 @pytest.mark.parametrize(
     "path, to, match",
     [
-        ([], RequestState.DONE, "cannot move from pending to done: from pending it may move to retraining"),
+        (
+            [],
+            RequestState.DONE,
+            "cannot move from pending to done: from pending it may move to retraining or effective",
+        ),
         ([], RequestState.PENDING, "cannot move from pending to pending"),
         ([RequestState.RETRAINING], RequestState.PENDING, "cannot move from retraining to pending"),
         ([RequestState.RETRAINING, RequestState.DONE], RequestState.DONE, r"it may move to nothing \(it is final\)"),
