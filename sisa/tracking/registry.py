@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from shards.errors import WorkdirError
+from sisa.failpoints import crashpoint
 from sisa.tracking import adapter
 from sisa.tracking.digest import FORMAT, read_record, tree_digests, write_record
 from sisa.tracking.pyfunc import fingerprint, save
@@ -161,7 +162,7 @@ def purge_superseded(tracker, keep=None) -> list[str]:
     doomed.discard(keep_model)
     for mid in sorted(doomed):
         _purge_logged_model(tracker, store, mid)
-    if store is not None and doomed:
+    if store is not None and (doomed or tracker.zeroing):  # zeroing: a purge killed before it emptied the log
         _vacuum(tracker)
     return sorted(doomed)
 
@@ -200,6 +201,7 @@ def _vacuum(tracker) -> None:
     try:
         if not tracker.zeroing:
             db.execute("VACUUM")
+        crashpoint("before_mlflow_log_emptied")
         busy, _, _ = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         if busy:  # a reader (`sisa ui`?) pins old pages in the log: not done until they are gone
             raise WorkdirError(

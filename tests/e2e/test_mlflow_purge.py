@@ -2,13 +2,18 @@
 the rows' feature bytes and their raw ids are in no artifact and nowhere in the backend database file
 (freed space included), while the run history stays."""
 
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
 
 import numpy as np
-from helpers import scan, tiny_config, tiny_data, weight_needles
+from helpers import REPO, scan, tiny_config, tiny_data, weight_needles
 from mlflow.tracking import MlflowClient
 
 from sisa import SisaEnsemble
+from sisa.ledger import Ledger
 from sisa.tracking.pyfunc import fingerprint
 
 
@@ -67,3 +72,27 @@ def test_no_superseded_model_or_deleted_row_left_in_mlflow(tmp_path):
 def _scan_file(path, needles):
     data = path.read_bytes() if path.exists() else b""
     return [(path.name, n) for n in needles if n in data]
+
+
+def test_a_purge_killed_before_the_log_is_emptied_is_finished_on_open(tmp_path):
+    """The deleted rows' pages are zeroed in the write-ahead log, but the log still holds their earlier
+    images until it is emptied: a process killed in between leaves them, and the next open finishes it."""
+    X, y, ids = tiny_data(n=150)
+    w = tmp_path / "w"
+    ens = SisaEnsemble.from_config(tiny_config(tracking={"enabled": True}), w).fit(X, y, ids=ids)
+    old = [fingerprint(ens._ctx, ens.manifest).encode()]
+    ens.close()
+    code = "import sys; from sisa import SisaEnsemble; SisaEnsemble.open(sys.argv[1]).delete(['u-9'])"
+    res = subprocess.run(
+        [sys.executable, "-c", code, str(w)],
+        env={**os.environ, "SISA_CRASH_AT": "before_mlflow_log_emptied"},
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
+    assert [r["state"] for r in Ledger(w / "ledger.db").requests()] == ["effective"]
+    assert _scan_file(w / "mlflow.db-wal", old) or _scan_file(w / "mlflow.db", old), "killed with the old pages"
+    SisaEnsemble.open(w, executor="inprocess").close()
+    assert [r["state"] for r in Ledger(w / "ledger.db").requests()] == ["done"]
+    assert _scan_file(w / "mlflow.db", old) == [] and _scan_file(w / "mlflow.db-wal", old) == []
