@@ -32,7 +32,9 @@ def publish(tracker, ctx, m, run_id: str | None = None, purge: bool = False, for
     Returns the current ModelVersion, or None when no shard is left to serve.
     """
     client, name = tracker.client, tracker.model_name
-    _ensure_registered(client, name, ctx.config)
+    if not tracker.registered:
+        _ensure_registered(client, name, ctx.config)
+        tracker.registered = True
     keep = None
     if ctx.active_shards(m):
         fp = fingerprint(ctx, m)
