@@ -16,7 +16,7 @@ from pathlib import Path
 from shards.errors import WorkdirError
 from sisa.failpoints import crashpoint
 from sisa.tracking import adapter
-from sisa.tracking.digest import FORMAT, read_record, tree_digests, write_record
+from sisa.tracking.digest import DATA, FORMAT, read_record, tree_digests, write_record
 from sisa.tracking.pyfunc import fingerprint, save
 
 ALIAS = "current"
@@ -105,7 +105,7 @@ def _log_version(tracker, ctx, m, run_id: str | None, fp: str):
     with tempfile.TemporaryDirectory() as tmp:
         mm = Model(artifact_path=lm.artifact_location, model_uuid=lm.model_id, run_id=run_id, model_id=lm.model_id)
         meta = save(ctx, m, Path(tmp) / "model", mlflow_model=mm)
-        files = tree_digests(Path(tmp) / "model")
+        files = tree_digests(Path(tmp) / "model", {f"{DATA}/weights.pt": meta["files"]["weights.pt"]})
         client.log_model_artifacts(lm.model_id, str(Path(tmp) / "model"))
     digests = {"sisa.format": str(FORMAT), "sisa.files": json.dumps(files, sort_keys=True, separators=(",", ":"))}
     client.set_logged_model_tags(lm.model_id, digests)
