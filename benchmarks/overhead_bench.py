@@ -36,6 +36,7 @@ from shards.store import read_slice  # noqa: E402
 from sisa import SisaEnsemble  # noqa: E402
 
 SHARDS = 64
+SMOKE_SHARDS = 4  # the smoke size (1,200 rows) checks the wiring only
 
 
 def _one(ens: SisaEnsemble, rng, wait: str = "done") -> dict:
@@ -110,12 +111,13 @@ def run(size_name: str = "full", out: Path | None = None, repeats: int = 4, log=
 
     torch.set_num_threads(1)
     (X, y, ids), (Xe, ye) = make_data(size)
-    cfg = sisa_config(size, 1, shards=SHARDS)
+    shards = SMOKE_SHARDS if size_name == "smoke" else SHARDS
+    cfg = sisa_config(size, 1, shards=shards)
     t0 = time.perf_counter()
     ens = SisaEnsemble.from_config(cfg, wd).fit(X, y, ids=ids, eval_set=(Xe, ye, np.arange(-len(ye), 0)))
-    log(f"[overhead] fit S={SHARDS}: {time.perf_counter() - t0:.1f} s; load {os.getloadavg()}")
+    log(f"[overhead] fit S={shards}: {time.perf_counter() - t0:.1f} s; load {os.getloadavg()}")
     rng = np.random.default_rng(7)
-    res: dict = {"size": size_name, "shards": SHARDS, "load_before": os.getloadavg()}
+    res: dict = {"size": size_name, "shards": shards, "load_before": os.getloadavg()}
     res["tracking_off"] = summarise([_one(ens, rng) for _ in range(repeats)])
     ens.close()
     _tracking(wd, True)

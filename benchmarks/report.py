@@ -138,6 +138,7 @@ def figures(r: dict) -> list[dict]:
                 "status": _status(max(ov), "<=", 1.0),
             }
         )
+    rows += overhead_figures(r.get("overhead"))
     inf = r.get("inference")
     if inf:
         big, small = inf["by_rows"][-1], inf["by_rows"][0]
@@ -164,6 +165,52 @@ def figures(r: dict) -> list[dict]:
             }
         )
     return rows
+
+
+def overhead_figures(o: dict | None) -> list[dict]:
+    """A deletion's fixed costs over its own retraining compute (`benchmarks.overhead_bench`): to effective
+    with tracking off and on, to done with MLflow on, one request at a time and a settled queue."""
+    if not o:
+        return []
+
+    def spread(d):
+        return f"{_fmt(d['median'], 3)} [{_fmt(d['min'], 3)}, {_fmt(d['max'], 3)}]"
+
+    def row(name, run, key, target, limit):
+        frac, sec = o[run]["fraction_of_compute"][key], o[run][f"{key}_seconds"]
+        compute = o[run]["retrain_compute_seconds"]
+        return {
+            "figure": f"{name} (S={o['shards']}, one-row deletions, median [min, max] of {frac['n']})",
+            "target": target,
+            "value": f"{spread(frac)}: {spread(sec)} s against {spread(compute)} s of retraining compute",
+            "status": _status(frac["median"], "<=", limit),
+        }
+
+    q = o["queue"]
+    return [
+        row(
+            "a deletion's fixed cost to effective ÷ its retraining compute, tracking off",
+            "tracking_off",
+            "fixed_to_effective",
+            "≤ 0.10",
+            0.10,
+        ),
+        row("the same with MLflow on", "tracking_on", "fixed_to_effective", "≤ 0.10", 0.10),
+        row(
+            'fixed cost to done ÷ retraining compute, MLflow on, `wait="done"` each',
+            "tracking_on",
+            "fixed_to_done",
+            "≤ 0.25",
+            0.25,
+        ),
+        {
+            "figure": f'the same for a queue of {q["settled"]} `wait="effective"` deletions settled in one batch',
+            "target": "≤ 0.25",
+            "value": f"{_fmt(q['fixed_to_done_fraction_of_compute'], 3)}: {_fmt(q['fixed_to_done_per_request'], 3)} s "
+            f"per request (settle {_fmt(q['settle_seconds'])} s)",
+            "status": _status(q["fixed_to_done_fraction_of_compute"], "<=", 0.25),
+        },
+    ]
 
 
 def _mean_s(values) -> str:

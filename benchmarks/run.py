@@ -43,7 +43,19 @@ from benchmarks import (  # noqa: E402
 from benchmarks.common import init_ray, machine, ratio, reset_workers, slice_rows  # noqa: E402
 from benchmarks.workloads import ROOT, SIZES, make_data  # noqa: E402
 
-PHASES = ("engine", "plain", "monolithic", "deletion", "tracking", "inference", "accuracy", "cli", "add", "placement")
+PHASES = (
+    "engine",
+    "plain",
+    "monolithic",
+    "deletion",
+    "tracking",
+    "inference",
+    "accuracy",
+    "cli",
+    "add",
+    "placement",
+    "overhead",
+)
 START, END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
 
 
@@ -165,6 +177,17 @@ def run(size_name: str = "full", out: Path | None = None, skip=(), log=print) ->
             log(
                 "[bench] expected cost per request / uniform, skewed prior: "
                 + ", ".join(f"{p} {s[p]['skewed']['expected_over_uniform']:.2f}" for p in placement_bench.STRATEGIES)
+            )
+        if "overhead" not in skip:  # a deletion's fixed costs at S=64, by phase (overhead_bench)
+            from benchmarks import overhead_bench
+
+            res["overhead"] = overhead_bench.run(size_name, out, repeats=1 if size_name == "smoke" else 3, log=log)
+            f = {k: res["overhead"][k]["fraction_of_compute"] for k in ("tracking_off", "tracking_on")}
+            log(
+                "[bench] fixed cost / retraining compute, median: to effective "
+                f"{f['tracking_off']['fixed_to_effective']['median']:.3f} (off), "
+                f"{f['tracking_on']['fixed_to_effective']['median']:.3f} (MLflow); to done "
+                f"{f['tracking_on']['fixed_to_done']['median']:.3f} (MLflow)"
             )
         ens2.close()
     finally:

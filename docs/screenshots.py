@@ -11,6 +11,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -27,7 +29,9 @@ def main() -> None:
         sys.exit("needs Debian's chromium: apt-get install chromium")
     tmp = Path(tempfile.mkdtemp(prefix="sisa-docs-"))
     wd = tmp / "runs" / "digits"
-    ens = SisaEnsemble.from_config(ROOT / "configs" / "digits.yaml", wd, executor="inprocess").fit()
+    cfg = yaml.safe_load((ROOT / "configs" / "digits.yaml").read_text())
+    cfg["tracking"] = {**cfg.get("tracking", {}), "deletion_plots": True}  # the heat map shown below
+    ens = SisaEnsemble.from_config(cfg, wd, executor="inprocess").fit()
     receipt = ens.delete(["digits-17", "digits-942", "digits-1000", "digits-1500"])
     ens.close()
     port = _free_port()

@@ -207,6 +207,9 @@ class TrackingConfig(_Strict):
     enabled: bool = True
     uri: str | None = None
     experiment: str | None = None
+    # PNG plots on a deletion's run (once per settled batch): drawing them costs more than the rest of a
+    # small deletion's fixed cost, so they are off unless asked for; fits and other operations plot always
+    deletion_plots: bool = False
 
 
 class StorageConfig(_Strict):
@@ -314,6 +317,8 @@ class SisaConfig(_Strict):
         for section, key in (("data", "base"), ("model", "init"), ("training", "base_epochs")):
             if dump[section][key] is None:  # the shared start (shards.base): absent when unused
                 del dump[section][key]
+        if not dump["tracking"]["deletion_plots"]:
+            del dump["tracking"]["deletion_plots"]
         return dump
 
 

@@ -49,6 +49,7 @@ class OpContext:
         # (eval file sha256, shard, checkpoint sha256, method) -> the sub-model's outputs on the eval rows
         self._evals: dict[tuple, tuple] = {}
         self._lock = threading.RLock()
+        self._tracker = None
 
     # -- where things are ---------------------------------------------------------------------------------
     def storage(self):
@@ -232,9 +233,13 @@ class OpContext:
 
     # -- MLflow: the registered model is a copy to keep exact, not a log ---------------------------------
     def tracker(self):
+        """The ensemble's MLflow tracker, kept while the config is the same (its client, engines and
+        experiment id are looked up once)."""
         from sisa.tracking.runs import Tracker
 
-        return Tracker(self.config, self.workdir, self.tracking_uri)
+        if self._tracker is None or self._tracker.config is not self.config:
+            self._tracker = Tracker(self.config, self.workdir, self.tracking_uri)
+        return self._tracker
 
     def publish(self, m: Manifest, purge: bool = False, request_id: str | None = None, run_id: str | None = None):
         """Register ``m``'s ensemble as the ``current`` MLflow model version; with ``purge``, delete every

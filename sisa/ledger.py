@@ -1,7 +1,8 @@
-"""The deletion ledger: a sqlite file in the workdir, written with synchronous commits.
+"""The deletion ledger: a sqlite file in the workdir (WAL mode), written with synchronous commits.
 
 A request is committed (state "pending") before any work starts and moves pending -> retraining ->
-effective -> done (`RequestState`, `TRANSITIONS`); `Ledger.set_state` refuses any other move. A deletion is
+effective -> done (`RequestState`, `TRANSITIONS`); a deletion skips retraining (pending -> effective: its
+manifest's ``retraining`` entry says which request retrains, one fsynced commit fewer on its way); `Ledger.set_state` refuses any other move. A deletion is
 *effective* once the retrained models serve and the store holds no byte of its rows; it is *done* once its
 owed bookkeeping (evaluation, MLflow run, MLflow publish and the purge of every superseded model version)
 is finished too. Additions and compactions go straight from retraining to done. A recovery after a crash
@@ -13,9 +14,12 @@ sqlite zeroes freed pages; the ledger never holds raw ids in the first place.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import threading
 import time
 import uuid
+from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
 
@@ -25,7 +29,7 @@ from shards.errors import WorkdirError
 class RequestState(StrEnum):
     """Where a deletion request stands. A `str`: ``state == "done"`` and JSON both see the plain value."""
 
-    PENDING = "pending"  # recorded (ids hashed, plan fixed); no shard excluded yet
+    PENDING = "pending"  # recorded (ids hashed, plan fixed); a deletion's shards may be excluded (manifest)
     RETRAINING = "retraining"  # its shards are excluded and retrain (again, after a crash)
     EFFECTIVE = "effective"  # new models serve, store purged; evaluation and MLflow work still owed
     DONE = "done"  # swapped, purged and its receipt stored: final
@@ -33,16 +37,21 @@ class RequestState(StrEnum):
 
 # the legal moves of `Ledger.set_state`: from a state to the states it may go to
 TRANSITIONS: dict[RequestState, frozenset[RequestState]] = {
-    RequestState.PENDING: frozenset({RequestState.RETRAINING}),
+    RequestState.PENDING: frozenset({RequestState.RETRAINING, RequestState.EFFECTIVE}),
     RequestState.RETRAINING: frozenset({RequestState.RETRAINING, RequestState.EFFECTIVE, RequestState.DONE}),
     RequestState.EFFECTIVE: frozenset({RequestState.DONE}),
     RequestState.DONE: frozenset(),
 }
 
 
+_SCHEMA_READY: set[str] = set()  # ledger files whose tables this process has made sure of
+
+
 class Ledger:
     def __init__(self, path: Path):
         self.path = Path(path)
+        if str(self.path) in _SCHEMA_READY and self.path.exists():
+            return  # created by this process already: no connection spent on the schema per use
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as db:
             db.execute(
@@ -57,13 +66,10 @@ class Ledger:
                 "CREATE TABLE IF NOT EXISTS readmissions (hashed_id TEXT, time REAL, request TEXT, "
                 "PRIMARY KEY (hashed_id, request))"
             )
+        _SCHEMA_READY.add(str(self.path))
 
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-        db.execute("PRAGMA journal_mode=DELETE")
-        db.execute("PRAGMA synchronous=FULL")
-        db.execute("PRAGMA secure_delete=ON")
-        return _Closing(db)
+    def _connect(self):
+        return _connection(self.path)
 
     def record(self, hashed_ids: list[str], plan: dict, readmitted: list[str] = ()) -> str:
         """Durably record a new request (state pending) and return its id. ``hashed_ids`` are the ids it
@@ -87,7 +93,9 @@ class Ledger:
         now = time.time()
         with self._connect() as db:
             db.execute("BEGIN IMMEDIATE")
-            db.executemany("INSERT OR REPLACE INTO readmissions VALUES (?, ?, ?)", [(h, now, request) for h in hashed_ids])
+            db.executemany(
+                "INSERT OR REPLACE INTO readmissions VALUES (?, ?, ?)", [(h, now, request) for h in hashed_ids]
+            )
             db.execute("COMMIT")
 
     def erased(self, hashed_ids: list[str]) -> set[str]:
@@ -206,14 +214,43 @@ class Ledger:
         return json.loads(row[0]) if row and row[0] else None
 
 
-class _Closing:
-    """sqlite3.Connection as a context manager that closes (the stdlib one only commits)."""
+# One connection per ledger file and process, kept open: in WAL mode a commit is one fsync of the log, but
+# the last connection to close folds the log back into the file (more fsyncs), which a connection per call
+# would pay on every commit. Keyed by path; reopened when the file is another one (removed, recreated) or
+# in a forked child (an inherited connection is never used, nor closed, there).
+_OPEN: dict[str, tuple[int, int, sqlite3.Connection, threading.RLock]] = {}
+_ABANDONED: list = []  # connections of a parent process: kept referenced so that the child never closes them
+_GUARD = threading.Lock()
 
-    def __init__(self, db: sqlite3.Connection):
-        self.db = db
 
-    def __enter__(self) -> sqlite3.Connection:
-        return self.db
+def _inode(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
 
-    def __exit__(self, *exc) -> None:
-        self.db.close()
+
+@contextmanager
+def _connection(path: Path):
+    """The process's connection to the ledger at ``path``, held alone for the block; a transaction the block
+    left open is rolled back."""
+    key, pid = str(path), os.getpid()
+    with _GUARD:
+        entry = _OPEN.get(key)
+        ino = _inode(path)
+        if entry is None or entry[0] != pid or ino is None or entry[1] != ino:
+            if entry is not None and entry[0] != pid:
+                _ABANDONED.append(entry[2])
+            db = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")  # synchronous=FULL: each commit is durable when it returns
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA secure_delete=ON")
+            entry = _OPEN[key] = (pid, _inode(path), db, threading.RLock())
+    db, lock = entry[2], entry[3]
+    with lock:
+        try:
+            yield db
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise

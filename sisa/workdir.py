@@ -20,6 +20,7 @@ from shards.errors import ConfigError, WorkdirError
 from shards.partition import id_bytes
 from shards.storage import Storage, write_atomic, zero_and_remove  # noqa: F401  (write_atomic: re-exported)
 
+NOT_WALKED = ("mlartifacts", "store")  # top-level folders `Workdir.remove_temp_files` leaves to others
 _thread_locks: dict[str, threading.RLock] = {}
 _guard = threading.Lock()
 _held = threading.local()
@@ -38,10 +39,15 @@ class Workdir:
         return self.manifest_path.exists()
 
     def remove_temp_files(self) -> None:
-        """Temp files of atomic writes that a killed process left behind."""
-        for p in self.path.rglob(".*.tmp-*"):
-            if p.is_file():
-                zero_and_remove(p)  # it may hold rows (an evaluation file) or weights
+        """Temp files of atomic writes that a killed process left behind. MLflow's artifact tree is not
+        walked (sisa writes nothing there atomically; it grows with every run), nor the store (its temp
+        files are `purge_unreferenced`'s)."""
+        for top, dirs, files in os.walk(self.path):
+            if top == str(self.path):
+                dirs[:] = [d for d in dirs if d not in NOT_WALKED]
+            for name in files:
+                if name.startswith(".") and ".tmp-" in name[1:]:
+                    zero_and_remove(Path(top) / name)  # it may hold rows (an evaluation file) or weights
 
     def remove_stale_copies(self) -> None:
         """Copies of rows that a killed process left in the workdir: temp files of atomic writes, a fit's

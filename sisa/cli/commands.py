@@ -27,6 +27,7 @@ from sisa.cli.quiet import hush
 from sisa.cli.render import Progress, receipt_text, status_table, to_json
 from sisa.config import load_config
 from sisa.errors import ConfigError, SisaError, WorkdirError
+from sisa.ops.purge import WAITS
 from sisa.tracking.runs import Tracker, sqlite_path
 from sisa.workdir import Workdir
 
@@ -155,8 +156,17 @@ def _ids_options(f):
 @click.option("--dry-run", is_flag=True, help="only show the plan: shards, stages, cost and expected time")
 @click.option("--executor", type=click.Choice(["ray", "inprocess"]), default=None)
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+@click.option(
+    "--wait",
+    type=click.Choice(WAITS),
+    default="done",
+    show_default=True,
+    help="effective: return once the new models serve and the store holds no byte of the rows (the "
+    "re-evaluation and MLflow work is owed, durably, and finished by the next command that opens the "
+    "workdir, e.g. `sisa status`); done: once no copy is left anywhere, MLflow included",
+)
 @_ids_options
-def delete(workdir, dry_run, executor, as_json, ids_file, ids_format, ids):
+def delete(workdir, dry_run, executor, as_json, wait, ids_file, ids_format, ids):
     """Forget IDS exactly: retrain only the shards that held them, then purge every trace.
 
     Ids are matched exactly as written: for an ensemble with integer ids, only plain decimal integers
@@ -169,11 +179,11 @@ def delete(workdir, dry_run, executor, as_json, ids_file, ids_format, ids):
         if dry_run:
             _show_plan(ens, wanted, as_json)
             return
-        r = ens.delete(wanted)
+        r = ens.delete(wanted, wait=wait)
         ens.close()
     except SisaError as e:
         _fail(e)
-    click.echo(to_json(r.to_dict()) if as_json else receipt_text(r))
+    click.echo(to_json({**r.to_dict(), "timing": r.timing}) if as_json else receipt_text(r))
 
 
 def _show_plan(ens, wanted: list, as_json: bool) -> None:

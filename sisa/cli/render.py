@@ -177,6 +177,16 @@ def receipt_text(r) -> str:
     if c:
         out += f"\nretrained {c['sample_epochs']} sample-epochs vs {c['full_retrain_sample_epochs']} for a full retrain"
         out += f" ({c['speedup']:.1f}x cheaper), wall time {r.wall_seconds:.2f}s"
+    if r.timing and r.timing.get("state") == "effective":
+        out += (
+            f"\neffective after {r.timing['seconds_to_effective']:.2f}s: the new models serve and the store holds "
+            "no byte of the rows; the re-evaluation and MLflow work is owed (finished by the next command that "
+            "opens the workdir, e.g. `sisa status`)"
+        )
+    elif r.timing and "seconds_to_done" in r.timing:
+        out += (
+            f"\ndone after {r.timing['seconds_to_done']:.2f}s (effective after {r.timing['seconds_to_effective']:.2f}s)"
+        )
     return out
 
 

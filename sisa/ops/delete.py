@@ -172,9 +172,10 @@ def _execute(ctx, before: Manifest, rid, hashed: set, plan: dict, t0: float, alr
     affected = sorted({s for s, _ in plan["slices"]})
     _exclude(ctx, before, rid, plan, ph)  # no prediction from a shard that saw the rows, from here on
     crashpoint("before_eval_rewrite")
-    with ph("eval_rewrite"):
-        if evalfile.erase(ctx.workdir, hashed, before.id_kind):  # idempotent: a re-run finds nothing
-            ctx.forget_evaluations()  # cached predictions on the erased rows
+    if plan.get("eval_rows", 1):  # the plan counted the held-out rows named; none: the file is not read
+        with ph("eval_rewrite"):
+            if evalfile.erase(ctx.workdir, hashed, before.id_kind):  # idempotent: a re-run finds nothing
+                ctx.forget_evaluations()  # cached predictions on the erased rows
     crashpoint("after_eval_rewrite")
     with ph("slice_rewrite"):
         after, plans, removed, starts = _rewrite_slices(ctx, before, affected, plan, hashed)
@@ -217,7 +218,9 @@ def _training_phases(ph: Phases, wall: float, stages: dict) -> None:
 
 def _exclude(ctx, before: Manifest, rid: str, plan: dict, ph: Phases) -> None:
     """Commit the manifest that excludes the affected shards and says which request retrains them and for
-    about how long (plan cost in sample-epochs times the last measured seconds per sample-epoch)."""
+    about how long (plan cost in sample-epochs times the last measured seconds per sample-epoch). The
+    ledger keeps the request pending until it is effective: the manifest's ``retraining`` already says
+    that it runs, so a ledger commit here would only repeat it."""
     starts = first_stages([tuple(sj) for sj in plan["slices"]])
     affected = sorted(starts)
     if affected:
@@ -232,8 +235,6 @@ def _exclude(ctx, before: Manifest, rid: str, plan: dict, ph: Phases) -> None:
         info = Retraining(rid, tuple(affected), time.time(), work, work * rate if rate is not None else None)
         with ph("exclude"):
             ctx.commit(replace(excluded, retraining=info))
-    with ph("ledger_commit"):
-        ctx.ledger().set_state(rid, RequestState.RETRAINING)
 
 
 def _rewrite_slices(ctx, before: Manifest, affected: list[int], plan: dict, hashed: set):

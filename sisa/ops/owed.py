@@ -97,7 +97,7 @@ def log_run(ctx, m, rec: dict, metrics: dict, note: str | None = None) -> str | 
     for p in plans:
         for st in rec["stages"].get(str(p.shard), []):
             obs.stage(OP, p, None, st)
-    figures = {**rec["metrics"], **metrics, "plots": note is None}
+    figures = {**rec["metrics"], **metrics, "plots": note is None and ctx.config.tracking.deletion_plots}
     figures.update({f"phase_seconds/{k}": v for k, v in rec.get("phase_seconds", {}).items()})
     tags = dict(rec["tags"])
     if note:

@@ -35,11 +35,14 @@ def unreferenced(ctx, m: Manifest | None, on_delete=None) -> list[str]:
     return purge_unreferenced(ctx.storage(), m, on_delete=on_delete)
 
 
-def _store(ctx, m: Manifest) -> None:
-    unreferenced(ctx, m, on_delete=lambda: crashpoint("during_purge"))
-    ctx.workdir.remove_stale_copies()  # temp files, a killed fit's spill and evaluation file
-    evalfile.discard_old(ctx.workdir.path)  # a superseded evaluation file a crash left unzeroed
-    ctx.drop_caches()
+def _store(ctx, m: Manifest, ph: Phases | None = None) -> None:
+    ph = ph or Phases()
+    with ph("store_purge"):
+        unreferenced(ctx, m, on_delete=lambda: crashpoint("during_purge"))
+        ctx.workdir.remove_stale_copies()  # temp files, a killed fit's spill and evaluation file
+        evalfile.discard_old(ctx.workdir.path)  # a superseded evaluation file a crash left unzeroed
+    with ph("worker_caches"):
+        ctx.drop_caches()
 
 
 def finish(ctx, m: Manifest, rid: str, receipt, run_id: str | None) -> None:
@@ -59,8 +62,7 @@ def effective(ctx, m: Manifest, rid: str, receipt, rec: dict | None, ph: Phases,
     """After the swap to ``m``: purge the store, record the owed bookkeeping ``rec`` (None: keep the one a
     crashed attempt wrote, else rebuild it from the receipt), mark the request effective; with
     ``wait="done"`` settle every effective request too. Returns the receipt with its ``timing``."""
-    with ph("store_purge"):
-        _store(ctx, m)
+    _store(ctx, m, ph)
     if receipt is None:
         receipt = _receipt(ctx, rid)
     with ph("owed_record"):

@@ -79,13 +79,13 @@ def meta_digest(meta: dict) -> str:
 MLFLOW_META = "registered_model_meta"
 
 
-def tree_digests(root: Path) -> dict[str, str]:
-    """{relative path: sha256} of every file under ``root`` (but MLflow's ``registered_model_meta``)."""
+def tree_digests(root: Path, known: dict[str, str] | None = None) -> dict[str, str]:
+    """{relative path: sha256} of every file under ``root`` (but MLflow's ``registered_model_meta``);
+    ``known``: digests already computed for some of them (the weights, hashed as they were written)."""
     root = Path(root)
-    files = (p for p in sorted(root.rglob("*")) if p.is_file())
-    return {
-        p.relative_to(root).as_posix(): file_sha256(p) for p in files if p.relative_to(root).as_posix() != MLFLOW_META
-    }
+    known = known or {}
+    rels = (p.relative_to(root).as_posix() for p in sorted(root.rglob("*")) if p.is_file())
+    return {rel: known.get(rel) or file_sha256(root / rel) for rel in rels if rel != MLFLOW_META}
 
 
 def _fail(path, what: str) -> IntegrityError:

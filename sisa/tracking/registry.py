@@ -13,8 +13,10 @@ import contextlib
 import json
 from pathlib import Path
 
+from shards.errors import WorkdirError
+from sisa.failpoints import crashpoint
 from sisa.tracking import adapter
-from sisa.tracking.digest import FORMAT, read_record, tree_digests, write_record
+from sisa.tracking.digest import DATA, FORMAT, read_record, tree_digests, write_record
 from sisa.tracking.pyfunc import fingerprint, save
 
 ALIAS = "current"
@@ -30,7 +32,9 @@ def publish(tracker, ctx, m, run_id: str | None = None, purge: bool = False, for
     Returns the current ModelVersion, or None when no shard is left to serve.
     """
     client, name = tracker.client, tracker.model_name
-    _ensure_registered(client, name, ctx.config)
+    if not tracker.registered:
+        _ensure_registered(client, name, ctx.config)
+        tracker.registered = True
     keep = None
     if ctx.active_shards(m):
         fp = fingerprint(ctx, m)
@@ -101,7 +105,7 @@ def _log_version(tracker, ctx, m, run_id: str | None, fp: str):
     with tempfile.TemporaryDirectory() as tmp:
         mm = Model(artifact_path=lm.artifact_location, model_uuid=lm.model_id, run_id=run_id, model_id=lm.model_id)
         meta = save(ctx, m, Path(tmp) / "model", mlflow_model=mm)
-        files = tree_digests(Path(tmp) / "model")
+        files = tree_digests(Path(tmp) / "model", {f"{DATA}/weights.pt": meta["files"]["weights.pt"]})
         client.log_model_artifacts(lm.model_id, str(Path(tmp) / "model"))
     digests = {"sisa.format": str(FORMAT), "sisa.files": json.dumps(files, sort_keys=True, separators=(",", ":"))}
     client.set_logged_model_tags(lm.model_id, digests)
@@ -160,7 +164,7 @@ def purge_superseded(tracker, keep=None) -> list[str]:
     doomed.discard(keep_model)
     for mid in sorted(doomed):
         _purge_logged_model(tracker, store, mid)
-    if store is not None and doomed:
+    if store is not None and (doomed or tracker.zeroing):  # zeroing: a purge killed before it emptied the log
         _vacuum(tracker)
     return sorted(doomed)
 
@@ -190,12 +194,21 @@ def _purge_logged_model(tracker, store, mid: str) -> None:
 
 
 def _vacuum(tracker) -> None:
-    """Rewrite our sqlite file so freed pages keep nothing of the purged rows (and fold in any WAL)."""
+    """Leave nothing of the purged rows in our sqlite file. Where MLflow's connections delete with
+    ``secure_delete`` (`adapter.zero_on_delete`) the freed bytes are zeros already and only the WAL, which
+    still holds the pages as they were, is folded in and emptied; otherwise the file is rewritten (VACUUM)."""
     import sqlite3
 
     db = sqlite3.connect(adapter.sqlite_path(tracker.uri), timeout=60, isolation_level=None)
     try:
-        db.execute("VACUUM")
-        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        if not tracker.zeroing:
+            db.execute("VACUUM")
+        crashpoint("before_mlflow_log_emptied")
+        busy, _, _ = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:  # a reader (`sisa ui`?) pins old pages in the log: not done until they are gone
+            raise WorkdirError(
+                f"{tracker.uri}: the purge could not empty the database's write-ahead log while another "
+                "process reads it; close it (e.g. `sisa ui`) and reopen the workdir to finish the deletion"
+            )
     finally:
         db.close()

@@ -41,14 +41,23 @@ class Tracker:
         self.experiment = config.tracking.experiment or f"sisa-{config.name}-{workdir.path.name}"
         self.model_name = re.sub(r"[^A-Za-z0-9_.-]+", "-", self.experiment)
         self._client = None
+        self._experiment_id: str | None = None
+        self.zeroing = False  # sqlite deletes zero the freed bytes (`adapter.zero_on_delete`): no VACUUM
+        self.registered = False  # the registered model is known to exist (`registry.publish`)
 
     @property
     def client(self):
         if self._client is None:
             self._client = adapter.client(self.uri)
+            self.zeroing = adapter.zero_on_delete(self._client, self.uri)
         return self._client
 
     def experiment_id(self) -> str:
+        if self._experiment_id is None:
+            self._experiment_id = self._find_or_create_experiment()
+        return self._experiment_id
+
+    def _find_or_create_experiment(self) -> str:
         exp = self.client.get_experiment_by_name(self.experiment)
         if exp is not None:
             return exp.experiment_id
@@ -200,14 +209,14 @@ class MLflowObserver(Observer):
         flat["shards_trained"] = len(plans)
         flat.setdefault("sample_epochs", sample_epochs)  # a deletion passes its cost figures
         flat["rows"] = sum(sh.rows for sh in manifest.shards)
+        from mlflow.entities import RunTag
+
         ms = [Metric(k, float(v), now, 0) for k, v in flat.items()]
         for s, acc in sorted(_by_shard(metrics.get("shard_accuracy")).items()):
             ms.append(Metric("shard_test_accuracy", float(acc), now, s))
-        client.log_batch(run.run_id, metrics=ms)
         tags = {k: str(v) for k, v in (tags or {}).items()}
         tags.setdefault("mlflow.note.content", _note(run.kind, manifest, plans, flat))
-        for k, v in tags.items():
-            client.set_tag(run.run_id, k, v)
+        client.log_batch(run.run_id, metrics=ms, tags=[RunTag(k, v) for k, v in tags.items()])  # one transaction
         if metrics.get("plots", True):  # a batch of settled deletions plots the state once, on its last run
             _log_plots(run, manifest, plans, metrics, slices_hit)
         client.set_terminated(run.run_id, "FINISHED")

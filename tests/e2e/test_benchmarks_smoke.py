@@ -42,6 +42,16 @@ def test_benchmark_suite_smoke(ray_session, tmp_path):
     for name in ("status", "locate", "delete --dry-run"):  # read-only: no Ray, Lightning or torch
         assert not {"ray", "pytorch_lightning", "lightning", "torch"} & set(cli[name]["imports"]), cli[name]
     assert "ray" not in cli["predict"]["imports"]
+    ov = res["overhead"]
+    for run in ("tracking_off", "tracking_on"):
+        o = ov[run]
+        assert o["fraction_of_compute"]["fixed_to_done"]["n"] == 1 and o["retrain_compute_seconds"]["min"] > 0
+        assert {"ledger_commit", "exclude", "slice_rewrite", "swap", "store_purge", "retrain_compute"} <= set(
+            o["phase_seconds_median"]
+        )
+        assert "eval_rewrite" not in o["phase_seconds_median"], "no held-out row named: the file is not rewritten"
+    assert ov["tracking_on"]["phase_seconds_median"]["mlflow_publish"] > 0
+    assert ov["queue"]["settled"] == 1 and (out / "overhead.md").exists()
 
     table = (out / "results.md").read_text()
     for needle in (
@@ -52,6 +62,8 @@ def test_benchmark_suite_smoke(ray_session, tmp_path):
         "tracking on",
         "predict_proba",
         "on digits",
+        "fixed cost to effective",
+        "settled in one batch",
     ):
         assert needle in table, needle
     for name in report.PLOTS:

@@ -59,3 +59,30 @@ def _is_train(ens, i):
 def test_cli_errors_are_clear(tmp_path):
     res = sisa("status", "--workdir", tmp_path, check=False)
     assert res.returncode == 2 and "no trained ensemble" in res.stderr
+
+
+def test_cli_delete_wait_effective_leaves_owed_work_that_the_next_open_finishes(tmp_path):
+    from helpers import tiny_data
+
+    from sisa import SisaEnsemble
+    from sisa.ledger import Ledger
+
+    X, y, ids = tiny_data(n=120)
+    wd = tmp_path / "w"
+    SisaEnsemble.from_config(tiny_config(), wd).fit(X, y, ids=ids)
+    bad = sisa("delete", "--workdir", wd, "--wait", "soon", "u-3", check=False)
+    assert bad.returncode == 2 and "'soon' is not one of 'effective', 'done'" in bad.stderr
+    led = Ledger(wd / "ledger.db")
+    assert led.requests() == [], "a refused --wait records nothing"
+    out = json.loads(
+        sisa("delete", "--workdir", wd, "--executor", "inprocess", "--wait", "effective", "--json", "u-3").stdout
+    )
+    assert out["rows_deleted"] == 1 and out["timing"]["state"] == "effective" and "seconds_to_done" not in out["timing"]
+    assert [q["state"] for q in led.requests()] == ["effective"]
+    assert (wd / "owed" / f"{out['request_id']}.json").exists()
+    sisa("status", "--workdir", wd)  # opening the workdir settles what is owed
+    assert [q["state"] for q in led.requests()] == ["done"] and list((wd / "owed").iterdir()) == []
+    text = sisa("delete", "--workdir", wd, "--executor", "inprocess", "u-4").stdout
+    assert "done after" in text and [q["state"] for q in led.requests()] == ["done", "done"]
+    text = sisa("delete", "--workdir", wd, "--executor", "inprocess", "--wait", "effective", "u-5").stdout
+    assert "effective after" in text and "owed" in text

@@ -73,6 +73,7 @@ def test_effective_serves_new_models_with_a_clean_store_and_done_purges_mlflow(t
     parent = [x for x in runs if "mlflow.parentRunId" not in x.data.tags]
     assert [x.info.status for x in parent] == ["FINISHED"]
     assert parent[0].data.metrics["rows_deleted"] == 3 and "phase_seconds/swap" in parent[0].data.metrics
+    assert client.list_artifacts(parent[0].info.run_id, "plots") == [], "tracking.deletion_plots is off by default"
     children = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent[0].info.run_id}'")
     assert sorted(int(c.data.tags["sisa.shard"]) for c in children) == sorted(r.shards)
     assert all("stage_seconds" in c.data.metrics for c in children), "the stage figures, kept until logged"

@@ -8,7 +8,7 @@ from sisa import SisaEnsemble
 
 def test_fit_and_delete_runs_with_shard_children(tmp_path):
     X, y, ids = tiny_data(n=180)
-    ens = SisaEnsemble.from_config(tiny_config(tracking={"enabled": True}), tmp_path / "w")
+    ens = SisaEnsemble.from_config(tiny_config(tracking={"enabled": True, "deletion_plots": True}), tmp_path / "w")
     ens.fit(X, y, ids=ids, eval_set=(X[:30], y[:30]))
     receipt = ens.delete(["u-3", "u-4"])
     client = MlflowClient(f"sqlite:///{tmp_path / 'w' / 'mlflow.db'}")

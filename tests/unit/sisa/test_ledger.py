@@ -39,7 +39,11 @@ def test_a_request_moves_pending_retraining_done(ledger):
 @pytest.mark.parametrize(
     "path, to, match",
     [
-        ([], RequestState.DONE, "cannot move from pending to done: from pending it may move to retraining"),
+        (
+            [],
+            RequestState.DONE,
+            "cannot move from pending to done: from pending it may move to retraining or effective",
+        ),
         ([], RequestState.PENDING, "cannot move from pending to pending"),
         ([RequestState.RETRAINING], RequestState.PENDING, "cannot move from retraining to pending"),
         ([RequestState.RETRAINING, RequestState.DONE], RequestState.DONE, r"it may move to nothing \(it is final\)"),
@@ -71,3 +75,30 @@ def test_transitions_cover_every_state_and_done_is_final():
     assert set(TRANSITIONS) == set(RequestState)
     assert TRANSITIONS[RequestState.DONE] == frozenset()
     assert RequestState.PENDING not in set().union(*TRANSITIONS.values()), "nothing moves back to pending"
+
+
+def test_the_kept_connection_survives_a_refused_move_a_recreated_file_and_another_process(tmp_path):
+    import sqlite3
+    import subprocess
+    import sys
+
+    path = tmp_path / "ledger.db"
+    led = Ledger(path)
+    rid = led.record(["h1"], {"slices": [[0, 0]]})
+    with pytest.raises(WorkdirError, match="cannot move from pending to done"):
+        led.set_state(rid, RequestState.DONE)
+    led.set_state(rid, RequestState.EFFECTIVE)  # the refused move's transaction was rolled back
+    assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    # another process sees every commit at once, and its own commits are seen here
+    code = (
+        "import sys; from sisa.ledger import Ledger; led = Ledger(sys.argv[1]);"
+        "print(led.state(sys.argv[2])); led.set_state(sys.argv[2], 'done')"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(path), rid], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["effective"] and Ledger(path).state(rid) is RequestState.DONE
+    # the file removed and written again: a new connection, not the one to the unlinked file
+    for p in tmp_path.glob("ledger.db*"):
+        p.unlink()
+    again = Ledger(path)
+    assert again.requests() == [] and again.state(again.record(["h2"], {"slices": []})) is RequestState.PENDING
+    assert [r["state"] for r in Ledger(path).requests()] == ["pending"]
