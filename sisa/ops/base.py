@@ -8,6 +8,7 @@ loaded, the base rows against the training data); `build` stores the base rows a
 
 from __future__ import annotations
 
+import os
 import posixpath
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +106,23 @@ def check_init(ctx, got: StartInput, input_shape, num_classes: int) -> None:
     if got.init is not None:
         shape = SimpleNamespace(input_shape=list(input_shape), num_classes=num_classes, engine="eager", base=None)
         startmod.check_fits(ctx.spec(shape), got.init, f"model.init.uri {ctx.config.model.init.uri}")
+
+
+def check_ingested(ctx, got: StartInput, ingested, train_ids: list) -> None:
+    """`check` and `check_init` beside a streamed Parquet source, once it is ingested and before a refit
+    retires the ensemble it replaces: ``ingested`` is (ingest result, num_classes, staged evaluation file)."""
+    if got.empty:
+        return
+    ing, num_classes, eval_tmp = ingested
+    held = np.load(eval_tmp, allow_pickle=False) if eval_tmp and os.path.exists(eval_tmp) else None
+    held_ids = held["id"].tolist() if held is not None and held.dtype.names and "id" in held.dtype.names else []
+    check(got, ing.input_shape, ing.feature_names, ing.id_kind, [*train_ids, *held_ids], ctx.config.data)
+    if got.max_label >= num_classes:
+        raise DataError(
+            f"base labels go up to {got.max_label} but the training data has {num_classes} classes; "
+            "set data.num_classes to cover both"
+        )
+    check_init(ctx, got, ing.input_shape, num_classes)
 
 
 def check_streamed(ctx, m: Manifest, got: StartInput) -> None:

@@ -164,7 +164,9 @@ def _admit(ctx, storage, data, ingested, readmit, start) -> None:
             eval_ids = data[4][2] if data[4] is not None and data[4][2] is not None else []
             admit_refit(ctx, [*data[2].tolist(), *list(eval_ids), *base_ids], readmit, kind)
         else:
-            admit_refit(ctx, [*slice_ids(storage, ingested[0].slices), *base_ids], readmit, kind)
+            train_ids = slice_ids(storage, ingested[0].slices)
+            admit_refit(ctx, [*train_ids, *base_ids], readmit, kind)
+            startops.check_ingested(ctx, start, ingested, train_ids)  # before a refit retires the old ensemble
     except BaseException:
         if ingested is not None:
             purge_unreferenced(storage, ctx.read_manifest() if ctx.workdir.exists() else None)

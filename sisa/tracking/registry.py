@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from shards.errors import WorkdirError
+from shards.storage import zero_and_remove
 from sisa.failpoints import crashpoint
 from sisa.tracking import adapter
 from sisa.tracking.digest import DATA, FORMAT, read_record, tree_digests, write_record
@@ -183,6 +184,7 @@ def _purge_logged_model(tracker, store, mid: str) -> None:
     loc = lm.artifact_location.rstrip("/")
     if loc.endswith(f"/{mid}/artifacts"):  # .../models/<id>/artifacts: remove the model's whole folder
         loc = loc.removesuffix("/artifacts")
+    _zero_local(loc)
     adapter.artifact_repository(loc, tracker.uri).delete_artifacts()
     try:
         client.delete_logged_model(mid)
@@ -191,6 +193,20 @@ def _purge_logged_model(tracker, store, mid: str) -> None:
             raise
     if store is not None:
         store.hard_delete_logged_model(mid)
+
+
+def _zero_local(location: str) -> None:
+    """Zero a local artifact folder's files before MLflow removes them (as the store's files are), so the
+    superseded weights are not left in free blocks. Remote artifact stores delete objects as a whole."""
+    from urllib.parse import unquote, urlparse
+
+    parsed = urlparse(location)
+    if parsed.scheme not in ("", "file"):
+        return
+    root = Path(unquote(parsed.path))
+    for f in sorted(root.rglob("*")) if root.is_dir() else []:
+        if f.is_file() and not f.is_symlink():
+            zero_and_remove(f)
 
 
 def _vacuum(tracker) -> None:

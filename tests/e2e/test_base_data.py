@@ -80,7 +80,8 @@ def test_deleting_a_base_id_is_refused_and_nothing_is_written(tmp_path):
     with pytest.raises(DataError, match="are base rows of this ensemble"):
         ens.add(X[:1], y[:1], ids=["b-5"])
     after = snapshot(tmp_path / "w")
-    after.pop("ledger.db", None)  # opened (empty) to look the ids up among the erased ones
+    for name in ("ledger.db", "ledger.db-wal", "ledger.db-shm"):  # opened (empty) to look the ids up
+        after.pop(name, None)
     assert after == before and Ledger(tmp_path / "w" / "ledger.db").requests() == []
     with pytest.raises(DataError, match=r"neither training nor evaluation rows"):
         ens.delete(["nobody"])  # an unknown id is still just unknown
@@ -289,6 +290,16 @@ def test_data_base_beside_a_streamed_parquet_source(tmp_path):
         )
     assert not (tmp_path / "w2" / "manifest.json").exists()
     assert [p.name for p in (tmp_path / "w2").rglob("*") if p.is_file() and "store" in p.parts] == []
+    # a refit over the live ensemble is refused before it retires it: the ensemble still serves, unchanged
+    pq.write_table(table(Xb, yb, idb), wd / "clash.parquet")
+    before, want = snapshot(wd), ens.predict(X)
+    with pytest.raises(DataError, match=r"1 base id\(s\) are also ids of training or evaluation rows"):
+        SisaEnsemble.from_config(tiny_config(data=data), wd, executor="inprocess").fit(overwrite=True)
+    again = SisaEnsemble.open(wd)
+    assert np.array_equal(again.predict(X), want) and again.manifest.base.rows == 60
+    assert {k: v for k, v in snapshot(wd).items() if not k.startswith("ledger.db")} == {
+        k: v for k, v in before.items() if not k.startswith("ledger.db")
+    }
 
 
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

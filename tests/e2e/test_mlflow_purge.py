@@ -48,9 +48,17 @@ def test_no_superseded_model_or_deleted_row_left_in_mlflow(tmp_path):
         for r in client.search_runs([client.get_experiment_by_name(ens._ctx.tracker().experiment).experiment_id])
     }
 
+    links = tmp_path / "links"  # a second name for every artifact file: the inodes the purge must zero
+    links.mkdir()
+    before = [f for f in sorted((w / "mlartifacts").rglob("*")) if f.is_file()]
+    for k, f in enumerate(before):
+        os.link(f, links / str(k))
     ens.delete(del_ids)
     ens.close()
     assert scan_mlflow(old_weights + old_version + rows) == []
+    gone = [links / str(k) for k, f in enumerate(before) if not f.exists()]
+    assert gone, "the superseded version's files were removed"
+    assert all(set(g.read_bytes()) <= {0} for g in gone), "and zeroed first, not only unlinked"
     db = sqlite3.connect(w / "mlflow.db")
     # no VACUUM: MLflow's connections zero what they delete (secure_delete), the purge empties the log
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
