@@ -19,10 +19,9 @@ slice names are content-addressed, so a retried write gives the same file. Error
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 
 import fsspec
@@ -35,6 +34,7 @@ from shards.blocks import EVAL, check_rows, make_group_rows, place_chunk, sorted
 from shards.errors import DataError, IntegrityError, SisaError
 from shards.ingest import Ingested
 from shards.parquet import Columns, iter_chunks, open_parquet, parquet_files
+from shards.rowcache import scratch_dir
 from shards.schema import row_dtype
 from shards.storage import Storage, atomic_path, sha256
 from shards.store import write_encoded
@@ -85,8 +85,9 @@ def _place_unit(batch: dict, job: IngestJob) -> dict:
     """Read, check and place one row group (a batch of one unit)."""
     path, g, first = str(batch["path"][0]), int(batch["group"][0]), int(batch["first"][0])
     parts: dict[str, list] = {k: [] for k in ("bucket", "rank", "pos", "id", "y", "x")}
-    scratch = tempfile.mkdtemp(prefix="sisa-ingest-")
+    stack = contextlib.ExitStack()
     try:
+        scratch = stack.enter_context(scratch_dir())  # zeroed afterwards, or after a kill by the next cache
         fs = fsspec.core.url_to_fs(job.source, **job.options)[0]
         pf = open_parquet(fs, path)
         cols = Columns(pf.schema_arrow, job.id_column, job.label_column, path)
@@ -98,9 +99,11 @@ def _place_unit(batch: dict, job: IngestJob) -> dict:
     except SisaError:
         raise
     except Exception as e:  # a corrupt page, a truncated file, a lost object on the store
-        raise DataError(f"{path} is not a readable Parquet file (row group {g}: {type(e).__name__}: {e})", path=path) from None
+        raise DataError(
+            f"{path} is not a readable Parquet file (row group {g}: {type(e).__name__}: {e})", path=path
+        ) from None
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        stack.close()
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
@@ -164,9 +167,14 @@ def _collect(got: dict, storage: Storage, job: IngestJob, cols: Columns, eval_pa
     train = sum(int(json.loads(r["entry"])["rows"]) for b, r in got.items() if b != EVAL)
     check.check_row_count(train, S, R)
     check.check_unique(*[(int(r["repeats"]), json.loads(r["sample"])) for r in got.values()])
-    empty = sorted_bytes(make_group_rows(job.kind, [], [], np.zeros((0, job.features), np.float32), (job.features,)), [])
+    empty = sorted_bytes(
+        make_group_rows(job.kind, [], [], np.zeros((0, job.features), np.float32), (job.features,)), []
+    )
     slices = [
-        [json.loads(got[s * R + j]["entry"]) if s * R + j in got else write_encoded(storage, s, j, empty, 0) for j in range(R)]
+        [
+            json.loads(got[s * R + j]["entry"]) if s * R + j in got else write_encoded(storage, s, j, empty, 0)
+            for j in range(R)
+        ]
         for s in range(S)
     ]
     staged = json.loads(got[EVAL]["entry"]) if EVAL in got else None

@@ -21,7 +21,7 @@ class InProcessExecutor(Executor):
         try:
             self._run(storage, spec, plans, on_stage)
         finally:
-            self.runner.sync()  # the stages' checkpoints, durable before the caller commits
+            self.runner.finish()  # the stages' checkpoints durable before the caller commits; no cached row left
         return plans
 
     def _run(self, storage: Storage, spec: TrainSpec, plans: list[ShardPlan], on_stage: StageCallback | None) -> None:

@@ -34,8 +34,8 @@ class ShardWorker:
     def drop_cache(self):
         self.runner.drop_cache()
 
-    def sync(self):
-        self.runner.sync()
+    def finish(self):
+        self.runner.finish()
 
     def ping(self):
         return True
@@ -176,13 +176,13 @@ def _sync(actors: list, storage: Storage, written: dict) -> None:
     """Every checkpoint of this run durable before the caller commits: each live worker syncs what it
     wrote; the files of a worker that died, or cannot sync, are synced from here (on one machine that is
     its disk's page cache; on a shared mount, what the dead worker's node had flushed)."""
-    refs = {a: a.sync.remote() for a in actors if a in written}
+    refs = {a: a.finish.remote() for a in actors}  # and no cached row left in any of them
     orphans = [f for a, files in written.items() if a not in refs for f in files]
     for actor, ref in refs.items():
         try:
             ray.get(ref)
         except RayError:
-            orphans.extend(written[actor])
+            orphans.extend(written.get(actor, []))
     storage.sync(orphans)
 
 

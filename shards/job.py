@@ -56,6 +56,14 @@ class StageRunner:
         for storage, names in by_store.values():
             storage.sync(names)
 
+    def finish(self) -> None:
+        """The end of an executor's run: its checkpoints durable (`sync`) and the row cache zeroed and
+        emptied, so that no raw row outlives the operation that read it (a deletion in another process
+        cannot reach this one's files)."""
+        self.sync()
+        if self._cache is not None:
+            self._cache.wipe()
+
     def drop_cache(self) -> None:
         if self._cache is not None:
             self._cache.wipe()

@@ -20,6 +20,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from shards import validation as check
 from shards.errors import DataError
+from shards.storage import zero_and_remove
 
 PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
 
@@ -157,4 +158,4 @@ def _big_row_group(pf, cols: Columns, g: int, first: int, scratch: str, batch_ro
             yield Chunk(ids.slice(a, b - a), labels.slice(a, b - a), X, r, first + a)
     finally:
         del buf
-        os.remove(path)
+        zero_and_remove(path)  # it held raw features

@@ -12,6 +12,7 @@ at interpreter exit, and a new cache zeroes the directories that workers killed 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import weakref
@@ -37,10 +38,28 @@ class Rows:
         return len(self._fields["y"])
 
 
+def cache_root(root: str | None = None) -> str:
+    base = root or os.environ.get(ROOT_ENV) or os.path.join(tempfile.gettempdir(), "sisa-row-cache")
+    os.makedirs(base, exist_ok=True)
+    return base
+
+
+@contextlib.contextmanager
+def scratch_dir(root: str | None = None):
+    """A private directory for other temporary files of raw rows (an ingest's row-group buffer): zeroed and
+    removed afterwards, and by the next cache on this machine if the process is killed first."""
+    base = cache_root(root)
+    _wipe_orphans(base)
+    path = tempfile.mkdtemp(prefix=f"{os.getpid()}-scratch-", dir=base)
+    try:
+        yield path
+    finally:
+        _wipe_dir(path)
+
+
 class RowCache:
     def __init__(self, root: str | None = None):
-        base = root or os.environ.get(ROOT_ENV) or os.path.join(tempfile.gettempdir(), "sisa-row-cache")
-        os.makedirs(base, exist_ok=True)
+        base = cache_root(root)
         _wipe_orphans(base)
         self.dir = tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=base)
         self._finalizer = weakref.finalize(self, _wipe_dir, self.dir)  # also at interpreter exit
@@ -63,8 +82,8 @@ class RowCache:
         for e in entries[keep:]:
             rows = decode_rows(storage.read(e["file"], e["sha256"]))
             x = np.ascontiguousarray(rows["x"], dtype=FEATURE)
-            if len(rows):
-                self._shape.setdefault(shard, x.shape[1:])
+            if len(rows) and not any(k for _, k in held):  # the first rows in the shard's files set the width
+                self._shape[shard] = x.shape[1:]
             with open(px, "ab") as f:
                 f.write(x.tobytes())
             with open(py, "ab") as f:
@@ -90,6 +109,7 @@ class RowCache:
         for name in os.listdir(self.dir) if os.path.isdir(self.dir) else []:
             zero_and_remove(os.path.join(self.dir, name))
         self._held.clear()
+        self._shape.clear()
 
 
 def _wipe_dir(path: str) -> None:

@@ -94,3 +94,21 @@ def test_a_shard_larger_than_the_memory_allowed_trains(tmp_path):
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() == ["memmap:", "trained", "copy:", "MemoryError"]
+
+
+def test_a_runner_trains_another_width_after_its_run_ends(tmp_path):
+    """The cache forgets a shard's width with its rows: the next ensemble on a warm worker may differ."""
+    store, entries = partition(tmp_path)
+    runner = StageRunner()
+    runner.run(store, spec((6,)), 1, 1, entries, None)
+    runner.finish()
+    X, y, ids = tiny_data(n=240)
+    wide = np.hstack([X, X[:, :4]])
+    store2 = Storage(str(tmp_path / "store2"))
+    entries2 = write_partition(store2, ids, wide, y, "str", 1, 2, 3)[1]
+    entry, _ = runner.run(store2, spec((10,)), 1, 1, entries2, None)
+    assert training.load_checkpoint(store2.read(entry["file"], entry["sha256"]))["rows"] == len(
+        read_slice(store2, entries2[0])
+    )
+    runner.finish()
+    assert os.listdir(runner._cache.dir) == []
