@@ -56,7 +56,8 @@ def train(spec, shard: int, stage: int, module, chunks, sampler, opt_states, sch
         opt.load_state_dict(opt_states[0])
     if sched is not None and sched_states:
         sched.load_state_dict(sched_states[0])
-    module.train()
+    if not module.training:  # a freshly built module already is in training mode: spare the tree walk
+        module.train()
     epochs = []
     with torch.enable_grad():
         for epoch in range(spec.epochs_per_stage[stage - 1]):

@@ -80,6 +80,11 @@ class SisaModule(pl.LightningModule):
     def forward(self, x):
         return self.net(x)
 
+    @property
+    def mode_dependent(self) -> bool:
+        """Whether train and eval mode compute different outputs: the built-in nets differ by dropout only."""
+        return any(isinstance(m, nn.Dropout) for m in self.net.modules())
+
     def training_step(self, batch, batch_idx):
         x, y = batch
         if isinstance(x, (list, tuple)):  # several whole batches at once (shards.training.EpochChunks)
@@ -184,8 +189,14 @@ def load_class(target: str):
     return obj
 
 
+_BOUND: set[str] = set()  # built-in constructor calls already checked (every stage builds its module)
+
+
 def _bind(name: str, fn, args: tuple, given: dict, kwargs: dict) -> None:
     """Check the constructor call before making it: a clear ConfigError, never a bare TypeError."""
+    key = repr((name, args, sorted(given.items()), sorted(kwargs.items()))) if name in NETS else None
+    if key in _BOUND:
+        return
     dup = sorted(given.keys() & kwargs.keys())
     if dup:
         raise ConfigError(
@@ -201,6 +212,8 @@ def _bind(name: str, fn, args: tuple, given: dict, kwargs: dict) -> None:
             f"its constructor is {fn.__name__}{inspect.signature(fn)}",
             problems=[f"model.kwargs: {e}"],
         ) from None
+    if key is not None:
+        _BOUND.add(key)
 
 
 def build_module(name: str, kwargs: dict, optim: dict, input_shape, num_classes: int) -> pl.LightningModule:
