@@ -76,22 +76,26 @@ UNIFORM = Placement()
 def assign(ids, seed: int, shards: int, slices: int, risk=None, placement: Placement | None = None):
     """Shard, slice and in-slice rank (uint64) of every id (``risk``: one prior per id, for a deletion-aware
     ``placement``)."""
-    key = partition_key(seed)
-    n = len(ids)
-    shard = np.empty(n, np.int64)
-    sl = np.empty(n, np.int64)
-    rank = np.empty(n, np.uint64)
-    placed = placement is not None and not placement.uniform
-    likely = placement.likely(risk) if placed else None
-    for k, i in enumerate(ids.tolist() if hasattr(ids, "tolist") else ids):
-        a, b, c = _draws(i, key)
-        if placed:
-            shard[k], sl[k] = placement.place(a, b, bool(likely[k]), shards, slices)
-        else:
-            shard[k] = a % shards
-            sl[k] = b % slices
-        rank[k] = c
-    return shard, sl, rank
+    d = _all_draws(ids.tolist() if hasattr(ids, "tolist") else list(ids), partition_key(seed))
+    rank = d[:, 2].copy()
+    if placement is None or placement.uniform:
+        return (d[:, 0] % np.uint64(shards)).astype(np.int64), (d[:, 1] % np.uint64(slices)).astype(np.int64), rank
+    likely = placement.likely(risk)
+    placed = [placement.place(a, b, bool(lk), shards, slices) for (a, b), lk in zip(d[:, :2].tolist(), likely)]
+    where = np.array(placed, dtype=np.int64).reshape(-1, 2)
+    return where[:, 0].copy(), where[:, 1].copy(), rank
+
+
+def _all_draws(ids: list, key: bytes) -> np.ndarray:
+    """`_draws` of every id as an (n, 3) uint64 array: one keyed hasher copied per id (the key's block is
+    hashed once), the digests' words read in one go."""
+    keyed = hashlib.blake2b(key=key, digest_size=24)
+    out = bytearray(24 * len(ids))
+    for k, i in enumerate(ids):
+        h = keyed.copy()
+        h.update(id_bytes(i))
+        out[24 * k : 24 * k + 24] = h.digest()
+    return np.frombuffer(bytes(out), dtype="<u8").reshape(-1, 3)
 
 
 def shard_of(i, seed: int, shards: int, slices: int, risk=None, placement: Placement | None = None) -> tuple[int, int]:

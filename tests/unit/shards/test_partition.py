@@ -2,9 +2,11 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shards.errors import DataError
-from shards.partition import assign, canonical_ids, shard_of, split_rows
+from shards.partition import Placement, _draws, assign, canonical_ids, partition_key, shard_of, split_rows
 
 
 def test_pure_function_of_id_and_seed():
@@ -40,3 +42,28 @@ def test_int_and_str_ids_are_distinct_and_mixed_ids_rejected():
         canonical_ids(np.array([1, "a"], dtype=object))
     with pytest.raises(DataError, match="int or str"):
         canonical_ids(np.array([1.5, 2.5]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.one_of(
+        st.lists(st.integers(-(2**63), 2**63 - 1), unique=True, max_size=40),
+        st.lists(
+            st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=12), unique=True, max_size=40
+        ),
+    ),
+    st.integers(0, 2**31),
+    st.integers(1, 70),
+    st.integers(1, 9),
+    st.sampled_from(["uniform", "late_slices", "isolated_shards"]),
+)
+def test_the_batched_assignment_is_the_per_id_one(ids, seed, shards, slices, kind):
+    """`assign` (one keyed hasher copied per id, words read in one go) gives each id what `shard_of` and
+    the per-id draws give it: the place and rank that every entry point agrees on."""
+    risk = [(k % 3) / 2 for k in range(len(ids))]
+    placement = Placement(kind, 0.4, 1 + shards // 3)
+    shard, sl, rank = assign(ids, seed, shards, slices, risk, placement)
+    key = partition_key(seed)
+    for k, i in enumerate(ids):
+        assert (shard[k], sl[k]) == shard_of(i, seed, shards, slices, risk[k], placement)
+        assert rank[k] == _draws(i, key)[2]
