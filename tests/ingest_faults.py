@@ -1,7 +1,8 @@
 """Run by test_cluster_faults in its own process: a head and two worker nodes on one machine
-(ray.cluster_utils.Cluster); a worker node is killed while the Ray Data ingest runs (units are slowed by
-the worker hook in ingest_slow.py). Prints JSON: whether the slice files, held-out rows and records equal
-those of the single-process ingest, and how many unit runs there were (more than units: Ray re-ran some)."""
+(ray.cluster_utils.Cluster); a worker node is killed while the Ray Data ingest runs, just as a unit starts
+on it (units are slowed by the worker hook in ingest_slow.py). Prints JSON: whether the slice files,
+held-out rows and records equal those of the single-process ingest, and how many unit runs there were
+(more than units: Ray re-ran some)."""
 
 import json
 import os
@@ -57,8 +58,12 @@ def main():
 
     run = threading.Thread(target=ingest, daemon=True)
     run.start()
-    while len(log.read_text().split()) < 6 and run.is_alive():
-        time.sleep(0.05)
+    victim = nodes[-1].node_id
+    while run.is_alive():  # a few units in, and one just started on the node to kill: it dies in flight
+        runs = log.read_text().split()
+        if len(runs) >= 4 and runs[-1].endswith(victim):
+            break
+        time.sleep(0.02)
     out["killed_at_run"] = len(log.read_text().split())
     out["killed_node"] = nodes[-1].node_id
     cluster.remove_node(nodes.pop())  # SIGKILLs that node's raylet and its workers

@@ -106,6 +106,7 @@ def test_a_workdir_written_before_data_num_classes_still_opens(tmp_path):
     old_keys = {  # the keys of these sections that sisa wrote before data.num_classes (later ones: defaults)
         "data": {"source", "path", "id_column", "label_column", "test_fraction", "synthetic"},
         "sharding": {"shards", "slices"},
+        "model": {"name", "kwargs"},
         "training": {"epochs", "schedule", "batch_size", "optimizer", "lr", "weight_decay", "momentum", "lr_gamma", "threads"},
     }
     for section, keep in old_keys.items():

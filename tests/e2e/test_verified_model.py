@@ -57,7 +57,10 @@ def _row(out: str, result: str, check: str) -> bool:
 
 
 def _snapshot(w: Path) -> dict:
-    return {p.relative_to(w).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in w.rglob("*") if p.is_file()}
+    """Every file's digest, but sqlite's `-shm` files: a WAL database's shared-memory index, which a reader
+    updates (it holds no rows, and sqlite rebuilds it)."""
+    files = (p for p in w.rglob("*") if p.is_file() and not p.name.endswith("-shm"))
+    return {p.relative_to(w).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
 def test_flipped_exponent_bit_in_weights_is_refused_and_audit_fails(tmp_path, monkeypatch):
