@@ -15,10 +15,10 @@ from sisa.errors import ShardTrainingError
 HERE = TESTS
 
 
-@pytest.mark.slow
-def test_node_lost_mid_training_and_mid_deletion():
+def _result(script: str) -> dict:
+    """Run a multi-node scenario (tests/<script>) in its own process; the JSON it prints on its RESULT line."""
     res = subprocess.run(
-        [sys.executable, str(HERE / "cluster_faults.py")],
+        [sys.executable, str(HERE / script)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -26,7 +26,12 @@ def test_node_lost_mid_training_and_mid_deletion():
     )
     line = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
     assert line, res.stdout[-3000:] + res.stderr[-3000:]
-    out = json.loads(line[0][7:])
+    return json.loads(line[0][7:])
+
+
+@pytest.mark.slow
+def test_node_lost_mid_training_and_mid_deletion():
+    out = _result("cluster_faults.py")
     assert out["fit_nodes_lost"] == 1 and out["delete_nodes_lost"] == 1, out
     assert out["fit_workers_lost"] >= 1 and out["delete_workers_lost"] >= 1, f"a stage was interrupted: {out}"
     assert out["fit_equal"] and out["delete_equal"] and out["joined_address"], out
@@ -36,16 +41,7 @@ def test_node_lost_mid_training_and_mid_deletion():
 def test_node_lost_mid_ingest_gives_the_same_files():
     """A node dies while Ray Data ingest units run on it (tests/ingest_faults.py): Ray re-runs them and the
     slice files, held-out rows and records equal the single-process ingest's."""
-    res = subprocess.run(
-        [sys.executable, str(HERE / "ingest_faults.py")],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
-    )
-    line = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert line, res.stdout[-3000:] + res.stderr[-3000:]
-    out = json.loads(line[0][7:])
+    out = _result("ingest_faults.py")
     assert "error" not in out, out
     assert out["killed_at_run"] < out["units"] and out["runs_on_killed_node"] >= 1, f"killed mid-ingest: {out}"
     assert out["runs"] > out["units"], f"a unit was re-run: {out}"
