@@ -117,22 +117,22 @@ def check_ingested(ctx, got: StartInput, ingested, train_ids: list) -> None:
     held = np.load(eval_tmp, allow_pickle=False) if eval_tmp and os.path.exists(eval_tmp) else None
     held_ids = held["id"].tolist() if held is not None and held.dtype.names and "id" in held.dtype.names else []
     check(got, ing.input_shape, ing.feature_names, ing.id_kind, [*train_ids, *held_ids], ctx.config.data)
+    _check_label_range(got, num_classes)
+    check_init(ctx, got, ing.input_shape, num_classes)
+
+
+def _check_label_range(got: StartInput, num_classes: int) -> None:
     if got.max_label >= num_classes:
         raise DataError(
             f"base labels go up to {got.max_label} but the training data has {num_classes} classes; "
             "set data.num_classes to cover both"
         )
-    check_init(ctx, got, ing.input_shape, num_classes)
 
 
 def check_streamed(ctx, m: Manifest, got: StartInput) -> None:
     """`check` beside a streamed Parquet source, once its slices are written (fit removes them on error)."""
     check(got, m.input_shape, m.feature_names, m.id_kind, [], ctx.config.data)
-    if got.max_label >= m.num_classes:
-        raise DataError(
-            f"base labels go up to {got.max_label} but the training data has {m.num_classes} classes; "
-            "set data.num_classes to cover both"
-        )
+    _check_label_range(got, m.num_classes)
     if got.ids is not None:
         found, held, _, _ = locate(ctx, m, got.ids.tolist())
         if found or held:

@@ -201,13 +201,18 @@ def test_ray_workers_read_and_write_the_bucket(tmp_path, bucket, endpoint, ray_s
     assert keys(fs, name) == referenced(ens) | {"OWNER"}
 
 
-def test_parquet_dataset_read_from_the_bucket(tmp_path, bucket, endpoint):
-    fs, name = bucket
-    X, y, ids = tiny_data(n=260)
+def write_train_parts(fs, name, X, y, ids) -> None:
+    """The rows as two Parquet files of several row groups under s3://<bucket>/in/train/."""
     t = pa.table({"id": ids, **{f"f{k}": X[:, k] for k in range(X.shape[1])}, "label": y})
     for k, part in enumerate((t.slice(0, 130), t.slice(130))):
         with fs.open(f"{name}/in/train/part-{k}.parquet", "wb") as f:
             pq.write_table(part, f, row_group_size=40)
+
+
+def test_parquet_dataset_read_from_the_bucket(tmp_path, bucket, endpoint):
+    fs, name = bucket
+    X, y, ids = tiny_data(n=260)
+    write_train_parts(fs, name, X, y, ids)
     cfg = tiny_config(
         data={"source": "parquet", "path": f"s3://{name}/in/train", "test_fraction": 0.0},
         storage={"uri": f"s3://{name}/ens", "options": opts(endpoint)},
@@ -225,10 +230,7 @@ def test_parquet_dataset_ingested_on_ray_from_the_bucket(tmp_path, bucket, endpo
     the slices, held-out rows and weights of the single-process ingest; nothing staged is left behind."""
     fs, name = bucket
     X, y, ids = tiny_data(n=260)
-    t = pa.table({"id": ids, **{f"f{k}": X[:, k] for k in range(X.shape[1])}, "label": y})
-    for k, part in enumerate((t.slice(0, 130), t.slice(130))):
-        with fs.open(f"{name}/in/train/part-{k}.parquet", "wb") as f:
-            pq.write_table(part, f, row_group_size=40)
+    write_train_parts(fs, name, X, y, ids)
 
     def cfg(prefix, executor):
         return tiny_config(
