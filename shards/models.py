@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from shards.errors import ConfigError
+from shards.spec import BF16_MIXED, FP32
 
 
 class MLP(nn.Module):
@@ -75,6 +76,7 @@ class SisaModule(pl.LightningModule):
         self.momentum, self.lr_gamma = momentum, lr_gamma
         self.automatic_optimization = False
         self._fast = None  # shards.fast.FastMLP once bound (False: not applicable), see _fast_engine
+        self.sisa_precision = FP32  # training.precision, set per stage by shards.training
         self.engine_setup_seconds = 0.0
 
     def forward(self, x):
@@ -113,6 +115,7 @@ class SisaModule(pl.LightningModule):
         fast_logits: list = []  # the fast engine counts correct predictions once per chunk
         total = torch.zeros((), device=xs[0].device)
         correct = torch.zeros((), dtype=torch.long, device=xs[0].device)
+        bf16 = self.sisa_precision == BF16_MIXED
         for xb, yb in zip(xs, ys):
             if fast is not None:  # the same kernels without autograd (shards.fast): the same bits
                 loss, logits = fast.step(xb, yb)
@@ -120,8 +123,13 @@ class SisaModule(pl.LightningModule):
                 total += loss
                 continue
             opt.zero_grad(set_to_none=True)
-            logits = self.net(xb)
-            loss = nn.functional.cross_entropy(logits, yb)
+            if bf16:  # per batch, uncached (as Lightning's plugin): a cast cached across batches would be stale
+                with torch.autocast(xb.device.type, dtype=torch.bfloat16, cache_enabled=False):
+                    logits = self.net(xb)
+                    loss = nn.functional.cross_entropy(logits, yb)
+            else:
+                logits = self.net(xb)
+                loss = nn.functional.cross_entropy(logits, yb)
             correct += (logits.detach().argmax(1) == yb).sum()
             if plain:
                 loss.backward()
@@ -150,7 +158,7 @@ class SisaModule(pl.LightningModule):
             from shards import fast
 
             t0 = time.perf_counter()
-            self._fast = fast.build(self.net, opt) or False
+            self._fast = fast.build(self.net, opt, bf16=self.sisa_precision == BF16_MIXED) or False
             self.engine_setup_seconds = time.perf_counter() - t0
         return self._fast or None
 

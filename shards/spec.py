@@ -5,6 +5,10 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field, replace
 
+# training.precision (Lightning's names): fp32 throughout, or fp32 master weights with bf16 arithmetic
+FP32 = "32-true"
+BF16_MIXED = "bf16-mixed"
+
 
 @dataclass(frozen=True)
 class TrainSpec:

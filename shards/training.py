@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from shards import loop
 from shards.errors import ConfigError, IntegrityError
 from shards.models import SisaModule, build_module
-from shards.spec import SisaContext, TrainSpec, derive_seed
+from shards.spec import FP32, SisaContext, TrainSpec, derive_seed
 
 FORMAT = 1
 CHUNK_ROWS = 4096  # rows per Lightning step for built-in modules (whole batches, at least one) ...
@@ -293,6 +293,7 @@ def _train(spec: TrainSpec, shard: int, stage: int, module, X, y, opt_states, sc
         row_bytes = max(1, X[0].numel() * X.element_size())
         loader = EpochChunks(X, y, sampler, min(CHUNK_ROWS, CHUNK_BYTES // row_bytes) // spec.batch_size)
         module.sisa_engine = spec.extra.get("engine", "eager")  # training.engine (shards.fast)
+        module.sisa_precision = spec.extra.get("precision", FP32)  # training.precision
         if DIRECT and loop.applies(module, spec.accelerator):  # no Trainer: the same bits (shards.loop)
             return Trained(*loop.train(spec, shard, stage, module, loader, sampler, opt_states, sched_states))
     else:
@@ -320,6 +321,7 @@ def _fit(spec: TrainSpec, stage: int, module, loader, cb: _ExactResume) -> _Exac
         max_epochs=spec.epochs_per_stage[stage - 1],
         callbacks=[cb],
         deterministic=spec.accelerator != "cpu",
+        precision=spec.extra.get("precision", FP32),
         **mode,
     )
     try:

@@ -171,6 +171,10 @@ class TrainingConfig(_Strict):
     # new fit uses "fast" and writes it into the workdir's config.yaml; an existing workdir keeps the engine
     # its manifest records (older workdirs: "eager"). A workdir never mixes engines.
     engine: Literal["eager", "fast"] | None = None
+    # "bf16-mixed": fp32 master weights and optimizer state, each layer's arithmetic in bfloat16 (the fast
+    # engine's GEMMs, torch.autocast on the eager step, Lightning's plugin for users' modules). It changes the
+    # bits (and accuracy slightly) but is exact within itself; a workdir never mixes precisions.
+    precision: Literal["32-true", "bf16-mixed"] = "32-true"
 
     @field_validator("schedule")
     @classmethod
@@ -306,6 +310,8 @@ class SisaConfig(_Strict):
             del dump["sharding"]["new_rows"]
         if dump["training"]["engine"] in (None, "eager"):  # "eager" is what workdirs without it trained with
             del dump["training"]["engine"]
+        if dump["training"]["precision"] == "32-true":  # absent when fp32: older hashes still match
+            del dump["training"]["precision"]
         if dump["sharding"]["append_epochs"] is None:
             del dump["sharding"]["append_epochs"]
         defaults = {"placement": "uniform", "risk_threshold": 0.1, "isolated_shards": None, "risk_classes": None}

@@ -110,11 +110,24 @@ class OpContext:
             num_classes=m.num_classes,
             threads=c.training.threads,
             accelerator="gpu" if c.resources.num_gpus > 0 else "cpu",
-            extra={"engine": c.training.engine or m.engine, **({"start": m.base.sha256} if m.base else {})},
+            extra={
+                "engine": c.training.engine or m.engine,
+                "precision": m.precision,
+                **({"start": m.base.sha256} if m.base else {}),
+            },
         )
 
     def engine(self, m: Manifest) -> str:
-        """The workdir's training engine (`sisa.config.TrainingConfig.engine`): one per workdir, never mixed."""
+        """The workdir's training engine (`sisa.config.TrainingConfig.engine`): one per workdir, never mixed,
+        and so is its ``training.precision``."""
+        precision = self.config.training.precision
+        if precision != m.precision:
+            raise ConfigError(
+                f"{self.workdir.path} was trained with training.precision {m.precision!r}, but the config says "
+                f"{precision!r}: every retrain of a shard must compute with the precision that trained it. Set "
+                f"training.precision: {m.precision}, or train a new workdir",
+                problems=[f"training.precision: {precision!r} != the workdir's {m.precision!r}"],
+            )
         engine = self.config.training.engine
         if engine is not None and engine != m.engine:
             raise ConfigError(

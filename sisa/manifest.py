@@ -208,6 +208,7 @@ class Manifest(_JsonView):
     retraining: Retraining | None = None
     created: float = 0.0
     engine: str = "eager"  # training.engine the shards were trained with; absent from older manifests: eager
+    precision: str = "32-true"  # training.precision the shards were trained with; absent: 32-true
     base: Start | None = None  # the shared start of every shard (`shards.base`); absent: a fresh init per shard
     format: int = FORMAT
 
@@ -271,6 +272,8 @@ class Manifest(_JsonView):
             out["retraining"] = self.retraining.to_dict()
         if self.engine != "eager":
             out["engine"] = self.engine
+        if self.precision != "32-true":
+            out["precision"] = self.precision
         if self.base is not None:
             out["base"] = self.base.to_dict()
         return out
@@ -304,6 +307,7 @@ def from_dict(d: dict, where: str = "manifest") -> Manifest:
             retraining=Retraining.from_dict(d["retraining"]) if d.get("retraining") else None,
             created=float(d.get("created", 0.0)),
             engine=str(d.get("engine", "eager")),
+            precision=str(d.get("precision", "32-true")),
             base=Start.from_dict(d["base"]) if d.get("base") else None,
         )
     except (KeyError, TypeError, ValueError) as e:

@@ -204,6 +204,7 @@ def _partition(ctx, storage, data, ingested) -> Manifest:
         shards=tuple(ShardState(slices=tuple(SliceRef.from_dict(e) for e in sl)) for sl in slices),
         created=time.time(),
         engine=c.training.engine,
+        precision=c.training.precision,
     )
 
 
