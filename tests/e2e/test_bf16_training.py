@@ -93,3 +93,15 @@ def test_precision_is_checked_on_load_and_part_of_the_training_hash():
     assert fp32.training.precision == "32-true"
     assert fp32.training_hash() == load_config({"training": {"precision": "32-true"}}).training_hash()
     assert bf16.training_hash() != fp32.training_hash()
+
+
+def test_a_users_module_trains_under_lightnings_bf16_plugin_and_deletes_exactly(tmp_path):
+    cfg = bf16_config(model={"name": "usermodel:TinyNet", "kwargs": {}}, sharding={"shards": 2, "slices": 2})
+    X, y, ids = tiny_data(n=120)
+    ens = fit(cfg, tmp_path / "a", X, y, ids)
+    gone = [ids[4], ids[50]]
+    ens.delete(gone)
+    ref = fit(cfg, tmp_path / "b", *drop(X, y, ids, gone))
+    assert weights_equal(ens, ref) and ckpts(ens) == ckpts(ref)
+    fp32 = fit({**cfg, "training": {**cfg["training"], "precision": "32-true"}}, tmp_path / "c", *drop(X, y, ids, gone))
+    assert ckpts(fp32) != ckpts(ref), "the Trainer ran with precision bf16-mixed"

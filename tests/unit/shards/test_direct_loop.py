@@ -18,7 +18,7 @@ CASES = {
 }
 
 
-def _stages(direct, monkeypatch, engine, model, kwargs, optim, shape):
+def _stages(direct, monkeypatch, engine, model, kwargs, optim, shape, precision="32-true"):
     monkeypatch.setattr(training, "DIRECT", direct)
     spec = TrainSpec(
         seed=5,
@@ -29,7 +29,7 @@ def _stages(direct, monkeypatch, engine, model, kwargs, optim, shape):
         batch_size=16,
         input_shape=shape,
         num_classes=3,
-        extra={"engine": engine},
+        extra={"engine": engine, "precision": precision},
     )
     rng = np.random.default_rng(1)
     data = np.zeros(237, dtype=[("x", np.float32, shape), ("y", np.int64)])
@@ -64,6 +64,19 @@ def test_direct_loop_checkpoints_equal_the_lightning_fit_byte_for_byte(monkeypat
         ]
         assert ma.get("engine") == mb.get("engine") and ma.get("train_accuracy") == mb.get("train_accuracy")
     assert direct[2][1]["epochs"], "stage 3 trained"
+
+
+@pytest.mark.parametrize("engine", ["fast", "eager"])
+@pytest.mark.parametrize("name", ["mlp-adam-dropout-decay", "cnn-adam-dropout-decay"])
+def test_bf16_mixed_direct_loop_equals_lightnings_bf16_mixed_plugin_byte_for_byte(monkeypatch, name, engine):
+    """Under bf16-mixed a Trainer autocasts with its precision plugin (and steps the optimizer through
+    Lightning); the direct loop's autocast, or the fast engine's bf16 step, gives the same bytes."""
+    lightning = _stages(False, monkeypatch, engine, *CASES[name], "bf16-mixed")
+    direct = _stages(True, monkeypatch, engine, *CASES[name], "bf16-mixed")
+    assert [a for a, _ in lightning] == [b for b, _ in direct]
+    assert direct[2][1]["engine"] == ("fast" if engine == "fast" and name.startswith("mlp") else "eager")
+    fp32 = _stages(True, monkeypatch, engine, *CASES[name])
+    assert fp32[2][0] != direct[2][0], "bf16-mixed computes in bf16"
 
 
 def test_user_modules_subclasses_and_accelerators_keep_the_trainer():
