@@ -8,6 +8,7 @@ no Ray, no checkpoints, no data files (the slices are read before the clock star
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import numpy as np
@@ -18,8 +19,11 @@ from shards.models import MLP
 from shards.store import read_slice
 
 
-def train_shard(stages: list[tuple[torch.Tensor, torch.Tensor, int]], make_model, lr: float, batch_size: int) -> int:
-    """Train one model through ``stages`` [(X, y, epochs), ...]; returns the sample-epochs done."""
+def train_shard(
+    stages: list[tuple[torch.Tensor, torch.Tensor, int]], make_model, lr: float, batch_size: int, bf16: bool = False
+) -> int:
+    """Train one model through ``stages`` [(X, y, epochs), ...]; returns the sample-epochs done. ``bf16``:
+    the forward pass and loss under ``torch.autocast(cpu, bfloat16)``, the usual mixed-precision loop."""
     model = make_model()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
@@ -28,7 +32,8 @@ def train_shard(stages: list[tuple[torch.Tensor, torch.Tensor, int]], make_model
         for _ in range(epochs):
             for idx in torch.randperm(len(y)).split(batch_size):
                 opt.zero_grad(set_to_none=True)
-                loss = nn.functional.cross_entropy(model(X[idx]), y[idx])
+                with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+                    loss = nn.functional.cross_entropy(model(X[idx]), y[idx])
                 loss.backward()
                 opt.step()
             done += len(y)
