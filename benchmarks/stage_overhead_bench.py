@@ -32,6 +32,7 @@ from benchmarks.common import StageLog, init_ray  # noqa: E402
 from sisa import SisaEnsemble  # noqa: E402
 
 ROWS = 16_384
+PRECISIONS = ("32-true", "bf16-mixed")
 PAIRS = ((16, 1, 256, 1), (4, 4, 64, 4))  # (S, R) at S x R = 16, then at S x R = 256
 
 
@@ -44,13 +45,20 @@ def _data(rows: int):
     return X.astype(np.float32), y, np.arange(rows)
 
 
-def _config(shards: int, slices: int, executor: str) -> dict:
+def _config(shards: int, slices: int, executor: str, precision: str = "32-true") -> dict:
     return {
         "name": "stage-overhead",
         "seed": 0,
         "sharding": {"shards": shards, "slices": slices},
         "model": {"name": "mlp", "kwargs": {"hidden": [128, 128]}},
-        "training": {"epochs": 10, "schedule": "paper", "batch_size": 64, "lr": 0.002, "engine": "fast"},
+        "training": {
+            "epochs": 10,
+            "schedule": "paper",
+            "batch_size": 64,
+            "lr": 0.002,
+            "engine": "fast",
+            "precision": precision,
+        },
         "tracking": {"enabled": False},
         "cluster": {"executor": executor},
     }
@@ -109,17 +117,18 @@ def run(repeats: int = 3, executor: str = "inprocess", rows: int = ROWS) -> dict
     return {"rows": rows, "executor": executor, "repeats": repeats, "pairs": out, "deletion": deletions(data, executor)}
 
 
-def deletions(data, executor: str = "inprocess", rounds: int = 2) -> dict:
+def deletions(data, executor: str = "inprocess", rounds: int = 2, precision: str = "32-true") -> dict:
     """One-row deletions at S=8, R=4 on the same workload: one row from each slice position j (a different
     shard each), ``rounds`` times; E[T] = sum_j w_j T_j (w_j: the share of rows in position j), the fit's
-    wall time over E[T], and that over the analytic bound (`sisa.costmodel.expected_speedup`)."""
+    wall time over E[T], and that over the analytic bound (`sisa.costmodel.expected_speedup`).
+    ``precision``: ``training.precision`` of the fit and its deletions."""
     from shards.store import read_slice
     from sisa import costmodel
 
     X, y, ids = data
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory(prefix="sisa-stage-bench-") as d:
-        ens = SisaEnsemble.from_config(_config(8, 4, executor), Path(d) / "w")
+        ens = SisaEnsemble.from_config(_config(8, 4, executor, precision), Path(d) / "w")
         t0 = time.perf_counter()
         ens.fit(X, y, ids=ids)
         fit = time.perf_counter() - t0
@@ -137,6 +146,7 @@ def deletions(data, executor: str = "inprocess", rounds: int = 2) -> dict:
     expected = sum(w * statistics.mean(t) for w, t in zip(share, walls))
     bound = costmodel.expected_speedup(rows, epochs)
     return {
+        "precision": precision,
         "fit_seconds": fit,
         "expected_deletion_seconds": expected,
         "deletion_seconds_by_slice": [statistics.mean(t) for t in walls],
@@ -155,9 +165,19 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--executor", choices=["inprocess", "ray"], default="inprocess")
     ap.add_argument("--rows", type=int, default=ROWS)
+    ap.add_argument(
+        "--deletions",
+        action="store_true",
+        help="only the one-row deletions, under 32-true then bf16-mixed, --repeats times",
+    )
     args = ap.parse_args()
     started = args.executor == "ray" and init_ray()
     try:
+        if args.deletions:
+            data = _data(args.rows)
+            out = [deletions(data, args.executor, precision=p) for _ in range(args.repeats) for p in PRECISIONS]
+            print(json.dumps(out, indent=1))
+            return
         print(json.dumps(run(args.repeats, args.executor, args.rows), indent=1))
     finally:
         if started:

@@ -74,7 +74,9 @@ def test_a_config_naming_the_other_precision_is_refused_and_nothing_is_written(t
     wd = tmp_path / "w"
     fit(tiny_config(training={"precision": trained}), wd, X, y, ids).close()
     before = _state(wd)
-    msg = f"trained with training.precision '{trained}', but the config says '{asked}'.*Set training.precision: {trained}"
+    msg = (
+        f"trained with training.precision '{trained}', but the config says '{asked}'.*Set training.precision: {trained}"
+    )
     doc = yaml.safe_load((wd / "config.yaml").read_text())
     doc["training"]["precision"] = asked
     (wd / "config.yaml").write_text(yaml.safe_dump(doc))

@@ -88,7 +88,10 @@ def test_unsupported_models_fall_back_to_the_eager_step():
 
 def test_bf16_mixed_changes_the_bits_and_keeps_fp32_master_weights():
     """bf16-mixed really runs (it is not fp32 under another name) and the checkpoint stays fp32."""
-    fp32, bf16 = _stages("fast", *CASES["adam-dropout-wd-decay"]), _stages("fast", *CASES["adam-dropout-wd-decay"], "bf16-mixed")
+    fp32, bf16 = (
+        _stages("fast", *CASES["adam-dropout-wd-decay"]),
+        _stages("fast", *CASES["adam-dropout-wd-decay"], "bf16-mixed"),
+    )
     a, b = training.load_checkpoint(fp32[-1][0]), training.load_checkpoint(bf16[-1][0])
     assert all(v.dtype == torch.float32 for v in b["state_dict"].values())
     assert not all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
