@@ -23,6 +23,11 @@ def _status(value, op: str, target: float) -> str:
     return "met" if ok else "**not met**"
 
 
+def _precision(r: dict) -> str:
+    p = r["workload"].get("precision", "32-true")
+    return "" if p == "32-true" else f", `precision: {p}`"
+
+
 def figures(r: dict) -> list[dict]:
     """One row per figure: name, target, measured value (text), status."""
     rows = []
@@ -31,7 +36,7 @@ def figures(r: dict) -> list[dict]:
     if one:
         rows.append(
             {
-                "figure": f"one-deletion speedup vs full ensemble retrain ÷ analytic bound (S={r['workload']['shards']}, R={r['workload']['slices']})",
+                "figure": f"one-deletion speedup vs full ensemble retrain ÷ analytic bound (S={r['workload']['shards']}, R={r['workload']['slices']}{_precision(r)})",
                 "target": "≥ 0.90",
                 "value": f"{_fmt(one['speedup_over_bound'])} ({_fmt(one['speedup_vs_full_ensemble'], 1)}× of {_fmt(one['bound_real_partition'], 2)}×; formula {_fmt(one['bound_formula'], 2)}×; each fit with the deletions after it: {', '.join(_fmt(x) for x in one.get('window_speedups_over_bound', []))})",
                 "cpu": _fmt(one.get("cpu_speedup_over_bound")),
@@ -162,6 +167,49 @@ def figures(r: dict) -> list[dict]:
                 "target": "≤ 2 pp" if digits else "reported",
                 "value": curve + (f"; gap {gap:.2f} pp" if gap is not None else ""),
                 "status": _status(gap, "<=", 2.0) if digits else "",
+            }
+        )
+    return rows + precision_figures(r)
+
+
+def precision_figures(r: dict) -> list[dict]:
+    """The ``training.precision: bf16-mixed`` rows: its step against the plain loops and its own arithmetic
+    limit (`benchmarks.engine_bench`), and its accuracy cost (`benchmarks.accuracy_bench.precision_cost`)."""
+    rows = []
+    for e in r.get("engine", {}).values():
+        if "plain_over_fast_bf16" not in e:
+            continue
+        w, med = e["workload"], e["median_ms_per_step"]
+        shape = "-".join(str(x) for x in [w["features"], *w["hidden"], w["classes"]])
+        mid, lo, hi = e["plain_over_fast_bf16_paired"]
+        amid, alo, ahi = e["plain_bf16_over_fast_bf16_paired"]
+        rows.append(
+            {
+                "figure": f"training step, plain fp32 loop ÷ `engine: fast` + `precision: bf16-mixed` (MLP {shape}, batch {w['batch']}, 1 thread; other bits)",
+                "target": "≥ 2.0",
+                "value": f"{_fmt(e['plain_over_fast_bf16'])} (paired {_fmt(mid)} [{_fmt(lo)}–{_fmt(hi)}]; plain loop under autocast(bf16) ÷ it: {_fmt(amid)} [{_fmt(alo)}–{_fmt(ahi)}]; ms/step: fp32 fast {_fmt(med['fast'], 3)}, bf16 fast {_fmt(med['fast_bf16'], 3)})",
+                "cpu": _fmt(e["plain_over_fast_bf16_cpu_paired"][0]),
+                "status": _status(e["plain_over_fast_bf16"], ">=", 2.0),
+            }
+        )
+        rows.append(
+            {
+                "figure": f"`bf16-mixed` fast step ÷ its arithmetic limit (the step's GEMMs in bf16, MLP {shape}, batch {w['batch']})",
+                "target": "≤ 5 (stretch)",
+                "value": f"{_fmt(e['fast_bf16_over_bf16_limit'])} (bf16 GEMMs {_fmt(e['bf16_gemm_gflops'], 0)} GFLOP/s = {_fmt(e['bf16_gemm_ms_per_step'], 3)} ms, {_fmt(e['fp32_over_bf16_gemm'])}× the fp32 GEMM time)",
+                "cpu": "",
+                "status": _status(e["fast_bf16_over_bf16_limit"], "<=", 5.0),
+            }
+        )
+    for name, a in r.get("precision_accuracy", {}).items():
+        acc, d = a["accuracy"], a["bf16_minus_fp32_pp"]
+        rows.append(
+            {
+                "figure": f"held-out accuracy, `bf16-mixed` − `32-true`, shipped {name} config ({len(a['seeds'])} seed(s))",
+                "target": "reported",
+                "value": f"{d['mean']:+.2f} pp (sd {d['std']:.2f}; fp32 {acc['32-true']['mean']:.4f}, bf16 {acc['bf16-mixed']['mean']:.4f})",
+                "cpu": "",
+                "status": "",
             }
         )
     return rows

@@ -23,6 +23,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # the suite's own local Ray only
@@ -59,8 +60,8 @@ PHASES = (
 START, END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
 
 
-def run(size_name: str = "full", out: Path | None = None, skip=(), log=print) -> dict:
-    size = SIZES[size_name]
+def run(size_name: str = "full", out: Path | None = None, skip=(), log=print, precision: str = "32-true") -> dict:
+    size = replace(SIZES[size_name], precision=precision)
     out = Path(out or ROOT / "benchmarks" / "out")
     tmp = out / "work"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -87,7 +88,10 @@ def run(size_name: str = "full", out: Path | None = None, skip=(), log=print) ->
             }
             log(
                 "[bench] plain loop / fast engine: "
-                + ", ".join(f"{k} {v['plain_over_fast']:.2f}x" for k, v in res["engine"].items())
+                + ", ".join(
+                    f"{k} {v['plain_over_fast']:.2f}x (bf16-mixed {v['plain_over_fast_bf16']:.2f}x)"
+                    for k, v in res["engine"].items()
+                )
             )
         log(f"[bench] fitting {size.rows} rows, S={size.shards} R={size.slices}: 1 worker, 2 workers, 1 worker")
         ens_a, fit_a = tb.fit_on(size, data, tmp, "w1a", 1, fresh_pool=True)
@@ -99,6 +103,7 @@ def run(size_name: str = "full", out: Path | None = None, skip=(), log=print) ->
                 for k in ("rows", "eval_rows", "features", "classes", "epochs", "batch_size", "shards", "slices")
             },
             "hidden": list(size.hidden),
+            "precision": size.precision,
             "epochs_per_stage": list(ens_a.config.epochs_per_stage()),
         }
         rounds_a, rounds_b, plain = [], [], []  # after each 1-worker fit: half the plain loop, two rounds
@@ -155,6 +160,14 @@ def run(size_name: str = "full", out: Path | None = None, skip=(), log=print) ->
             res["accuracy"]["digits"] = accuracy_bench.sweep("digits", size, size.digits_seeds, tmp)
             res["accuracy"]["synthetic"] = accuracy_bench.sweep("synthetic", size, size.synthetic_seeds, tmp)
             log(f"[bench] digits gap S=5 vs S=1: {res['accuracy']['digits'].get('gap_pp_s5_vs_s1')}")
+            res["precision_accuracy"] = {  # the accuracy cost of training.precision: bf16-mixed
+                name: accuracy_bench.precision_cost(name, size, seeds, tmp)
+                for name, seeds in (("digits", size.digits_seeds), ("synthetic", size.synthetic_seeds))
+            }
+            log(
+                "[bench] bf16-mixed - fp32 accuracy (pp): "
+                + ", ".join(f"{k} {v['bf16_minus_fp32_pp']['mean']:+.2f}" for k, v in res["precision_accuracy"].items())
+            )
         if "cli" not in skip:
             repeats = 1 if size_name == "smoke" else 3
             res["cli"] = cli_bench.run(ens2.workdir.path, int(data[0][2][0]), data[1][0], repeats)
@@ -246,8 +259,14 @@ def main(argv=None) -> int:
     p.add_argument(
         "--update-readme", action="store_true", help="copy plots to docs/bench/ and rewrite the README table"
     )
+    p.add_argument(
+        "--precision",
+        choices=["32-true", "bf16-mixed"],
+        default="32-true",
+        help="training.precision of the timing workload's fits (the deletion and scaling figures)",
+    )
     a = p.parse_args(argv)
-    run(a.size, a.out, a.skip)
+    run(a.size, a.out, a.skip, precision=a.precision)
     print((a.out / "results.md").read_text())
     if a.update_readme:
         update_readme(a.out)

@@ -37,6 +37,7 @@ class Size:
     digits_seeds: tuple[int, ...] = (0, 1, 2)
     synthetic_seeds: tuple[int, ...] = (0,)
     sweep_overrides: dict = field(default_factory=dict)  # {"digits": {...}, "synthetic": {...}} config overrides
+    precision: str = "32-true"  # training.precision of the timing workload's fits (run.py --precision)
 
 
 SIZES = {
@@ -101,7 +102,13 @@ def sisa_config(size: Size, workers: int, shards: int | None = None, slices: int
         "seed": 0,
         "sharding": {"shards": shards or size.shards, "slices": slices or size.slices},
         "model": {"name": "mlp", "kwargs": {"hidden": list(size.hidden)}},
-        "training": {"epochs": size.epochs, "schedule": "paper", "batch_size": size.batch_size, "lr": size.lr},
+        "training": {
+            "epochs": size.epochs,
+            "schedule": "paper",
+            "batch_size": size.batch_size,
+            "lr": size.lr,
+            "precision": size.precision,
+        },
         "cluster": {"executor": "ray", "max_workers": workers},
         "tracking": {"enabled": False},
     }

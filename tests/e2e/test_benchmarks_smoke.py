@@ -35,6 +35,9 @@ def test_benchmark_suite_smoke(ray_session, tmp_path):
     assert de["single"]["bound_real_partition"] > 1
     assert res["inference"]["by_rows"][0]["path"] == "fused"
     assert set(res["accuracy"]) == {"digits", "synthetic"}
+    for a in res["precision_accuracy"].values():  # bf16-mixed's accuracy cost: both precisions, every seed
+        assert [len(v["values"]) for v in a["accuracy"].values()] == [len(a["seeds"])] * 2
+    assert all(e["plain_over_fast_bf16"] > 0 and e["bf16_gemm_gflops"] > 0 for e in res["engine"].values())
     cli = res["cli"]["commands"]
     assert set(cli) == {"status", "locate", "delete --dry-run", "predict"} and all(
         c["seconds"] > 0 for c in cli.values()
@@ -64,6 +67,8 @@ def test_benchmark_suite_smoke(ray_session, tmp_path):
         "on digits",
         "fixed cost to effective",
         "settled in one batch",
+        "precision: bf16-mixed",
+        "bf16-mixed` − `32-true`",
     ):
         assert needle in table, needle
     for name in report.PLOTS:
