@@ -13,9 +13,9 @@ are elementwise, so each element gets the same bits as in the per-tensor loop. T
 state tensors become views into those buffers, so its ``state_dict`` (the checkpoint) is unchanged.
 
 With ``training.precision: bf16-mixed`` the step is the eager step under ``torch.autocast(cpu, bfloat16)``,
-op for op as autograd runs it (`FastMLP.step_bf16`): the fp32 master weights, the update and the loss stay
-fp32, each GEMM and the activations between them are bfloat16 (about 3x the fp32 GEMM rate on a CPU with
-avx512_bf16).
+op for op as autograd runs it (`FastMLP.step`): the fp32 master weights, the update and the loss stay
+fp32, each GEMM and the activations between them are bfloat16 (on a CPU with avx512_bf16 about 1.8x the
+fp32 GEMM rate for the suite's 256-wide layers, slower for narrow ones: see the README).
 
 `build` returns None where this does not hold (another net, optimizer or option): the caller then runs
 the eager step. tests/test_fast_training.py checks the bit identity on every run, including the last,
@@ -96,9 +96,7 @@ def build(net: nn.Module, opt: torch.optim.Optimizer, bf16: bool = False) -> Fas
 
 class FastMLP:
     def __init__(self, blocks, opt, params: list[nn.Parameter], bf16: bool = False):
-        self.blocks, self.opt, self.params = blocks, opt, params
-        if bf16:
-            self.step = self.step_bf16
+        self.blocks, self.opt, self.params, self.bf16 = blocks, opt, params, bf16
         self.adam = type(opt) is torch.optim.Adam
         self._one = torch.ones(())  # d loss / d loss, as autograd seeds the backward pass
         sizes = [-(-p.numel() // ALIGN) * ALIGN for p in params]
@@ -152,11 +150,21 @@ class FastMLP:
 
     @torch.no_grad()
     def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step on the batch (x, y); returns (loss, logits) as the eager step computes them."""
+        """One optimizer step on the batch (x, y); returns (loss, logits) as the eager step computes them.
+
+        Under bf16-mixed, as autograd runs the eager step under bf16 autocast: each Linear casts its input,
+        weight and bias to bf16 (the weight's copy contiguous, its transpose a view: `step`'s layouts) and
+        its ``addmm`` returns bf16; ReLU, dropout and their gradients are bf16; the logits are cast to fp32
+        for the loss, their gradient back to bf16; each parameter's bf16 gradient is cast to fp32."""
+        bf16 = self.bf16
         h = x.flatten(1)
-        inputs, saved = [], []  # each Linear's input; (relu output, dropout noise) after it
-        for _, wt, bias, relu, p in self.layers:
+        inputs, saved, weights = [], [], []  # each Linear's input; (relu output, dropout noise) after it
+        for w, wt, bias, relu, p in self.layers:
+            if bf16:
+                h, w = h.to(BF16), w.to(BF16)
+                wt, bias = w.t(), bias.to(BF16)
             inputs.append(h)
+            weights.append(w)
             h = torch.addmm(bias, h, wt)
             r = noise = None
             if relu:
@@ -166,61 +174,31 @@ class FastMLP:
                 noise = torch.empty_like(h).bernoulli_(1 - p).div_(1 - p)
                 h = h * noise
             saved.append((r, noise))
-        logp = torch._log_softmax(h, 1, False)
-        loss, total_weight = _NLL_FORWARD(logp, y, None, 1, -100)
-        g = _NLL_BACKWARD(self._one, logp, y, None, 1, -100, total_weight)
-        g = torch._log_softmax_backward_data(g, logp, 1, torch.float32)
-        for i in range(len(self.layers) - 1, -1, -1):
-            r, noise = saved[i]
-            if noise is not None:
-                g = g * noise
-            if r is not None:
-                g = _RELU_BACKWARD(g, r, 0)
-            torch.mm(g.t(), inputs[i], out=self.grads[2 * i])
-            torch.sum(g, 0, out=self.grads[2 * i + 1])
-            if i > 0:
-                g = g.mm(self.layers[i][0])
-        self._update()
-        return loss, h
-
-    @torch.no_grad()
-    def step_bf16(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`step` as autograd runs the eager step under bf16 autocast: each Linear casts its input, weight and
-        bias to bf16 and its ``addmm`` returns bf16; ReLU, dropout and their gradients are bf16; the logits
-        are cast to fp32 for the loss, their gradient back to bf16; each parameter's bf16 gradient is cast
-        to fp32 (the same layouts as `step`: autocast's weight copy is contiguous, its transpose a view)."""
-        h = x.flatten(1)
-        inputs, saved, weights = [], [], []
-        for w, _, bias, relu, p in self.layers:
-            h = h.to(BF16)
-            w16 = w.to(BF16)
-            inputs.append(h)
-            weights.append(w16)
-            h = torch.addmm(bias.to(BF16), h, w16.t())
-            r = noise = None
-            if relu:
-                h = r = torch.relu(h)
-            if p:
-                noise = torch.empty_like(h).bernoulli_(1 - p).div_(1 - p)
-                h = h * noise
-            saved.append((r, noise))
-        logits = h.float()
+        logits = h.float() if bf16 else h
         logp = torch._log_softmax(logits, 1, False)
         loss, total_weight = _NLL_FORWARD(logp, y, None, 1, -100)
         g = _NLL_BACKWARD(self._one, logp, y, None, 1, -100, total_weight)
-        g = torch._log_softmax_backward_data(g, logp, 1, torch.float32).to(BF16)
+        g = torch._log_softmax_backward_data(g, logp, 1, torch.float32)
+        self._backward(g.to(BF16) if bf16 else g, inputs, saved, weights)
+        self._update()
+        return loss, logits
+
+    def _backward(self, g: torch.Tensor, inputs: list, saved: list, weights: list) -> None:
+        """Each layer's gradients, last to first, into the flat gradient buffer (cast to fp32 from bf16)."""
         for i in range(len(self.layers) - 1, -1, -1):
             r, noise = saved[i]
             if noise is not None:
                 g = g * noise
             if r is not None:
                 g = _RELU_BACKWARD(g, r, 0)
-            self.grads[2 * i].copy_(torch.mm(g.t(), inputs[i]))
-            self.grads[2 * i + 1].copy_(torch.sum(g, 0))
+            if g.dtype == torch.float32:
+                torch.mm(g.t(), inputs[i], out=self.grads[2 * i])
+                torch.sum(g, 0, out=self.grads[2 * i + 1])
+            else:
+                self.grads[2 * i].copy_(torch.mm(g.t(), inputs[i]))
+                self.grads[2 * i + 1].copy_(torch.sum(g, 0))
             if i > 0:
                 g = g.mm(weights[i])
-        self._update()
-        return loss, logits
 
     def _update(self) -> None:
         """torch's single-tensor Adam / SGD step, on all parameters at once."""

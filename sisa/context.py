@@ -112,7 +112,7 @@ class OpContext:
             accelerator="gpu" if c.resources.num_gpus > 0 else "cpu",
             extra={
                 "engine": c.training.engine or m.engine,
-                "precision": m.precision,
+                "precision": c.training.precision,  # the workdir's: `engine` refuses another before training
                 **({"start": m.base.sha256} if m.base else {}),
             },
         )

@@ -52,6 +52,24 @@ def weights_equal(a, b) -> bool:
     return True
 
 
+def fit_ensemble(cfg, wd, X, y, ids, executor="inprocess"):
+    """A fitted SisaEnsemble of ``cfg`` in ``wd``."""
+    from sisa import SisaEnsemble
+
+    return SisaEnsemble.from_config(cfg, wd, executor=executor).fit(X, y, ids=ids)
+
+
+def without(X, y, ids, gone):
+    """(X, y, ids) without the rows whose ids are in ``gone``: the data a deletion's reference fit trains on."""
+    keep = ~np.isin(ids, list(gone))
+    return X[keep], y[keep], ids[keep]
+
+
+def checkpoint_hashes(ens) -> list[list[str]]:
+    """Every shard's checkpoint digests, stage by stage: equal lists mean byte-identical checkpoints."""
+    return [[c.sha256 for c in sh.checkpoints] for sh in ens.manifest.shards]
+
+
 def scan(root: Path, needles: list[bytes]) -> list[tuple[str, bytes]]:
     """Every (file under ``root``, needle) where the needle's bytes occur in the file."""
     hits = []

@@ -1,30 +1,17 @@
 """training.precision: bf16-mixed end to end: the workdir records it, a deletion equals a fresh fit without the
-rows under it (in process and on Ray, beside other shards training), it is part of the training hash, and a
+rows under it (in process here; on Ray, beside other shards training, in test_fast_training.py), it is part of the training hash, and a
 config naming the other precision is refused before anything is written."""
 
 import numpy as np
 import pytest
 import yaml
-from helpers import tiny_config, tiny_data, weights_equal
+from helpers import checkpoint_hashes, fit_ensemble, tiny_config, tiny_data, weights_equal, without
 
 from sisa import SisaEnsemble
 from sisa.config import load_config
 from sisa.errors import ConfigError
 
 BF16 = {"training": {"precision": "bf16-mixed"}}
-
-
-def fit(cfg, wd, X, y, ids, executor="inprocess"):
-    return SisaEnsemble.from_config(cfg, wd, executor=executor).fit(X, y, ids=ids)
-
-
-def drop(X, y, ids, gone):
-    keep = ~np.isin(ids, list(gone))
-    return X[keep], y[keep], ids[keep]
-
-
-def ckpts(ens):
-    return [[c.sha256 for c in sh.checkpoints] for sh in ens.manifest.shards]
 
 
 def bf16_config(**over):
@@ -37,31 +24,17 @@ def bf16_config(**over):
 def test_bf16_delete_equals_a_fresh_bf16_fit_without_the_rows(tmp_path, engine):
     cfg = bf16_config(training={"engine": engine})
     X, y, ids = tiny_data(n=300)
-    ens = fit(cfg, tmp_path / "a", X, y, ids)
+    ens = fit_ensemble(cfg, tmp_path / "a", X, y, ids)
     assert ens.manifest.precision == "bf16-mixed" and ens.manifest.engine == engine
     assert yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())["training"]["precision"] == "bf16-mixed"
     assert '"precision":"bf16-mixed"' in (tmp_path / "a" / "manifest.json").read_text()
     gone = [i for i in ids.tolist() if ens.shard_of(i)[0] in (0, 2)][:3] + [ids[-1]]
     ens.delete(gone)
-    ref = fit(cfg, tmp_path / "b", *drop(X, y, ids, gone))
-    assert weights_equal(ens, ref) and ckpts(ens) == ckpts(ref)
-    fp32 = fit(tiny_config(training={"engine": engine}), tmp_path / "fp32", *drop(X, y, ids, gone))
+    ref = fit_ensemble(cfg, tmp_path / "b", *without(X, y, ids, gone))
+    assert weights_equal(ens, ref) and checkpoint_hashes(ens) == checkpoint_hashes(ref)
+    fp32 = fit_ensemble(tiny_config(training={"engine": engine}), tmp_path / "fp32", *without(X, y, ids, gone))
     assert not weights_equal(ens, fp32), "bf16-mixed must compute in bf16, not fp32 under another name"
     assert np.isfinite(ens.predict_proba(X[:4])).all()
-
-
-def test_bf16_on_ray_equals_inprocess_and_its_deletion_equals_a_fresh_fit(tmp_path, ray_session):
-    """On Ray the shards train side by side in several workers; the bits are those of one process."""
-    cfg = bf16_config(sharding={"shards": 3, "slices": 4})
-    X, y, ids = tiny_data(n=300)
-    ray = fit(cfg, tmp_path / "ray", X, y, ids, executor="ray")
-    local = fit(cfg, tmp_path / "local", X, y, ids)
-    assert weights_equal(ray, local) and ckpts(ray) == ckpts(local)
-    gone = [i for i in ids.tolist() if ray.shard_of(i) in ((0, 2), (1, 0))][:2]
-    ray.delete(gone)
-    ref = fit(cfg, tmp_path / "ref", *drop(X, y, ids, gone))
-    assert weights_equal(ray, ref) and ckpts(ray) == ckpts(ref)
-    ray.close()
 
 
 def _state(wd):
@@ -72,7 +45,7 @@ def _state(wd):
 def test_a_config_naming_the_other_precision_is_refused_and_nothing_is_written(tmp_path, trained, asked):
     X, y, ids = tiny_data(n=120)
     wd = tmp_path / "w"
-    fit(tiny_config(training={"precision": trained}), wd, X, y, ids).close()
+    fit_ensemble(tiny_config(training={"precision": trained}), wd, X, y, ids).close()
     before = _state(wd)
     msg = (
         f"trained with training.precision '{trained}', but the config says '{asked}'.*Set training.precision: {trained}"
@@ -100,10 +73,12 @@ def test_precision_is_checked_on_load_and_part_of_the_training_hash():
 def test_a_users_module_trains_under_lightnings_bf16_plugin_and_deletes_exactly(tmp_path):
     cfg = bf16_config(model={"name": "usermodel:TinyNet", "kwargs": {}}, sharding={"shards": 2, "slices": 2})
     X, y, ids = tiny_data(n=120)
-    ens = fit(cfg, tmp_path / "a", X, y, ids)
+    ens = fit_ensemble(cfg, tmp_path / "a", X, y, ids)
     gone = [ids[4], ids[50]]
     ens.delete(gone)
-    ref = fit(cfg, tmp_path / "b", *drop(X, y, ids, gone))
-    assert weights_equal(ens, ref) and ckpts(ens) == ckpts(ref)
-    fp32 = fit({**cfg, "training": {**cfg["training"], "precision": "32-true"}}, tmp_path / "c", *drop(X, y, ids, gone))
-    assert ckpts(fp32) != ckpts(ref), "the Trainer ran with precision bf16-mixed"
+    ref = fit_ensemble(cfg, tmp_path / "b", *without(X, y, ids, gone))
+    assert weights_equal(ens, ref) and checkpoint_hashes(ens) == checkpoint_hashes(ref)
+    fp32 = fit_ensemble(
+        {**cfg, "training": {**cfg["training"], "precision": "32-true"}}, tmp_path / "c", *without(X, y, ids, gone)
+    )
+    assert checkpoint_hashes(fp32) != checkpoint_hashes(ref), "the Trainer ran with precision bf16-mixed"
