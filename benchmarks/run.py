@@ -1,5 +1,7 @@
 """Run the benchmark suite: ``python -m benchmarks.run [--size full|quick|smoke] [--update-readme]``.
 
+``--precision bf16-mixed`` trains the timing workload's fits with ``training.precision: bf16-mixed``.
+
 Writes benchmarks/out/results.json, results.md (the table) and PNG plots. With ``--update-readme`` it also
 copies the plots to docs/bench/ and rewrites the table between the README's benchmark markers.
 
