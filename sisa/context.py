@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from shards.errors import ConfigError
+from shards.errors import ConfigError, WorkdirError
 from sisa import evalfile
 from sisa import manifest as manifests
 from sisa.config import SisaConfig, dump_yaml
@@ -137,6 +137,23 @@ class OpContext:
                 problems=[f"training.engine: {engine!r} != the workdir's {m.engine!r}"],
             )
         return m.engine
+
+    def check_trained_with(self, m: Manifest) -> None:
+        """Refuse a config other than the one that trained ``m`` (its engine and precision, then everything
+        `SisaConfig.training_hash` covers; what fit filled in, an unset engine or class count, is taken from
+        ``m``): every retrain must compute what the fit computed. Called before an operation records anything."""
+        self.engine(m)
+        c = self.config
+        if c.training.engine is None:
+            c = c.with_engine(m.engine)
+        if c.data.num_classes is None:
+            c = c.with_num_classes(m.num_classes)
+        if c.training_hash() != m.training_hash:
+            raise WorkdirError(
+                f"this config does not match the config {self.workdir.path} was trained with (training hash "
+                f"{c.training_hash()} != {m.training_hash}): open it with SisaEnsemble.open({str(self.workdir.path)!r}), "
+                "which reads its config.yaml, restore that config, or train a new workdir"
+            )
 
     def run_plans(self, op: str, m: Manifest, plans: list, on_stage=None) -> list:
         """Train ``plans`` (each a shard from some stage to the last); every finished stage goes to the

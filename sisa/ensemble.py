@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from shards import errors as shard_errors
-from shards.errors import DataError, WorkdirError
+from shards.errors import DataError
 from shards.ids import canonical_ids, is_scalar_id, unique_request
 from shards.partition import shard_of as _shard_of
 from sisa import data as datamod
@@ -74,12 +74,7 @@ class SisaEnsemble:
             wd.path / "config.yaml", wd.path, executor=executor, tracking_uri=tracking_uri, wait_timeout=wait_timeout
         )
         m = ens._server.load()  # stat, then read: a commit in between is picked up by the next predict
-        ens._ctx.engine(m)  # a config naming another training engine than the workdir's: a clear refusal
-        if ens.config.training_hash() != m.training_hash:
-            raise WorkdirError(
-                f"{wd.path}/config.yaml does not match the config the ensemble was trained with "
-                f"(hash {ens.config.training_hash()} != {m.training_hash}); restore it or train a new workdir"
-            )
+        ens._ctx.check_trained_with(m)  # config.yaml edited since the fit: a clear refusal
         if recover:
             from sisa.ops.add import recover as _recover  # additions and deletions, in ledger order
 
@@ -108,6 +103,15 @@ class SisaEnsemble:
 
     def __sklearn_is_fitted__(self) -> bool:
         return self._server.manifest is not None
+
+    def _check_config(self) -> None:
+        """A handle made by `from_config` on a trained workdir skips `open`'s config check: an operation that
+        writes makes it before it records anything."""
+        m = self._server.manifest
+        if m is None and self.workdir.exists():
+            m = manifests.read(self.workdir.path)
+        if m is not None:
+            self._ctx.check_trained_with(m)
 
     def __sklearn_tags__(self):
         """A classifier, for sklearn's `check_is_fitted` (sklearn is imported only when it asks)."""
@@ -245,6 +249,7 @@ class SisaEnsemble:
         from sisa.ops.add import recover
         from sisa.ops.delete import delete
 
+        self._check_config()
         with self.workdir.lock(what="delete"):
             recover(self._ctx, locked=True, settle=wait == "done")  # an unfinished addition comes first
             return delete(self._ctx, self.manifest, ids, progress, wait)
@@ -275,6 +280,7 @@ class SisaEnsemble:
         owners consented again; the ledger records it). Returns the signed Receipt (``kind == "add"``)."""
         from sisa.ops.add import add
 
+        self._check_config()
         return add(self._ctx, self.manifest, X, y, ids, readmit, progress, risk)
 
     # -- compaction (sisa.ops.compact) -------------------------------------------------------------------
@@ -292,6 +298,7 @@ class SisaEnsemble:
         from sisa.ops.add import recover
         from sisa.ops.compact import compact
 
+        self._check_config()
         with self.workdir.lock(what="compact"):
             recover(self._ctx, locked=True)  # every unfinished request first, in ledger order
             return compact(self._ctx, self.manifest, progress)
@@ -308,4 +315,5 @@ class SisaEnsemble:
         """Rebuild missing or corrupt checkpoints from the last clean one (bit-identical, same names)."""
         from sisa.ops.repair import repair
 
+        self._check_config()
         return repair(self._ctx)

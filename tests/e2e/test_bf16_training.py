@@ -9,7 +9,7 @@ from helpers import checkpoint_hashes, fit_ensemble, tiny_config, tiny_data, wei
 
 from sisa import SisaEnsemble
 from sisa.config import load_config
-from sisa.errors import ConfigError
+from sisa.errors import ConfigError, WorkdirError
 
 BF16 = {"training": {"precision": "bf16-mixed"}}
 
@@ -82,3 +82,46 @@ def test_a_users_module_trains_under_lightnings_bf16_plugin_and_deletes_exactly(
         {**cfg, "training": {**cfg["training"], "precision": "32-true"}}, tmp_path / "c", *without(X, y, ids, gone)
     )
     assert checkpoint_hashes(fp32) != checkpoint_hashes(ref), "the Trainer ran with precision bf16-mixed"
+
+
+def test_a_bf16_start_history_equals_a_fresh_bf16_fit_and_the_audit_retrains_in_bf16(tmp_path):
+    X, y, ids = tiny_data(n=180)
+    Xb, yb, _ = tiny_data(n=60, seed=1)
+    cfg = bf16_config(sharding={"new_rows": "append"})
+
+    def fit(wd, X, y, ids, cfg=cfg):
+        return SisaEnsemble.from_config(cfg, tmp_path / wd, executor="inprocess").fit(X, y, ids=ids, base=(Xb, yb))
+
+    a = fit("a", X[:150], y[:150], ids[:150])
+    a.add(X[150:], y[150:], ids[150:])
+    gone = [ids[2], ids[160]]
+    a.delete(gone)
+    a.compact()
+    b = fit("b", *without(X, y, ids, gone))
+    assert weights_equal(a, b) and checkpoint_hashes(a) == checkpoint_hashes(b)
+    fp32 = fit("c", X, y, ids, cfg=tiny_config(sharding={"new_rows": "append"}))
+    assert fp32.manifest.base.sha256 != a.manifest.base.sha256 == b.manifest.base.sha256, "the start trains in bf16"
+    report = a.verify()
+    assert report.ok, report.text()
+
+
+@pytest.mark.parametrize("other", ["precision", "lr"])
+def test_a_handle_made_from_another_config_is_refused_before_anything_is_written(tmp_path, other):
+    X, y, ids = tiny_data(n=120)
+    wd = tmp_path / "w"
+    fit_ensemble(tiny_config(sharding={"new_rows": "append"}), wd, X[:100], y[:100], ids[:100]).close()
+    SisaEnsemble.from_config(tiny_config(sharding={"new_rows": "append"}), wd, executor="inprocess").repair()
+    before = _state(wd)
+    cfg = bf16_config() if other == "precision" else tiny_config(training={"lr": 0.02})
+    cfg["sharding"]["new_rows"] = "append"
+    err, msg = (ConfigError, "training.precision '32-true'") if other == "precision" else (WorkdirError, "does not match")
+    ops = {
+        "delete": lambda e: e.delete([ids[3]]),
+        "add": lambda e: e.add(X[100:], y[100:], ids[100:]),
+        "compact": lambda e: e.compact(),
+        "repair": lambda e: e.repair(),
+    }
+    for name, op in ops.items():
+        with pytest.raises(err, match=msg):
+            op(SisaEnsemble.from_config(cfg, wd, executor="inprocess"))
+        assert _state(wd) == before, f"{name} wrote before it refused"
