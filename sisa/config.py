@@ -130,6 +130,8 @@ class ModelConfig(_Strict):
     name: str = "mlp"
     kwargs: dict = Field(default_factory=dict)
     init: InitConfig | None = None
+    # "base": the start's body (every layer but the last), frozen; shards train heads on its cached features
+    encoder: Literal["base"] | None = None
 
     @field_validator("kwargs")
     @classmethod
@@ -243,6 +245,8 @@ class SisaConfig(_Strict):
         w = self.aggregation.weights
         if w is not None and (len(w) != S or any(x < 0 for x in w) or sum(w) <= 0):
             raise ValueError(f"aggregation.weights needs {S} non-negative numbers (one per shard), not all zero")
+        if self.model.encoder is not None:
+            _check_encoder(self)
         return self
 
     def epochs_per_stage(self) -> tuple[int, ...]:
@@ -314,12 +318,28 @@ class SisaConfig(_Strict):
                 del dump["sharding"][k]
         if dump["data"]["risk_column"] is None:
             del dump["data"]["risk_column"]
-        for section, key in (("data", "base"), ("model", "init"), ("training", "base_epochs")):
+        for section, key in (("data", "base"), ("model", "init"), ("model", "encoder"), ("training", "base_epochs")):
             if dump[section][key] is None:  # the shared start (shards.base): absent when unused
                 del dump[section][key]
         if not dump["tracking"]["deletion_plots"]:
             del dump["tracking"]["deletion_plots"]
         return dump
+
+
+def _check_encoder(c: SisaConfig) -> None:
+    """``model.encoder: base`` splits the built-in MLP into a frozen body and per-shard heads (`shards.encoder`)."""
+    if c.model.name != "mlp" or not c.model.kwargs.get("hidden", (128, 64)):
+        raise ValueError(
+            "model.encoder: base needs model.name: mlp with at least one hidden layer (model.kwargs.hidden): the "
+            "frozen encoder is every layer of the start but the last, and each shard trains that last layer"
+        )
+    if c.tracking.enabled:
+        raise ValueError(
+            "model.encoder is not yet served through the MLflow model registry: set tracking.enabled: false "
+            "(predict, delete and the audit work without it)"
+        )
+    if c.sharding.new_rows == "append":
+        raise ValueError("model.encoder works with sharding.new_rows: canonical only, not append")
 
 
 def _hash(obj) -> str:

@@ -53,6 +53,23 @@ class SliceRef(_JsonView):
 
 
 @dataclass(frozen=True)
+class Encoder(_JsonView):
+    """The frozen encoder (``model.encoder``, `shards.encoder`): the start checkpoint whose body it is, and the
+    width of the features it computes. The slices then hold those features, and the shards train heads."""
+
+    file: str
+    sha256: str
+    width: int
+
+    def to_dict(self) -> dict:
+        return {"file": self.file, "sha256": self.sha256, "width": self.width}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Encoder:
+        return cls(file=d["file"], sha256=d["sha256"], width=int(d["width"]))
+
+
+@dataclass(frozen=True)
 class Checkpoint(_JsonView):
     """The checkpoint after one stage of one shard; ``lineage`` digests the slices it trained on."""
 
@@ -209,6 +226,7 @@ class Manifest(_JsonView):
     created: float = 0.0
     engine: str = "eager"  # training.engine the shards were trained with; absent from older manifests: eager
     base: Start | None = None  # the shared start of every shard (`shards.base`); absent: a fresh init per shard
+    encoder: Encoder | None = None  # the frozen encoder whose features the slices hold (`shards.encoder`)
     format: int = FORMAT
 
     # -- derived views (each defined once) ----------------------------------------------------------------
@@ -241,6 +259,8 @@ class Manifest(_JsonView):
         files = {e.file for sh in self.shards for e in (*sh.slices, *sh.checkpoints)}
         if self.base is not None:
             files |= {self.base.file} | ({self.base.rows_file.file} if self.base.rows_file else set())
+        if self.encoder is not None:
+            files.add(self.encoder.file)
         return files
 
     # -- building the next manifest -----------------------------------------------------------------------
@@ -273,6 +293,8 @@ class Manifest(_JsonView):
             out["engine"] = self.engine
         if self.base is not None:
             out["base"] = self.base.to_dict()
+        if self.encoder is not None:
+            out["encoder"] = self.encoder.to_dict()
         return out
 
 
@@ -305,6 +327,7 @@ def from_dict(d: dict, where: str = "manifest") -> Manifest:
             created=float(d.get("created", 0.0)),
             engine=str(d.get("engine", "eager")),
             base=Start.from_dict(d["base"]) if d.get("base") else None,
+            encoder=Encoder.from_dict(d["encoder"]) if d.get("encoder") else None,
         )
     except (KeyError, TypeError, ValueError) as e:
         raise WorkdirError(f"{where} is malformed ({type(e).__name__}: {e})", path=where) from None

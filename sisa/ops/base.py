@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from shards.errors import DataError
+from shards.errors import ConfigError, DataError
 from shards.schema import make_rows
 from shards.storage import Storage
 from sisa import data as datamod
-from sisa.manifest import Manifest, SliceRef, Start
+from sisa.manifest import Encoder, Manifest, SliceRef, Start
 from sisa.ops.locate import base_rows_named, locate
 
 
@@ -164,6 +164,36 @@ def build(ctx, storage: Storage, spec, got: StartInput, kind: str) -> tuple[Star
     epochs = ctx.config.training.base_epochs or ctx.config.training.epochs
     entry, metrics = startmod.train_base(storage, spec, rows, got.init, epochs, lineage)
     return Start(**entry, init_sha256=got.init_sha256, rows_file=SliceRef.from_dict(rows_file)), metrics
+
+
+def check_encoder(ctx, got: StartInput, streamed: bool) -> None:
+    """``model.encoder: base`` is the start's body: it needs a start, and rows fit can encode in memory."""
+    if ctx.config.model.encoder is None:
+        return
+    if got.empty:
+        raise ConfigError(
+            "model.encoder: base is the body of the start every shard shares, and there is none: pass base data "
+            "(fit(..., base=(X_base, y_base)) or data.base) or a pretrained start (model.init), or drop model.encoder",
+            problems=["model.encoder: no start to take the encoder from"],
+        )
+    if streamed:
+        raise ConfigError(
+            "model.encoder does not yet work with a streamed Parquet source: read the table and call "
+            "fit(X, y, ids=...), or drop model.encoder",
+            problems=["model.encoder: a streamed Parquet source"],
+        )
+
+
+def split_encoder(ctx, storage: Storage, m: Manifest):
+    """The manifest whose shards start from the start's last layer (the head) on the features of its frozen
+    body (`shards.encoder`), and that body."""
+    from dataclasses import replace
+
+    from shards import encoder
+
+    head, rec, body = encoder.split_start(storage, ctx.spec(m), m.base.entry())
+    start = replace(m.base, file=head["file"], sha256=head["sha256"])
+    return replace(m, base=start, encoder=Encoder(**rec)), body
 
 
 def refuse_base_ids(ctx, m: Manifest, ids: list) -> None:
