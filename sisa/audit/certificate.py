@@ -272,6 +272,9 @@ def _check_start(report, store, manifest) -> bool:
         want = startmod.start_lineage(b.init_sha256, b.rows_file.sha256 if b.rows_file else None)
         if ckpt.get("lineage") != b.lineage or b.lineage != want:
             problems.append(f"{store.describe(b.file)}: lineage is not the digest of model.init and the base rows")
+        e = manifest.encoder  # model.encoder: the start the encoder is the body of (shards.encoder)
+        if e is not None and training.load_checkpoint(store.read(e.file, e.sha256)).get("lineage") != b.lineage:
+            problems.append(f"{store.describe(e.file)}: the encoder's lineage is not the start's")
     except SisaError as err:
         problems.append(str(err).split(";")[0])
     report.add("base", "the shared start and base rows match the manifest digests", problems)

@@ -1,0 +1,144 @@
+"""A frozen encoder (``model.encoder: base``): the start's body, its features computed once per row into the
+slices, heads trained per shard. Exactness of delete and add (both executors), no byte of an erased row's
+features left, predict = encoder then aggregated heads, the audit's checks, and clear refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import scan, tiny_config, tiny_data, weights_equal
+
+from shards import encoder as encodermod
+from sisa import SisaEnsemble
+from sisa.config import load_config
+from sisa.errors import ConfigError, IntegrityError
+
+GONE = ["u-3", "u-10", "u-77"]
+ENCODER = {"model": {"name": "mlp", "kwargs": {"hidden": [16], "dropout": 0.1}, "encoder": "base"}}
+
+
+def base_data(n=60):
+    X, y, _ = tiny_data(n=n, seed=1)
+    return X, y, np.array([f"b-{i}" for i in range(n)])
+
+
+def fit(path, X, y, ids, base=None, executor="inprocess", eval_set=None, **over):
+    cfg = tiny_config(**{**ENCODER, **over})
+    return SisaEnsemble.from_config(cfg, path, executor=executor).fit(X, y, ids=ids, base=base, eval_set=eval_set)
+
+
+def features(ens, X) -> np.ndarray:
+    return encodermod.encode(ens._ctx.encoder(ens.manifest), X)
+
+
+def test_delete_with_encoder_equals_refit_without_the_rows(tmp_path):
+    X, y, ids = tiny_data()
+    Xe, ye, _ = tiny_data(n=60, seed=2)
+    a = fit(tmp_path / "a", X, y, ids, base=base_data(), eval_set=(Xe, ye))
+    m = a.manifest
+    assert m.encoder is not None and m.encoder.width == 16 and m.encoder.file != m.base.file
+    assert a.load_shard_model(0).net.layers[1].in_features == 16  # the shards are heads on the features
+    encoder_file = (tmp_path / "a" / "store" / m.encoder.file).read_bytes()
+    a.delete(GONE)
+    keep = ~np.isin(ids, GONE)
+    b = fit(tmp_path / "b", X[keep], y[keep], ids[keep], base=base_data(), eval_set=(Xe, ye))
+    assert weights_equal(a, b)
+    assert a.manifest.encoder == m.encoder and a.manifest.base == m.base  # never retrained
+    assert (tmp_path / "a" / "store" / m.encoder.file).read_bytes() == encoder_file
+    assert np.array_equal(a.predict_proba(Xe), b.predict_proba(Xe))
+    assert a.manifest.metrics["ensemble_accuracy"] == b.manifest.metrics["ensemble_accuracy"]
+    plain = SisaEnsemble.from_config(tiny_config(), tmp_path / "p").fit(X[keep], y[keep], ids=ids[keep], base=base_data())
+    assert not weights_equal(a, plain)  # the encoder does change the models
+
+
+def test_ray_delete_with_encoder_equals_inprocess_refit(tmp_path, ray_session):
+    X, y, ids = tiny_data(n=120)
+    over = {"sharding": {"shards": 2, "slices": 2}}
+    a = fit(tmp_path / "a", X, y, ids, base=base_data(30), executor="ray", **over)
+    a.delete(GONE)
+    keep = ~np.isin(ids, GONE)
+    assert weights_equal(a, fit(tmp_path / "b", X[keep], y[keep], ids[keep], base=base_data(30), **over))
+
+
+def test_adds_and_deletes_with_encoder_equal_a_fit_of_the_live_rows(tmp_path):
+    X, y, ids = tiny_data(n=240)
+    a = fit(tmp_path / "a", X[:160], y[:160], ids[:160], base=base_data())
+    a.add(X[160:200], y[160:200], ids=ids[160:200])
+    a.delete(["u-5", "u-170"])
+    a.add(X[200:], y[200:], ids=ids[200:])
+    keep = ~np.isin(ids, ["u-5", "u-170"])
+    b = fit(tmp_path / "b", X[keep], y[keep], ids[keep], base=base_data())
+    assert weights_equal(a, b)
+    assert a.verify().ok
+
+
+def test_an_erased_rows_features_leave_no_byte_behind(tmp_path):
+    X, y, ids = tiny_data()
+    ens = fit(tmp_path / "w", X, y, ids, base=base_data())
+    gone = np.isin(ids, GONE)
+    F = features(ens, X[gone])
+    needles = [f.tobytes() for f in F] + [x.tobytes() for x in X[gone]]
+    store = tmp_path / "w" / "store"
+    # the slices hold each row's features, bit for bit as encoded one row at a time; never the raw row
+    assert {n for _, n in scan(store, needles)} == {f.tobytes() for f in F}
+    assert not scan(store, [x.tobytes() for x in X])
+    ens.delete(GONE)
+    assert scan(tmp_path / "w", needles) == []
+    assert ens.verify().ok
+
+
+def test_predict_is_the_encoder_then_the_aggregated_heads(tmp_path):
+    X, y, ids = tiny_data()
+    ens = fit(tmp_path / "w", X, y, ids, base=base_data())
+    enc = ens._ctx.encoder(ens.manifest)
+    with torch.no_grad():
+        F = enc(torch.from_numpy(X[:50]))
+        want = torch.stack([ens.load_shard_model(s)(F).softmax(-1) for s in ens.active_shards()]).mean(0)
+    assert np.allclose(ens.predict_proba(X[:50]), want.numpy(), atol=1e-6)
+    again = SisaEnsemble.open(tmp_path / "w", executor="inprocess")
+    assert np.array_equal(again.predict_proba(X[:50]), ens.predict_proba(X[:50]))
+
+
+def test_a_swapped_encoder_is_refused(tmp_path):
+    X, y, ids = tiny_data(n=120)
+    fit(tmp_path / "w", X, y, ids, base=base_data(30), sharding={"shards": 2, "slices": 2}).close()
+    ens = SisaEnsemble.open(tmp_path / "w", executor="inprocess")
+    path = tmp_path / "w" / "store" / ens.manifest.encoder.file
+    data = bytearray(path.read_bytes())
+    data[-40] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="sha256|corrupt"):
+        ens.predict(X[:3])
+    assert not ens.verify().ok
+
+
+def test_encoder_without_a_start_is_refused_and_nothing_is_written(tmp_path):
+    X, y, ids = tiny_data()
+    with pytest.raises(ConfigError, match="model.encoder: base is the body of the start.*pass base data"):
+        fit(tmp_path / "w", X, y, ids)
+    assert not (tmp_path / "w").exists() or not any((tmp_path / "w").rglob("*.npy"))
+
+
+@pytest.mark.parametrize(
+    ("over", "match"),
+    [
+        ({"model": {"name": "cnn", "encoder": "base"}}, "needs model.name: mlp with at least one hidden layer"),
+        ({"model": {"kwargs": {"hidden": []}, "encoder": "base"}}, "at least one hidden layer"),
+        ({**ENCODER, "tracking": {"enabled": True}}, "set tracking.enabled: false"),
+        ({**ENCODER, "sharding": {"shards": 2, "slices": 2, "new_rows": "append"}}, "new_rows: canonical only"),
+        ({"model": {"encoder": "body"}}, "model.encoder"),
+    ],
+)
+def test_encoder_config_is_checked(over, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(tiny_config(**over))
+
+
+def test_membership_audit_is_refused_with_an_encoder(tmp_path):
+    from sisa.audit.mia import membership_audit
+
+    X, y, ids = tiny_data(n=120)
+    ens = fit(tmp_path / "w", X, y, ids, base=base_data(30), sharding={"shards": 2, "slices": 2})
+    with pytest.raises(ConfigError, match="membership audit does not yet support model.encoder"):
+        membership_audit(ens._ctx, ens.manifest, (X[:5], y[:5]))
