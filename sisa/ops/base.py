@@ -104,7 +104,9 @@ def check_init(ctx, got: StartInput, input_shape, num_classes: int) -> None:
     from shards import base as startmod
 
     if got.init is not None:
-        shape = SimpleNamespace(input_shape=list(input_shape), num_classes=num_classes, engine="eager", base=None)
+        shape = SimpleNamespace(
+            input_shape=list(input_shape), num_classes=num_classes, engine="eager", base=None, encoder=None
+        )
         startmod.check_fits(ctx.spec(shape), got.init, f"model.init.uri {ctx.config.model.init.uri}")
 
 

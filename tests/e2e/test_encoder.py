@@ -4,6 +4,8 @@ features left, predict = encoder then aggregated heads, the audit's checks, and 
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 import torch
@@ -50,6 +52,24 @@ def test_delete_with_encoder_equals_refit_without_the_rows(tmp_path):
     assert a.manifest.metrics["ensemble_accuracy"] == b.manifest.metrics["ensemble_accuracy"]
     plain = SisaEnsemble.from_config(tiny_config(), tmp_path / "p").fit(X[keep], y[keep], ids=ids[keep], base=base_data())
     assert not weights_equal(a, plain)  # the encoder does change the models
+
+
+def test_a_pretrained_start_alone_gives_the_encoder(tmp_path):
+    """model.init without base rows: the encoder is the pretrained model's body."""
+    X, y, ids = tiny_data(n=120)
+    donor = SisaEnsemble.from_config(tiny_config(sharding={"shards": 1, "slices": 1}), tmp_path / "d").fit(X, y, ids=ids)
+    path = tmp_path / "init.pt"
+    torch.save(donor.load_shard_model(0).state_dict(), path)
+    init = {"uri": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    over = {"model": {**ENCODER["model"], "init": init}, "sharding": {"shards": 2, "slices": 2}}
+    a = fit(tmp_path / "a", X, y, ids, **over)
+    assert a.manifest.encoder is not None and a.manifest.base.init_sha256 == init["sha256"]
+    body = donor.load_shard_model(0).net.layers[:-1].eval()
+    with torch.no_grad():
+        assert torch.equal(a._ctx.encoder(a.manifest)(torch.from_numpy(X[:9])), body(torch.from_numpy(X[:9])))
+    a.delete(GONE)
+    keep = ~np.isin(ids, GONE)
+    assert weights_equal(a, fit(tmp_path / "b", X[keep], y[keep], ids[keep], **over))
 
 
 def test_ray_delete_with_encoder_equals_inprocess_refit(tmp_path, ray_session):
