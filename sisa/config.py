@@ -333,11 +333,6 @@ def _check_encoder(c: SisaConfig) -> None:
             "model.encoder: base needs model.name: mlp with at least one hidden layer (model.kwargs.hidden): the "
             "frozen encoder is every layer of the start but the last, and each shard trains that last layer"
         )
-    if c.tracking.enabled:
-        raise ValueError(
-            "model.encoder is not yet served through the MLflow model registry: set tracking.enabled: false "
-            "(predict, delete and the audit work without it)"
-        )
     if c.sharding.new_rows == "append":
         raise ValueError("model.encoder works with sharding.new_rows: canonical only, not append")
 
