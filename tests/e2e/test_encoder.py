@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from shards import encoder as encodermod
 from sisa import SisaEnsemble
+from sisa.cli.render import status_table
 from sisa.config import load_config
 from sisa.errors import ConfigError, IntegrityError
 
@@ -45,6 +46,8 @@ def test_delete_with_encoder_equals_refit_without_the_rows(tmp_path):
     m = a.manifest
     assert m.encoder is not None and m.encoder.width == 16 and m.encoder.file != m.base.file
     assert a.load_shard_model(0).net.layers[1].in_features == 16  # the shards are heads on the features
+    assert a.status()["encoder"] == m.encoder.to_dict()
+    assert f"frozen encoder {m.encoder.sha256[:12]}" in status_table(a.status())
     encoder_file = (tmp_path / "a" / "store" / m.encoder.file).read_bytes()
     a.delete(GONE)
     keep = ~np.isin(ids, GONE)
