@@ -1,12 +1,15 @@
-"""The frozen encoder (``model.encoder: base``): the shared start's body, every layer of the built-in MLP
-but the last, frozen. Its features are computed once per row, one row at a time (a row's features never
-depend on which other rows were encoded with it, so a refit without some rows encodes the others to the
-same bits), and stored as the slices' rows. The shards train heads (the MLP's last layer, `head_spec`)
-on them, each starting from the start's own last layer.
+"""The frozen encoder: ``model.encoder: base``, the shared start's body (every layer of the built-in MLP
+but the last), or a user's module by import path (`user`) with its own digest-checked weights. Its
+features are computed once per row, one row at a time (a row's features never depend on which other rows
+were encoded with it, so a refit without some rows encodes the others to the same bits), and stored as
+the slices' rows. The shards train heads on them: the MLP's last layer (`head_spec`) starting from the
+start's own, or, for a user's encoder, the configured MLP on the features.
 """
 
 from __future__ import annotations
 
+import inspect
+import io
 from dataclasses import replace
 
 import numpy as np
@@ -14,7 +17,9 @@ import torch
 from torch import nn
 
 from shards import base, training
-from shards.spec import TrainSpec
+from shards.errors import ConfigError, IntegrityError
+from shards.models import import_target
+from shards.spec import TrainSpec, derive_seed
 from shards.storage import Storage
 
 PREFIX = "net.layers."
@@ -41,6 +46,8 @@ def body(spec: TrainSpec, state_dict: dict) -> nn.Module:
 
 
 def width(encoder: nn.Module) -> int:
+    if hasattr(encoder, "sisa_width"):  # a user's encoder (`user`)
+        return encoder.sisa_width
     return [m for m in encoder.modules() if isinstance(m, nn.Linear)][-1].out_features
 
 
@@ -72,7 +79,44 @@ def split_start(storage: Storage, spec: TrainSpec, entry: dict) -> tuple[dict, d
     return head_entry, {"file": entry["file"], "sha256": entry["sha256"], "width": width(encoder)}, encoder
 
 
-def load(storage: Storage, spec: TrainSpec, file: str, sha256: str) -> nn.Module:
+def load(storage: Storage, spec: TrainSpec, file: str | None, sha256: str | None, module: str | None = None):
     """The encoder a manifest names (digest-checked, ``weights_only``); ``spec`` is the full model's."""
-    ckpt = training.load_checkpoint(storage.read(file, sha256), storage.describe(file))
-    return body(spec, ckpt["state_dict"])
+    data = None if file is None else storage.read(file, sha256)
+    if module is not None:
+        return user(module, spec.input_shape, data, spec.seed, storage.describe(file) if file else module)
+    return body(spec, training.load_checkpoint(data, storage.describe(file))["state_dict"])
+
+
+def user(target: str, input_shape, weights: bytes | None, seed: int, where: str) -> nn.Module:
+    """A user's encoder: ``target`` ("pkg.mod:Factory") called with ``input_shape`` when it takes it (under a
+    seed, so a module without weights is the same everywhere), its weights loaded strictly, frozen; it must
+    map (n, *input_shape) rows to (n, width) features."""
+    hint = "give an import path like 'mypkg.encoders:Encoder' that is importable here"
+    factory = import_target(target, "model.encoder.module", "model.encoder.module", hint)
+    takes = "input_shape" in inspect.signature(factory).parameters
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, "encoder") % (1 << 62))
+        module = factory(input_shape=tuple(input_shape)) if takes else factory()
+    if not isinstance(module, nn.Module):
+        raise ConfigError(
+            f"model.encoder.module {target!r} returned a {type(module).__name__}, not a torch.nn.Module",
+            problems=["model.encoder.module: not an nn.Module"],
+        )
+    if weights is not None:
+        try:
+            sd = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
+            module.load_state_dict(sd.get("state_dict", sd) if isinstance(sd, dict) else sd)
+        except Exception as e:
+            raise IntegrityError(f"{where} is not a state dict of {target!r} ({e})"[:600], path=where) from e
+    module.eval().requires_grad_(False)
+    with torch.no_grad():
+        out = module(torch.zeros((1, *tuple(input_shape))))
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(
+            f"model.encoder.module {target!r} maps a row of shape {tuple(input_shape)} to {got}; it must return "
+            "features of shape (batch, width)",
+            problems=["model.encoder.module: output is not (batch, width)"],
+        )
+    module.sisa_width = int(out.shape[1])
+    return module

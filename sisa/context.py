@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -118,6 +119,8 @@ class OpContext:
             return spec
         from shards.encoder import head_spec
 
+        if m.encoder.module is not None:  # a user's encoder: the configured model is the head
+            return replace(spec, input_shape=(m.encoder.width,))
         return head_spec(spec, m.encoder.width)
 
     def engine(self, m: Manifest) -> str:
@@ -188,10 +191,12 @@ class OpContext:
             return None
         from shards import encoder
 
+        e = m.encoder
+        key = f"{e.module}:{e.sha256}"
         with self._lock:
-            if self._encoder is None or self._encoder[0] != m.encoder.sha256:
-                module = encoder.load(self.storage(), self.spec(m, full=True), m.encoder.file, m.encoder.sha256)
-                self._encoder = (m.encoder.sha256, module)
+            if self._encoder is None or self._encoder[0] != key:
+                module = encoder.load(self.storage(), self.spec(m, full=True), e.file, e.sha256, e.module)
+                self._encoder = (key, module)
             return self._encoder[1]
 
     def prune_models(self, m: Manifest) -> None:

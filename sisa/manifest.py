@@ -57,16 +57,20 @@ class Encoder(_JsonView):
     """The frozen encoder (``model.encoder``, `shards.encoder`): the start checkpoint whose body it is, and the
     width of the features it computes. The slices then hold those features, and the shards train heads."""
 
-    file: str
-    sha256: str
+    file: str | None  # None: a user's module without weights
+    sha256: str | None
     width: int
+    module: str | None = None  # a user's encoder (model.encoder.module); None: the start's body
 
     def to_dict(self) -> dict:
-        return {"file": self.file, "sha256": self.sha256, "width": self.width}
+        d = {"file": self.file, "sha256": self.sha256, "width": self.width}
+        if self.module is not None:
+            d["module"] = self.module
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> Encoder:
-        return cls(file=d["file"], sha256=d["sha256"], width=int(d["width"]))
+        return cls(file=d["file"], sha256=d["sha256"], width=int(d["width"]), module=d.get("module"))
 
 
 @dataclass(frozen=True)
@@ -259,7 +263,7 @@ class Manifest(_JsonView):
         files = {e.file for sh in self.shards for e in (*sh.slices, *sh.checkpoints)}
         if self.base is not None:
             files |= {self.base.file} | ({self.base.rows_file.file} if self.base.rows_file else set())
-        if self.encoder is not None:
+        if self.encoder is not None and self.encoder.file is not None:
             files.add(self.encoder.file)
         return files
 

@@ -115,7 +115,8 @@ def _deployed_encoder(ctx, m) -> str | None:
     from sisa.tracking.digest import state_dict_sha256
 
     try:
-        body = encoder.load(ctx.storage(), ctx.spec(m, full=True), m.encoder.file, m.encoder.sha256)
+        e = m.encoder
+        body = encoder.load(ctx.storage(), ctx.spec(m, full=True), e.file, e.sha256, e.module)
     except SisaError:
         return None
     return state_dict_sha256(body.state_dict())

@@ -169,10 +169,11 @@ def build(ctx, storage: Storage, spec, got: StartInput, kind: str) -> tuple[Star
 
 
 def check_encoder(ctx, got: StartInput, streamed: bool) -> None:
-    """``model.encoder: base`` is the start's body: it needs a start, and rows fit can encode in memory."""
+    """``model.encoder: base`` is the start's body: it needs a start; any encoder needs rows fit can encode
+    in memory."""
     if ctx.config.model.encoder is None:
         return
-    if got.empty:
+    if got.empty and ctx.config.model.encoder == "base":
         raise ConfigError(
             "model.encoder: base is the body of the start every shard shares, and there is none: pass base data "
             "(fit(..., base=(X_base, y_base)) or data.base) or a pretrained start (model.init), or drop model.encoder",
@@ -184,6 +185,43 @@ def check_encoder(ctx, got: StartInput, streamed: bool) -> None:
             "fit(X, y, ids=...), or drop model.encoder",
             problems=["model.encoder: a streamed Parquet source"],
         )
+
+
+def user_encoder(ctx, input_shape):
+    """A user's ``model.encoder`` (module by import path), its weights' digest checked before they are
+    loaded, and the module checked on a row of zeros: (module, weights bytes or None), before fit writes."""
+    from shards import encoder
+    from shards.errors import IntegrityError
+    from shards.storage import sha256
+
+    e = ctx.config.model.encoder
+    data, where = None, e.module
+    if e.uri is not None:
+        where, data = _read_init(ctx, e.uri)
+        if sha256(data) != e.sha256.lower():
+            raise IntegrityError(
+                f"{where}: sha256 is {sha256(data)} but model.encoder.sha256 says {e.sha256}; it was not loaded. "
+                "Put the file's sha256 (`sha256sum FILE`) into model.encoder.sha256",
+                path=where,
+            )
+    return encoder.user(e.module, input_shape, data, ctx.config.seed, where), data
+
+
+def store_encoder(ctx, storage: Storage, m: Manifest, module, data) -> Manifest:
+    """Keep a user's encoder weights in the store (content-addressed, purged with the ensemble) and name
+    them in the manifest."""
+    from dataclasses import replace
+
+    from shards import encoder
+    from shards.storage import sha256
+
+    file = digest = None
+    if data is not None:
+        digest = sha256(data)
+        file = f"base/encoder-{digest[:12]}.pt"
+        storage.write(file, data, digest=digest)
+    rec = Encoder(file=file, sha256=digest, width=encoder.width(module), module=ctx.config.model.encoder.module)
+    return replace(m, encoder=rec)
 
 
 def split_encoder(ctx, storage: Storage, m: Manifest):

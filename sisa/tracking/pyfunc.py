@@ -82,6 +82,7 @@ def export(ctx, m, directory: Path) -> dict:
     weights = {str(s): ctx.load_model(s, m).state_dict() for s in active}
     if m.encoder is not None:  # model.encoder: the frozen body every row goes through before the heads
         meta["encoder"] = {"model_kwargs": dict(c.model.kwargs), "width": m.encoder.width, "sha256": m.encoder.sha256}
+        meta["encoder"]["module"] = m.encoder.module  # a user's encoder by import path (None: the start's body)
         weights[ENCODER] = ctx.encoder(m).state_dict()
     meta["state_dicts"] = {k: state_dict_sha256(sd) for k, sd in weights.items()}
     torch.save(weights, directory / "weights.pt")
@@ -189,7 +190,12 @@ class SisaPyfunc:
                 m = build_module(meta["model"], meta["model_kwargs"], meta["optim"], shape, meta["num_classes"])
                 m.load_state_dict(weights[str(s)])
                 modules[s] = m.eval()
-            if enc is not None:
+            if enc is not None and enc.get("module"):
+                from shards.encoder import user
+
+                encoder = user(enc["module"], meta["input_shape"], None, 0, enc["module"])
+                encoder.load_state_dict(weights[ENCODER])
+            elif enc is not None:
                 full = build_module(
                     meta["model"], enc["model_kwargs"], meta["optim"], meta["input_shape"], meta["num_classes"]
                 )

@@ -146,9 +146,11 @@ def test_predict_is_the_encoder_then_the_aggregated_heads(tmp_path):
     assert np.array_equal(again.predict_proba(X[:50]), ens.predict_proba(X[:50]))
 
 
-def test_the_registered_model_is_the_encoder_then_the_heads(tmp_path, monkeypatch):
-    """With MLflow on: the pyfunc model carries the encoder (digest-bound), predicts like the ensemble,
-    follows a deletion, and the audit checks the published encoder against the deployed one."""
+@pytest.mark.parametrize("user", [False, True])
+def test_the_registered_model_is_the_encoder_then_the_heads(tmp_path, user):
+    """With MLflow on: the pyfunc model carries the encoder (the start's body, or a user's module by import
+    path; digest-bound), predicts like the ensemble, follows a deletion, and the audit checks the published
+    encoder against the deployed one."""
     import mlflow.pyfunc
 
     from sisa.tracking import adapter
@@ -156,7 +158,10 @@ def test_the_registered_model_is_the_encoder_then_the_heads(tmp_path, monkeypatc
 
     X, y, ids = tiny_data(n=120)
     w = tmp_path / "w"
-    ens = fit(w, X, y, ids, base=base_data(30), sharding={"shards": 2, "slices": 2}, tracking={"enabled": True})
+    over = {"sharding": {"shards": 2, "slices": 2}, "tracking": {"enabled": True}}
+    if user:
+        over["model"] = {"name": "mlp", "kwargs": {"hidden": [8]}, "encoder": user_encoder(tmp_path)}
+    ens = fit(w, X, y, ids, base=base_data(30), **over)
     uri = f"sqlite:///{w / 'mlflow.db'}"
     name = ens._ctx.tracker().model_name
     model = load_model(f"models:/{name}@current", uri)
@@ -207,6 +212,59 @@ def test_encoder_without_a_start_is_refused_and_nothing_is_written(tmp_path):
 def test_encoder_config_is_checked(over, match):
     with pytest.raises(ConfigError, match=match):
         load_config(tiny_config(**over))
+
+
+# -- a user's encoder by import path ---------------------------------------------------------------------
+def user_encoder(tmp_path) -> dict:
+    """The test encoder's weights, saved as a plain state dict file, and its config entry."""
+    from userencoder import make
+
+    torch.manual_seed(5)
+    path = tmp_path / "encoder.pt"
+    torch.save(make((6,)).state_dict(), path)
+    return {"module": "userencoder:make", "uri": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
+@pytest.mark.parametrize("with_base", [False, True])
+def test_a_user_encoder_delete_equals_refit(tmp_path, with_base):
+    """Its weights are checked and kept in the store; the slices hold its features; without base data
+    each shard's model (the head) starts fresh, with base data from the head trained on their features."""
+    X, y, ids = tiny_data(n=120)
+    enc = user_encoder(tmp_path)
+    over = {"model": {"name": "mlp", "kwargs": {"hidden": [8]}, "encoder": enc}, "sharding": {"shards": 2, "slices": 2}}
+    B = base_data(30) if with_base else None
+    a = fit(tmp_path / "a", X, y, ids, base=B, **over)
+    m = a.manifest
+    assert m.encoder.module == "userencoder:make" and m.encoder.width == 5 and m.encoder.sha256 == enc["sha256"]
+    assert (m.base is not None) == with_base
+    assert a.load_shard_model(0).net.layers[1].in_features == 5
+    body = a._ctx.encoder(m)
+    F = features(a, X[np.isin(ids, GONE)])
+    assert {n for _, n in scan(tmp_path / "a" / "store", [f.tobytes() for f in F])} == {f.tobytes() for f in F}
+    with torch.no_grad():
+        want = torch.stack([a.load_shard_model(s)(body(torch.from_numpy(X[:20]))).softmax(-1) for s in (0, 1)])
+    assert np.allclose(a.predict_proba(X[:20]), want.mean(0).numpy(), atol=1e-6)
+    a.delete(GONE)
+    assert scan(tmp_path / "a", [f.tobytes() for f in F]) == []
+    keep = ~np.isin(ids, GONE)
+    assert weights_equal(a, fit(tmp_path / "b", X[keep], y[keep], ids[keep], base=B, **over))
+    assert a.verify().ok
+
+
+def test_a_user_encoder_is_checked_before_anything_is_written(tmp_path):
+    X, y, ids = tiny_data(n=120)
+    enc = user_encoder(tmp_path)
+    cases = [
+        ({**enc, "sha256": "0" * 64}, IntegrityError, "sha256 is .* but model.encoder.sha256 says 0000"),
+        ({**enc, "module": "userencoder:nothing"}, ConfigError, "cannot be imported"),
+        ({"module": "userencoder:flat"}, ConfigError, r"must return features of shape \(batch, width\)"),
+    ]
+    for e, kind, match in cases:
+        with pytest.raises(kind, match=match):
+            fit(tmp_path / "w", X, y, ids, model={"name": "mlp", "encoder": e})
+        assert not (tmp_path / "w").exists()
+    with pytest.raises(ConfigError, match="uri and sha256 together"):
+        load_config(tiny_config(model={"encoder": {"module": "userencoder:make", "uri": enc["uri"]}}))
 
 
 def test_membership_audit_is_refused_with_an_encoder(tmp_path):
