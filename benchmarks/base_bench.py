@@ -4,7 +4,8 @@ and the cost of one deletion at each S: ``python -m benchmarks.base_bench [--qui
 Each dataset is the shipped config's (configs/digits.yaml, configs/synthetic.yaml; R, epochs and model as
 there), its held-out rows drawn as fit draws them. 10% of the training rows (a seeded draw) are declared
 base data: the "base" ensembles train them once into the start every shard shares and shard the other
-90%; the "plain" ensembles shard all rows. "one model" is S=1, R=1 on every training row. The deletion
+90%; the "plain" ensembles shard all rows; the "encoder" ensembles are the base ones with ``model.encoder:
+base`` (the start's body frozen, its features cached in the slices, heads trained per shard). "one model" is S=1, R=1 on every training row. The deletion
 cost is the cost model's expected sample-epochs of deleting one uniformly drawn erasable row (analytic,
 over every row) and the measured sample-epochs (what the workers trained, equal to the receipt's) and wall
 seconds of deleting a few drawn rows, one call each. In-process executor, tracking off.
@@ -26,10 +27,13 @@ from benchmarks.common import StageLog, summary
 from benchmarks.workloads import ROOT
 
 SHARDS = (1, 5, 10, 20, 50)
+KINDS = ("plain", "base", "encoder")
 BASE_FRACTION = 0.1
 
 
-def config(name: str, shards: int, seed: int, slices: int | None = None, epochs: int | None = None) -> dict:
+def config(
+    name: str, shards: int, seed: int, slices: int | None = None, epochs: int | None = None, encoder: bool = False
+) -> dict:
     from sisa.config import load_config
 
     cfg = load_config(ROOT / "configs" / f"{name}.yaml").model_dump(mode="json")
@@ -41,6 +45,8 @@ def config(name: str, shards: int, seed: int, slices: int | None = None, epochs:
     cfg["seed"] = seed
     cfg["tracking"] = {"enabled": False}
     cfg["cluster"] = {**cfg["cluster"], "executor": "inprocess"}
+    if encoder:
+        cfg["model"]["encoder"] = "base"
     return cfg
 
 
@@ -73,8 +79,11 @@ def one_fit(cfg: dict, train, eval_set, base_rows, workdir: Path, deletions: int
     with warnings.catch_warnings(), SisaEnsemble.from_config(cfg, workdir) as ens:
         warnings.simplefilter("ignore")
         t0 = time.perf_counter()
-        ens.fit(X, y, ids=ids, eval_set=eval_set, base=base_rows)
+        flog = StageLog()
+        ens.fit(X, y, ids=ids, eval_set=eval_set, base=base_rows, progress=flog)
         out = {"accuracy": ens.last_fit_metrics["ensemble_accuracy"], "fit_seconds": time.perf_counter() - t0}
+        # the shards' training CPU (the base stage excluded) per 1,000 sample-epochs: whole sub-models or heads
+        out["train_cpu_ms_per_kse"] = 1e6 * flog.cpu_seconds / max(1, flog.sample_epochs)
         m = ens.manifest
         if m.base is not None:
             out["start_accuracy"] = start_accuracy(ens, eval_set)
@@ -106,8 +115,9 @@ def start_accuracy(ens, eval_set) -> float:
 
     ctx, m = ens._ctx, ens.manifest
     store = ctx.storage()
-    ckpt = training.load_checkpoint(store.read(m.base.file, m.base.sha256))
-    module = training.init_module(ctx.spec(m), 0)
+    start = m.base if m.encoder is None else m.encoder  # with model.encoder: the whole start the body is from
+    ckpt = training.load_checkpoint(store.read(start.file, start.sha256))
+    module = training.init_module(ctx.spec(m, full=True), 0)
     module.load_state_dict(ckpt["state_dict"])
     with torch.no_grad():
         pred = module.eval()(torch.from_numpy(np.asarray(eval_set[0], np.float32))).argmax(1).numpy()
@@ -117,7 +127,7 @@ def start_accuracy(ens, eval_set) -> float:
 def sweep(
     name: str, seeds, shards, tmp: Path, n_samples: int | None = None, deletions: int = 3, epochs=None, log=print
 ) -> dict:
-    rows: dict = {"one_model": [], "plain": {}, "base": {}}
+    rows: dict = {"one_model": [], "plain": {}, "base": {}, "encoder": {}}
     for seed in seeds:
         train, eval_set, base = dataset(name, seed, n_samples)
         X, y, ids = train
@@ -128,14 +138,19 @@ def sweep(
             cfg = config(name, S, seed, epochs=epochs)
             p = one_fit(cfg, train, eval_set, None, tmp / "plain", deletions, seed)
             b = one_fit(cfg, rest, eval_set, (X[base], y[base], ids[base]), tmp / "base", deletions, seed)
-            rows["plain"].setdefault(S, []).append(p)
-            rows["base"].setdefault(S, []).append(b)
-            log(f"[base_bench] {name} seed {seed} S={S}: plain {p['accuracy']:.3f}, base {b['accuracy']:.3f}")
+            enc = config(name, S, seed, epochs=epochs, encoder=True)
+            e = one_fit(enc, rest, eval_set, (X[base], y[base], ids[base]), tmp / "encoder", deletions, seed)
+            for kind, r in (("plain", p), ("base", b), ("encoder", e)):
+                rows[kind].setdefault(S, []).append(r)
+            log(
+                f"[base_bench] {name} seed {seed} S={S}: plain {p['accuracy']:.3f}, base {b['accuracy']:.3f}, "
+                f"encoder {e['accuracy']:.3f}"
+            )
     one = summary(rows["one_model"])
     out: dict = {"dataset": name, "seeds": list(seeds), "base_fraction": BASE_FRACTION, "one_model": one}
     first = rows["base"][shards[0]]  # the start depends on the seed and the base rows, not on S
     out["start_alone"] = summary(r["start_accuracy"] for r in first)
-    for kind in ("plain", "base"):
+    for kind in KINDS:
         out[kind] = {}
         for S, runs in rows[kind].items():
             dels = [d for r in runs for d in r["deletions"]]
@@ -144,6 +159,8 @@ def sweep(
             out[kind][str(S)] = {
                 "accuracy": acc,
                 "gap_pp": 100 * (one["mean"] - acc["mean"]),
+                "fit_seconds": summary(r["fit_seconds"] for r in runs),
+                "train_cpu_ms_per_kse": summary(r["train_cpu_ms_per_kse"] for r in runs),
                 "expected_delete_sample_epochs": expected,
                 "delete_sample_epochs": summary(d["sample_epochs"] for d in dels),
                 "delete_seconds": summary(d["seconds"] for d in dels),
@@ -160,7 +177,8 @@ def plot(results: list[dict], path: Path) -> None:
     FigureCanvasAgg(fig)
     for i, r in enumerate(results):
         ax = fig.add_subplot(1, len(results), i + 1)
-        for kind, label in (("plain", "all rows sharded"), ("base", f"{r['base_fraction']:.0%} base data")):
+        base = f"{r['base_fraction']:.0%} base data"
+        for kind, label in (("plain", "all rows sharded"), ("base", base), ("encoder", f"{base}, frozen encoder")):
             S = [int(s) for s in r[kind]]
             mean = np.array([r[kind][str(s)]["accuracy"]["mean"] for s in S])
             std = np.array([r[kind][str(s)]["accuracy"]["std"] for s in S])
@@ -179,29 +197,36 @@ def plot(results: list[dict], path: Path) -> None:
 
 def table(results: list[dict]) -> str:
     lines = [
-        "| dataset | S | one model | start alone | plain: acc (gap pp) | base: acc (gap pp) | one deletion, sample-epochs "
-        "expected plain / base | measured (mean ± sd) plain / base | seconds plain / base |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| dataset | S | one model | start alone | plain: acc (gap pp) | base: acc (gap pp) | encoder: acc (gap pp) | "
+        "one deletion, sample-epochs expected plain / base / encoder | measured (mean ± sd) plain / base / encoder | "
+        "seconds plain / base / encoder | shards' training CPU ms per 1,000 sample-epochs base / encoder |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         for S in r["plain"]:
-            p, b = r["plain"][S], r["base"][S]
+            row = [r[k][S] for k in KINDS]
 
             def acc(x):
                 return f"{x['accuracy']['mean']:.3f} ± {x['accuracy']['std']:.3f} ({x['gap_pp']:.1f})"
 
             lines.append(
                 f"| {r['dataset']} | {S} | {r['one_model']['mean']:.3f} | {r['start_alone']['mean']:.3f} | "
-                f"{acc(p)} | {acc(b)} | "
-                f"{p['expected_delete_sample_epochs']['mean']:.0f} / {b['expected_delete_sample_epochs']['mean']:.0f} | "
-                f"{_pm(p['delete_sample_epochs'])} / {_pm(b['delete_sample_epochs'])} | "
-                f"{p['delete_seconds']['mean']:.2f} / {b['delete_seconds']['mean']:.2f} |"
+                + " | ".join(acc(x) for x in row)
+                + " | "
+                + " / ".join(f"{x['expected_delete_sample_epochs']['mean']:.0f}" for x in row)
+                + " | "
+                + " / ".join(_pm(x["delete_sample_epochs"]) for x in row)
+                + " | "
+                + " / ".join(f"{x['delete_seconds']['mean']:.2f}" for x in row)
+                + " | "
+                + " / ".join(_pm(x["train_cpu_ms_per_kse"], 2) for x in row[1:])
+                + " |"
             )
     return "\n".join(lines)
 
 
-def _pm(x: dict) -> str:
-    return f"{x['mean']:.0f} ± {x['std']:.0f}"
+def _pm(x: dict, digits: int = 0) -> str:
+    return f"{x['mean']:.{digits}f} ± {x['std']:.{digits}f}"
 
 
 def main(argv=None) -> None:

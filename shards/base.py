@@ -56,7 +56,7 @@ def load_init(data: bytes, want_sha256: str, where: str) -> dict:
             "torch.save(module.state_dict(), path)",
             problems=["model.init.uri: not a state dict"],
         )
-    return _stage0({k: v.detach().cpu().clone() for k, v in sd.items()}, 0, start_lineage(got, None))
+    return stage0({k: v.detach().cpu().clone() for k, v in sd.items()}, 0, start_lineage(got, None))
 
 
 def check_fits(spec: TrainSpec, ckpt: dict, where: str) -> None:
@@ -78,7 +78,7 @@ def train_base(storage: Storage, spec: TrainSpec, rows: np.ndarray, start: dict 
     the stored checkpoint's (file, sha256, rows, lineage) entry and the stage's metrics."""
     one = replace(spec, epochs_per_stage=(epochs,))
     ckpt, metrics = training.run_stage(one, BASE_SHARD, 1, start, rows, lineage)
-    return write_start(storage, _stage0(ckpt["state_dict"], len(rows), lineage), "stage-00"), metrics
+    return write_start(storage, stage0(ckpt["state_dict"], len(rows), lineage), "stage-00"), metrics
 
 
 def write_start(storage: Storage, ckpt: dict, kind: str) -> dict:
@@ -88,7 +88,7 @@ def write_start(storage: Storage, ckpt: dict, kind: str) -> dict:
     return {"file": name, "sha256": digest, "rows": ckpt["rows"], "lineage": ckpt["lineage"]}
 
 
-def _stage0(state_dict: dict, rows: int, lineage: str) -> dict:
+def stage0(state_dict: dict, rows: int, lineage: str) -> dict:
     """A sisa checkpoint holding weights only: the stages that start from it begin with a fresh optimizer."""
     return {
         "format": training.FORMAT,

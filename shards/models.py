@@ -177,18 +177,26 @@ class SisaModule(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.ExponentialLR(opt, self.lr_gamma)}
 
 
-def load_class(target: str):
-    """Resolve "package.module:Class" (or "package.module.Class")."""
+def import_target(target: str, what: str, field: str, hint: str):
+    """Resolve "package.module:Name" (or "package.module.Name"), or a ConfigError about config ``field``."""
     mod_name, _, attr = target.partition(":") if ":" in target else target.rpartition(".")
     try:
-        obj = getattr(importlib.import_module(mod_name), attr)
+        return getattr(importlib.import_module(mod_name), attr)
     except (ImportError, AttributeError, ValueError) as e:
         raise ConfigError(
-            f"model {target!r} cannot be imported ({e}); use 'mlp', 'cnn' or an import path like "
-            "'mypkg.models:MyModule' that is importable here and on every Ray worker (install the package "
-            "on every node, or put its directory on PYTHONPATH)",
-            problems=[f"model.name: {target!r} cannot be imported"],
+            f"{what} {target!r} cannot be imported ({e}); {hint}", problems=[f"{field}: {target!r} cannot be imported"]
         ) from e
+
+
+def load_class(target: str):
+    """Resolve "package.module:Class" (or "package.module.Class")."""
+    obj = import_target(
+        target,
+        "model",
+        "model.name",
+        "use 'mlp', 'cnn' or an import path like 'mypkg.models:MyModule' that is importable here and on every "
+        "Ray worker (install the package on every node, or put its directory on PYTHONPATH)",
+    )
     if isinstance(obj, type) and not issubclass(obj, pl.LightningModule) or not callable(obj):
         raise ConfigError(
             f"model {target!r} is {obj!r}, not a pytorch_lightning.LightningModule subclass",

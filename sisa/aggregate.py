@@ -29,7 +29,10 @@ def shard_weights(shards: list[int], weights=None) -> torch.Tensor:
 
 
 class Aggregator:
-    def __init__(self, modules: dict[int, torch.nn.Module], num_classes: int, method="mean_proba", weights=None):
+    def __init__(
+        self, modules: dict[int, torch.nn.Module], num_classes: int, method="mean_proba", weights=None, encoder=None
+    ):
+        self.encoder = encoder  # model.encoder: every row goes through it once, then to the sub-models (heads)
         self.shards = sorted(modules)
         self.modules = [modules[s].eval() for s in self.shards]
         self.num_classes, self.method = num_classes, method
@@ -67,6 +70,8 @@ class Aggregator:
     @torch.no_grad()
     def logits(self, X: torch.Tensor) -> torch.Tensor:
         """(shards, n, classes) logits."""
+        if self.encoder is not None:
+            X = self.encoder(X)
         fused = self._fused_logits(X)
         if fused is not None:
             return fused
@@ -89,6 +94,8 @@ class Aggregator:
         if len(X) == 0:
             return np.zeros((0, self.num_classes), np.float32), np.zeros((len(self.modules), 0), np.int64)
         X = torch.from_numpy(np.array(X, dtype=np.float32, order="C", copy=True))  # a one-row field view may be oddly strided
+        if self.encoder is not None:
+            X = self.encoder(X)
         fused = self._fused_logits(X)
         if fused is not None:
             proba = torch.einsum("s,scn->nc", self.weights, self._scores(fused))

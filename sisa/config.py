@@ -126,10 +126,31 @@ class InitConfig(_Strict):
     sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
 
 
+class EncoderConfig(_Strict):
+    """A user's frozen encoder (`shards.encoder`): a factory or nn.Module class by import path, called with
+    ``input_shape`` when it takes it, and optionally a state dict for it (digest checked before loading,
+    ``weights_only``). It maps a batch of rows to (batch, width) features; the model is the head on them."""
+
+    module: str = Field(min_length=3)
+    uri: str | None = None
+    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+
+    @model_validator(mode="after")
+    def _both(self):
+        if (self.uri is None) != (self.sha256 is None):
+            raise ValueError("model.encoder needs uri and sha256 together (the weights file and its sha256sum)")
+        if ":" not in self.module and "." not in self.module:
+            raise ValueError(f"model.encoder.module {self.module!r} is not an import path like 'pkg.mod:Encoder'")
+        return self
+
+
 class ModelConfig(_Strict):
     name: str = "mlp"
     kwargs: dict = Field(default_factory=dict)
     init: InitConfig | None = None
+    # "base": the start's body (every layer but the last), frozen; or a user's module: shards train heads on
+    # its features, computed once per row (shards.encoder)
+    encoder: Literal["base"] | EncoderConfig | None = None
 
     @field_validator("kwargs")
     @classmethod
@@ -247,6 +268,8 @@ class SisaConfig(_Strict):
         w = self.aggregation.weights
         if w is not None and (len(w) != S or any(x < 0 for x in w) or sum(w) <= 0):
             raise ValueError(f"aggregation.weights needs {S} non-negative numbers (one per shard), not all zero")
+        if self.model.encoder is not None:
+            _check_encoder(self)
         return self
 
     def epochs_per_stage(self) -> tuple[int, ...]:
@@ -320,12 +343,25 @@ class SisaConfig(_Strict):
                 del dump["sharding"][k]
         if dump["data"]["risk_column"] is None:
             del dump["data"]["risk_column"]
-        for section, key in (("data", "base"), ("model", "init"), ("training", "base_epochs")):
+        for section, key in (("data", "base"), ("model", "init"), ("model", "encoder"), ("training", "base_epochs")):
             if dump[section][key] is None:  # the shared start (shards.base): absent when unused
                 del dump[section][key]
         if not dump["tracking"]["deletion_plots"]:
             del dump["tracking"]["deletion_plots"]
         return dump
+
+
+def _check_encoder(c: SisaConfig) -> None:
+    """``model.encoder: base`` splits the built-in MLP into a frozen body and per-shard heads (`shards.encoder`)."""
+    if c.model.name != "mlp" and isinstance(c.model.encoder, EncoderConfig):
+        raise ValueError("model.encoder.module: the head on its features is the built-in MLP; set model.name: mlp")
+    if c.model.encoder == "base" and (c.model.name != "mlp" or not c.model.kwargs.get("hidden", (128, 64))):
+        raise ValueError(
+            "model.encoder: base needs model.name: mlp with at least one hidden layer (model.kwargs.hidden): the "
+            "frozen encoder is every layer of the start but the last, and each shard trains that last layer"
+        )
+    if c.sharding.new_rows == "append":
+        raise ValueError("model.encoder works with sharding.new_rows: canonical only, not append")
 
 
 def _hash(obj) -> str:

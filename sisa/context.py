@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -46,6 +47,7 @@ class OpContext:
         self.observer = observer or Observer()
         self._executor = None
         self._models: dict[tuple[int, str], object] = {}  # (shard, checkpoint sha256) -> sub-model
+        self._encoder: tuple[str, object] | None = None  # (sha256, the frozen encoder of model.encoder)
         # (eval file sha256, shard, checkpoint sha256, method) -> the sub-model's outputs on the eval rows
         self._evals: dict[tuple, tuple] = {}
         self._lock = threading.RLock()
@@ -95,11 +97,12 @@ class OpContext:
             self._executor = None
 
     # -- training -----------------------------------------------------------------------------------------
-    def spec(self, m: Manifest):
+    def spec(self, m: Manifest, full: bool = False):
+        """What the shards train: with ``model.encoder`` the heads (unless ``full``: the whole model)."""
         from shards.spec import TrainSpec
 
         c = self.config
-        return TrainSpec(
+        spec = TrainSpec(
             seed=c.seed,
             model=c.model.name,
             model_kwargs=dict(c.model.kwargs),
@@ -116,6 +119,13 @@ class OpContext:
                 **({"start": m.base.sha256} if m.base else {}),
             },
         )
+        if m.encoder is None or full:
+            return spec
+        from shards.encoder import head_spec
+
+        if m.encoder.module is not None:  # a user's encoder: the configured model is the head
+            return replace(spec, input_shape=(m.encoder.width,))
+        return head_spec(spec, m.encoder.width)
 
     def engine(self, m: Manifest) -> str:
         """The workdir's training engine (`sisa.config.TrainingConfig.engine`): one per workdir, never mixed,
@@ -205,6 +215,20 @@ class OpContext:
             self._models[key] = module
         return module
 
+    def encoder(self, m: Manifest):
+        """The frozen encoder ``m`` names (digest-checked, ``weights_only``), or None without one."""
+        if m.encoder is None:
+            return None
+        from shards import encoder
+
+        e = m.encoder
+        key = f"{e.module}:{e.sha256}"
+        with self._lock:
+            if self._encoder is None or self._encoder[0] != key:
+                module = encoder.load(self.storage(), self.spec(m, full=True), e.file, e.sha256, e.module)
+                self._encoder = (key, module)
+            return self._encoder[1]
+
     def prune_models(self, m: Manifest) -> None:
         """Forget loaded sub-models whose final checkpoint ``m`` no longer names."""
         keep = {(s, sh.final.sha256) for s, sh in enumerate(m.shards) if sh.final is not None}
@@ -217,7 +241,7 @@ class OpContext:
         active = self.active_shards(m) if active is None else active
         a = self.config.aggregation
         models = {s: self.load_model(s, m) for s in active}
-        return Aggregator(models, m.num_classes, a.method, a.weights)
+        return Aggregator(models, m.num_classes, a.method, a.weights, encoder=self.encoder(m))
 
     def evaluate(self, m: Manifest) -> dict:
         """Accuracy of the ensemble and of each active shard on the stored evaluation rows.
@@ -239,6 +263,9 @@ class OpContext:
         digest = hashlib.sha256(rows.tobytes()).hexdigest()
         a = self.config.aggregation
         X = torch.from_numpy(np.array(rows["x"], dtype=np.float32, order="C", copy=True))
+        if m.encoder is not None:
+            with torch.no_grad():
+                X = self.encoder(m)(X)
         y = rows["y"]
         keys = {s: (digest, s, m.shards[s].final.sha256, a.method) for s in active}
         with self._lock:

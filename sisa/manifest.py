@@ -53,6 +53,27 @@ class SliceRef(_JsonView):
 
 
 @dataclass(frozen=True)
+class Encoder(_JsonView):
+    """The frozen encoder (``model.encoder``, `shards.encoder`): the start checkpoint whose body it is, and the
+    width of the features it computes. The slices then hold those features, and the shards train heads."""
+
+    file: str | None  # None: a user's module without weights
+    sha256: str | None
+    width: int
+    module: str | None = None  # a user's encoder (model.encoder.module); None: the start's body
+
+    def to_dict(self) -> dict:
+        d = {"file": self.file, "sha256": self.sha256, "width": self.width}
+        if self.module is not None:
+            d["module"] = self.module
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Encoder:
+        return cls(file=d["file"], sha256=d["sha256"], width=int(d["width"]), module=d.get("module"))
+
+
+@dataclass(frozen=True)
 class Checkpoint(_JsonView):
     """The checkpoint after one stage of one shard; ``lineage`` digests the slices it trained on."""
 
@@ -210,6 +231,7 @@ class Manifest(_JsonView):
     engine: str = "eager"  # training.engine the shards were trained with; absent from older manifests: eager
     precision: str = "32-true"  # training.precision the shards were trained with; absent: 32-true
     base: Start | None = None  # the shared start of every shard (`shards.base`); absent: a fresh init per shard
+    encoder: Encoder | None = None  # the frozen encoder whose features the slices hold (`shards.encoder`)
     format: int = FORMAT
 
     # -- derived views (each defined once) ----------------------------------------------------------------
@@ -242,6 +264,8 @@ class Manifest(_JsonView):
         files = {e.file for sh in self.shards for e in (*sh.slices, *sh.checkpoints)}
         if self.base is not None:
             files |= {self.base.file} | ({self.base.rows_file.file} if self.base.rows_file else set())
+        if self.encoder is not None and self.encoder.file is not None:
+            files.add(self.encoder.file)
         return files
 
     # -- building the next manifest -----------------------------------------------------------------------
@@ -276,6 +300,8 @@ class Manifest(_JsonView):
             out["precision"] = self.precision
         if self.base is not None:
             out["base"] = self.base.to_dict()
+        if self.encoder is not None:
+            out["encoder"] = self.encoder.to_dict()
         return out
 
 
@@ -309,6 +335,7 @@ def from_dict(d: dict, where: str = "manifest") -> Manifest:
             engine=str(d.get("engine", "eager")),
             precision=str(d.get("precision", "32-true")),
             base=Start.from_dict(d["base"]) if d.get("base") else None,
+            encoder=Encoder.from_dict(d["encoder"]) if d.get("encoder") else None,
         )
     except (KeyError, TypeError, ValueError) as e:
         raise WorkdirError(f"{where} is malformed ({type(e).__name__}: {e})", path=where) from None

@@ -110,6 +110,19 @@ def gradient_ascent(
     return steps, _mean_loss(module, Xt, yt) >= target_loss, time.perf_counter() - t0
 
 
+def refuse_encoder(m, what: str) -> None:
+    """The membership attacks and the approximate baseline read raw rows; with ``model.encoder`` the slices
+    hold features, so they do not run yet (the retrain check and the byte-level checks do)."""
+    if getattr(m, "encoder", None) is not None:
+        from shards.errors import ConfigError
+
+        raise ConfigError(
+            f"the {what} does not yet support model.encoder (the slices hold the encoder's features, not rows); "
+            "run `sisa audit` without --mia / the baseline, or train without model.encoder",
+            problems=[f"model.encoder: no {what}"],
+        )
+
+
 def run_baseline(
     ctx,
     m,
@@ -126,6 +139,7 @@ def run_baseline(
     """
     import copy
 
+    refuse_encoder(m, "approximate baseline")
     c = ctx.config
     spec = plain_spec(ctx.spec(m), c.training.epochs)
     X, y = train

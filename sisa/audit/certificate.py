@@ -78,6 +78,8 @@ def verify(ctx, m, receipt=None, timeout: float | None = None) -> AuditReport:
             for s in shards:  # no retrain from a start that is not the recorded one
                 report.add(f"shard {s}", "retrained from scratch", ["not retrained: the shared start is damaged"])
             files_ok = dict.fromkeys(files_ok, False)
+        if manifest.encoder is not None and manifest.encoder.module is not None and manifest.encoder.file:
+            _check_user_encoder(report, store, manifest.encoder)
         check_retrain(report, ctx, manifest, store, [s for s in shards if files_ok[s]], timeout)
         from sisa.audit.published import check_published
 
@@ -257,6 +259,16 @@ def _check_chain(report, manifest, receipts: list[tuple[str, dict]], shards: lis
             report.add(f"receipt {rid}", "checkpoint digests lead to the deployed checkpoints", problems.get(rid, []))
 
 
+def _check_user_encoder(report, store, e) -> None:
+    """A user's encoder weights (``model.encoder.module``) in the store match their digest."""
+    problems = []
+    try:
+        store.read(e.file, e.sha256)
+    except SisaError as err:
+        problems.append(str(err).split(";")[0])
+    report.add("encoder", f"the weights of {e.module} match the manifest digest", problems)
+
+
 def _check_start(report, store, manifest) -> bool:
     """The shared start (`shards.base`) and its base rows file match their digests; the start's lineage is
     the digest of the ``model.init`` file and the base rows it was made of."""
@@ -272,6 +284,10 @@ def _check_start(report, store, manifest) -> bool:
         want = startmod.start_lineage(b.init_sha256, b.rows_file.sha256 if b.rows_file else None)
         if ckpt.get("lineage") != b.lineage or b.lineage != want:
             problems.append(f"{store.describe(b.file)}: lineage is not the digest of model.init and the base rows")
+        e = manifest.encoder  # model.encoder: the start the encoder is the body of (shards.encoder)
+        body = e is not None and e.module is None
+        if body and training.load_checkpoint(store.read(e.file, e.sha256)).get("lineage") != b.lineage:
+            problems.append(f"{store.describe(e.file)}: the encoder's lineage is not the start's")
     except SisaError as err:
         problems.append(str(err).split(";")[0])
     report.add("base", "the shared start and base rows match the manifest digests", problems)

@@ -222,6 +222,7 @@ def membership_audit(
     the reference models, disjoint from the three groups (default: a random half of ``heldout``).
     ``retained``: members to contrast with (default: a sample of the live rows).
     """
+    approx.refuse_encoder(m, "membership audit")
     t0 = time.time()
     rng = np.random.default_rng(seed)
     Xd, yd = np.asarray(deleted[0], np.float32), np.asarray(deleted[1]).astype(np.int64)

@@ -88,6 +88,8 @@ def _check_current(report, ctx, m, tracker, current, rec) -> None:
                 continue
             if (rec.get("state_dicts") or {}).get(str(s)) != got:
                 problems.append(f"mlflow-model.json: field 'state_dicts.{s}' is not the digest of the deployed weights")
+        if m.encoder is not None and (rec.get("state_dicts") or {}).get("encoder") != _deployed_encoder(ctx, m):
+            problems.append("mlflow-model.json: field 'state_dicts.encoder' is not the digest of the deployed encoder")
     report.add(TARGET, "@current is the published version of the deployed checkpoints", problems)
     if rec is not None:
         _check_artifact(report, tracker, current, rec, deployed)
@@ -105,6 +107,19 @@ def _deployed_weights(ctx, m, s: int) -> dict:
         module = training.init_module(ctx.spec(m), s)
     module.load_state_dict(ckpt["state_dict"])
     return module.state_dict()
+
+
+def _deployed_encoder(ctx, m) -> str | None:
+    """The digest of the encoder's tensors read from the start file now (model.encoder), or None if unreadable."""
+    from shards import encoder
+    from sisa.tracking.digest import state_dict_sha256
+
+    try:
+        e = m.encoder
+        body = encoder.load(ctx.storage(), ctx.spec(m, full=True), e.file, e.sha256, e.module)
+    except SisaError:
+        return None
+    return state_dict_sha256(body.state_dict())
 
 
 def _check_artifact(report, tracker, current, rec: dict, deployed: dict) -> None:

@@ -132,6 +132,9 @@ def status_table(st: dict) -> str:
         b = st["base"]
         init = f", model.init sha256 {b['init_sha256'][:12]}" if b["init_sha256"] else ""
         out += f"\nshared start {b['sha256'][:12]}: {b['rows']} non-erasable base rows{init}"
+    if st.get("encoder"):
+        e = st["encoder"]
+        out += f"\nfrozen encoder {e['sha256'][:12]} (the start's body): shards train heads on {e['width']} features"
     return out
 
 

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from shards.errors import DataError
+from shards.errors import ConfigError, DataError
 from shards.schema import make_rows
 from shards.storage import Storage
 from sisa import data as datamod
-from sisa.manifest import Manifest, SliceRef, Start
+from sisa.manifest import Encoder, Manifest, SliceRef, Start
 from sisa.ops.locate import base_rows_named, locate
 
 
@@ -104,7 +104,9 @@ def check_init(ctx, got: StartInput, input_shape, num_classes: int) -> None:
     from shards import base as startmod
 
     if got.init is not None:
-        shape = SimpleNamespace(input_shape=list(input_shape), num_classes=num_classes, engine="eager", base=None)
+        shape = SimpleNamespace(
+            input_shape=list(input_shape), num_classes=num_classes, engine="eager", base=None, encoder=None
+        )
         startmod.check_fits(ctx.spec(shape), got.init, f"model.init.uri {ctx.config.model.init.uri}")
 
 
@@ -164,6 +166,74 @@ def build(ctx, storage: Storage, spec, got: StartInput, kind: str) -> tuple[Star
     epochs = ctx.config.training.base_epochs or ctx.config.training.epochs
     entry, metrics = startmod.train_base(storage, spec, rows, got.init, epochs, lineage)
     return Start(**entry, init_sha256=got.init_sha256, rows_file=SliceRef.from_dict(rows_file)), metrics
+
+
+def check_encoder(ctx, got: StartInput, streamed: bool) -> None:
+    """``model.encoder: base`` is the start's body: it needs a start; any encoder needs rows fit can encode
+    in memory."""
+    if ctx.config.model.encoder is None:
+        return
+    if got.empty and ctx.config.model.encoder == "base":
+        raise ConfigError(
+            "model.encoder: base is the body of the start every shard shares, and there is none: pass base data "
+            "(fit(..., base=(X_base, y_base)) or data.base) or a pretrained start (model.init), or drop model.encoder",
+            problems=["model.encoder: no start to take the encoder from"],
+        )
+    if streamed:
+        raise ConfigError(
+            "model.encoder does not yet work with a streamed Parquet source: read the table and call "
+            "fit(X, y, ids=...), or drop model.encoder",
+            problems=["model.encoder: a streamed Parquet source"],
+        )
+
+
+def user_encoder(ctx, input_shape):
+    """A user's ``model.encoder`` (module by import path), its weights' digest checked before they are
+    loaded, and the module checked on a row of zeros: (module, weights bytes or None), before fit writes."""
+    from shards import encoder
+    from shards.errors import IntegrityError
+    from shards.storage import sha256
+
+    e = ctx.config.model.encoder
+    data, where = None, e.module
+    if e.uri is not None:
+        where, data = _read_init(ctx, e.uri)
+        if sha256(data) != e.sha256.lower():
+            raise IntegrityError(
+                f"{where}: sha256 is {sha256(data)} but model.encoder.sha256 says {e.sha256}; it was not loaded. "
+                "Put the file's sha256 (`sha256sum FILE`) into model.encoder.sha256",
+                path=where,
+            )
+    return encoder.user(e.module, input_shape, data, ctx.config.seed, where), data
+
+
+def store_encoder(ctx, storage: Storage, m: Manifest, module, data) -> Manifest:
+    """Keep a user's encoder weights in the store (content-addressed, purged with the ensemble) and name
+    them in the manifest."""
+    from dataclasses import replace
+
+    from shards import encoder
+    from shards.storage import sha256
+
+    file = digest = None
+    if data is not None:
+        digest = sha256(data)
+        file = f"base/encoder-{digest[:12]}.pt"
+        storage.write(file, data, digest=digest)
+    rec = Encoder(file=file, sha256=digest, width=encoder.width(module), module=ctx.config.model.encoder.module)
+    return replace(m, encoder=rec)
+
+
+def split_encoder(ctx, storage: Storage, m: Manifest):
+    """The manifest whose shards start from the start's last layer (the head) on the features of its frozen
+    body (`shards.encoder`), and that body."""
+    from dataclasses import replace
+
+    from shards import encoder
+
+    head, rec, body = encoder.split_start(storage, ctx.spec(m), m.base.entry())
+    start = replace(m.base, file=head["file"], sha256=head["sha256"])
+    return replace(m, base=start, encoder=Encoder(**rec)), body
 
 
 def refuse_base_ids(ctx, m: Manifest, ids: list) -> None:

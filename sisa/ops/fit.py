@@ -21,6 +21,7 @@ from shards.storage import zero_and_remove
 from shards.store import write_partition
 from sisa import data as datamod
 from sisa import evalfile
+from sisa.config import EncoderConfig
 from sisa.manifest import Checkpoint, Manifest, ShardState, SliceRef
 from sisa.ops import base as startops
 from sisa.risk import resolve as resolve_risk
@@ -112,7 +113,8 @@ def fit(ctx, X, y, ids, eval_set, overwrite: bool, progress, readmit=None, risk=
     _check_gpus(ctx)
     start = startops.prepare(ctx, base)  # model.init's digest is checked here, before anything is written
     parquet = datamod.parquet_source(X, y, ids, eval_set, c.data, lambda rel: ctx.workdir.inside(rel, "data.path"))
-    data = None
+    startops.check_encoder(ctx, start, parquet is not None)
+    data = user = None
     if parquet is not None and risk is not None:
         raise DataError(
             "a streaming Parquet source reads each row's deletion prior from its own column: set data.risk_column "
@@ -123,7 +125,9 @@ def fit(ctx, X, y, ids, eval_set, overwrite: bool, progress, readmit=None, risk=
         eval_ids = eval_set[2] if eval_set is not None and eval_set[2] is not None else []
         startops.check(start, X.shape[1:], names, kind, [*ids.tolist(), *list(eval_ids)], c.data)
         num_classes = _num_classes(ctx, max(int(y.max()), start.max_label), X.shape[1:])
-        startops.check_init(ctx, start, X.shape[1:], num_classes)
+        if isinstance(c.model.encoder, EncoderConfig):  # a user's encoder: loaded and checked before any write
+            user = startops.user_encoder(ctx, X.shape[1:])
+        startops.check_init(ctx, start, X.shape[1:] if user is None else (user[0].sisa_width,), num_classes)
         if eval_set is not None and len(eval_set[1]) and int(eval_set[1].max()) >= num_classes:
             raise DataError(
                 f"eval_set labels go up to {int(eval_set[1].max())} but the ensemble has {num_classes} classes "
@@ -144,7 +148,7 @@ def fit(ctx, X, y, ids, eval_set, overwrite: bool, progress, readmit=None, risk=
         if wd.exists():
             ctx.commit(None)
         try:
-            m = _partition(ctx, storage, data, ingested)
+            m = _partition(ctx, storage, data, ingested, start, user)
             m = _train(ctx, m, progress, start)
             purge_unreferenced(storage, m)
         except BaseException:
@@ -174,8 +178,9 @@ def _admit(ctx, storage, data, ingested, readmit, start) -> None:
         raise
 
 
-def _partition(ctx, storage, data, ingested) -> Manifest:
-    """Write the config, the evaluation file and every slice; the manifest of the untrained ensemble."""
+def _partition(ctx, storage, data, ingested, start, user=None) -> Manifest:
+    """Write the config, the evaluation file and every slice; the manifest of the untrained ensemble. With
+    ``model.encoder`` the start is trained first and the slices hold its encoder's features of the rows."""
     c = ctx.config  # with data.num_classes filled in: the manifest records the hashes of the config as written
     if c.training.engine is None:  # a new workdir trains with the fast engine (recorded, never mixed)
         ctx.config = c = c.with_engine("fast")
@@ -183,17 +188,11 @@ def _partition(ctx, storage, data, ingested) -> Manifest:
     ctx.workdir.secret()
     if ingested is None:
         X, y, ids, kind, eval_set, names, num_classes, risk = data
-        _write_eval(ctx.workdir.path / evalfile.NAME, eval_set, kind)
-        S, R = c.sharding.shards, c.sharding.slices
-        with storage.deferred_sync():  # every slice file durable by one sync, before the manifest names it
-            slices = write_partition(storage, ids, X, y, kind, c.seed, S, R, risk=risk, placement=c.placement())
         shape = list(X.shape[1:])
     else:
         ing, num_classes, eval_tmp = ingested
-        zero_and_remove(ctx.workdir.path / evalfile.NAME)  # a refit's old evaluation rows, not just unlinked
-        os.replace(eval_tmp, ctx.workdir.path / evalfile.NAME)
-        slices, kind, shape, names = ing.slices, ing.id_kind, ing.input_shape, ing.feature_names
-    return Manifest(
+        kind, shape, names = ing.id_kind, ing.input_shape, ing.feature_names
+    m = Manifest(
         config_hash=c.config_hash(),
         training_hash=c.training_hash(),
         id_kind=kind,
@@ -201,11 +200,40 @@ def _partition(ctx, storage, data, ingested) -> Manifest:
         feature_names=names,
         num_classes=num_classes,
         storage=storage.root,
-        shards=tuple(ShardState(slices=tuple(SliceRef.from_dict(e) for e in sl)) for sl in slices),
         created=time.time(),
         engine=c.training.engine,
         precision=c.training.precision,
     )
+    if ingested is None:
+        _write_eval(ctx.workdir.path / evalfile.NAME, eval_set, kind)
+        if c.model.encoder is not None:
+            X, m = _encode(ctx, storage, m, start, X, user)
+        S, R = c.sharding.shards, c.sharding.slices
+        with storage.deferred_sync():  # every slice file durable by one sync, before the manifest names it
+            slices = write_partition(storage, ids, X, y, kind, c.seed, S, R, risk=risk, placement=c.placement())
+    else:
+        zero_and_remove(ctx.workdir.path / evalfile.NAME)  # a refit's old evaluation rows, not just unlinked
+        os.replace(eval_tmp, ctx.workdir.path / evalfile.NAME)
+        slices = ing.slices
+    shards = tuple(ShardState(slices=tuple(SliceRef.from_dict(e) for e in sl)) for sl in slices)
+    return dataclasses.replace(m, shards=shards)
+
+
+def _encode(ctx, storage, m: Manifest, start, X, user):
+    """``model.encoder``: the rows' features (`shards.encoder`) and the manifest naming the encoder and the
+    start. The start's body: the start is trained first and split. A user's encoder (``user``: module and
+    weights): the start, if any, is the head trained on the base rows' features."""
+    from shards import encoder
+
+    if user is None:
+        m, body = startops.split_encoder(ctx, storage, _train_start(ctx, m, start))
+    else:
+        body = user[0]
+        m = startops.store_encoder(ctx, storage, m, *user)
+        if start.X is not None:
+            start.X = encoder.encode(body, start.X)
+        m = _train_start(ctx, m, start)
+    return encoder.encode(body, X), m
 
 
 def _train(ctx, m: Manifest, progress, start) -> Manifest:
@@ -236,7 +264,7 @@ def _train_start(ctx, m: Manifest, start) -> Manifest:
     """The stage-0 checkpoint every shard starts from (`sisa.ops.base`), trained in this process."""
     import torch
 
-    if start.empty:
+    if start.empty or m.base is not None:  # with model.encoder it was trained before the slices were written
         return m
     if start.X is not None and not start.checked:  # beside a streamed Parquet source: checked only now
         startops.check_streamed(ctx, m, start)

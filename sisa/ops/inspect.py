@@ -42,6 +42,8 @@ def status(ctx, m: Manifest) -> dict:
         "base": None
         if m.base is None
         else {"rows": m.base.rows, "sha256": m.base.sha256, "init_sha256": m.base.init_sha256},
+        # model.encoder: the frozen body whose features the slices hold (shards.encoder)
+        "encoder": None if m.encoder is None else m.encoder.to_dict(),
     }
     placed = risk_summary(m, c)
     if placed is not None:  # a deletion-aware placement: expected cost under the priors vs what was realised

@@ -144,6 +144,9 @@ def check_model_dir(root: Path, files: dict[str, str] | None = None):
             raise _fail(
                 wpath, f"the tensors of shard {s} differ from those of checkpoint {meta['checkpoints'][str(s)]}"
             )
+    enc = meta.get("encoder")  # model.encoder: its state dict is bound like a shard's
+    if enc is not None and state_dict_sha256(weights["encoder"]) != meta["state_dicts"]["encoder"]:
+        raise _fail(wpath, f"the tensors of the encoder differ from those of the start {enc['sha256']}")
     return meta, weights
 
 

@@ -43,6 +43,7 @@ from sisa.tracking.digest import (
 )
 
 ARTIFACT = "ensemble"
+ENCODER = "encoder"  # the key of the frozen encoder's state dict in weights.pt (model.encoder)
 
 
 def fingerprint(ctx, m) -> str:
@@ -50,6 +51,8 @@ def fingerprint(ctx, m) -> str:
     c = ctx.config.aggregation
     parts = [f"{s}:{m.shards[s].final.sha256}" for s in ctx.active_shards(m)]
     parts.append(f"agg:{c.method}:{c.weights}")
+    if m.encoder is not None:
+        parts.append(f"encoder:{m.encoder.sha256}")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
 
@@ -65,7 +68,7 @@ def export(ctx, m, directory: Path) -> dict:
         "model": spec.model,
         "model_kwargs": dict(spec.model_kwargs),
         "optim": dict(spec.optim),
-        "input_shape": list(spec.input_shape),
+        "input_shape": list(m.input_shape),
         "feature_names": None if m.feature_names is None else list(m.feature_names),
         "drop_columns": [c.data.id_column, c.data.label_column],
         "num_classes": spec.num_classes,
@@ -77,6 +80,10 @@ def export(ctx, m, directory: Path) -> dict:
         "loader_sha256": LOADER_SHA256,
     }
     weights = {str(s): ctx.load_model(s, m).state_dict() for s in active}
+    if m.encoder is not None:  # model.encoder: the frozen body every row goes through before the heads
+        meta["encoder"] = {"model_kwargs": dict(c.model.kwargs), "width": m.encoder.width, "sha256": m.encoder.sha256}
+        meta["encoder"]["module"] = m.encoder.module  # a user's encoder by import path (None: the start's body)
+        weights[ENCODER] = ctx.encoder(m).state_dict()
     meta["state_dicts"] = {k: state_dict_sha256(sd) for k, sd in weights.items()}
     torch.save(weights, directory / "weights.pt")
     meta["files"] = {"weights.pt": file_sha256(directory / "weights.pt")}
@@ -176,17 +183,28 @@ class SisaPyfunc:
         from shards.models import build_module
         from sisa.aggregate import Aggregator
 
-        modules = {}
+        modules, enc, encoder = {}, meta.get(ENCODER), None
+        shape = meta["input_shape"] if enc is None else [enc["width"]]  # the heads' input: the encoder's features
         with torch.random.fork_rng(devices=[]):
             for s in meta["shards"]:
-                m = build_module(
-                    meta["model"], meta["model_kwargs"], meta["optim"], meta["input_shape"], meta["num_classes"]
-                )
+                m = build_module(meta["model"], meta["model_kwargs"], meta["optim"], shape, meta["num_classes"])
                 m.load_state_dict(weights[str(s)])
                 modules[s] = m.eval()
+            if enc is not None and enc.get("module"):
+                from shards.encoder import user
+
+                encoder = user(enc["module"], meta["input_shape"], None, 0, enc["module"])
+                encoder.load_state_dict(weights[ENCODER])
+            elif enc is not None:
+                full = build_module(
+                    meta["model"], enc["model_kwargs"], meta["optim"], meta["input_shape"], meta["num_classes"]
+                )
+                encoder = full.net.layers[:-1]
+                encoder.load_state_dict(weights[ENCODER])
+                encoder.eval().requires_grad_(False)
         agg = meta["aggregation"]
         self.meta = meta
-        self.aggregator = Aggregator(modules, meta["num_classes"], agg["method"], agg["weights"])
+        self.aggregator = Aggregator(modules, meta["num_classes"], agg["method"], agg["weights"], encoder=encoder)
 
     def predict(self, model_input, params: dict | None = None):  # an array or a DataFrame
         from sisa.aggregate import decide

@@ -133,17 +133,20 @@ def test_placement_benchmark_smoke(tmp_path):
 
 
 def test_base_benchmark_smoke(tmp_path):
-    """The base-data benchmark at its smallest: both variants at each S, the workers train exactly what the
-    receipts say (the base stage is never part of a deletion), the table and the plot are written."""
+    """The base-data benchmark at its smallest: every variant at each S, the workers train exactly what the
+    receipts say (the base stage is never part of a deletion; heads on a frozen encoder train the same
+    sample-epochs as whole sub-models), the table and the plot are written."""
     from benchmarks import base_bench
 
     res = base_bench.sweep("digits", [0], (1, 3), tmp_path, deletions=1, epochs=4, log=lambda *a: None)
-    for kind in ("plain", "base"):
+    for kind in ("plain", "base", "encoder"):
         assert list(res[kind]) == ["1", "3"]
         for r in res[kind].values():
             assert r["measured_equals_receipt"] and r["delete_sample_epochs"]["mean"] > 0
             assert 0 < r["accuracy"]["mean"] <= 1
     assert 0 < res["one_model"]["mean"] <= 1 and 0 < res["start_alone"]["mean"] <= 1
+    for S in ("1", "3"):
+        assert res["encoder"][S]["delete_sample_epochs"] == res["base"][S]["delete_sample_epochs"]
     assert "| digits | 3 |" in base_bench.table([res])
     base_bench.plot([res], tmp_path / "base.png")
     assert (tmp_path / "base.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
