@@ -23,6 +23,14 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
 
 
+def local_path(location: str) -> Path | None:
+    """The folder of a local (``file://`` or plain path) artifact location; None for remote stores."""
+    from urllib.parse import unquote, urlparse
+
+    parsed = urlparse(location)
+    return Path(unquote(parsed.path)) if parsed.scheme in ("", "file") else None
+
+
 def client(uri: str):
     """The public MLflow client for tracking and registry at ``uri``."""
     from mlflow.tracking import MlflowClient
