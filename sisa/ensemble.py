@@ -246,7 +246,7 @@ class SisaEnsemble:
         from sisa.ops.delete import delete
 
         with self.workdir.lock(what="delete"):
-            recover(self._ctx, locked=True, settle=wait == "done")  # an unfinished addition comes first
+            recover(self._ctx, locked=True, settle=False)  # an unfinished addition first; effective ones: below
             return delete(self._ctx, self.manifest, ids, progress, wait)
 
     def settle(self) -> list[str]:

@@ -188,8 +188,9 @@ def purge_superseded(tracker, keep=None) -> list[str]:
             continue
         if adapter.model_id(v):
             doomed.add(adapter.model_id(v))
-        for k in v.tags:  # MLflow keeps a deleted version's tags; ours go first
-            client.delete_model_version_tag(name, v.version, k)
+        if not adapter.drop_version_tags(client, tracker.uri, name, v.version):  # MLflow keeps them: ours go first
+            for k in v.tags:
+                client.delete_model_version_tag(name, v.version, k)
         client.delete_model_version(name, v.version)
     exp = tracker.experiment_id()
     flt = f"tags.`sisa.ensemble` = '{name}'"
