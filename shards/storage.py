@@ -148,14 +148,7 @@ class Storage:
                 if on_delete:
                     on_delete()
             return
-        zeroed = [p for p in (self.path(r) for r in rels) if _zero(p)]
-        if zeroed:
-            sync_paths(zeroed)
-        for p in zeroed:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(p)
-            if on_delete:
-                on_delete()
+        zero_and_remove_many([self.path(r) for r in rels], on_delete)
 
     def listdir(self, rel: str = "") -> list[str]:
         """Every file under ``rel`` (recursively), as paths relative to the root."""
@@ -332,6 +325,19 @@ def zero_and_remove(path, chunk: int = 1 << 24) -> bool:
     except FileNotFoundError:
         return False
     return True
+
+
+def zero_and_remove_many(paths: list, on_remove=None) -> None:
+    """`zero_and_remove` for many local files: all zeroed, the zeros made durable by one sync for all
+    (`sync_paths`), and only then any removed (``on_remove`` after each removal)."""
+    zeroed = [p for p in paths if _zero(p)]
+    if zeroed:
+        sync_paths(zeroed)
+    for p in zeroed:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(p)
+        if on_remove:
+            on_remove()
 
 
 def _zero(path, chunk: int = 1 << 24, fsync: bool = False) -> bool:
