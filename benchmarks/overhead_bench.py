@@ -10,7 +10,9 @@ minus that compute; every figure is also reported as a fraction of it.
 Runs: tracking off, ``wait="done"``; tracking on, ``wait="done"`` (after one warm-up deletion that creates
 the MLflow store); tracking on, a queue of ``wait="effective"`` deletions settled in one batch.
 
-    python -m benchmarks.overhead_bench [--size full|quick|smoke] [--repeats N] [--out DIR]
+    python -m benchmarks.overhead_bench [--size full|quick|smoke] [--repeats N] [--queue Q] [--out DIR]
+
+``--queue``: the length of the settled queue (default: ``--repeats``).
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ def _tracking(workdir: Path, on: bool) -> None:
     p.write_text(yaml.safe_dump(cfg, sort_keys=False))
 
 
-def run(size_name: str = "full", out: Path | None = None, repeats: int = 4, log=print) -> dict:
+def run(size_name: str = "full", out: Path | None = None, repeats: int = 4, log=print, queue_length: int | None = None) -> dict:
     size = SIZES[size_name]
     out = Path(out or ROOT / "benchmarks" / "out")
     wd = out / "work" / "overhead"
@@ -124,7 +126,7 @@ def run(size_name: str = "full", out: Path | None = None, repeats: int = 4, log=
     ens = SisaEnsemble.open(wd)
     res["first_tracked"] = _one(ens, rng)  # creates the MLflow store and registered model
     res["tracking_on"] = summarise([_one(ens, rng) for _ in range(repeats)])
-    queue = [_one(ens, rng, wait="effective") for _ in range(repeats)]
+    queue = [_one(ens, rng, wait="effective") for _ in range(queue_length or repeats)]
     t1 = time.perf_counter()
     settled = ens.settle()
     batch = time.perf_counter() - t1
@@ -181,6 +183,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", default="full", choices=sorted(SIZES))
     ap.add_argument("--repeats", type=int, default=4)
+    ap.add_argument("--queue", type=int, default=None)
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    print(table(run(a.size, Path(a.out) if a.out else None, a.repeats)))
+    print(table(run(a.size, Path(a.out) if a.out else None, a.repeats, queue_length=a.queue)))

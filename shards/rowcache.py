@@ -20,7 +20,7 @@ import weakref
 import numpy as np
 
 from shards.schema import FEATURE, LABEL, decode_rows
-from shards.storage import Storage, zero_and_remove
+from shards.storage import Storage, zero_and_remove, zero_and_remove_many
 
 ROOT_ENV = "SISA_ROW_CACHE"  # where the cache directories live (default: the system temp directory)
 
@@ -106,8 +106,8 @@ class RowCache:
 
     def wipe(self) -> None:
         """Zero and remove every cache file (they hold raw rows)."""
-        for name in os.listdir(self.dir) if os.path.isdir(self.dir) else []:
-            zero_and_remove(os.path.join(self.dir, name))
+        names = os.listdir(self.dir) if os.path.isdir(self.dir) else []
+        zero_and_remove_many([os.path.join(self.dir, name) for name in names])
         self._held.clear()
         self._shape.clear()
 

@@ -17,6 +17,7 @@ Local files anywhere (the workdir's manifest and evaluation file too) are writte
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -137,6 +138,17 @@ class Storage:
             except FileNotFoundError:
                 pass
             self.fs.invalidate_cache(target)
+
+    def delete_many(self, rels: list[str], on_delete=None) -> None:
+        """`delete` each of ``rels``; on a local disk every file is overwritten with zeros, the zeros made
+        durable by one sync for all, and only then is any removed (``on_delete`` after each removal)."""
+        if not self.local:
+            for rel in rels:
+                self.delete(rel)
+                if on_delete:
+                    on_delete()
+            return
+        zero_and_remove_many([self.path(r) for r in rels], on_delete)
 
     def listdir(self, rel: str = "") -> list[str]:
         """Every file under ``rel`` (recursively), as paths relative to the root."""
@@ -307,13 +319,37 @@ def zero_and_remove(path, chunk: int = 1 << 24) -> bool:
     """Overwrite a local file with zeros (fsynced), then remove it, so its bytes (rows, weights) are not left
     in free blocks. False when there was no such file."""
     try:
+        if not _zero(path, chunk, fsync=True):
+            return False
+        os.remove(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def zero_and_remove_many(paths: list, on_remove=None) -> None:
+    """`zero_and_remove` for many local files: all zeroed, the zeros made durable by one sync for all
+    (`sync_paths`), and only then any removed (``on_remove`` after each removal)."""
+    zeroed = [p for p in paths if _zero(p)]
+    if zeroed:
+        sync_paths(zeroed)
+    for p in zeroed:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(p)
+        if on_remove:
+            on_remove()
+
+
+def _zero(path, chunk: int = 1 << 24, fsync: bool = False) -> bool:
+    """Overwrite a local file with zeros (durable only with ``fsync``); False when there is no such file."""
+    try:
         size = os.path.getsize(path)
         with open(path, "r+b") as f:
             for off in range(0, size, chunk):
                 f.write(b"\0" * min(chunk, size - off))
             f.flush()
-            os.fsync(f.fileno())
-        os.remove(path)
+            if fsync:
+                os.fsync(f.fileno())
     except FileNotFoundError:
         return False
     return True

@@ -251,7 +251,7 @@ class SisaEnsemble:
 
         self._check_config()
         with self.workdir.lock(what="delete"):
-            recover(self._ctx, locked=True, settle=wait == "done")  # an unfinished addition comes first
+            recover(self._ctx, locked=True, settle=False)  # an unfinished addition first; effective ones: below
             return delete(self._ctx, self.manifest, ids, progress, wait)
 
     def settle(self) -> list[str]:

@@ -168,13 +168,13 @@ class Workdir:
 
 def purge_unreferenced(storage: Storage, manifest, on_delete=None) -> list[str]:
     """Delete every data/checkpoint/base file ``manifest`` (a `sisa.manifest.Manifest`, or None: keep nothing) does
-    not reference: superseded or half-written files. Each file is zeroed, then removed (`Storage.delete`)."""
+    not reference: superseded or half-written files. Each file is zeroed, the zeros made durable (one sync
+    for all), then removed (`Storage.delete_many`)."""
     keep = manifest.referenced_files() if manifest is not None else set()
-    gone = []
-    for rel in storage.listdir():
-        if (rel.startswith(("data/", "ckpt/", "base/")) and rel not in keep) or os.path.basename(rel).startswith(".tmp-"):
-            storage.delete(rel)
-            gone.append(rel)
-            if on_delete:
-                on_delete()
+    gone = [
+        rel
+        for rel in storage.listdir()
+        if (rel.startswith(("data/", "ckpt/", "base/")) and rel not in keep) or os.path.basename(rel).startswith(".tmp-")
+    ]
+    storage.delete_many(gone, on_delete)
     return gone

@@ -87,3 +87,21 @@ def weight_needles(ens, shards) -> list[bytes]:
         sd = ens.load_shard_model(s).state_dict()
         out.append(max(sd.values(), key=lambda t: t.numel()).numpy().tobytes())
     return out
+
+
+def delete_killed_at(workdir, ids: list, point: str):
+    """Open ``workdir`` in a new process and delete ``ids``, killed (SIGKILL) at crash point ``point``;
+    returns the finished process."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = "import json, sys; from sisa import SisaEnsemble; SisaEnsemble.open(sys.argv[1]).delete(json.loads(sys.argv[2]))"
+    return subprocess.run(
+        [sys.executable, "-c", code, str(workdir), json.dumps(list(ids))],
+        env={**os.environ, "SISA_CRASH_AT": point},
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )

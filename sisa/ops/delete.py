@@ -109,11 +109,13 @@ def delete(ctx, m: Manifest, ids, progress=None, wait: str = "done") -> Receipt:
     ph, t0 = Phases(), time.time()
     ids = _normalise(m, ids)
     with ctx.workdir.lock(what="delete"):
-        with ph("recover"):
-            recover(ctx, locked=True, settle=wait == "done")
+        with ph("recover"):  # effective ones stay owed: this request's settle takes them in its batch
+            recover(ctx, locked=True, settle=False)
         with ph("preflight"):
             m = ctx.read_manifest()
             found, held, gone, unknown = locate(ctx, m, ids)
+            if (unknown or not (found or held)) and wait == "done":
+                purge.settle(ctx)
             if unknown:
                 raise _unknown(ctx, m, unknown)
             if not found and not held:

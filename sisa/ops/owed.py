@@ -17,6 +17,7 @@ import time
 import warnings
 
 from orchestration import ShardPlan
+from sisa.failpoints import crashpoint
 from sisa.workdir import write_atomic
 
 DIR = "owed"
@@ -85,27 +86,59 @@ def remove(workdir, rid: str) -> None:
     path(workdir, rid).unlink(missing_ok=True)
 
 
-def log_run(ctx, m, rec: dict, metrics: dict, note: str | None = None) -> str | None:
-    """Replay the request's events to the observer (an MLflow parent run with a child per retrained shard)
-    on manifest ``m``; ``metrics``: the evaluation of ``m`` ({} for a request that is not the batch's last).
-    Marks the record logged, so a crash after it does not log the run twice. Returns the run id."""
-    if rec.get("recovered"):
-        return _log_killed(ctx, m, rec)
+def log_batch(ctx, m, recs: list[dict], metrics: dict) -> str | None:
+    """One MLflow run for a settled batch of requests, on manifest ``m``: its children are the retrained
+    shards (a shard retrained by several requests: one child with all their stages), its metrics the
+    evaluation of ``m`` (``metrics``) and, for more than one request, the batch's totals and each request's
+    own figures under ``request/`` at step i (its place in the batch). A request whose process died before
+    it was effective gets its own run, closed as KILLED (`_log_killed`). Marks every record logged, so a
+    crash after it does not log the runs twice. Returns the batch run's id."""
+    for rec in recs:
+        if rec.get("recovered"):
+            _log_killed(ctx, m, rec)
+    live = [r for r in recs if not r.get("recovered")]
+    if not live:
+        return None
     obs = ctx.observer
-    plans = [ShardPlan(shard=p["shard"], start_stage=p["start_stage"], slices=[]) for p in rec["plans"]]
-    obs.started(OP, m, {"sisa.request_id": rec["request_id"]})
-    for p in plans:
-        for st in rec["stages"].get(str(p.shard), []):
-            obs.stage(OP, p, None, st)
-    figures = {**rec["metrics"], **metrics, "plots": note is None and ctx.config.tracking.deletion_plots}
-    figures.update({f"phase_seconds/{k}": v for k, v in rec.get("phase_seconds", {}).items()})
-    tags = dict(rec["tags"])
-    if note:
-        tags["sisa.evaluated"] = note
-    obs.finished(OP, m, plans, figures, tags, rec["slices_hit"])
+    ids = [r["request_id"] for r in live]
+    obs.started(OP, m, {"sisa.request_id": ids[0]} if len(ids) == 1 else {"sisa.request_ids": ",".join(ids)})
+    crashpoint("batch_run_started")  # a dead process's run stays RUNNING: the next attempt closes it as KILLED
+    first: dict[int, int] = {}
+    for rec in live:
+        for p in rec["plans"]:
+            plan = ShardPlan(shard=p["shard"], start_stage=p["start_stage"], slices=[])
+            first[plan.shard] = min(first.get(plan.shard, plan.start_stage), plan.start_stage)
+            for st in rec["stages"].get(str(plan.shard), []):
+                obs.stage(OP, plan, None, st)
+    plans = [ShardPlan(shard=s, start_stage=k, slices=[]) for s, k in sorted(first.items())]
+    figures, tags = _figures(live, metrics)
+    figures["plots"] = ctx.config.tracking.deletion_plots
+    slices_hit = sorted({tuple(x) for r in live for x in r["slices_hit"]})
+    obs.finished(OP, m, plans, figures, tags, slices_hit)
     if obs.run_id is not None or not ctx.config.tracking.enabled:  # a failed log (MLflow down) is retried
-        write(ctx.workdir, rec["request_id"], {**rec, "logged": True})
+        for rec in live:
+            write(ctx.workdir, rec["request_id"], {**rec, "logged": True})
     return obs.run_id
+
+
+def _figures(live: list[dict], metrics: dict) -> tuple[dict, dict]:
+    """(metrics, tags) of a batch run: one request's own figures, or the totals and each one's at its step."""
+    def own(rec):
+        return {**rec["metrics"], **{f"phase_seconds/{k}": v for k, v in rec.get("phase_seconds", {}).items()}}
+
+    if len(live) == 1:
+        return {**own(live[0]), **metrics}, dict(live[0]["tags"])
+    rows = sum(r["metrics"].get("rows_deleted", 0) for r in live)
+    figures = {
+        **{k: live[0]["metrics"].get(k) for k in ("ensemble_accuracy_before", "shard_accuracy_before")},
+        **metrics,
+        "requests": len(live),
+        "rows_deleted": rows,
+        "eval_rows_deleted": sum(r["metrics"].get("eval_rows_deleted", 0) for r in live),
+        "wall_seconds": sum(r["metrics"].get("wall_seconds") or 0.0 for r in live),
+        "per_request": [own(r) for r in live],
+    }
+    return figures, {"sisa.rows_deleted": rows}
 
 
 def _log_killed(ctx, m, rec: dict) -> None:
@@ -121,7 +154,7 @@ def _log_killed(ctx, m, rec: dict) -> None:
         flat = {k: v for k, v in rec["metrics"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         now = int(time.time() * 1000)
         tracker.client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in flat.items()])
-        tracker.settle(rec["request_id"])
+        tracker.settle([rec["request_id"]])
     except Exception as e:  # noqa: BLE001 - logging never fails an operation; the publish that follows may
         warnings.warn(f"MLflow run of request {rec['request_id']} not logged ({type(e).__name__}: {e})", stacklevel=2)
         return None

@@ -6,7 +6,7 @@ and stale copies in the workdir and the warm workers' caches are purged, and the
 the store holds no byte of the rows.
 
 *Done* (`settle`): for every effective request, in one batch, the held-out rows are evaluated again
-(incrementally, `sisa.context.OpContext.evaluate`), each request's MLflow run is logged, the ensemble is
+(incrementally, `sisa.context.OpContext.evaluate`), one MLflow run is logged for the batch, the ensemble is
 published and every MLflow registered version and logged model that saw the rows is purged; only then is
 each request marked done. If a step fails (MLflow down, say), the requests stay effective and the next open
 (or `SisaEnsemble.settle`, or the next deletion with ``wait="done"``) finishes them.
@@ -88,7 +88,7 @@ def _plan(ctx, rid: str) -> dict:
 
 def settle(ctx, ph: Phases | None = None) -> list[str]:
     """Finish what every effective deletion owes, in one batch (hold the workdir lock): one evaluation of
-    the served ensemble, each request's MLflow run, one publish that purges every other model version;
+    the served ensemble, one MLflow run for the batch, one publish that purges every other model version;
     then each request is done. Returns their ids."""
     ph = ph or Phases()
     ledger = ctx.ledger()
@@ -103,12 +103,9 @@ def settle(ctx, ph: Phases | None = None) -> list[str]:
             m = m.with_metrics(**metrics)
             ctx.commit(m)
     run_id, last = None, todo[-1]["id"]
-    with ph("mlflow_logging"):
-        for r in todo:
-            rec = owed.load(ctx.workdir, r["id"]) or owed.from_receipt(r["id"], _receipt(ctx, r["id"]), r["plan"])
-            if not rec.get("logged"):
-                note = None if r["id"] == last else f"accuracy figures are those of request {last}'s run"
-                run_id = owed.log_run(ctx, m, rec, metrics if r["id"] == last else {}, note) or run_id
+    with ph("mlflow_logging"):  # one run for the batch
+        recs = [owed.load(ctx.workdir, r["id"]) or owed.from_receipt(r["id"], _receipt(ctx, r["id"]), r["plan"]) for r in todo]
+        run_id = owed.log_batch(ctx, m, [rec for rec in recs if not rec.get("logged")], metrics)
     crashpoint("during_settle")
     with ph("mlflow_publish"):  # the new version; every version that saw deleted rows is purged
         ctx.publish(m, purge=True, request_id=last, run_id=run_id)

@@ -2,7 +2,8 @@
 
 Erasure needs a few things MLflow's public API does not offer: the hard delete of a logged model's row
 (the public delete only marks it), the list of soft-deleted logged models (an interrupted purge leaves
-some), a models:/ source resolved against our own store, and the artifact repository of a location.
+some), a models:/ source resolved against our own store, the artifact repository of a location, and a
+version's tags deleted in one transaction.
 Each is reached here and nowhere else, so that an MLflow upgrade that moves one of them breaks this
 module only. Everything is used on a ``sqlite:///`` store that belongs to the workdir (`OwnStore`);
 on a tracking server the public API is all sisa uses.
@@ -21,6 +22,14 @@ def sqlite_path(uri: str) -> Path | None:
     if not uri.startswith("sqlite:///"):
         return None
     return Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+
+
+def local_path(location: str) -> Path | None:
+    """The folder of a local (``file://`` or plain path) artifact location; None for remote stores."""
+    from urllib.parse import unquote, urlparse
+
+    parsed = urlparse(location)
+    return Path(unquote(parsed.path)) if parsed.scheme in ("", "file") else None
 
 
 def client(uri: str):
@@ -108,6 +117,23 @@ def own_store(mlflow_client, uri: str) -> OwnStore | None:
     store = mlflow_client._tracking_client.store
     needed = ("_get_deleted_logged_models", "_hard_delete_logged_model", "get_logged_model")
     return OwnStore(store) if all(hasattr(store, k) for k in needed) else None
+
+
+def drop_version_tags(mlflow_client, uri: str, name: str, version) -> bool:
+    """Delete every tag of a model version (MLflow keeps a deleted version's tags; ours hold digests and
+    fingerprints) in one transaction on our own ``sqlite:///`` store. False where that is not possible
+    (a server, or MLflow moved its tables): the caller deletes them one by one through the public API."""
+    if sqlite_path(uri) is None:
+        return False
+    try:
+        from mlflow.store.model_registry.dbmodels.models import SqlModelVersionTag as Tag
+
+        maker = mlflow_client._get_registry_client().store.ManagedSessionMaker
+    except Exception:  # noqa: BLE001 - a moved private attribute: the public API
+        return False
+    with maker() as session:
+        session.query(Tag).filter(Tag.name == name, Tag.version == int(version)).delete()
+    return True
 
 
 @contextlib.contextmanager

@@ -4,13 +4,13 @@ A published ensemble version is a pyfunc model directory (written by `sisa.track
 
     MLmodel, conda.yaml, python_env.yaml, requirements.txt
     data/ensemble/ensemble.json   architecture, aggregation, and the digests below
-    data/ensemble/weights.pt      the active sub-models' state dicts
+    data/ensemble/shards/<s>.pt   shard s's state dict, one file per active shard
 
 No code travels in it: MLmodel names the installed module ``sisa.tracking.pyfunc`` as its ``loader_module``,
 so MLflow runs no script from the artifact. The chain of digests:
 
-- ``ensemble.json`` records, per shard, the sha256 of the deployed checkpoint and of the state-dict
-  tensors taken from it; the sha256 of ``weights.pt``; ``LOADER_SHA256`` (the digest of the pyfunc flavor
+- ``ensemble.json`` records, per shard, the sha256 of the deployed checkpoint, of the state-dict tensors
+  taken from it and of its weights file (``files``); ``LOADER_SHA256`` (the digest of the pyfunc flavor
   this sisa writes and accepts); and a digest of its own content.
 - the digest of every file of the directory (``files``) is recorded, after saving, in the registered
   model version's tags and in the workdir's publish record ``mlflow-model.json``, signed with a key
@@ -29,10 +29,10 @@ from pathlib import Path
 
 from shards.errors import IntegrityError
 
-FORMAT = 2
+FORMAT = 3  # 2: one weights.pt for every shard; 3: one file per shard (a publish rewrites changed shards only)
 LOADER_MODULE = "sisa.tracking.pyfunc"
 DATA = "data/ensemble"  # where MLflow copies the data directory inside the model directory
-DATA_FILES = ("ensemble.json", "weights.pt")
+META = "ensemble.json"
 RECORD = "mlflow-model.json"  # the publish record in the workdir
 # The pyfunc flavor fields that decide which code MLflow runs at load time: exactly these, nothing else.
 FLAVOR = {"loader_module": LOADER_MODULE, "data": DATA, "code": None, "python_model": None, "predict_fn": None}
@@ -47,6 +47,15 @@ WHAT_TO_DO = (
 
 def canonical(obj) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+ENCODER = "encoder"  # model.encoder: its state dict's key, bound like a shard's
+ENCODER_FILE = "shards/encoder.pt"
+
+
+def shard_file(shard) -> str:
+    """A shard's weights file, relative to the data directory (`DATA`)."""
+    return f"shards/{int(shard)}.pt"
 
 
 def file_sha256(path) -> str:
@@ -114,40 +123,51 @@ def check_flavor(root: Path) -> None:
 def check_model_dir(root: Path, files: dict[str, str] | None = None):
     """Verify a local pyfunc model directory; returns (meta, weights). ``files``: the published
     {relative path: sha256} from the registry or the publish record, checked first when given."""
-    import torch
-
     root = Path(root)
     if files is not None:
         check_files(root, files, where=str(root))
     check_flavor(root)
     data = root / DATA
-    extra = sorted(p.relative_to(data).as_posix() for p in data.rglob("*") if p.name not in DATA_FILES)
+    meta = _check_meta(data / META)
+    extra = sorted(
+        rel
+        for rel in (p.relative_to(data).as_posix() for p in data.rglob("*") if not p.is_dir())
+        if rel != META and rel not in meta["files"]
+    )
     if extra:
         raise _fail(data / extra[0], "is not part of a sisa ensemble model")
-    path = data / "ensemble.json"
+    keys = [*meta["shards"], *([ENCODER] if meta.get("encoder") is not None else [])]
+    return meta, {str(s): _shard_weights(data, meta, s) for s in keys}
+
+
+def _check_meta(path: Path) -> dict:
     try:
         meta = json.loads(path.read_bytes())
     except (OSError, ValueError) as e:
         raise _fail(path, f"is missing or not valid JSON ({e})") from None
     if meta.get("format") != FORMAT:
-        raise _fail(path, f"holds a sisa ensemble of format {meta.get('format')}, not {FORMAT} (without digests)")
+        raise _fail(path, f"holds a sisa ensemble of format {meta.get('format')}, not {FORMAT}")
     if meta.get("digest") != meta_digest(meta):
         raise _fail(path, "its content does not match its recorded digest (a field was edited)")
     if meta.get("loader_sha256") != LOADER_SHA256:
         raise _fail(path, "was published for another loader than the installed sisa.tracking.pyfunc")
-    wpath = data / "weights.pt"
-    if not wpath.exists() or file_sha256(wpath) != meta["files"]["weights.pt"]:
-        raise _fail(wpath, f"its sha256 is not the one recorded in {path.name}")
-    weights = torch.load(wpath, map_location="cpu", weights_only=True)
-    for s in meta["shards"]:
-        if state_dict_sha256(weights[str(s)]) != meta["state_dicts"][str(s)]:
-            raise _fail(
-                wpath, f"the tensors of shard {s} differ from those of checkpoint {meta['checkpoints'][str(s)]}"
-            )
-    enc = meta.get("encoder")  # model.encoder: its state dict is bound like a shard's
-    if enc is not None and state_dict_sha256(weights["encoder"]) != meta["state_dicts"]["encoder"]:
-        raise _fail(wpath, f"the tensors of the encoder differ from those of the start {enc['sha256']}")
-    return meta, weights
+    return meta
+
+
+def _shard_weights(data: Path, meta: dict, s) -> dict:
+    """Shard ``s``'s state dict (or the encoder's, ``s`` = `ENCODER`), read only after its file's sha256
+    matched ``ensemble.json``."""
+    import torch
+
+    rel = ENCODER_FILE if s == ENCODER else shard_file(s)
+    path = data / rel
+    if not path.is_file() or file_sha256(path) != meta["files"].get(rel):
+        raise _fail(path, f"its sha256 is not the one recorded in {META}")
+    weights = torch.load(path, map_location="cpu", weights_only=True)
+    if state_dict_sha256(weights) != meta["state_dicts"][str(s)]:
+        of = f"the start {meta['encoder']['sha256']}" if s == ENCODER else f"checkpoint {meta['checkpoints'][str(s)]}"
+        raise _fail(path, f"the tensors of {'the encoder' if s == ENCODER else f'shard {s}'} differ from those of {of}")
+    return weights
 
 
 def check_files(root: Path, files: dict[str, str], where: str) -> list[str]:

@@ -1,11 +1,12 @@
 """The ensemble as an MLflow pyfunc model: what `Tracker` logs and registers for each ensemble version.
 
 A version is a pyfunc model saved with ``loader_module="sisa.tracking.pyfunc"`` (no pickle, and no code
-in the artifact: MLflow imports this installed module and calls `_load_pyfunc`), plus two data files,
+in the artifact: MLflow imports this installed module and calls `_load_pyfunc`), plus its data:
 ``ensemble.json`` (architecture, input shape, classes, aggregation, and the digests that bind it to the
-deployed checkpoints) and ``weights.pt`` (the active sub-models' state dicts, read back with
-``torch.load(weights_only=True)``). Loading it needs ``sisa`` importable (and the user's model package,
-for a model given by import path):
+deployed checkpoints) and ``shards/<s>.pt``, one active sub-model's state dict per file, read back with
+``torch.load(weights_only=True)``. A new version of a local store hard-links the files of the shards the
+previous version already holds (same checkpoint) instead of writing them again. Loading it needs ``sisa``
+importable (and the user's model package, for a model given by import path):
 
     model = mlflow.pyfunc.load_model("models:/<name>@current")
     model.predict(X)                       # labels, equal to SisaEnsemble.predict(X)
@@ -25,6 +26,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -33,17 +36,20 @@ import torch
 from sisa.tracking import adapter
 from sisa.tracking.digest import (
     DATA,
+    ENCODER,
+    ENCODER_FILE,
     FORMAT,
     LOADER_MODULE,
     LOADER_SHA256,
+    META,
     check_model_dir,
     file_sha256,
     meta_digest,
+    shard_file,
     state_dict_sha256,
 )
 
 ARTIFACT = "ensemble"
-ENCODER = "encoder"  # the key of the frozen encoder's state dict in weights.pt (model.encoder)
 
 
 def fingerprint(ctx, m) -> str:
@@ -56,12 +62,24 @@ def fingerprint(ctx, m) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
 
-def export(ctx, m, directory: Path) -> dict:
-    """Write ensemble.json and weights.pt for the manifest's active shards into ``directory``."""
+def export(ctx, m, directory: Path, reuse: dict | None = None) -> dict:
+    """Write ensemble.json and one weights file per active shard of manifest ``m`` into ``directory``.
+    ``reuse``: {shard: (file, file sha256, state-dict sha256)} of a previous version's weights file for
+    the same checkpoint, hard-linked instead of written (written when the link fails)."""
     directory.mkdir(parents=True, exist_ok=True)
+    (directory / "shards").mkdir(exist_ok=True)
     active = ctx.active_shards(m)
     spec = ctx.spec(m)
     c = ctx.config
+    files, state_dicts = {}, {}
+    for s in active:
+        rel = shard_file(s)
+        if s in (reuse or {}) and _link(reuse[s][0], directory / rel):
+            files[rel], state_dicts[str(s)] = reuse[s][1], reuse[s][2]
+            continue
+        sd = ctx.load_model(s, m).state_dict()
+        torch.save(sd, directory / rel)
+        files[rel], state_dicts[str(s)] = file_sha256(directory / rel), state_dict_sha256(sd)
     meta = {
         "format": FORMAT,
         "name": c.name,
@@ -75,21 +93,29 @@ def export(ctx, m, directory: Path) -> dict:
         "aggregation": {"method": c.aggregation.method, "weights": c.aggregation.weights},
         "shards": active,
         "checkpoints": {str(s): m.shards[s].final.sha256 for s in active},
+        "state_dicts": state_dicts,
+        "files": files,
         "config_hash": m.config_hash,
         "fingerprint": fingerprint(ctx, m),
         "loader_sha256": LOADER_SHA256,
     }
-    weights = {str(s): ctx.load_model(s, m).state_dict() for s in active}
     if m.encoder is not None:  # model.encoder: the frozen body every row goes through before the heads
-        meta["encoder"] = {"model_kwargs": dict(c.model.kwargs), "width": m.encoder.width, "sha256": m.encoder.sha256}
-        meta["encoder"]["module"] = m.encoder.module  # a user's encoder by import path (None: the start's body)
-        weights[ENCODER] = ctx.encoder(m).state_dict()
-    meta["state_dicts"] = {k: state_dict_sha256(sd) for k, sd in weights.items()}
-    torch.save(weights, directory / "weights.pt")
-    meta["files"] = {"weights.pt": file_sha256(directory / "weights.pt")}
+        e = m.encoder
+        meta["encoder"] = {"model_kwargs": dict(c.model.kwargs), "width": e.width, "sha256": e.sha256, "module": e.module}
+        sd = ctx.encoder(m).state_dict()  # e.module: a user's encoder by import path (None: the start's body)
+        torch.save(sd, directory / ENCODER_FILE)
+        files[ENCODER_FILE], state_dicts[ENCODER] = file_sha256(directory / ENCODER_FILE), state_dict_sha256(sd)
     meta["digest"] = meta_digest(meta)
-    (directory / "ensemble.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+    (directory / META).write_text(json.dumps(meta, indent=1, sort_keys=True))
     return meta
+
+
+def _link(src: Path, dst: Path) -> bool:
+    try:
+        os.link(src, dst)
+    except OSError:  # gone, or another file system
+        return False
+    return True
 
 
 def signature(input_shape):
@@ -112,12 +138,15 @@ def requirements() -> list[str]:
     return [f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"]
 
 
-def save(ctx, m, path: Path, mlflow_model=None) -> dict:
-    """Save the manifest's ensemble as a pyfunc model directory at ``path`` (which must not exist)."""
+def save(ctx, m, path: Path, mlflow_model=None, reuse: dict | None = None) -> dict:
+    """Save the manifest's ensemble as a pyfunc model directory at ``path`` (which must not exist, or be
+    empty). The shards' weights files are moved into place rather than copied by MLflow (see `export`)."""
     import mlflow.pyfunc
 
-    work = Path(path).parent / (Path(path).name + ".src")
-    meta = export(ctx, m, work / ARTIFACT)
+    path = Path(path)
+    work = path.parent / (path.name + ".src")
+    meta = export(ctx, m, work / ARTIFACT, reuse)
+    (work / ARTIFACT / "shards").rename(work / "shards")  # MLflow copies the data directory: ensemble.json only
     with adapter.quiet():
         mlflow.pyfunc.save_model(
             path=str(path),
@@ -127,9 +156,9 @@ def save(ctx, m, path: Path, mlflow_model=None) -> dict:
             pip_requirements=requirements(),
             mlflow_model=mlflow_model,
         )
+    (work / "shards").rename(path / DATA / "shards")
+    shutil.rmtree(work)  # ensemble.json's first copy
     return meta
-
-
 
 
 def _load_pyfunc(data_path: str, model_config=None):

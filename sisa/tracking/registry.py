@@ -5,6 +5,12 @@ live version, the digests recorded at publish time, and the purge of superseded 
 version, records the sha256 of every file of it in the version's tags (``sisa.files``) and in the
 workdir's signed publish record (``mlflow-model.json``, `sisa.tracking.digest`), and moves the alias.
 `purge_superseded` then deletes every other version and logged model of this ensemble, artifacts first.
+
+In a local artifact store the model is written in place, and a shard whose checkpoint the previous
+version (the one the signed record names) already holds is a hard link to that version's file: its digests
+come from the record, nothing is written or hashed again. The purge zeroes every superseded file before it
+removes it, but those that are the same inode as a file of the kept version (a shard both versions hold:
+no deleted row reached it); a changed byte in a linked file fails the new version's checks as the old one's.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from shards.errors import WorkdirError
 from shards.storage import zero_and_remove
 from sisa.failpoints import crashpoint
 from sisa.tracking import adapter
-from sisa.tracking.digest import DATA, FORMAT, read_record, tree_digests, write_record
+from sisa.tracking.digest import DATA, FORMAT, META, read_record, shard_file, tree_digests, write_record
 from sisa.tracking.pyfunc import fingerprint, save
 
 ALIAS = "current"
@@ -43,7 +49,8 @@ def publish(tracker, ctx, m, run_id: str | None = None, purge: bool = False, for
         if not force and current is not None and _is_recorded(ctx.workdir, current, fp):
             keep = current
         else:
-            keep = _log_version(tracker, ctx, m, run_id, fp)
+            reuse = {} if force else _reusable(tracker, ctx, m, current)
+            keep = _log_version(tracker, ctx, m, run_id, fp, reuse)
     if purge:
         purge_superseded(tracker, keep)
     return keep
@@ -86,11 +93,46 @@ def _alias(client, name: str):
         return None
 
 
-def _log_version(tracker, ctx, m, run_id: str | None, fp: str):
+def _reusable(tracker, ctx, m, current) -> dict:
+    """{shard: (weights file, its sha256, state-dict sha256)} of the @current version's local files whose
+    checkpoint is the one ``m`` deploys, digests taken from the signed publish record that names it."""
+    rec, _ = read_record(ctx.workdir)
+    if current is None or rec is None or str(rec.get("version")) != str(current.version):
+        return {}
+    if rec.get("model_id") != adapter.model_id(current) or current.tags.get("sisa.format") != str(FORMAT):
+        return {}
+    prev = adapter.local_path(tracker.client.get_logged_model(rec["model_id"]).artifact_location)
+    if prev is None:
+        return {}
+    out = {}
+    for s in ctx.active_shards(m):
+        key, sd = f"{DATA}/{shard_file(s)}", rec.get("state_dicts", {}).get(str(s))
+        if rec["checkpoints"].get(str(s)) == m.shards[s].final.sha256 and key in rec["files"] and sd:
+            out[s] = (prev / key, rec["files"][key], sd)
+    return out
+
+
+def _write_model(tracker, ctx, m, lm, run_id: str | None, reuse: dict) -> tuple[dict, dict]:
+    """Save the pyfunc model into the logged model's artifacts: in place on a local store (hard links for
+    ``reuse``), else through a temporary folder. Returns (ensemble.json's content, {file: sha256})."""
     import tempfile
 
-    from mlflow.entities import LoggedModelOutput
     from mlflow.models import Model
+
+    mm = Model(artifact_path=lm.artifact_location, model_uuid=lm.model_id, run_id=run_id, model_id=lm.model_id)
+    local = adapter.local_path(lm.artifact_location)
+    if local is not None:
+        meta = save(ctx, m, local, mlflow_model=mm, reuse=reuse)
+        return meta, tree_digests(local, {f"{DATA}/{k}": v for k, v in meta["files"].items()})
+    with tempfile.TemporaryDirectory() as tmp:
+        meta = save(ctx, m, Path(tmp) / "model", mlflow_model=mm)
+        files = tree_digests(Path(tmp) / "model", {f"{DATA}/{k}": v for k, v in meta["files"].items()})
+        tracker.client.log_model_artifacts(lm.model_id, str(Path(tmp) / "model"))
+    return meta, files
+
+
+def _log_version(tracker, ctx, m, run_id: str | None, fp: str, reuse: dict):
+    from mlflow.entities import LoggedModelOutput
 
     client, name = tracker.client, tracker.model_name
     active = ctx.active_shards(m)
@@ -103,11 +145,8 @@ def _log_version(tracker, ctx, m, run_id: str | None, fp: str):
     )
     if run_id is not None:
         client.log_outputs(run_id, models=[LoggedModelOutput(lm.model_id, step=0)])
-    with tempfile.TemporaryDirectory() as tmp:
-        mm = Model(artifact_path=lm.artifact_location, model_uuid=lm.model_id, run_id=run_id, model_id=lm.model_id)
-        meta = save(ctx, m, Path(tmp) / "model", mlflow_model=mm)
-        files = tree_digests(Path(tmp) / "model", {f"{DATA}/weights.pt": meta["files"]["weights.pt"]})
-        client.log_model_artifacts(lm.model_id, str(Path(tmp) / "model"))
+    meta, files = _write_model(tracker, ctx, m, lm, run_id, reuse)
+    crashpoint("after_model_written")  # a logged model not yet registered: the next purge removes it
     digests = {"sisa.format": str(FORMAT), "sisa.files": json.dumps(files, sort_keys=True, separators=(",", ":"))}
     client.set_logged_model_tags(lm.model_id, digests)
     client.finalize_logged_model(lm.model_id, "READY")
@@ -120,7 +159,7 @@ def _log_version(tracker, ctx, m, run_id: str | None, fp: str):
             run_id=run_id,
             tags={"sisa.fingerprint": fp, **digests},
             description=f"{len(active)} active shard(s); {ctx.config.aggregation.method}; ensemble.json sha256 "
-            f"{files['data/ensemble/ensemble.json']}, weights.pt sha256 {meta['files']['weights.pt']}",
+            f"{files[f'{DATA}/{META}']}",
             await_creation_for=0,
             model_id=lm.model_id,
         )
@@ -149,8 +188,9 @@ def purge_superseded(tracker, keep=None) -> list[str]:
             continue
         if adapter.model_id(v):
             doomed.add(adapter.model_id(v))
-        for k in v.tags:  # MLflow keeps a deleted version's tags; ours go first
-            client.delete_model_version_tag(name, v.version, k)
+        if not adapter.drop_version_tags(client, tracker.uri, name, v.version):  # MLflow keeps them: ours go first
+            for k in v.tags:
+                client.delete_model_version_tag(name, v.version, k)
         client.delete_model_version(name, v.version)
     exp = tracker.experiment_id()
     flt = f"tags.`sisa.ensemble` = '{name}'"
@@ -163,14 +203,23 @@ def purge_superseded(tracker, keep=None) -> list[str]:
             if lm.experiment_id == exp and lm.tags.get("sisa.ensemble") == name:
                 doomed.add(mid)
     doomed.discard(keep_model)
+    spare = _inodes(tracker, store, keep_model) if doomed and keep_model else set()
     for mid in sorted(doomed):
-        _purge_logged_model(tracker, store, mid)
+        _purge_logged_model(tracker, store, mid, spare)
     if store is not None and (doomed or tracker.zeroing):  # zeroing: a purge killed before it emptied the log
         _vacuum(tracker)
     return sorted(doomed)
 
 
-def _purge_logged_model(tracker, store, mid: str) -> None:
+def _inodes(tracker, store, mid: str) -> set[tuple[int, int]]:
+    """(device, inode) of every file of logged model ``mid``'s local artifacts (none for a remote store)."""
+    lm = store.get_logged_model(mid) if store is not None else tracker.client.get_logged_model(mid)
+    root = adapter.local_path(lm.artifact_location)
+    files = (f.stat() for f in (root.rglob("*") if root is not None and root.is_dir() else ()) if f.is_file())
+    return {(st.st_dev, st.st_ino) for st in files}
+
+
+def _purge_logged_model(tracker, store, mid: str, spare: set = frozenset()) -> None:
     """Artifacts first (the weights), then the entity; hard delete of the row where the store is ours.
 
     Not `mlflow gc`: with only --logged-model-ids it also hard-deletes every deleted run in the store."""
@@ -184,7 +233,7 @@ def _purge_logged_model(tracker, store, mid: str) -> None:
     loc = lm.artifact_location.rstrip("/")
     if loc.endswith(f"/{mid}/artifacts"):  # .../models/<id>/artifacts: remove the model's whole folder
         loc = loc.removesuffix("/artifacts")
-    _zero_local(loc)
+    _zero_local(loc, spare)
     adapter.artifact_repository(loc, tracker.uri).delete_artifacts()
     try:
         client.delete_logged_model(mid)
@@ -195,17 +244,18 @@ def _purge_logged_model(tracker, store, mid: str) -> None:
         store.hard_delete_logged_model(mid)
 
 
-def _zero_local(location: str) -> None:
+def _zero_local(location: str, spare: set = frozenset()) -> None:
     """Zero a local artifact folder's files before MLflow removes them (as the store's files are), so the
-    superseded weights are not left in free blocks. Remote artifact stores delete objects as a whole."""
-    from urllib.parse import unquote, urlparse
-
-    parsed = urlparse(location)
-    if parsed.scheme not in ("", "file"):
-        return
-    root = Path(unquote(parsed.path))
-    for f in sorted(root.rglob("*")) if root.is_dir() else []:
-        if f.is_file() and not f.is_symlink():
+    superseded weights are not left in free blocks; a file that is the same inode as one of the kept
+    version (``spare``: a shard both hold) is only unlinked. Remote artifact stores delete objects whole."""
+    root = adapter.local_path(location)
+    for f in sorted(root.rglob("*")) if root is not None and root.is_dir() else []:
+        if not f.is_file() or f.is_symlink():
+            continue
+        st = f.stat()
+        if (st.st_dev, st.st_ino) in spare:
+            f.unlink()
+        else:
             zero_and_remove(f)
 
 

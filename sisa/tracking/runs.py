@@ -81,11 +81,12 @@ class Tracker:
 
         c = self.config
         exp = self.experiment_id()
-        if "sisa.request_id" in tags:  # a re-run after a crash: the dead attempt's run is closed first
-            self.settle(tags["sisa.request_id"])
+        rids = [r for r in (tags.get("sisa.request_id") or tags.get("sisa.request_ids", "")).split(",") if r]
+        if rids:  # a re-run after a crash: the dead attempt's run is closed first
+            self.settle(rids)
         title = kind
-        if "sisa.request_id" in tags:  # "delete 794324d0": the request id's random part (full id in the tag)
-            title += f" {tags['sisa.request_id'].rsplit('-', 1)[-1]}"
+        if rids:  # "delete 794324d0 (+2)": the request id's random part (full ids in the tags)
+            title += f" {rids[0].rsplit('-', 1)[-1]}" + (f" (+{len(rids) - 1})" if len(rids) > 1 else "")
         run = self.client.create_run(
             exp,
             run_name=title,
@@ -129,13 +130,16 @@ class Tracker:
         from sisa.tracking.registry import publish
 
         if request_id is not None and run_id is None:
-            self.settle(request_id)
+            self.settle([request_id])
         return publish(self, ctx, m, run_id, purge, force)
 
-    def settle(self, request_id: str) -> None:
-        """Mark the runs of a request's attempt that died (still RUNNING) as KILLED, noting that."""
-        flt = f"tags.`sisa.request_id` = '{request_id}' and attributes.status = 'RUNNING'"
-        for r in self.client.search_runs([self.experiment_id()], filter_string=flt):
+    def settle(self, request_ids: list[str]) -> None:
+        """Mark the runs of the requests' attempts that died (still RUNNING) as KILLED, noting that."""
+        want = set(request_ids)
+        for r in self.client.search_runs([self.experiment_id()], filter_string="attributes.status = 'RUNNING'"):
+            tags = r.data.tags
+            if not want & set((tags.get("sisa.request_id") or tags.get("sisa.request_ids", "")).split(",")):
+                continue
             self.client.set_tag(
                 r.info.run_id,
                 "mlflow.note.content",
@@ -204,7 +208,7 @@ class MLflowObserver(Observer):
         now = int(time.time() * 1000)
         epochs = list(self.ctx.config.epochs_per_stage())
         sample_epochs = sum(_log_child(run, manifest, plan, metrics, epochs) for plan in plans)
-        flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        flat = {k: v for k, v in metrics.items() if _number(v)}
         flat.setdefault("wall_seconds", time.time() - run.t0)  # a deletion passes its own (to effective)
         flat["shards_trained"] = len(plans)
         flat.setdefault("sample_epochs", sample_epochs)  # a deletion passes its cost figures
@@ -212,6 +216,8 @@ class MLflowObserver(Observer):
         from mlflow.entities import RunTag
 
         ms = [Metric(k, float(v), now, 0) for k, v in flat.items()]
+        for i, own in enumerate(metrics.get("per_request", [])):  # a batch of requests: each at its step
+            ms += [Metric(f"request/{k}", float(v), now, i) for k, v in own.items() if _number(v)]
         for s, acc in sorted(_by_shard(metrics.get("shard_accuracy")).items()):
             ms.append(Metric("shard_test_accuracy", float(acc), now, s))
         tags = {k: str(v) for k, v in (tags or {}).items()}
@@ -355,6 +361,10 @@ def _how(kind: str, plan) -> str:
     if plan.start_stage > 1:
         return f"retrained from the checkpoint after stage {plan.start_stage - 1}"
     return "trained" if kind == "fit" else "retrained from a fresh initialisation"
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _by_shard(d) -> dict[int, float]:

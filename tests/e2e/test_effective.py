@@ -102,10 +102,19 @@ def test_a_queue_of_effective_deletions_is_settled_in_one_batch(tmp_path):
         for x in client.search_runs([exp], "tags.`sisa.operation` = 'delete'")
         if "mlflow.parentRunId" not in x.data.tags
     ]
-    assert sorted(x.data.tags["sisa.request_id"] for x in parents) == sorted(
-        [first.request_id, second.request_id, third.request_id]
-    )
-    assert all(x.info.status == "FINISHED" for x in parents)
+    (batch,) = parents  # one run for the settled batch, not one per request
+    assert batch.data.tags["sisa.request_ids"] == ",".join([first.request_id, second.request_id, third.request_id])
+    assert batch.info.status == "FINISHED" and batch.data.metrics["requests"] == 3
+    assert batch.data.metrics["rows_deleted"] == first.rows_deleted + second.rows_deleted + third.rows_deleted
+    rows = client.get_metric_history(batch.info.run_id, "request/rows_deleted")
+    assert [(m.step, m.value) for m in sorted(rows, key=lambda m: m.step)] == [
+        (0, first.rows_deleted),
+        (1, second.rows_deleted),
+        (2, third.rows_deleted),
+    ]
+    children = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{batch.info.run_id}'")
+    retrained = {int(s) for r in (first, second, third) for s in r.shards}
+    assert sorted(int(c.data.tags["sisa.shard"]) for c in children) == sorted(retrained)
 
 
 def test_bookkeeping_owed_by_an_exited_process_is_finished_on_open(tmp_path):

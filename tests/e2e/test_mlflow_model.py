@@ -2,17 +2,14 @@
 the `current` alias follows deletions, superseded versions are purged (also when the deleting process was
 killed and the workdir is reopened), and nothing else in the store is."""
 
-import os
 import signal
-import subprocess
-import sys
 
 import mlflow
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import REPO, tiny_config, tiny_data
+from helpers import delete_killed_at, tiny_config, tiny_data
 from mlflow.exceptions import MlflowException
 from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 from mlflow.tracking import MlflowClient
@@ -111,14 +108,7 @@ def test_a_deletion_killed_after_the_swap_is_purged_from_mlflow_on_reopen(tmp_pa
     client = _store_uri(monkeypatch, f"sqlite:///{w / 'mlflow.db'}")
     name = ens._ctx.tracker().model_name
     v1 = client.get_model_version_by_alias(name, "current")
-    code = "import sys; from sisa import SisaEnsemble; SisaEnsemble.open(sys.argv[1]).delete(['u-9', 'u-10'])"
-    res = subprocess.run(
-        [sys.executable, "-c", code, str(w)],
-        env={**os.environ, "SISA_CRASH_AT": "after_swap"},
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    )
+    res = delete_killed_at(w, ["u-9", "u-10"], "after_swap")
     assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
     assert client.get_model_version_by_alias(name, "current").version == v1.version  # not done yet
 

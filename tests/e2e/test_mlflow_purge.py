@@ -5,11 +5,9 @@ the rows' feature bytes and their raw ids are in no artifact and nowhere in the 
 import os
 import signal
 import sqlite3
-import subprocess
-import sys
 
 import numpy as np
-from helpers import REPO, scan, tiny_config, tiny_data, weight_needles
+from helpers import delete_killed_at, scan, tiny_config, tiny_data, weight_needles
 from mlflow.tracking import MlflowClient
 
 from sisa import SisaEnsemble
@@ -58,7 +56,12 @@ def test_no_superseded_model_or_deleted_row_left_in_mlflow(tmp_path):
     assert scan_mlflow(old_weights + old_version + rows) == []
     gone = [links / str(k) for k, f in enumerate(before) if not f.exists()]
     assert gone, "the superseded version's files were removed"
-    assert all(set(g.read_bytes()) <= {0} for g in gone), "and zeroed first, not only unlinked"
+    live = {(st.st_dev, st.st_ino) for st in (f.stat() for f in (w / "mlartifacts").rglob("*") if f.is_file())}
+    shared = [g for g in gone if (g.stat().st_dev, g.stat().st_ino) in live]
+    assert {g.stat().st_ino for g in shared} == {_shard_file(w, s).stat().st_ino for s in kept}, (
+        "only the unaffected shards' weights files are shared with the new version"
+    )
+    assert all(set(g.read_bytes()) <= {0} for g in gone if g not in shared), "the others zeroed, not only unlinked"
     db = sqlite3.connect(w / "mlflow.db")
     # no VACUUM: MLflow's connections zero what they delete (secure_delete), the purge empties the log
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -77,6 +80,12 @@ def test_no_superseded_model_or_deleted_row_left_in_mlflow(tmp_path):
     assert "ensemble_accuracy" in fit_run.data.metrics
 
 
+def _shard_file(w, s: int):
+    """Shard ``s``'s weights file in the one live model version's artifacts."""
+    (path,) = (w / "mlartifacts").rglob(f"data/ensemble/shards/{s}.pt")
+    return path
+
+
 def _scan_file(path, needles):
     data = path.read_bytes() if path.exists() else b""
     return [(path.name, n) for n in needles if n in data]
@@ -90,14 +99,7 @@ def test_a_purge_killed_before_the_log_is_emptied_is_finished_on_open(tmp_path):
     ens = SisaEnsemble.from_config(tiny_config(tracking={"enabled": True}), w).fit(X, y, ids=ids)
     old = [fingerprint(ens._ctx, ens.manifest).encode()]
     ens.close()
-    code = "import sys; from sisa import SisaEnsemble; SisaEnsemble.open(sys.argv[1]).delete(['u-9'])"
-    res = subprocess.run(
-        [sys.executable, "-c", code, str(w)],
-        env={**os.environ, "SISA_CRASH_AT": "before_mlflow_log_emptied"},
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    )
+    res = delete_killed_at(w, ["u-9"], "before_mlflow_log_emptied")
     assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
     assert [r["state"] for r in Ledger(w / "ledger.db").requests()] == ["effective"]
     assert _scan_file(w / "mlflow.db-wal", old) or _scan_file(w / "mlflow.db", old), "killed with the old pages"

@@ -65,25 +65,26 @@ def _snapshot(w: Path) -> dict:
 
 def test_flipped_exponent_bit_in_weights_is_refused_and_audit_fails(tmp_path, monkeypatch):
     ens, X, uri, _, name, root = _published(tmp_path, monkeypatch)
-    path = next(root.rglob("weights.pt"))
+    s = ens.active_shards()[-1]
+    path = root / "data" / "ensemble" / "shards" / f"{s}.pt"
     weights = torch.load(path, weights_only=True)
-    needle = max((t for sd in weights.values() for t in sd.values()), key=lambda t: t.numel()).numpy().tobytes()
+    needle = max(weights.values(), key=lambda t: t.numel()).numpy().tobytes()
     data = bytearray(path.read_bytes())
     at = data.find(needle)
     assert at >= 0
     data[at + 3] ^= 0x40  # the top exponent bit of the first float32 (little endian)
     path.write_bytes(bytes(data))
     flipped = torch.load(path, weights_only=True)
-    assert any(not torch.equal(a, b) for s in weights for a, b in zip(weights[s].values(), flipped[s].values()))
+    assert any(not torch.equal(a, b) for a, b in zip(weights.values(), flipped.values()))
 
-    with pytest.raises(IntegrityError, match=r"weights\.pt: its sha256 is not the one recorded"):
+    with pytest.raises(IntegrityError, match=rf"shards/{s}\.pt: its sha256 is not the one recorded"):
         mlflow.pyfunc.load_model(f"models:/{name}@current")
-    with pytest.raises(IntegrityError, match=r"weights\.pt: sha256 differs from the published digest"):
+    with pytest.raises(IntegrityError, match=rf"shards/{s}\.pt: sha256 differs from the published digest"):
         load_model(f"models:/{name}@current", uri)
     code, out = _audit(ens.workdir.path)
     assert code == 1, out
     assert _row(out, "FAIL", "@current artifact files = the digests recorded at publish"), out
-    assert f"{root}/data/ensemble/weights.pt: sha256 differs" in out
+    assert f"{root}/data/ensemble/shards/{s}.pt: sha256 differs" in out
 
     # the fix the error message names: publish again, then the registered model loads and predicts again
     from sisa.audit.cli import publish as publish_cmd
