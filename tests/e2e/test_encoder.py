@@ -173,9 +173,8 @@ def test_the_registered_model_is_the_encoder_then_the_heads(tmp_path, user):
     client = adapter.client(uri)  # a copy of the artifact with the encoder's tensors changed is refused
     (tmp_path / "dl").mkdir()
     local = Path(adapter.download(client, uri, client.get_model_version_by_alias(name, "current"), str(tmp_path / "dl")))
-    weights = torch.load(local / "data" / "ensemble" / "weights.pt", weights_only=True)
-    weights["encoder"] = {k: v + 1 for k, v in weights["encoder"].items()}
-    torch.save(weights, local / "data" / "ensemble" / "weights.pt")
+    path = local / "data" / "ensemble" / "shards" / "encoder.pt"
+    torch.save({k: v + 1 for k, v in torch.load(path, weights_only=True).items()}, path)
     with pytest.raises(IntegrityError, match="sha256"):
         mlflow.pyfunc.load_model(str(local))
 
