@@ -11,11 +11,16 @@ The optimizer update is torch's single-tensor Adam / SGD formula, op for op, but
 buffers that hold every parameter, gradient and state tensor (each starting 64-byte aligned): the ops
 are elementwise, so each element gets the same bits as in the per-tensor loop. The optimizer's own
 state tensors become views into those buffers, so its ``state_dict`` (the checkpoint) is unchanged.
+An Adam built with ``fused=True`` (the built-ins' under bf16-mixed, `shards.models.SisaModule`) is
+stepped by the very kernel its ``step`` calls, ``torch._fused_adam_``, on the same per-parameter
+tensors (views of the flat buffers): the kernel rounds each tensor's vectorised body and its scalar
+tail differently, so one call on the flat buffers would give other bits than torch's.
 
 With ``training.precision: bf16-mixed`` the step is the eager step under ``torch.autocast(cpu, bfloat16)``,
 op for op as autograd runs it (`FastMLP.step`): the fp32 master weights, the update and the loss stay
 fp32, each GEMM and the activations between them are bfloat16 (on a CPU with avx512_bf16 about 1.8x the
-fp32 GEMM rate for the suite's 256-wide layers, slower for narrow ones: see the README).
+fp32 GEMM rate for the suite's 256-wide layers, slower for narrow ones: see the README), and Adam is the
+fused one (a third of the for-loop update's time on the suite's MLP).
 
 `build` returns None where this does not hold (another net, optimizer or option): the caller then runs
 the eager step. tests/test_fast_training.py checks the bit identity on every run, including the last,
@@ -56,11 +61,14 @@ def _blocks(net: nn.Module) -> list[tuple[nn.Linear, bool, float]] | None:
 
 
 def _plain_group(opt: torch.optim.Optimizer) -> dict | None:
-    """The single param group of a torch Adam or SGD in its default (single-tensor, for-loop) mode."""
+    """The single param group of a torch Adam or SGD in its default (single-tensor, for-loop) mode, or of
+    an Adam with ``fused=True``."""
     if type(opt) not in (torch.optim.Adam, torch.optim.SGD) or len(opt.param_groups) != 1:
         return None
     g = opt.param_groups[0]
-    if g.get("foreach") or g.get("fused") or g.get("differentiable") or g.get("capturable") or g.get("maximize"):
+    if g.get("fused") and type(opt) is not torch.optim.Adam:
+        return None
+    if g.get("foreach") or g.get("differentiable") or g.get("capturable") or g.get("maximize"):
         return None
     if type(opt) is torch.optim.Adam and (g.get("amsgrad") or g.get("decoupled_weight_decay")):
         return None
@@ -98,6 +106,8 @@ class FastMLP:
     def __init__(self, blocks, opt, params: list[nn.Parameter], bf16: bool = False):
         self.blocks, self.opt, self.params, self.bf16 = blocks, opt, params, bf16
         self.adam = type(opt) is torch.optim.Adam
+        self.fused = self.adam and bool(opt.param_groups[0].get("fused"))
+        self._step = torch.zeros(())  # the fused kernel's step count, read by it for every parameter
         self._one = torch.ones(())  # d loss / d loss, as autograd seeds the backward pass
         sizes = [-(-p.numel() // ALIGN) * ALIGN for p in params]
         total = sum(sizes)
@@ -105,6 +115,7 @@ class FastMLP:
         self.grads: list[torch.Tensor] = []
         self._m_views: list[torch.Tensor] = []
         self._v_views: list[torch.Tensor] = []
+        self._p_views: list[torch.Tensor] = []
         off = 0
         for p, size in zip(params, sizes):
             view = lambda buf, p=p, off=off: buf[off : off + p.numel()].view_as(p)  # noqa: E731
@@ -113,6 +124,7 @@ class FastMLP:
             p.data = view(self.P)
             self.grads.append(view(self.G))
             self._m_views.append(view(self.M))
+            self._p_views.append(view(self.P))
             self._v_views.append(view(self.V))
             off += size
         # per layer: weight, its transpose, bias (detached views of the flat buffer, built once: the same
@@ -201,8 +213,11 @@ class FastMLP:
                 g = g.mm(weights[i])
 
     def _update(self) -> None:
-        """torch's single-tensor Adam / SGD step, on all parameters at once."""
+        """torch's single-tensor Adam / SGD step, on all parameters at once (or its fused Adam)."""
         group = self.opt.param_groups[0]
+        if self.fused:
+            self._fused_adam(group)
+            return
         lr, wd = float(group["lr"]), group["weight_decay"]
         P, G, M = self.P, self.G, self.M
         grad = G.add(P, alpha=wd) if wd != 0 else G
@@ -230,3 +245,28 @@ class FastMLP:
                 M.mul_(momentum).add_(grad, alpha=1 - group["dampening"])
             grad = M
         P.add_(grad, alpha=-lr)
+
+    def _fused_adam(self, group: dict) -> None:
+        """torch's fused Adam step (`torch.optim.adam._fused_adam` on the CPU, without a grad scaler): the
+        kernel adds ``weight_decay * param`` to the gradient (Adam's L2, not AdamW's decoupled decay)."""
+        self.count += 1
+        self._step.fill_(float(self.count))
+        beta1, beta2 = group["betas"]
+        n = len(self._p_views)
+        torch._fused_adam_(
+            self._p_views,
+            self.grads,
+            self._m_views,
+            self._v_views,
+            [],
+            [self._step] * n,
+            amsgrad=False,
+            lr=float(group["lr"]),
+            beta1=beta1,
+            beta2=beta2,
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=False,
+            grad_scale=None,
+            found_inf=None,
+        )

@@ -171,7 +171,9 @@ class SisaModule(pl.LightningModule):
         if self.opt_name == "sgd":
             opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
         else:
-            opt = torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+            # bf16-mixed: torch's fused Adam kernel (other bits than the for-loop Adam; shards.fast calls it too)
+            fused = True if self.sisa_precision == BF16_MIXED else None
+            opt = torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay, fused=fused)
         if self.lr_gamma == 1.0:
             return opt
         return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.ExponentialLR(opt, self.lr_gamma)}

@@ -97,3 +97,36 @@ def test_bf16_mixed_changes_the_bits_and_keeps_fp32_master_weights():
     assert not all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
     close = [torch.allclose(a["state_dict"][k], b["state_dict"][k], atol=0.05) for k in a["state_dict"]]
     assert all(close), "bf16 arithmetic drifts a little from fp32, not far"
+
+
+def test_bf16_mixed_steps_torchs_fused_adam_and_fp32_the_for_loop_adam():
+    """The checkpoints record which Adam ran; fp32 keeps the for-loop Adam (its bits are older workdirs')."""
+    fp32, bf16 = (_stages("fast", *CASES["adam-dropout-wd-decay"], p) for p in ("32-true", "bf16-mixed"))
+    groups = [training.load_checkpoint(ckpt)["optimizers"][0]["param_groups"][0] for ckpt, _ in fp32 + bf16]
+    assert [bool(g["fused"]) for g in groups] == [False] * 3 + [True] * 3
+
+
+def _fast_adam_step(fused: bool, weight_decay: float) -> list[torch.Tensor]:
+    from shards import fast
+    from shards.models import MLP
+
+    torch.manual_seed(0)
+    net = MLP((40,), 4, hidden=(256, 256))
+    opt = torch.optim.Adam(net.parameters(), lr=0.01, weight_decay=weight_decay, fused=fused or None)
+    step = fast.build(net, opt, bf16=True)
+    assert step is not None and step.fused is fused
+    x, y = torch.randn(128, 40), torch.randint(0, 4, (128,))
+    for _ in range(3):
+        step.step(x, y)
+    step.sync()
+    return [p.detach().clone() for p in net.parameters()]
+
+
+def test_the_fast_engines_fused_adam_is_torchs_adam_with_l2_weight_decay_in_other_rounding():
+    """Fused Adam adds weight_decay * param to the gradient as the for-loop Adam does (not AdamW's decay):
+    the same step within float rounding, but not the same bits (the fused kernel really ran)."""
+    fused, loop = _fast_adam_step(True, 0.1), _fast_adam_step(False, 0.1)
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-5) for a, b in zip(fused, loop))
+    assert not all(torch.equal(a, b) for a, b in zip(fused, loop))
+    undecayed = _fast_adam_step(True, 0.0)
+    assert not all(torch.allclose(a, b, rtol=0, atol=1e-5) for a, b in zip(fused, undecayed)), "decay applied"
