@@ -86,6 +86,11 @@ def remove(workdir, rid: str) -> None:
     path(workdir, rid).unlink(missing_ok=True)
 
 
+def unlogged(ctx, rid: str) -> bool:
+    """The request's MLflow run is still owed: tracking is on and its record is not marked logged."""
+    return ctx.config.tracking.enabled and not (load(ctx.workdir, rid) or {}).get("logged")
+
+
 def log_batch(ctx, m, recs: list[dict], metrics: dict) -> str | None:
     """One MLflow run for a settled batch of requests, on manifest ``m``: its children are the retrained
     shards (a shard retrained by several requests: one child with all their stages), its metrics the
