@@ -18,6 +18,7 @@ import warnings
 
 from orchestration import ShardPlan
 from sisa.failpoints import crashpoint
+from sisa.tracking.runs import REQUEST_ID, REQUEST_IDS
 from sisa.workdir import write_atomic
 
 DIR = "owed"
@@ -86,6 +87,11 @@ def remove(workdir, rid: str) -> None:
     path(workdir, rid).unlink(missing_ok=True)
 
 
+def unlogged(ctx, rid: str) -> bool:
+    """The request's MLflow run is still owed: tracking is on and its record is not marked logged."""
+    return ctx.config.tracking.enabled and not (load(ctx.workdir, rid) or {}).get("logged")
+
+
 def log_batch(ctx, m, recs: list[dict], metrics: dict) -> str | None:
     """One MLflow run for a settled batch of requests, on manifest ``m``: its children are the retrained
     shards (a shard retrained by several requests: one child with all their stages), its metrics the
@@ -101,7 +107,7 @@ def log_batch(ctx, m, recs: list[dict], metrics: dict) -> str | None:
         return None
     obs = ctx.observer
     ids = [r["request_id"] for r in live]
-    obs.started(OP, m, {"sisa.request_id": ids[0]} if len(ids) == 1 else {"sisa.request_ids": ",".join(ids)})
+    obs.started(OP, m, {REQUEST_ID: ids[0]} if len(ids) == 1 else {REQUEST_IDS: ",".join(ids)})  # capped there
     crashpoint("batch_run_started")  # a dead process's run stays RUNNING: the next attempt closes it as KILLED
     first: dict[int, int] = {}
     for rec in live:
@@ -150,7 +156,7 @@ def _log_killed(ctx, m, rec: dict) -> None:
 
     try:
         tracker = ctx.tracker()
-        _, run_id = tracker.start_run(OP, m, {"sisa.request_id": rec["request_id"], **rec["tags"]})
+        _, run_id = tracker.start_run(OP, m, {REQUEST_ID: rec["request_id"], **rec["tags"]})
         flat = {k: v for k, v in rec["metrics"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         now = int(time.time() * 1000)
         tracker.client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in flat.items()])

@@ -9,7 +9,9 @@ the store holds no byte of the rows.
 (incrementally, `sisa.context.OpContext.evaluate`), one MLflow run is logged for the batch, the ensemble is
 published and every MLflow registered version and logged model that saw the rows is purged; only then is
 each request marked done. If a step fails (MLflow down, say), the requests stay effective and the next open
-(or `SisaEnsemble.settle`, or the next deletion with ``wait="done"``) finishes them.
+(or `SisaEnsemble.settle`, or the next deletion with ``wait="done"``) finishes them. The run is such a step
+although its logging never raises (`sisa.tracking.observer.Safe`): a request whose run was not logged stays
+effective, its owed record kept, after the publish and purge went ahead.
 
 `finish` is the single-step form that additions and compactions use (retraining -> done).
 """
@@ -17,6 +19,7 @@ each request marked done. If a step fails (MLflow down, say), the requests stay 
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import replace
 
 from sisa import evalfile
@@ -75,8 +78,7 @@ def effective(ctx, m: Manifest, rid: str, receipt, rec: dict | None, ph: Phases,
         ctx.ledger().set_state(rid, RequestState.EFFECTIVE)
     timing = {"state": "effective", "effective_at": time.time(), "seconds_to_effective": ph.mark("effective")}
     crashpoint("after_effective")
-    if wait == "done":
-        settle(ctx, ph)
+    if wait == "done" and rid in settle(ctx, ph):  # else its run is still owed (settle warned)
         timing.update(state="done", done_at=time.time(), seconds_to_done=ph.mark("done"))
     timing["phase_seconds"] = dict(ph.seconds)
     return replace(receipt, timing=timing) if receipt is not None else None
@@ -89,7 +91,7 @@ def _plan(ctx, rid: str) -> dict:
 def settle(ctx, ph: Phases | None = None) -> list[str]:
     """Finish what every effective deletion owes, in one batch (hold the workdir lock): one evaluation of
     the served ensemble, one MLflow run for the batch, one publish that purges every other model version;
-    then each request is done. Returns their ids."""
+    then each request whose run was logged is done. Returns their ids."""
     ph = ph or Phases()
     ledger = ctx.ledger()
     todo = [r for r in ledger.unfinished() if r["state"] == RequestState.EFFECTIVE]
@@ -111,8 +113,16 @@ def settle(ctx, ph: Phases | None = None) -> list[str]:
         ctx.publish(m, purge=True, request_id=last, run_id=run_id)
     crashpoint("before_done")
     with ph("ledger_done"):
-        for r in todo:
-            receipt = _receipt(ctx, r["id"])
-            ledger.set_state(r["id"], RequestState.DONE, receipt.to_dict() if receipt else None)
-            owed.remove(ctx.workdir, r["id"])
-    return [r["id"] for r in todo]
+        done = [r["id"] for r in todo if not owed.unlogged(ctx, r["id"])]
+        for rid in done:
+            receipt = _receipt(ctx, rid)
+            ledger.set_state(rid, RequestState.DONE, receipt.to_dict() if receipt else None)
+            owed.remove(ctx.workdir, rid)
+    if len(done) < len(todo):
+        warnings.warn(
+            f"{len(todo) - len(done)} deletion request(s) stay effective: their MLflow run was not logged (see the "
+            "warning above; their models are published and purged). The next settle or open logs it",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return done

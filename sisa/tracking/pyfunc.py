@@ -65,7 +65,8 @@ def fingerprint(ctx, m) -> str:
 def export(ctx, m, directory: Path, reuse: dict | None = None) -> dict:
     """Write ensemble.json and one weights file per active shard of manifest ``m`` into ``directory``.
     ``reuse``: {shard: (file, file sha256, state-dict sha256)} of a previous version's weights file for
-    the same checkpoint, hard-linked instead of written (written when the link fails)."""
+    the same checkpoint, hard-linked instead of written (written afresh when the link fails or the linked
+    file's sha256 is not the recorded one: a changed byte is never carried into a new version)."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "shards").mkdir(exist_ok=True)
     active = ctx.active_shards(m)
@@ -74,7 +75,7 @@ def export(ctx, m, directory: Path, reuse: dict | None = None) -> dict:
     files, state_dicts = {}, {}
     for s in active:
         rel = shard_file(s)
-        if s in (reuse or {}) and _link(reuse[s][0], directory / rel):
+        if s in (reuse or {}) and _link(reuse[s][0], directory / rel, reuse[s][1]):
             files[rel], state_dicts[str(s)] = reuse[s][1], reuse[s][2]
             continue
         sd = ctx.load_model(s, m).state_dict()
@@ -110,12 +111,17 @@ def export(ctx, m, directory: Path, reuse: dict | None = None) -> dict:
     return meta
 
 
-def _link(src: Path, dst: Path) -> bool:
+def _link(src: Path, dst: Path, sha256: str) -> bool:
+    """Hard-link ``src`` at ``dst`` if the linked inode's content is ``sha256`` (hashed after linking, so
+    what is checked is what the new version holds); else leave nothing at ``dst``."""
     try:
         os.link(src, dst)
-    except OSError:  # gone, or another file system
-        return False
-    return True
+        if file_sha256(dst) == sha256:
+            return True
+    except OSError:  # gone, unreadable, or another file system
+        pass
+    dst.unlink(missing_ok=True)
+    return False
 
 
 def signature(input_shape):

@@ -7,10 +7,11 @@ workdir's signed publish record (``mlflow-model.json``, `sisa.tracking.digest`),
 `purge_superseded` then deletes every other version and logged model of this ensemble, artifacts first.
 
 In a local artifact store the model is written in place, and a shard whose checkpoint the previous
-version (the one the signed record names) already holds is a hard link to that version's file: its digests
-come from the record, nothing is written or hashed again. The purge zeroes every superseded file before it
-removes it, but those that are the same inode as a file of the kept version (a shard both versions hold:
-no deleted row reached it); a changed byte in a linked file fails the new version's checks as the old one's.
+version (the one the signed record names) already holds is a hard link to that version's file, once the
+linked file's sha256 is the record's (a changed or unreadable file is written afresh instead, so a planted
+byte never travels into a new version); its digests come from the record, nothing is written again. The
+purge zeroes every superseded file before it removes it, but those that are the same inode as a file of
+the kept version (a shard both versions hold: no deleted row reached it).
 """
 
 from __future__ import annotations
@@ -95,7 +96,8 @@ def _alias(client, name: str):
 
 def _reusable(tracker, ctx, m, current) -> dict:
     """{shard: (weights file, its sha256, state-dict sha256)} of the @current version's local files whose
-    checkpoint is the one ``m`` deploys, digests taken from the signed publish record that names it."""
+    checkpoint is the one ``m`` deploys, digests taken from the signed publish record that names it (each
+    file is checked against its digest when it is linked, `sisa.tracking.pyfunc.export`)."""
     rec, _ = read_record(ctx.workdir)
     if current is None or rec is None or str(rec.get("version")) != str(current.version):
         return {}

@@ -12,10 +12,15 @@ Workers never talk to MLflow: they return their metrics and the driver logs them
 when the operation ends, so one sqlite file never has several writers and logging stays cheap (on a
 cluster, point ``tracking.uri`` at an MLflow server). No raw rows or raw ids are ever logged; deletions
 are described by counts and keyed hashes only. mlflow is imported only when tracking is enabled.
+
+A batch run names its deletion requests (request ids, never row ids) in the tag ``sisa.request_ids``, cut
+to the ids that fit MLflow's limit on a tag value (a SQL store's column holds 8,000 characters), with
+their count in ``sisa.requests`` and the full list in the run's artifact ``request_ids.json``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -27,6 +32,12 @@ from sisa.config import dump_yaml
 from sisa.tracking import adapter
 from sisa.tracking.adapter import sqlite_path  # noqa: F401  (re-exported: `sisa ui`, the audit)
 from sisa.tracking.observer import Observer, Safe
+
+REQUEST_ID = "sisa.request_id"  # the run of one deletion request
+REQUEST_IDS = "sisa.request_ids"  # a batch run's requests: as many as fit, in order
+REQUESTS = "sisa.requests"  # a batch run's number of requests
+REQUEST_IDS_FILE = "request_ids.json"  # a batch run's artifact: every request id, in order
+TAG_LIMIT = 8000  # MLflow's longest tag value (mlflow.utils.validation.MAX_TAG_VAL_LENGTH)
 
 
 def default_uri(workdir) -> str:
@@ -81,9 +92,11 @@ class Tracker:
 
         c = self.config
         exp = self.experiment_id()
-        rids = [r for r in (tags.get("sisa.request_id") or tags.get("sisa.request_ids", "")).split(",") if r]
+        rids = _request_ids(tags)
         if rids:  # a re-run after a crash: the dead attempt's run is closed first
             self.settle(rids)
+        if REQUEST_IDS in tags:
+            tags = {**tags, REQUEST_IDS: capped(rids), REQUESTS: str(len(rids))}
         title = kind
         if rids:  # "delete 794324d0 (+2)": the request id's random part (full ids in the tags)
             title += f" {rids[0].rsplit('-', 1)[-1]}" + (f" (+{len(rids) - 1})" if len(rids) > 1 else "")
@@ -116,6 +129,8 @@ class Tracker:
         }
         self.client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
         self.client.log_text(run.info.run_id, dump_yaml(c, redact=True), "config.yaml")
+        if REQUEST_IDS in tags:
+            self.client.log_text(run.info.run_id, json.dumps({"request_ids": rids}), REQUEST_IDS_FILE)
         return exp, run.info.run_id
 
     def publish(
@@ -137,8 +152,7 @@ class Tracker:
         """Mark the runs of the requests' attempts that died (still RUNNING) as KILLED, noting that."""
         want = set(request_ids)
         for r in self.client.search_runs([self.experiment_id()], filter_string="attributes.status = 'RUNNING'"):
-            tags = r.data.tags
-            if not want & set((tags.get("sisa.request_id") or tags.get("sisa.request_ids", "")).split(",")):
+            if not want & set(_request_ids(r.data.tags)):  # a batch's first ids: a retry's batch starts with them
                 continue
             self.client.set_tag(
                 r.info.run_id,
@@ -147,6 +161,16 @@ class Tracker:
             )
             with _no_url_print():
                 self.client.set_terminated(r.info.run_id, "KILLED")
+
+
+def _request_ids(tags: dict) -> list[str]:
+    return [r for r in (tags.get(REQUEST_ID) or tags.get(REQUEST_IDS, "")).split(",") if r]
+
+
+def capped(rids: list[str], limit: int = TAG_LIMIT) -> str:
+    """The comma-separated ids, as many whole ones from the first as fit in ``limit`` characters."""
+    joined = ",".join(rids)
+    return joined if len(joined) <= limit else joined[: limit + 1].rpartition(",")[0]
 
 
 def observer_for(ctx) -> Observer:

@@ -1,8 +1,8 @@
 """A published version holds one weights file per shard: a deletion's publish writes only the retrained
 shards' files and hard-links the others from the version it supersedes (same inode, nothing rewritten),
 the purge zeroes every superseded file but those the new version shares, a changed byte in a shared file
-still fails the load, and a publish killed after writing its model is finished on reopen without zeroing
-the live version's files."""
+still fails the load and is never linked into a later version, and a publish killed after writing its
+model is finished on reopen without zeroing the live version's files."""
 
 import os
 import signal
@@ -87,6 +87,27 @@ def test_a_deletion_rewrites_only_the_retrained_shards_and_zeroes_their_old_file
         load_model(f"models:/{name}@current", uri)
     with pytest.raises(IntegrityError, match=rf"shards/{kept[0]}\.pt: its sha256 is not the one recorded"):
         mlflow.pyfunc.load_model(f"models:/{name}@current")
+
+
+def test_a_tampered_kept_shard_file_is_written_afresh_not_linked_into_the_next_version(tmp_path, monkeypatch):
+    ens, X, w, uri = _world(tmp_path, monkeypatch)
+    gone = ["u-3"]
+    hit = ens.shard_of(gone[0])[0]
+    kept = next(s for s in ens.active_shards() if s != hit)
+    links = _keep_links(w, tmp_path)
+    data = bytearray(links[kept].read_bytes())
+    data[-40] ^= 0x01
+    links[kept].write_bytes(bytes(data))  # the live version's file of a shard the deletion does not touch
+    tampered = _inode(links[kept])
+
+    receipt = ens.delete(gone, wait="done")
+    assert receipt.timing["state"] == "done"
+    files = _shard_files(w)
+    assert tampered not in {_inode(f) for f in files.values()}, "the changed file was linked into the new version"
+    assert _zeroed(links[kept]), "the planted bytes outlived the purge"
+    assert _inode(files[next(m for m, _ in files), hit]) != _inode(links[hit])
+    model = load_model(f"models:/{ens._ctx.tracker().model_name}@current", uri)
+    assert np.array_equal(model.predict(X, params={"proba": True}), ens.predict_proba(X))
 
 
 @pytest.mark.slow
