@@ -44,7 +44,9 @@ def test_status_names_a_user_encoder_without_weights(tmp_path):
 def test_an_encoder_with_nan_features_is_refused_before_anything_is_written(tmp_path):
     X, y, ids = tiny_data(n=80)
     X[7, 2] = -20.0  # a finite row the encoder maps to NaN
-    with pytest.raises(DataError, match=r"model.encoder produced NaN or inf features for 1 of the training rows \(first at row 7\)"):
+    with pytest.raises(
+        DataError, match=r"model.encoder produced NaN or inf features for 1 of the training rows \(first at row 7\)"
+    ):
         fit(tmp_path / "w", X, y, ids, {"module": "userencoder:SqrtShift"})
     assert not (tmp_path / "w").exists()
     X[7, 2] = 0.0
@@ -64,7 +66,15 @@ def test_a_damaged_start_or_encoder_is_unrepairable(tmp_path, which):
     X, y, ids = tiny_data(n=80)
     Xb, yb, _ = tiny_data(n=20, seed=1)
     base = (Xb, yb, np.array([f"b-{i}" for i in range(20)]))
-    ens = fit(tmp_path / "w", X, y, ids, "base", base=base, model={"name": "mlp", "kwargs": {"hidden": [8]}, "encoder": "base"})
+    ens = fit(
+        tmp_path / "w",
+        X,
+        y,
+        ids,
+        "base",
+        base=base,
+        model={"name": "mlp", "kwargs": {"hidden": [8]}, "encoder": "base"},
+    )
     m = ens.manifest
     rel = {"encoder": m.encoder.file, "start": m.base.file, "rows": m.base.rows_file.file}[which]
     path = tmp_path / "w" / "store" / rel
