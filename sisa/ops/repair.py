@@ -63,7 +63,8 @@ def repair(ctx) -> dict:
         ctx.commit(m)
         bad_stage, bad_store = check(ctx, m)
         bad_shards = {s for s in range(len(m.shards)) for f in bad_store if f"/shard-{s:03d}/" in f}
-        start_bad = any(f"/{KEPT_PREFIX}" in f for f in bad_store)  # stage 1 is rebuilt from the start
+        kept = ctx.storage().describe(KEPT_PREFIX)
+        start_bad = any(f.startswith(kept) for f in bad_store)  # stage 1 is rebuilt from the start
         fixable = {s: r for s, r in bad_stage.items() if s not in bad_shards and not (start_bad and r == 1)}
         if fixable:
             _rebuild(ctx, m, fixable)
