@@ -19,10 +19,10 @@ import torch
 from shards import training
 from shards.errors import ConfigError, IntegrityError
 from shards.spec import TrainSpec
-from shards.storage import Storage, sha256
+from shards.storage import KEPT_PREFIX, Storage, sha256
 
 BASE_SHARD = -1
-PREFIX = "base/"
+PREFIX = KEPT_PREFIX
 
 
 def start_name(kind: str, digest: str) -> str:

@@ -8,6 +8,7 @@ start's own, or, for a user's encoder, the configured MLP on the features.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import io
 from dataclasses import replace
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from shards import base, training
-from shards.errors import ConfigError, IntegrityError
+from shards.errors import ConfigError, DataError, IntegrityError
 from shards.models import import_target
 from shards.spec import TrainSpec, derive_seed
 from shards.storage import Storage
@@ -65,6 +66,43 @@ def encode(encoder: nn.Module, X: np.ndarray) -> np.ndarray:
     finally:
         torch.set_num_threads(threads)
     return out
+
+
+def encode_finite(encoder: nn.Module, X: np.ndarray, what: str) -> np.ndarray:
+    """`encode`, refusing features that are not finite (named by row index only, never by value or id)."""
+    out = encode(encoder, X)
+    finite = np.isfinite(out).all(1)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        raise DataError(
+            f"model.encoder produced NaN or inf features for {len(bad)} of the {what} (first at row {bad[0]}); "
+            "the rows themselves are finite: fix the encoder (or its weights) so that it maps them to finite "
+            "features, or drop those rows",
+            rows=bad[:10].tolist(),
+        )
+    return out
+
+
+PROBE_ROWS = 8
+PROBE_SEED = 20_140_003
+
+
+def probe(encoder: nn.Module, input_shape) -> str:
+    """The sha256 of the encoder's features (`encode`) of a fixed synthetic batch (seeded uniform rows in
+    [-1, 1], no one's data): a module whose code changed since fit gives other bits."""
+    rng = np.random.default_rng(PROBE_SEED)
+    rows = rng.uniform(-1.0, 1.0, (PROBE_ROWS, *tuple(input_shape))).astype(np.float32)
+    return hashlib.sha256(encode(encoder, rows).tobytes()).hexdigest()
+
+
+def check_probe(encoder: nn.Module, input_shape, want: str | None, where: str) -> None:
+    """Refuse an encoder whose `probe` differs from the one recorded at fit (None: recorded by an older sisa)."""
+    if want is not None and probe(encoder, input_shape) != want:
+        raise IntegrityError(
+            f"{where}: the encoder module behaves differently than at fit: restore its code or refit "
+            "(`sisa train --overwrite`); its features of a fixed synthetic probe batch are not those recorded at fit",
+            path=where,
+        )
 
 
 def split_start(storage: Storage, spec: TrainSpec, entry: dict) -> tuple[dict, dict, nn.Module]:

@@ -34,6 +34,13 @@ from fsspec.implementations.local import LocalFileSystem
 from shards.errors import IntegrityError, WorkdirError
 
 OWNER_FILE = "OWNER"
+KEPT_PREFIX = "base/"  # the shared start, its base rows and the frozen encoder: trained or given once, never rebuilt
+
+
+def _advice(rel: str) -> str:
+    if rel.startswith(KEPT_PREFIX):
+        return "it cannot be rebuilt: restore it from a backup or refit with `sisa train --overwrite`"
+    return "run `sisa repair` to rebuild it from a clean checkpoint"
 
 
 def sha256(data: bytes) -> str:
@@ -104,14 +111,11 @@ class Storage:
             else:
                 data = self.fs.cat_file(self.path(rel))
         except FileNotFoundError as e:
-            raise IntegrityError(
-                f"{self.describe(rel)} is missing; run `sisa repair` to rebuild it from a clean checkpoint",
-                path=self.describe(rel),
-            ) from e
+            raise IntegrityError(f"{self.describe(rel)} is missing; {_advice(rel)}", path=self.describe(rel)) from e
         if digest is not None and sha256(data) != digest:
             raise IntegrityError(
                 f"{self.describe(rel)} is corrupt (sha256 does not match the manifest); it was not loaded. "
-                "Run `sisa repair` to rebuild it from a clean checkpoint",
+                f"{_advice(rel)[0].upper()}{_advice(rel)[1:]}",
                 path=self.describe(rel),
             )
         return data

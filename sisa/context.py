@@ -216,16 +216,18 @@ class OpContext:
         return module
 
     def encoder(self, m: Manifest):
-        """The frozen encoder ``m`` names (digest-checked, ``weights_only``), or None without one."""
+        """The frozen encoder ``m`` names (digest-checked, ``weights_only``, its outputs checked against the
+        probe recorded at fit), or None without one."""
         if m.encoder is None:
             return None
         from shards import encoder
 
         e = m.encoder
-        key = f"{e.module}:{e.sha256}"
+        key = f"{e.module}:{e.sha256}:{e.probe}"
         with self._lock:
             if self._encoder is None or self._encoder[0] != key:
                 module = encoder.load(self.storage(), self.spec(m, full=True), e.file, e.sha256, e.module)
+                encoder.check_probe(module, m.input_shape, e.probe, e.module or self.storage().describe(e.file))
                 self._encoder = (key, module)
             return self._encoder[1]
 

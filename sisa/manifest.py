@@ -61,16 +61,20 @@ class Encoder(_JsonView):
     sha256: str | None
     width: int
     module: str | None = None  # a user's encoder (model.encoder.module); None: the start's body
+    probe: str | None = None  # `shards.encoder.probe` at fit (None in older manifests): its code is unchanged
 
     def to_dict(self) -> dict:
         d = {"file": self.file, "sha256": self.sha256, "width": self.width}
         if self.module is not None:
             d["module"] = self.module
+        if self.probe is not None:
+            d["probe"] = self.probe
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> Encoder:
-        return cls(file=d["file"], sha256=d["sha256"], width=int(d["width"]), module=d.get("module"))
+        w = int(d["width"])
+        return cls(file=d["file"], sha256=d["sha256"], width=w, module=d.get("module"), probe=d.get("probe"))
 
 
 @dataclass(frozen=True)

@@ -78,8 +78,8 @@ def verify(ctx, m, receipt=None, timeout: float | None = None) -> AuditReport:
             for s in shards:  # no retrain from a start that is not the recorded one
                 report.add(f"shard {s}", "retrained from scratch", ["not retrained: the shared start is damaged"])
             files_ok = dict.fromkeys(files_ok, False)
-        if manifest.encoder is not None and manifest.encoder.module is not None and manifest.encoder.file:
-            _check_user_encoder(report, store, manifest.encoder)
+        if manifest.encoder is not None:
+            _check_encoder(report, ctx, store, manifest)
         check_retrain(report, ctx, manifest, store, [s for s in shards if files_ok[s]], timeout)
         from sisa.audit.published import check_published
 
@@ -259,14 +259,19 @@ def _check_chain(report, manifest, receipts: list[tuple[str, dict]], shards: lis
             report.add(f"receipt {rid}", "checkpoint digests lead to the deployed checkpoints", problems.get(rid, []))
 
 
-def _check_user_encoder(report, store, e) -> None:
-    """A user's encoder weights (``model.encoder.module``) in the store match their digest."""
-    problems = []
+def _check_encoder(report, ctx, store, manifest) -> None:
+    """The encoder's weights match their digest and, loaded afresh, its features of the probe batch are
+    those recorded at fit (`shards.encoder.probe`): a user's module whose code changed is caught."""
+    from shards import encoder
+
+    e, problems = manifest.encoder, []
     try:
-        store.read(e.file, e.sha256)
+        module = encoder.load(store, ctx.spec(manifest, full=True), e.file, e.sha256, e.module)
+        encoder.check_probe(module, manifest.input_shape, e.probe, e.module or store.describe(e.file))
     except SisaError as err:
         problems.append(str(err).split(";")[0])
-    report.add("encoder", f"the weights of {e.module} match the manifest digest", problems)
+    name = e.module or "the start's body"
+    report.add("encoder", f"the encoder ({name}) matches the manifest digest and behaves as at fit", problems)
 
 
 def _check_start(report, store, manifest) -> bool:

@@ -248,7 +248,8 @@ def repair(workdir, executor):
         click.echo(f"shard {s}: rebuilt checkpoints from stage {r}; identical to the recorded digests")
     for f in out["unrepairable"]:
         click.echo(
-            f"{f}: corrupt store file; its rows exist nowhere else. Restore it from a backup, or refit with `sisa train --overwrite`"
+            f"{f}: corrupt or missing store file that cannot be rebuilt (rows, the shared start or the encoder). "
+            "Restore it from a backup, or refit with `sisa train --overwrite`"
         )
     if not out["repaired"] and not out["unrepairable"]:
         click.echo("all checkpoints and store files match their digests")

@@ -134,8 +134,15 @@ def status_table(st: dict) -> str:
         out += f"\nshared start {b['sha256'][:12]}: {b['rows']} non-erasable base rows{init}"
     if st.get("encoder"):
         e = st["encoder"]
-        out += f"\nfrozen encoder {e['sha256'][:12]} (the start's body): shards train heads on {e['width']} features"
+        out += f"\nfrozen encoder {encoder_label(e)}: shards train heads on {e['width']} features"
     return out
+
+
+def encoder_label(e: dict) -> str:
+    """The start's body by its digest, or a user's module by import path (and its weights' digest, if any)."""
+    if not e.get("module"):
+        return f"{e['sha256'][:12]} (the start's body)"
+    return e["module"] + (f" (weights sha256 {e['sha256'][:12]})" if e.get("sha256") else " (no weights)")
 
 
 def placement_text(p: dict) -> str:

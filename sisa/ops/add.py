@@ -182,7 +182,7 @@ def add(ctx, m: Manifest, X, y, ids, readmit=None, progress=None, risk=None) -> 
         if m.encoder is not None:  # the slices hold the frozen encoder's features (shards.encoder)
             from shards import encoder
 
-            X = encoder.encode(ctx.encoder(m), X)
+            X = encoder.encode_finite(ctx.encoder(m), X, "new rows")  # before anything is staged
         batch = _stage(ctx, encode_rows(make_rows(ids, y, X, m.id_kind, risk)), len(ids))  # priors stored too
         plan = {"kind": OP, "placement": ctx.config.sharding.new_rows, "batch": batch, "readmitted": again}
         if plan["placement"] == "append":

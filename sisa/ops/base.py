@@ -187,9 +187,10 @@ def check_encoder(ctx, got: StartInput, streamed: bool) -> None:
         )
 
 
-def user_encoder(ctx, input_shape):
+def user_encoder(ctx, input_shape, X, got: StartInput):
     """A user's ``model.encoder`` (module by import path), its weights' digest checked before they are
-    loaded, and the module checked on a row of zeros: (module, weights bytes or None), before fit writes."""
+    loaded, and the module checked on a row of zeros; the features of ``X`` and of the base rows (into
+    ``got``), checked finite: (module, weights bytes or None, features of X), before fit writes."""
     from shards import encoder
     from shards.errors import IntegrityError
     from shards.storage import sha256
@@ -204,7 +205,11 @@ def user_encoder(ctx, input_shape):
                 "Put the file's sha256 (`sha256sum FILE`) into model.encoder.sha256",
                 path=where,
             )
-    return encoder.user(e.module, input_shape, data, ctx.config.seed, where), data
+    module = encoder.user(e.module, input_shape, data, ctx.config.seed, where)
+    features = encoder.encode_finite(module, X, "training rows")
+    if got.X is not None:
+        got.X = encoder.encode_finite(module, got.X, "base rows")
+    return module, data, features
 
 
 def store_encoder(ctx, storage: Storage, m: Manifest, module, data) -> Manifest:

@@ -126,7 +126,7 @@ def fit(ctx, X, y, ids, eval_set, overwrite: bool, progress, readmit=None, risk=
         startops.check(start, X.shape[1:], names, kind, [*ids.tolist(), *list(eval_ids)], c.data)
         num_classes = _num_classes(ctx, max(int(y.max()), start.max_label), X.shape[1:])
         if isinstance(c.model.encoder, EncoderConfig):  # a user's encoder: loaded and checked before any write
-            user = startops.user_encoder(ctx, X.shape[1:])
+            user = startops.user_encoder(ctx, X.shape[1:], X, start)
         startops.check_init(ctx, start, X.shape[1:] if user is None else (user[0].sisa_width,), num_classes)
         if eval_set is not None and len(eval_set[1]) and int(eval_set[1].max()) >= num_classes:
             raise DataError(
@@ -222,18 +222,18 @@ def _partition(ctx, storage, data, ingested, start, user=None) -> Manifest:
 def _encode(ctx, storage, m: Manifest, start, X, user):
     """``model.encoder``: the rows' features (`shards.encoder`) and the manifest naming the encoder and the
     start. The start's body: the start is trained first and split. A user's encoder (``user``: module and
-    weights): the start, if any, is the head trained on the base rows' features."""
+    weights, the rows' features): the start, if any, is the head trained on the base rows' features. The
+    features are checked finite, and the encoder's `probe` is recorded to be checked on every later load."""
     from shards import encoder
 
     if user is None:
         m, body = startops.split_encoder(ctx, storage, _train_start(ctx, m, start))
+        X = encoder.encode_finite(body, X, "training rows")
     else:
-        body = user[0]
-        m = startops.store_encoder(ctx, storage, m, *user)
-        if start.X is not None:
-            start.X = encoder.encode(body, start.X)
+        body, X = user[0], user[2]  # the base rows' features too were computed (and checked) before any write
+        m = startops.store_encoder(ctx, storage, m, *user[:2])
         m = _train_start(ctx, m, start)
-    return encoder.encode(body, X), m
+    return X, dataclasses.replace(m, encoder=dataclasses.replace(m.encoder, probe=encoder.probe(body, m.input_shape)))
 
 
 def _train(ctx, m: Manifest, progress, start) -> Manifest:

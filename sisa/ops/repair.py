@@ -2,7 +2,8 @@
 
 Training is deterministic and checkpoint names are content-addressed, so a rebuilt checkpoint has the
 same bytes and name as the lost one and the manifest does not change. A corrupt *store* file cannot be
-rebuilt (its rows exist nowhere else): repair reports it and says how to recover.
+rebuilt (its rows exist nowhere else), nor can the shared start, its base rows or the frozen encoder
+(``base/``): repair reports them and says how to recover.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from orchestration import ShardPlan
 from shards import training
 from shards.errors import IntegrityError
+from shards.storage import KEPT_PREFIX
 from shards.store import read_slice
 from sisa.manifest import Manifest
 
@@ -33,7 +35,25 @@ def check(ctx, m: Manifest) -> tuple[dict[int, int], list[str]]:
             except IntegrityError:
                 bad_stage[s] = c.stage
                 break
-    return bad_stage, bad_store
+    return bad_stage, bad_store + _check_kept(store, m)
+
+
+def _check_kept(store, m: Manifest) -> list[str]:
+    """The shared start, its base rows and the encoder's weights that fail their digest: kept, never rebuilt."""
+    files = []
+    if m.base is not None:
+        files.append((m.base.file, m.base.sha256))
+        if m.base.rows_file is not None:
+            files.append((m.base.rows_file.file, m.base.rows_file.sha256))
+    if m.encoder is not None and m.encoder.file is not None:
+        files.append((m.encoder.file, m.encoder.sha256))
+    bad = []
+    for file, digest in dict(files).items():
+        try:
+            store.read(file, digest)
+        except IntegrityError:
+            bad.append(store.describe(file))
+    return bad
 
 
 def repair(ctx) -> dict:
@@ -43,7 +63,9 @@ def repair(ctx) -> dict:
         ctx.commit(m)
         bad_stage, bad_store = check(ctx, m)
         bad_shards = {s for s in range(len(m.shards)) for f in bad_store if f"/shard-{s:03d}/" in f}
-        fixable = {s: r for s, r in bad_stage.items() if s not in bad_shards}
+        kept = ctx.storage().describe(KEPT_PREFIX)
+        start_bad = any(f.startswith(kept) for f in bad_store)  # stage 1 is rebuilt from the start
+        fixable = {s: r for s, r in bad_stage.items() if s not in bad_shards and not (start_bad and r == 1)}
         if fixable:
             _rebuild(ctx, m, fixable)
         if not bad_store:

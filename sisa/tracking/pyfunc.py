@@ -102,7 +102,14 @@ def export(ctx, m, directory: Path, reuse: dict | None = None) -> dict:
     }
     if m.encoder is not None:  # model.encoder: the frozen body every row goes through before the heads
         e = m.encoder
-        meta["encoder"] = {"model_kwargs": dict(c.model.kwargs), "width": e.width, "sha256": e.sha256, "module": e.module}
+        meta["encoder"] = {
+            "model_kwargs": dict(c.model.kwargs),
+            "width": e.width,
+            "sha256": e.sha256,
+            "module": e.module,
+            "seed": c.seed,  # a user's module is built under it (`shards.encoder.user`), as in the workdir
+            "probe": e.probe,
+        }
         sd = ctx.encoder(m).state_dict()  # e.module: a user's encoder by import path (None: the start's body)
         torch.save(sd, directory / ENCODER_FILE)
         files[ENCODER_FILE], state_dicts[ENCODER] = file_sha256(directory / ENCODER_FILE), state_dict_sha256(sd)
@@ -228,7 +235,7 @@ class SisaPyfunc:
             if enc is not None and enc.get("module"):
                 from shards.encoder import user
 
-                encoder = user(enc["module"], meta["input_shape"], None, 0, enc["module"])
+                encoder = user(enc["module"], meta["input_shape"], None, enc.get("seed", 0), enc["module"])
                 encoder.load_state_dict(weights[ENCODER])
             elif enc is not None:
                 full = build_module(
@@ -237,6 +244,10 @@ class SisaPyfunc:
                 encoder = full.net.layers[:-1]
                 encoder.load_state_dict(weights[ENCODER])
                 encoder.eval().requires_grad_(False)
+        if encoder is not None:
+            from shards.encoder import check_probe
+
+            check_probe(encoder, meta["input_shape"], enc.get("probe"), enc.get("module") or "the model's encoder")
         agg = meta["aggregation"]
         self.meta = meta
         self.aggregator = Aggregator(modules, meta["num_classes"], agg["method"], agg["weights"], encoder=encoder)
