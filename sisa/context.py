@@ -154,11 +154,12 @@ class OpContext:
         ``m``): every retrain must compute what the fit computed. Called before an operation records anything."""
         self.engine(m)
         c = self.config
+        filled = [c]  # as given (a workdir's own config.yaml, older ones included), then with fit's fill-ins
         if c.training.engine is None:
-            c = c.with_engine(m.engine)
+            filled += [f.with_engine(m.engine) for f in filled]
         if c.data.num_classes is None:
-            c = c.with_num_classes(m.num_classes)
-        if c.training_hash() != m.training_hash:
+            filled += [f.with_num_classes(m.num_classes) for f in filled]
+        if m.training_hash not in {f.training_hash() for f in filled}:
             raise WorkdirError(
                 f"this config does not match the config {self.workdir.path} was trained with (training hash "
                 f"{c.training_hash()} != {m.training_hash}): open it with SisaEnsemble.open({str(self.workdir.path)!r}), "
