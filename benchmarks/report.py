@@ -197,7 +197,7 @@ def precision_figures(r: dict) -> list[dict]:
             {
                 "figure": f"`bf16-mixed` fast step ÷ its arithmetic limit (the step's GEMMs in bf16, MLP {shape}, batch {w['batch']})",
                 "target": "≤ 5 (stretch)",
-                "value": f"{_fmt(e['fast_bf16_over_bf16_limit'])} (bf16 GEMMs {_fmt(e['bf16_gemm_gflops'], 0)} GFLOP/s = {_fmt(e['bf16_gemm_ms_per_step'], 3)} ms, {_fmt(e['fp32_over_bf16_gemm'])}× the fp32 GEMM time)",
+                "value": f"{_fmt(e['fast_bf16_over_bf16_limit'])} (bf16 GEMMs {_fmt(e['bf16_gemm_gflops'], 0)} GFLOP/s = {_fmt(e['bf16_gemm_ms_per_step'], 3)} ms, the fp32 GEMMs take {_fmt(e['fp32_over_bf16_gemm'])}× as long)",
                 "cpu": "",
                 "status": _status(e["fast_bf16_over_bf16_limit"], "<=", 5.0),
             }
