@@ -195,20 +195,21 @@ class OpContext:
     def active_shards(self, m: Manifest) -> list[int]:
         return m.active_shards(self.config.sharding.slices)
 
-    def load_model(self, shard: int, m: Manifest):
-        """The shard's final sub-model (digest-checked, ``weights_only``), cached by checkpoint digest."""
+    def load_model(self, shard: int, m: Manifest, entry=None):
+        """The shard's final sub-model (digest-checked, ``weights_only``), cached by checkpoint digest;
+        ``entry``: the checkpoint (a `sisa.manifest.Checkpoint`) to load instead of the one ``m`` names."""
         import torch
 
         from shards import training
 
-        entry = m.shards[shard].final
+        entry = entry or m.shards[shard].final
         key = (shard, entry.sha256)
         with self._lock:
             if key in self._models:
                 return self._models[key]
         store = self.storage()
         ckpt = training.load_checkpoint(store.read(entry.file, entry.sha256), store.describe(entry.file))
-        with torch.random.fork_rng(devices=[]):
+        with self._lock, torch.random.fork_rng(devices=[]):  # one thread at a time seeds and restores torch
             module = training.init_module(self.spec(m), shard)
         module.load_state_dict(ckpt["state_dict"])
         module.eval()
@@ -253,23 +254,14 @@ class OpContext:
         digest and the sub-model's checkpoint digest, so after a deletion only the retrained shards run (an
         erased evaluation row changes the digest: everything runs again). The figures are the same, bit
         for bit, as evaluating every shard afresh (`sisa.aggregate.shard_outputs`, `combine`)."""
-        import hashlib
-
-        import torch
-
         from sisa.aggregate import combine, decide, shard_outputs, shard_weights
 
-        rows = evalfile.read(self.workdir.path)  # (id, y, x), or (y, x) in a file without ids
         active = self.active_shards(m)
-        if rows is None or len(rows) == 0 or not active:
+        rows = self._eval_rows(m) if active else None
+        if rows is None:
             return {}
-        digest = hashlib.sha256(rows.tobytes()).hexdigest()
+        digest, X, y = rows
         a = self.config.aggregation
-        X = torch.from_numpy(np.array(rows["x"], dtype=np.float32, order="C", copy=True))
-        if m.encoder is not None:
-            with torch.no_grad():
-                X = self.encoder(m)(X)
-        y = rows["y"]
         keys = {s: (digest, s, m.shards[s].final.sha256, a.method) for s in active}
         with self._lock:
             self._evals = {k: v for k, v in self._evals.items() if k in keys.values()}
@@ -286,6 +278,38 @@ class OpContext:
             "eval_rows": int(len(y)),
         }
 
+    def _eval_rows(self, m: Manifest):
+        """(digest, X, y) of the stored evaluation rows (through the encoder, with one), or None."""
+        import hashlib
+
+        import torch
+
+        rows = evalfile.read(self.workdir.path)  # (id, y, x), or (y, x) in a file without ids
+        if rows is None or len(rows) == 0:
+            return None
+        X = torch.from_numpy(np.array(rows["x"], dtype=np.float32, order="C", copy=True))
+        if m.encoder is not None:
+            with torch.no_grad():
+                X = self.encoder(m)(X)
+        return hashlib.sha256(rows.tobytes()).hexdigest(), X, rows["y"]
+
+    def prefetch_outputs(self, shard: int, entry, m: Manifest) -> float | None:
+        """Compute and keep the outputs of ``shard``'s sub-model at checkpoint ``entry`` on the evaluation
+        rows, as `evaluate` will want them once a manifest deploys it (a deletion's retrained shard, while
+        the rest of its work goes on, `sisa.ops.overlap`); returns its accuracy there (None: no rows).
+        Not on a thread that trains: building the sub-model seeds torch."""
+        from sisa.aggregate import shard_outputs
+
+        rows = self._eval_rows(m)
+        if rows is None:
+            return None
+        digest, X, y = rows
+        key = (digest, shard, entry.sha256, self.config.aggregation.method)
+        out = shard_outputs(self.load_model(shard, m, entry), X, key[3], m.num_classes)
+        with self._lock:
+            self._evals[key] = out
+        return float((out[1].numpy() == y).mean())
+
     def forget_evaluations(self) -> None:
         """Drop the cached outputs on the evaluation rows (derived from them: after an erasure)."""
         with self._lock:
@@ -301,7 +325,10 @@ class OpContext:
             self._tracker = Tracker(self.config, self.workdir, self.tracking_uri)
         return self._tracker
 
-    def publish(self, m: Manifest, purge: bool = False, request_id: str | None = None, run_id: str | None = None):
+    def publish(
+        self, m: Manifest, purge: bool = False, request_id: str | None = None, run_id: str | None = None, staged=None
+    ):
         """Register ``m``'s ensemble as the ``current`` MLflow model version; with ``purge``, delete every
-        other version (each saw rows that a deletion removed). A no-op when tracking is off."""
-        return self.tracker().publish(self, m, run_id=run_id, purge=purge, request_id=request_id)
+        other version (each saw rows that a deletion removed). A no-op when tracking is off. ``staged``:
+        the version `sisa.tracking.registry.stage` prepared while the shards retrained."""
+        return self.tracker().publish(self, m, run_id=run_id, purge=purge, request_id=request_id, staged=staged)

@@ -37,6 +37,7 @@ from sisa.ledger import RequestState
 from sisa.manifest import Checkpoint, Manifest, Retraining, SliceRef
 from sisa.ops import append, owed, purge, receipts
 from sisa.ops.locate import base_error, base_rows_named, first_stages, locate, unknown_error
+from sisa.ops.overlap import Overlap
 from sisa.ops.phases import Phases
 from sisa.ops.receipts import DeletionPlan, Receipt
 
@@ -182,30 +183,48 @@ def _execute(ctx, before: Manifest, rid, hashed: set, plan: dict, t0: float, alr
     with ph("slice_rewrite"):
         after, plans, removed, starts = _rewrite_slices(ctx, before, affected, plan, hashed)
         cost = _cost(ctx, after, starts, before)
+    ahead = Overlap.start(ctx, before, rid, plans, wait)  # the done path's work that needs no new weights
+    try:
+        stages, wall = _retrain(ctx, after, plans, progress, ahead)
+        _training_phases(ph, wall, stages)
+        rate = wall / cost["sample_epochs"] if cost["sample_epochs"] else None
+        for p in plans:
+            done = before.shards[p.shard].checkpoints[: p.start_stage - 1]
+            after = after.with_shard(p.shard, checkpoints=done + tuple(Checkpoint.from_dict(c) for c in p.checkpoints))
+        for s in affected:
+            after = after.with_shard(s, excluded=False)
+        after = replace(after, retraining=None, applied_requests=(*before.applied_requests, rid))
+        if rate is not None:
+            after = after.with_metrics(seconds_per_sample_epoch=rate)
+        with ph("receipt"):
+            receipt = _receipt(ctx, rid, hashed, plan, before, plans, removed, cost, t0, already)
+            receipts.write(ctx.workdir, receipt)
+        if ahead is not None:
+            with ph("mlflow_retire"):
+                ahead.retired()
+        crashpoint("before_swap")
+        with ph("swap"):
+            ctx.commit(after)  # the atomic swap
+        crashpoint("after_swap")
+        rec = owed.record(rid, before, receipt, plans, cost, plan, stages, {})
+        return purge.effective(ctx, after, rid, receipt, rec, ph, wait, ahead)
+    except BaseException:
+        if ahead is not None:
+            ahead.abort()
+        raise
+    finally:
+        if ahead is not None:
+            ahead.close()
+
+
+def _retrain(ctx, after: Manifest, plans: list, progress, ahead) -> tuple[dict, float]:
+    """Run the plans; ({shard: its stages' figures}, the wall time)."""
     stages: dict[int, list[dict]] = {}
-    t_train = time.perf_counter()
+    t = time.perf_counter()
     if plans:
-        ctx.run_plans(OP, after, plans, _on_stage(progress, stages))
-    wall = time.perf_counter() - t_train
-    _training_phases(ph, wall, stages)
-    rate = wall / cost["sample_epochs"] if cost["sample_epochs"] else None
-    for p in plans:
-        done = before.shards[p.shard].checkpoints[: p.start_stage - 1]
-        after = after.with_shard(p.shard, checkpoints=done + tuple(Checkpoint.from_dict(c) for c in p.checkpoints))
-    for s in affected:
-        after = after.with_shard(s, excluded=False)
-    after = replace(after, retraining=None, applied_requests=(*before.applied_requests, rid))
-    if rate is not None:
-        after = after.with_metrics(seconds_per_sample_epoch=rate)
-    with ph("receipt"):
-        receipt = _receipt(ctx, rid, hashed, plan, before, plans, removed, cost, t0, already)
-        receipts.write(ctx.workdir, receipt)
-    crashpoint("before_swap")
-    with ph("swap"):
-        ctx.commit(after)  # the atomic swap
-    crashpoint("after_swap")
-    rec = owed.record(rid, before, receipt, plans, cost, plan, stages, {})
-    return purge.effective(ctx, after, rid, receipt, rec, ph, wait)
+        extra = ahead.on_stage(after, ctx.spec(after)) if ahead is not None else None
+        ctx.run_plans(OP, after, plans, _on_stage(progress, stages, extra))
+    return stages, time.perf_counter() - t
 
 
 def _training_phases(ph: Phases, wall: float, stages: dict) -> None:
@@ -305,11 +324,14 @@ def _receipt(ctx, rid, hashed, plan, before: Manifest, plans, removed, cost, t0,
     return replace(receipt, signature=receipts.sign_receipt(ctx.workdir, receipt.to_dict()))
 
 
-def _on_stage(progress, stages: dict):
-    """The crash point, the stage's figures kept for the run (with their end time), then ``progress``."""
+def _on_stage(progress, stages: dict, ahead=None):
+    """The crash point, the stage's figures kept for the run (with their end time), the work done ahead
+    (`sisa.ops.overlap`), then ``progress``."""
 
     def cb(plan, entry, metrics):
         stages.setdefault(plan.shard, []).append({**metrics, "_end": time.time()})
+        if ahead:
+            ahead(plan, entry, stages[plan.shard])
         if progress:
             progress(plan, entry, metrics)
 

@@ -106,9 +106,10 @@ def log_batch(ctx, m, recs: list[dict], metrics: dict) -> str | None:
     if not live:
         return None
     obs = ctx.observer
-    ids = [r["request_id"] for r in live]
-    obs.started(OP, m, {REQUEST_ID: ids[0]} if len(ids) == 1 else {REQUEST_IDS: ",".join(ids)})  # capped there
-    crashpoint("batch_run_started")  # a dead process's run stays RUNNING: the next attempt closes it as KILLED
+    tags = batch_tags([r["request_id"] for r in live])
+    if not obs.adopt(tags):  # else started while the last request's shards retrained (`sisa.ops.overlap`)
+        obs.started(OP, m, tags)
+        crashpoint("batch_run_started")  # a dead process's run stays RUNNING: the next attempt closes it as KILLED
     first: dict[int, int] = {}
     for rec in live:
         for p in rec["plans"]:
@@ -127,8 +128,25 @@ def log_batch(ctx, m, recs: list[dict], metrics: dict) -> str | None:
     return obs.run_id
 
 
+def batch_tags(ids: list[str]) -> dict:
+    """The tags naming a batch run's requests (the list is capped in `sisa.tracking.runs.Tracker.start_run`)."""
+    return {REQUEST_ID: ids[0]} if len(ids) == 1 else {REQUEST_IDS: ",".join(ids)}
+
+
+def live_ids(ctx, effective: list[str]) -> list[str]:
+    """Of the ``effective`` requests, those the next batch run names: their record is there, not logged, and
+    not one of a process that died before it was effective (those get runs of their own, `_log_killed`)."""
+    recs = [load(ctx.workdir, rid) for rid in effective]
+    return [
+        rid
+        for rid, rec in zip(effective, recs)
+        if rec is not None and not rec.get("logged") and not rec.get("recovered")
+    ]
+
+
 def _figures(live: list[dict], metrics: dict) -> tuple[dict, dict]:
     """(metrics, tags) of a batch run: one request's own figures, or the totals and each one's at its step."""
+
     def own(rec):
         return {**rec["metrics"], **{f"phase_seconds/{k}": v for k, v in rec.get("phase_seconds", {}).items()}}
 
@@ -155,12 +173,14 @@ def _log_killed(ctx, m, rec: dict) -> None:
     from mlflow.entities import Metric
 
     try:
-        tracker = ctx.tracker()
-        _, run_id = tracker.start_run(OP, m, {REQUEST_ID: rec["request_id"], **rec["tags"]})
+        tracker, rid = ctx.tracker(), rec["request_id"]
+        dead = [run for run, rids in tracker.settle([rid]) if rids == [rid]]  # started ahead, `sisa.ops.overlap`
+        run_id = dead[0] if dead else tracker.start_run(OP, m, {REQUEST_ID: rid, **rec["tags"]})[1]
         flat = {k: v for k, v in rec["metrics"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         now = int(time.time() * 1000)
         tracker.client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in flat.items()])
-        tracker.settle([rec["request_id"]])
+        if not dead:
+            tracker.settle([rid])
     except Exception as e:  # noqa: BLE001 - logging never fails an operation; the publish that follows may
         warnings.warn(f"MLflow run of request {rec['request_id']} not logged ({type(e).__name__}: {e})", stacklevel=2)
         return None

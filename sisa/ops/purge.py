@@ -28,6 +28,7 @@ from sisa.ledger import RequestState
 from sisa.manifest import Manifest
 from sisa.ops import owed, receipts
 from sisa.ops.phases import Phases
+from sisa.tracking import registry
 from sisa.workdir import purge_unreferenced
 
 WAITS = ("effective", "done")
@@ -61,10 +62,12 @@ def _receipt(ctx, rid: str):
     return receipts.load(ctx.workdir, rid) if receipts.path(ctx.workdir, rid).exists() else None
 
 
-def effective(ctx, m: Manifest, rid: str, receipt, rec: dict | None, ph: Phases, wait: str = "done"):
+def effective(ctx, m: Manifest, rid: str, receipt, rec: dict | None, ph: Phases, wait: str = "done", ahead=None):
     """After the swap to ``m``: purge the store, record the owed bookkeeping ``rec`` (None: keep the one a
     crashed attempt wrote, else rebuild it from the receipt), mark the request effective; with
-    ``wait="done"`` settle every effective request too. Returns the receipt with its ``timing``."""
+    ``wait="done"`` settle every effective request too (``ahead``: what was prepared for it while the shards
+    retrained, `sisa.ops.overlap`, which publishes ``m`` once it is effective, beside the evaluation and
+    the run). Returns the receipt with its ``timing``."""
     _store(ctx, m, ph)
     if receipt is None:
         receipt = _receipt(ctx, rid)
@@ -78,7 +81,9 @@ def effective(ctx, m: Manifest, rid: str, receipt, rec: dict | None, ph: Phases,
         ctx.ledger().set_state(rid, RequestState.EFFECTIVE)
     timing = {"state": "effective", "effective_at": time.time(), "seconds_to_effective": ph.mark("effective")}
     crashpoint("after_effective")
-    if wait == "done" and rid in settle(ctx, ph):  # else its run is still owed (settle warned)
+    if ahead is not None:
+        ahead.publish(m)
+    if wait == "done" and rid in settle(ctx, ph, ahead):  # else its run is still owed (settle warned)
         timing.update(state="done", done_at=time.time(), seconds_to_done=ph.mark("done"))
     timing["phase_seconds"] = dict(ph.seconds)
     return replace(receipt, timing=timing) if receipt is not None else None
@@ -88,10 +93,11 @@ def _plan(ctx, rid: str) -> dict:
     return next((r["plan"] for r in ctx.ledger().unfinished() if r["id"] == rid), {})
 
 
-def settle(ctx, ph: Phases | None = None) -> list[str]:
+def settle(ctx, ph: Phases | None = None, ahead=None) -> list[str]:
     """Finish what every effective deletion owes, in one batch (hold the workdir lock): one evaluation of
     the served ensemble, one MLflow run for the batch, one publish that purges every other model version;
-    then each request whose run was logged is done. Returns their ids."""
+    then each request whose run was logged is done. Returns their ids. ``ahead`` (`sisa.ops.overlap`):
+    the outputs, run and staged version prepared while the last request's shards retrained."""
     ph = ph or Phases()
     ledger = ctx.ledger()
     todo = [r for r in ledger.unfinished() if r["state"] == RequestState.EFFECTIVE]
@@ -99,6 +105,8 @@ def settle(ctx, ph: Phases | None = None) -> list[str]:
         return []
     m = ctx.read_manifest()
     with ph("evaluate"):
+        if ahead is not None:
+            ahead.ready()
         metrics = ctx.evaluate(m)
     if metrics:
         with ph("metrics_commit"):
@@ -106,11 +114,17 @@ def settle(ctx, ph: Phases | None = None) -> list[str]:
             ctx.commit(m)
     run_id, last = None, todo[-1]["id"]
     with ph("mlflow_logging"):  # one run for the batch
-        recs = [owed.load(ctx.workdir, r["id"]) or owed.from_receipt(r["id"], _receipt(ctx, r["id"]), r["plan"]) for r in todo]
+        recs = [
+            owed.load(ctx.workdir, r["id"]) or owed.from_receipt(r["id"], _receipt(ctx, r["id"]), r["plan"])
+            for r in todo
+        ]
         run_id = owed.log_batch(ctx, m, [rec for rec in recs if not rec.get("logged")], metrics)
     crashpoint("during_settle")
     with ph("mlflow_publish"):  # the new version; every version that saw deleted rows is purged
-        ctx.publish(m, purge=True, request_id=last, run_id=run_id)
+        if ahead is None or not ahead.published():
+            ctx.publish(m, purge=True, request_id=last, run_id=run_id)
+        elif ctx.config.tracking.enabled:
+            registry.empty_log(ctx.tracker())  # after the run: every write of the batch is in the database
     crashpoint("before_done")
     with ph("ledger_done"):
         done = [r["id"] for r in todo if not owed.unlogged(ctx, r["id"])]

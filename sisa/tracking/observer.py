@@ -29,6 +29,16 @@ class Observer:
     def failed(self, op: str, error: BaseException) -> None:
         """The operation raised ``error`` (it is re-raised after the observer is told)."""
 
+    def shard_done(self, op: str, manifest, plan, figures: list[dict], accuracy: float | None) -> None:
+        """``plan.shard`` is retrained: its stages' ``figures``, its test ``accuracy`` (None: not known);
+        an observer may log it now rather than at ``finished``."""
+
+    def adopt(self, tags: dict) -> bool:
+        """True when the run in progress was started with ``tags`` ahead of time (a deletion starts its
+        batch's run while its shards retrain, `sisa.ops.overlap`); its stage figures are then dropped, to
+        be given again. False: the caller starts one."""
+        return False
+
 
 class Progress(Observer):
     """Calls ``progress(plan, entry, metrics)`` after every stage (the CLI's bars)."""
@@ -57,6 +67,13 @@ class Many(Observer):
     def stage(self, *a) -> None:
         for o in self.observers:
             o.stage(*a)
+
+    def adopt(self, tags: dict) -> bool:
+        return any([o.adopt(tags) for o in self.observers])
+
+    def shard_done(self, *a) -> None:
+        for o in self.observers:
+            o.shard_done(*a)
 
     def finished(self, *a) -> None:
         for o in self.observers:
@@ -97,6 +114,15 @@ class Safe(Observer):
 
     def stage(self, *a) -> None:
         self._call("stage", *a)
+
+    def shard_done(self, *a) -> None:
+        self._call("shard_done", *a)
+
+    def adopt(self, tags: dict) -> bool:
+        try:
+            return self.inner.adopt(tags)
+        except Exception:  # noqa: BLE001 - a run that cannot be checked is started afresh
+            return False
 
     def finished(self, *a) -> None:
         self._call("finished", *a)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -62,19 +61,29 @@ def fingerprint(ctx, m) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
 
-def export(ctx, m, directory: Path, reuse: dict | None = None) -> dict:
+def export(ctx, m, directory: Path, reuse: dict | None = None, present: dict | None = None) -> dict:
     """Write ensemble.json and one weights file per active shard of manifest ``m`` into ``directory``.
     ``reuse``: {shard: (file, file sha256, state-dict sha256)} of a previous version's weights file for
     the same checkpoint, hard-linked instead of written (written afresh when the link fails or the linked
-    file's sha256 is not the recorded one: a changed byte is never carried into a new version)."""
+    file's sha256 is not the recorded one: a changed byte is never carried into a new version).
+    ``present``: {shard: (checkpoint sha256, file sha256, state-dict sha256)} of weights files `link_shards`
+    already put in ``directory``; one whose checkpoint ``m`` no longer deploys is zeroed and written afresh."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "shards").mkdir(exist_ok=True)
     active = ctx.active_shards(m)
     spec = ctx.spec(m)
     c = ctx.config
     files, state_dicts = {}, {}
+    present = dict(present or {})
+    for s in set(present) - set(active):  # a link to the live version's file: zeroed when that one is purged
+        (directory / shard_file(s)).unlink(missing_ok=True)
     for s in active:
         rel = shard_file(s)
+        if s in present and present[s][0] == m.shards[s].final.sha256:
+            files[rel], state_dicts[str(s)] = present[s][1], present[s][2]
+            continue
+        if s in present:
+            (directory / rel).unlink(missing_ok=True)
         if s in (reuse or {}) and _link(reuse[s][0], directory / rel, reuse[s][1]):
             files[rel], state_dicts[str(s)] = reuse[s][1], reuse[s][2]
             continue
@@ -118,6 +127,18 @@ def export(ctx, m, directory: Path, reuse: dict | None = None) -> dict:
     return meta
 
 
+def link_shards(directory: Path, reuse: dict, checkpoints: dict) -> dict:
+    """Hard-link the ``reuse`` weights files (see `export`) into ``directory`` ahead of `export`, while the
+    retrained shards train; returns ``present`` for `export`: {shard: (checkpoint sha256, file sha256,
+    state-dict sha256)} of each file linked (``checkpoints``: {shard: the checkpoint sha256 it holds})."""
+    (directory / "shards").mkdir(parents=True, exist_ok=True)
+    return {
+        s: (checkpoints[s], f, sd)
+        for s, (src, f, sd) in sorted(reuse.items())
+        if _link(src, directory / shard_file(s), f)
+    }
+
+
 def _link(src: Path, dst: Path, sha256: str) -> bool:
     """Hard-link ``src`` at ``dst`` if the linked inode's content is ``sha256`` (hashed after linking, so
     what is checked is what the new version holds); else leave nothing at ``dst``."""
@@ -131,7 +152,7 @@ def _link(src: Path, dst: Path, sha256: str) -> bool:
     return False
 
 
-def signature(input_shape):
+def signature():
     """Signature from shapes only (never from rows). The input is not declared as a tensor spec, which MLflow
     would enforce strictly (float32 only, rejecting float64 arrays and DataFrames); `SisaPyfunc.predict`
     checks it instead, as `SisaEnsemble.predict` does. Its shape is recorded in the model's metadata."""
@@ -153,25 +174,31 @@ def requirements() -> list[str]:
 
 def save(ctx, m, path: Path, mlflow_model=None, reuse: dict | None = None) -> dict:
     """Save the manifest's ensemble as a pyfunc model directory at ``path`` (which must not exist, or be
-    empty). The shards' weights files are moved into place rather than copied by MLflow (see `export`)."""
+    empty): MLflow's files (`skeleton`), then the data (`export`), weights written in place, never copied."""
+    skeleton(path, mlflow_model)
+    return export(ctx, m, Path(path) / DATA, reuse)
+
+
+def skeleton(path: Path, mlflow_model=None) -> None:
+    """MLflow's part of a model directory at ``path`` (MLmodel, environment files) and its data folder, with
+    a placeholder ``ensemble.json`` that `export` overwrites: none of it depends on the weights, so a
+    deletion writes it while its shards retrain (`sisa.tracking.registry.stage`)."""
+    import tempfile
+
     import mlflow.pyfunc
 
-    path = Path(path)
-    work = path.parent / (path.name + ".src")
-    meta = export(ctx, m, work / ARTIFACT, reuse)
-    (work / ARTIFACT / "shards").rename(work / "shards")  # MLflow copies the data directory: ensemble.json only
-    with adapter.quiet():
-        mlflow.pyfunc.save_model(
-            path=str(path),
-            loader_module=LOADER_MODULE,  # the installed module: no code is saved in the artifact
-            data_path=str(work / ARTIFACT),
-            signature=signature(meta["input_shape"]),
-            pip_requirements=requirements(),
-            mlflow_model=mlflow_model,
-        )
-    (work / "shards").rename(path / DATA / "shards")
-    shutil.rmtree(work)  # ensemble.json's first copy
-    return meta
+    with tempfile.TemporaryDirectory(prefix="sisa-skeleton-") as tmp:
+        (Path(tmp) / ARTIFACT).mkdir()
+        (Path(tmp) / ARTIFACT / META).write_text("{}")
+        with adapter.quiet():
+            mlflow.pyfunc.save_model(
+                path=str(path),
+                loader_module=LOADER_MODULE,  # the installed module: no code is saved in the artifact
+                data_path=str(Path(tmp) / ARTIFACT),
+                signature=signature(),
+                pip_requirements=requirements(),
+                mlflow_model=mlflow_model,
+            )
 
 
 def _load_pyfunc(data_path: str, model_config=None):

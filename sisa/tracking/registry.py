@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from shards.errors import WorkdirError
@@ -25,36 +26,96 @@ from shards.storage import zero_and_remove
 from sisa.failpoints import crashpoint
 from sisa.tracking import adapter
 from sisa.tracking.digest import DATA, FORMAT, META, read_record, shard_file, tree_digests, write_record
-from sisa.tracking.pyfunc import fingerprint, save
+from sisa.tracking.pyfunc import export, fingerprint, link_shards, save, skeleton
 
 ALIAS = "current"
 
 
-def publish(tracker, ctx, m, run_id: str | None = None, purge: bool = False, force: bool = False):
+def publish(tracker, ctx, m, run_id: str | None = None, purge: bool = False, force: bool = False, staged=None):
     """Log the ensemble of manifest ``m`` (unless the ``current`` alias already points at it, with this
     format's digests and the workdir's publish record, and ``force`` is off) and, with
     ``purge``, delete every other version of the registered model and every other logged model of this
     ensemble, artifacts included, then hard-delete their metadata where the store is our own sqlite
     file. Only ids found under this ensemble's registered model and experiment are touched.
+    ``staged``: what `stage` prepared while the shards retrained (the new version is finished from it).
 
     Returns the current ModelVersion, or None when no shard is left to serve.
     """
     client, name = tracker.client, tracker.model_name
-    if not tracker.registered:
-        _ensure_registered(client, name, ctx.config)
-        tracker.registered = True
+    _ensure(tracker, ctx)
     keep = None
     if ctx.active_shards(m):
         fp = fingerprint(ctx, m)
         current = _alias(client, name)
         if not force and current is not None and _is_recorded(ctx.workdir, current, fp):
             keep = current
+        elif staged is not None and not force:
+            keep = _finish(tracker, ctx, m, run_id, fp, staged)
         else:
             reuse = {} if force else _reusable(tracker, ctx, m, current)
             keep = _log_version(tracker, ctx, m, run_id, fp, reuse)
     if purge:
-        purge_superseded(tracker, keep)
+        known = (
+            staged.doomed
+            if staged is not None and keep is not None and adapter.model_id(keep) == staged.model_id
+            else None
+        )
+        purge_superseded(tracker, keep, known, vacuum=staged is None)  # staged: settle empties the log last
     return keep
+
+
+@dataclass
+class Staged:
+    """A new version prepared while a deletion's shards retrain (`stage`): its logged model, its local
+    folder (None on a remote store) with MLflow's files and the links of the shards not retrained
+    (``present``, see `sisa.tracking.pyfunc.export`), and what the purge will delete once it is live
+    (``doomed``: (versions, logged model ids) found then; the workdir lock keeps anything new out)."""
+
+    model_id: str
+    artifact_location: str
+    local: Path | None
+    present: dict
+    doomed: tuple[list, set]
+
+
+def stage(tracker, ctx, m, run_id: str | None, retrained: set[int]) -> Staged:
+    """The part of the next version that does not wait for the retrained weights, written while they train:
+    the logged model, MLflow's files (`sisa.tracking.pyfunc.skeleton`), hard links to the live version's
+    files of the shards of ``m`` not in ``retrained`` (each hashed after linking), and the purge's list."""
+    from mlflow.models import Model
+
+    _ensure(tracker, ctx)
+    reuse = {
+        s: v
+        for s, v in _reusable(tracker, ctx, m, _alias(tracker.client, tracker.model_name)).items()
+        if s not in retrained
+    }
+    lm = _create_logged_model(tracker, run_id)
+    local = adapter.local_path(lm.artifact_location)
+    present = {}
+    if local is not None:
+        skeleton(
+            local,
+            Model(artifact_path=lm.artifact_location, model_uuid=lm.model_id, run_id=run_id, model_id=lm.model_id),
+        )
+        present = link_shards(local / DATA, reuse, {s: m.shards[s].final.sha256 for s in reuse})
+    return Staged(lm.model_id, lm.artifact_location, local, present, _doomed(tracker, lm.model_id))
+
+
+def retire(tracker, staged: Staged) -> None:
+    """Purge every version and logged model of this ensemble but the ``staged`` one, now: from a deletion's
+    acknowledgement the registry serves no model that saw its rows (as the workdir's predictions exclude
+    the shards it retrains), and ``current`` names nothing until the new version is registered. The files
+    the staged version links are only unlinked (`_zero_local`). The write-ahead log, which still holds the
+    retired rows' earlier pages, is emptied by the publish that registers the new version."""
+    purge_superseded(tracker, None, staged.doomed, keep_model=staged.model_id, vacuum=False)
+    staged.doomed = ([], set())
+
+
+def _ensure(tracker, ctx) -> None:
+    if not tracker.registered:
+        _ensure_registered(tracker.client, tracker.model_name, ctx.config)
+        tracker.registered = True
 
 
 def _is_recorded(workdir, version, fp: str) -> bool:
@@ -133,43 +194,70 @@ def _write_model(tracker, ctx, m, lm, run_id: str | None, reuse: dict) -> tuple[
     return meta, files
 
 
-def _log_version(tracker, ctx, m, run_id: str | None, fp: str, reuse: dict):
+def _create_logged_model(tracker, run_id: str | None):
     from mlflow.entities import LoggedModelOutput
 
     client, name = tracker.client, tracker.model_name
-    active = ctx.active_shards(m)
     lm = client.create_logged_model(
         tracker.experiment_id(),
         name=name,
         source_run_id=run_id,
-        tags={"sisa.ensemble": name, "sisa.fingerprint": fp, "sisa.active_shards": ",".join(map(str, active))},
+        tags={"sisa.ensemble": name},
         model_type="sisa-ensemble",
     )
     if run_id is not None:
         client.log_outputs(run_id, models=[LoggedModelOutput(lm.model_id, step=0)])
+    return lm
+
+
+def _log_version(tracker, ctx, m, run_id: str | None, fp: str, reuse: dict):
+    lm = _create_logged_model(tracker, run_id)
     meta, files = _write_model(tracker, ctx, m, lm, run_id, reuse)
+    return _register(tracker, ctx, m, lm.model_id, run_id, fp, meta, files)
+
+
+def _finish(tracker, ctx, m, run_id: str | None, fp: str, staged: Staged):
+    """The staged version completed with ``m``'s weights (only the retrained shards are written) and registered."""
+    from types import SimpleNamespace
+
+    if staged.local is not None:
+        meta = export(ctx, m, staged.local / DATA, present=staged.present)
+        files = tree_digests(staged.local, {f"{DATA}/{k}": v for k, v in meta["files"].items()})
+    else:
+        lm = SimpleNamespace(model_id=staged.model_id, artifact_location=staged.artifact_location)
+        meta, files = _write_model(tracker, ctx, m, lm, run_id, {})
+    return _register(tracker, ctx, m, staged.model_id, run_id, fp, meta, files)
+
+
+def _register(tracker, ctx, m, model_id: str, run_id: str | None, fp: str, meta: dict, files: dict):
+    """Seal a written logged model (digests in its tags), register it as a version, move the alias, write
+    the workdir's signed record."""
+    client, name = tracker.client, tracker.model_name
+    active = ctx.active_shards(m)
     crashpoint("after_model_written")  # a logged model not yet registered: the next purge removes it
     digests = {"sisa.format": str(FORMAT), "sisa.files": json.dumps(files, sort_keys=True, separators=(",", ":"))}
-    client.set_logged_model_tags(lm.model_id, digests)
-    client.finalize_logged_model(lm.model_id, "READY")
+    client.set_logged_model_tags(
+        model_id, {**digests, "sisa.fingerprint": fp, "sisa.active_shards": ",".join(map(str, active))}
+    )
+    client.finalize_logged_model(model_id, "READY")
     # a local sqlite registry resolves models:/ sources through the *global* tracking URI (an MLflow TODO)
     local = adapter.own_store(client, tracker.uri) is not None
     with adapter.global_tracking_uri(tracker.uri) if local else contextlib.nullcontext():
         mv = client.create_model_version(
             name,
-            source=f"models:/{lm.model_id}",
+            source=f"models:/{model_id}",
             run_id=run_id,
             tags={"sisa.fingerprint": fp, **digests},
             description=f"{len(active)} active shard(s); {ctx.config.aggregation.method}; ensemble.json sha256 "
             f"{files[f'{DATA}/{META}']}",
             await_creation_for=0,
-            model_id=lm.model_id,
+            model_id=model_id,
         )
     client.set_registered_model_alias(name, ALIAS, mv.version)
     record = {
         "registered_model": name,
         "version": str(mv.version),
-        "model_id": lm.model_id,
+        "model_id": model_id,
         "fingerprint": fp,
         "checkpoints": meta["checkpoints"],
         "state_dicts": meta["state_dicts"],
@@ -179,21 +267,39 @@ def _log_version(tracker, ctx, m, run_id: str | None, fp: str, reuse: dict):
     return client.get_model_version(name, mv.version)
 
 
-def purge_superseded(tracker, keep=None) -> list[str]:
+def purge_superseded(
+    tracker, keep=None, known: tuple[list, set] | None = None, keep_model: str | None = None, vacuum: bool = True
+) -> list[str]:
     """Delete every version of this ensemble's registered model except ``keep`` and every logged model of
-    this ensemble that ``keep`` does not use. Returns the purged logged-model ids."""
+    this ensemble that ``keep`` does not use. ``known``: the list `_doomed` made for ``keep``'s logged
+    model (a staged version), instead of searching again. ``keep_model``: a logged model to keep that no
+    version names yet (a staged one, see `retire`). Returns the purged logged-model ids."""
     client, name = tracker.client, tracker.model_name
-    keep_model = adapter.model_id(keep) if keep is not None else None
-    doomed: set[str] = set()
-    for v in adapter.all_pages(lambda tok: client.search_model_versions(f"name = '{name}'", page_token=tok)):
+    keep_model = adapter.model_id(keep) if keep is not None else keep_model
+    versions, doomed = known if known is not None else _doomed(tracker, keep_model)
+    for v in versions:
         if keep is not None and str(v.version) == str(keep.version):
             continue
-        if adapter.model_id(v):
-            doomed.add(adapter.model_id(v))
         if not adapter.drop_version_tags(client, tracker.uri, name, v.version):  # MLflow keeps them: ours go first
             for k in v.tags:
                 client.delete_model_version_tag(name, v.version, k)
         client.delete_model_version(name, v.version)
+    doomed = set(doomed) - {keep_model}
+    store = adapter.own_store(client, tracker.uri)
+    spare = _inodes(tracker, store, keep_model) if doomed and keep_model else set()
+    for mid in sorted(doomed):
+        _purge_logged_model(tracker, store, mid, spare)
+    if vacuum and store is not None and (doomed or tracker.zeroing):  # zeroing: a killed purge left the log full
+        _vacuum(tracker)
+    return sorted(doomed)
+
+
+def _doomed(tracker, keep_model: str | None) -> tuple[list, set]:
+    """(every version of the registered model, every logged model of this ensemble but ``keep_model``,
+    soft-deleted ones that an interrupted purge left included)."""
+    client, name = tracker.client, tracker.model_name
+    versions = adapter.all_pages(lambda tok: client.search_model_versions(f"name = '{name}'", page_token=tok))
+    doomed = {adapter.model_id(v) for v in versions if adapter.model_id(v)}
     exp = tracker.experiment_id()
     flt = f"tags.`sisa.ensemble` = '{name}'"
     for lm in adapter.all_pages(lambda tok: client.search_logged_models([exp], filter_string=flt, page_token=tok)):
@@ -205,12 +311,7 @@ def purge_superseded(tracker, keep=None) -> list[str]:
             if lm.experiment_id == exp and lm.tags.get("sisa.ensemble") == name:
                 doomed.add(mid)
     doomed.discard(keep_model)
-    spare = _inodes(tracker, store, keep_model) if doomed and keep_model else set()
-    for mid in sorted(doomed):
-        _purge_logged_model(tracker, store, mid, spare)
-    if store is not None and (doomed or tracker.zeroing):  # zeroing: a purge killed before it emptied the log
-        _vacuum(tracker)
-    return sorted(doomed)
+    return versions, doomed
 
 
 def _inodes(tracker, store, mid: str) -> set[tuple[int, int]]:
@@ -259,6 +360,13 @@ def _zero_local(location: str, spare: set = frozenset()) -> None:
             f.unlink()
         else:
             zero_and_remove(f)
+
+
+def empty_log(tracker) -> None:
+    """Empty our sqlite store's write-ahead log (`_vacuum`): after a staged publish, once the batch's run is
+    logged too, so that the log is left empty."""
+    if adapter.own_store(tracker.client, tracker.uri) is not None:
+        _vacuum(tracker)
 
 
 def _vacuum(tracker) -> None:

@@ -21,16 +21,17 @@ their count in ``sisa.requests`` and the full list in the run's artifact ``reque
 from __future__ import annotations
 
 import json
-import os
 import re
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 from sisa.config import dump_yaml
 from sisa.tracking import adapter
 from sisa.tracking.adapter import sqlite_path  # noqa: F401  (re-exported: `sisa ui`, the audit)
+from sisa.tracking.child import by_shard as _by_shard
+from sisa.tracking.child import log_child as _log_child
+from sisa.tracking.child import no_url_print as _no_url_print
 from sisa.tracking.observer import Observer, Safe
 
 REQUEST_ID = "sisa.request_id"  # the run of one deletion request
@@ -134,26 +135,41 @@ class Tracker:
         return exp, run.info.run_id
 
     def publish(
-        self, ctx, m, run_id: str | None = None, purge: bool = False, request_id: str | None = None, force: bool = False
+        self,
+        ctx,
+        m,
+        run_id: str | None = None,
+        purge: bool = False,
+        request_id: str | None = None,
+        force: bool = False,
+        staged=None,
     ):
         """Log ``m``'s ensemble as a registered pyfunc model version (alias ``current``); with ``purge``,
         delete every other version of it and its artifacts. Idempotent (``force``: log a new version even if
         ``current`` is already this ensemble). None when disabled.
-        ``request_id`` without ``run_id``: a request finished on reopen; its dead attempt's run is closed."""
+        ``request_id`` without ``run_id``: a request finished on reopen; its dead attempt's run is closed.
+        ``staged``: a version prepared ahead (`sisa.tracking.registry.stage`)."""
         if not self.enabled:
             return None
         from sisa.tracking.registry import publish
 
         if request_id is not None and run_id is None:
             self.settle([request_id])
-        return publish(self, ctx, m, run_id, purge, force)
+        return publish(self, ctx, m, run_id, purge, force, staged)
 
-    def settle(self, request_ids: list[str]) -> None:
-        """Mark the runs of the requests' attempts that died (still RUNNING) as KILLED, noting that."""
-        want = set(request_ids)
-        for r in self.client.search_runs([self.experiment_id()], filter_string="attributes.status = 'RUNNING'"):
-            if not want & set(_request_ids(r.data.tags)):  # a batch's first ids: a retry's batch starts with them
+    def settle(self, request_ids: list[str]) -> list[tuple[str, list[str]]]:
+        """Mark the runs of the requests' attempts that died (still RUNNING) as KILLED, noting that. Returns
+        (run id, the request ids it names) of each."""
+        want, closed = set(request_ids), []
+        running = self.client.search_runs([self.experiment_id()], filter_string="attributes.status = 'RUNNING'")
+        dead = {r.info.run_id for r in running if want & set(_request_ids(r.data.tags))}
+        for r in running:
+            if r.data.tags.get("mlflow.parentRunId") in dead:  # a shard's child run cut short with its parent
+                with _no_url_print():
+                    self.client.set_terminated(r.info.run_id, "KILLED")
+            if r.info.run_id not in dead:  # a batch's first ids: a retry's batch starts with them
                 continue
+            closed.append((r.info.run_id, _request_ids(r.data.tags)))
             self.client.set_tag(
                 r.info.run_id,
                 "mlflow.note.content",
@@ -161,6 +177,7 @@ class Tracker:
             )
             with _no_url_print():
                 self.client.set_terminated(r.info.run_id, "KILLED")
+        return closed
 
 
 def _request_ids(tags: dict) -> list[str]:
@@ -181,9 +198,10 @@ def observer_for(ctx) -> Observer:
 class _Op:
     """The parent run of the operation in progress and the stage figures collected for it."""
 
-    def __init__(self, tracker: Tracker, exp: str, run_id: str, kind: str):
-        self.tracker, self.exp, self.run_id, self.kind = tracker, exp, run_id, kind
+    def __init__(self, tracker: Tracker, exp: str, run_id: str, kind: str, tags: dict):
+        self.tracker, self.exp, self.run_id, self.kind, self.tags = tracker, exp, run_id, kind, tags
         self.stages: dict[int, list[dict]] = {}
+        self.logged: dict[int, int] = {}  # shard -> sample-epochs of its child run, logged already
         self.t0 = time.time()
 
 
@@ -203,8 +221,26 @@ class MLflowObserver(Observer):
         if not self.ctx.config.tracking.enabled:
             return
         tracker = self.ctx.tracker()
-        exp, run_id = tracker.start_run(op, manifest, {k: str(v) for k, v in (tags or {}).items()})
-        self._op, self.run_id = _Op(tracker, exp, run_id, op), run_id
+        tags = {k: str(v) for k, v in (tags or {}).items()}
+        exp, run_id = tracker.start_run(op, manifest, tags)
+        self._op, self.run_id = _Op(tracker, exp, run_id, op, tags), run_id
+
+    def adopt(self, tags: dict) -> bool:
+        op = self._op
+        if op is None or op.tags != {k: str(v) for k, v in tags.items()}:
+            return False
+        op.stages = {}
+        return True
+
+    def shard_done(self, op: str, manifest, plan, figures: list[dict], accuracy: float | None) -> None:
+        """Log ``plan.shard``'s child run now (its stages' ``figures``, its test ``accuracy``), not at
+        ``finished``: a deletion logs it while the rest of its work goes on (`sisa.ops.overlap`)."""
+        run = self._op
+        if run is None:
+            return
+        run.stages[plan.shard] = list(figures)
+        metrics = {} if accuracy is None else {"shard_accuracy": {str(plan.shard): accuracy}}
+        run.logged[plan.shard] = _log_child(run, manifest, plan, metrics, list(self.ctx.config.epochs_per_stage()))
 
     def stage(self, op: str, plan, entry: dict, metrics: dict) -> None:
         """Called on the driver as each stage result arrives (workers never log)."""
@@ -231,7 +267,10 @@ class MLflowObserver(Observer):
         client = run.tracker.client
         now = int(time.time() * 1000)
         epochs = list(self.ctx.config.epochs_per_stage())
-        sample_epochs = sum(_log_child(run, manifest, plan, metrics, epochs) for plan in plans)
+        sample_epochs = sum(
+            run.logged[p.shard] if p.shard in run.logged else _log_child(run, manifest, p, metrics, epochs)
+            for p in plans
+        )
         flat = {k: v for k, v in metrics.items() if _number(v)}
         flat.setdefault("wall_seconds", time.time() - run.t0)  # a deletion passes its own (to effective)
         flat["shards_trained"] = len(plans)
@@ -250,83 +289,6 @@ class MLflowObserver(Observer):
         if metrics.get("plots", True):  # a batch of settled deletions plots the state once, on its last run
             _log_plots(run, manifest, plans, metrics, slices_hit)
         client.set_terminated(run.run_id, "FINISHED")
-
-
-def _log_child(run: _Op, manifest, plan, metrics: dict, epochs: list[int]) -> int:
-    """One shard's child run: per-stage and per-epoch figures; returns its sample-epochs."""
-    from mlflow.entities import Metric, Param
-
-    client = run.tracker.client
-    epochs = list(manifest.shards[plan.shard].schedule(tuple(epochs)))  # appended stages make it longer
-    stages = sorted(run.stages.get(plan.shard, []), key=lambda st: st["stage"])
-    start = int((stages[0]["_end"] - stages[0]["seconds"]) * 1000) if stages else None
-    child = client.create_run(
-        run.exp,
-        run_name=f"shard-{plan.shard:03d}",
-        start_time=start,
-        tags={
-            "mlflow.parentRunId": run.run_id,
-            "sisa.operation": run.kind,
-            "sisa.shard": str(plan.shard),
-            "sisa.start_stage": str(plan.start_stage),
-            "sisa.config_hash": manifest.config_hash,
-            "mlflow.note.content": f"Shard {plan.shard}: stages {plan.start_stage}..{len(epochs)} "
-            + _how(run.kind, plan),
-        },
-    )
-    ms, sample_epochs = _stage_metrics(stages, epochs)
-    now = int(time.time() * 1000)
-    acc = _by_shard(metrics.get("shard_accuracy")).get(plan.shard)
-    if acc is not None:
-        ms.append(Metric("test_accuracy", acc, now, 0))
-    ms.append(Metric("sample_epochs", sample_epochs, now, 0))
-    params = [
-        Param("shard", str(plan.shard)),
-        Param("start_stage", str(plan.start_stage)),
-        Param("slice_rows", str([e.rows for e in manifest.shards[plan.shard].slices])),
-    ]
-    for i in range(0, len(ms), 900):
-        client.log_batch(child.info.run_id, metrics=ms[i : i + 900], params=params if i == 0 else [])
-    end = int(stages[-1]["_end"] * 1000) if stages else None
-    with _no_url_print():  # a server client prints "View run ..." per run; once per operation is enough
-        client.set_terminated(child.info.run_id, "FINISHED", end_time=end)
-    return sample_epochs
-
-
-def _stage_metrics(stages: list[dict], epochs: list[int]) -> tuple[list, int]:
-    """The metrics of a shard's stages (step = stage) and epochs (step = epoch across the whole schedule)."""
-    from mlflow.entities import Metric
-
-    ms: list = []
-    sample_epochs = 0
-    for st in stages:
-        ts, r = int(st["_end"] * 1000), st["stage"]
-        samples = sum(e["samples"] for e in st["epochs"])
-        sample_epochs += samples
-        ms += [
-            Metric("stage_rows", st["rows"], ts, r),
-            Metric("stage_seconds", st["seconds"], ts, r),
-            Metric("stage_samples", samples, ts, r),
-        ]
-        if "train_accuracy" in st:
-            ms.append(Metric("stage_train_accuracy", st["train_accuracy"], ts, r))
-        if "engine_setup_seconds" in st:  # the training engine's fixed cost (shards.training)
-            ms.append(Metric("stage_engine_setup_seconds", st["engine_setup_seconds"], ts, r))
-        if st["epochs"]:
-            ms.append(Metric("stage_loss", st["epochs"][-1]["loss"], ts, r))
-        epoch = sum(epochs[: r - 1])  # epochs are numbered across the shard's whole schedule
-        for e in st["epochs"]:
-            ms += [
-                Metric("loss", e["loss"], ts, epoch),
-                Metric("epoch_seconds", e["seconds"], ts, epoch),
-                Metric("epoch_samples", e["samples"], ts, epoch),
-            ]
-            if "accuracy" in e:
-                ms.append(Metric("epoch_train_accuracy", e["accuracy"], ts, epoch))
-            for name, value in e.get("logged", {}).items():  # a user module's self.log values
-                ms.append(Metric(f"user/{name}", value, ts, epoch))
-            epoch += 1
-    return ms, sample_epochs
 
 
 def _note(kind: str, manifest, plans, flat: dict) -> str:
@@ -367,29 +329,5 @@ def _log_plots(run: _Op, manifest, plans, metrics: dict, slices_hit) -> None:
         run.tracker.client.log_artifacts(run.run_id, tmp, "plots")
 
 
-@contextmanager
-def _no_url_print():
-    key = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
-    old = os.environ.get(key)
-    os.environ[key] = "true"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = old
-
-
-def _how(kind: str, plan) -> str:
-    if plan.start_stage > 1:
-        return f"retrained from the checkpoint after stage {plan.start_stage - 1}"
-    return "trained" if kind == "fit" else "retrained from a fresh initialisation"
-
-
 def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _by_shard(d) -> dict[int, float]:
-    return {int(k): v for k, v in (d or {}).items() if v is not None}

@@ -1,0 +1,152 @@
+"""A ``wait="done"`` deletion with tracking on prepares its done path while its shards retrain
+(`sisa.ops.overlap`): its batch run, the next model version (the old one retired before the swap), each
+retrained shard's outputs on the evaluation rows and its child run. What it leaves is what the plain path
+leaves, a kill inside it is finished on open, and a failure inside it falls back to the plain path."""
+
+import signal
+import sqlite3
+import warnings
+
+import mlflow
+import numpy as np
+import pytest
+from helpers import delete_killed_at, tiny_config, tiny_data, weights_equal
+from mlflow.tracking import MlflowClient
+
+from sisa import SisaEnsemble
+from sisa.context import OpContext
+from sisa.ledger import Ledger
+from sisa.tracking import registry
+from sisa.tracking.pyfunc import load_model
+
+GONE = ["u-3", "u-50", "u-77"]
+
+
+def _fit(w, executor="inprocess"):
+    X, y, ids = tiny_data(n=240)
+    cfg = tiny_config(tracking={"enabled": True}, cluster={"executor": executor})
+    ens = SisaEnsemble.from_config(cfg, w).fit(X[:200], y[:200], ids=ids[:200], eval_set=(X[200:], y[200:]))
+    return ens, X
+
+
+def _runs(w, ens):
+    client = MlflowClient(f"sqlite:///{w / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(ens._ctx.tracker().experiment).experiment_id
+    runs = client.search_runs([exp], "tags.`sisa.operation` = 'delete'")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    return client, runs, parents
+
+
+def _children(runs, parent):
+    return {
+        int(r.data.tags["sisa.shard"]): r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    }
+
+
+def test_on_ray_the_done_path_prepared_ahead_leaves_what_the_plain_path_leaves(tmp_path, ray_session):
+    a, X = _fit(tmp_path / "a", "ray")
+    b, _ = _fit(tmp_path / "b", "ray")
+    seen = []
+    receipt = a.delete(GONE, progress=lambda plan, entry, metrics: seen.append(entry["stage"]))
+    assert receipt.timing["state"] == "done" and "mlflow_retire" in receipt.timing["phase_seconds"]
+    b.delete(GONE, wait="effective")  # nothing ahead: the bookkeeping is done by settle, the plain way
+    assert b.settle() and weights_equal(a, b)
+
+    # the evaluation from the prefetched outputs is the plain one, and a fresh one, bit for bit
+    for key in ("ensemble_accuracy", "shard_accuracy"):
+        assert a.manifest.metrics[key] == b.manifest.metrics[key]
+    fresh = OpContext(a._ctx.config, a._ctx.workdir, a._ctx.commit, executor="inprocess")
+    assert fresh.evaluate(a.manifest)["ensemble_accuracy"] == a.manifest.metrics["ensemble_accuracy"]
+
+    # one run, finished, whose children were logged ahead with everything the plain path logs
+    client, runs_a, (pa,) = _runs(tmp_path / "a", a)
+    _, runs_b, (pb,) = _runs(tmp_path / "b", b)
+    assert pa.info.status == "FINISHED" and "RUNNING" not in {r.info.status for r in runs_a}
+    ca, cb = _children(runs_a, pa), _children(runs_b, pb)
+    assert sorted(ca) == sorted(cb) == sorted(int(s) for s in receipt.shards)
+    for s in ca:
+        assert set(ca[s].data.metrics) == set(cb[s].data.metrics)
+        for k in ("test_accuracy", "stage_rows", "stage_loss", "sample_epochs"):
+            assert ca[s].data.metrics[k] == cb[s].data.metrics[k], (s, k)
+        assert ca[s].data.metrics["test_accuracy"] == a.manifest.metrics["shard_accuracy"][str(s)]
+    for k in ("ensemble_accuracy", "rows_deleted", "sample_epochs", "shards_retrained"):
+        assert pa.data.metrics[k] == pb.data.metrics[k]
+
+    # one registered version: the new one, linking the untouched shards, loading like the ensemble
+    name = a._ctx.tracker().model_name
+    assert [str(v.version) for v in client.search_model_versions(f"name = '{name}'")] == ["2"]
+    model = load_model(f"models:/{name}@current", f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}")
+    assert np.array_equal(model.predict(X, params={"proba": True}), a.predict_proba(X))
+    wal = tmp_path / "a" / "mlflow.db-wal"
+    assert not wal.exists() or wal.stat().st_size == 0, "the run logged last, then the log emptied"
+    db = sqlite3.connect(tmp_path / "a" / "mlflow.db")
+    assert db.execute("select count(*) from logged_models").fetchone()[0] == 1
+    db.close()
+
+
+def test_a_kill_while_the_done_path_is_prepared_is_finished_on_open(tmp_path):
+    ens, X = _fit(tmp_path / "w")
+    name = ens._ctx.tracker().model_name
+    ens.close()
+    res = delete_killed_at(tmp_path / "w", GONE, "batch_run_started")  # on the background thread
+    assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
+    assert [r["state"] for r in Ledger(tmp_path / "w" / "ledger.db").requests()] == ["pending"]
+
+    reopened = SisaEnsemble.open(tmp_path / "w", executor="inprocess")
+    assert [r["state"] for r in Ledger(tmp_path / "w" / "ledger.db").requests()] == ["done"]
+    client, runs, parents = _runs(tmp_path / "w", reopened)
+    by_status = {r.info.status: r for r in parents}  # the dead attempt's run closed, the re-run's finished
+    assert sorted(by_status) == ["FINISHED", "KILLED"] and len(parents) == 2
+    assert "The process died here" in by_status["KILLED"].data.tags["mlflow.note.content"]
+    assert {r.data.tags["sisa.request_id"] for r in parents} == {
+        Ledger(tmp_path / "w" / "ledger.db").requests()[0]["id"]
+    }
+    assert "RUNNING" not in {r.info.status for r in runs}
+    assert [str(v.version) for v in client.search_model_versions(f"name = '{name}'")] == ["2"]
+    model = load_model(f"models:/{name}@current", f"sqlite:///{tmp_path / 'w' / 'mlflow.db'}")
+    assert np.array_equal(model.predict(X, params={"proba": True}), reopened.predict_proba(X))
+
+
+def test_a_staging_failure_falls_back_to_the_plain_publish(tmp_path, monkeypatch):
+    ens, X = _fit(tmp_path / "w")
+    ref, _ = _fit(tmp_path / "ref")
+
+    def broken(*a, **k):
+        raise RuntimeError("artifact store unreachable")
+
+    monkeypatch.setattr(registry, "stage", broken)
+    with pytest.warns(UserWarning, match="staged model version could not be prepared ahead.*unreachable"):
+        receipt = ens.delete(GONE)
+    assert receipt.timing["state"] == "done"
+    ref.delete(GONE, wait="effective")
+    ref.settle()
+    assert weights_equal(ens, ref)
+    client, runs, (parent,) = _runs(tmp_path / "w", ens)
+    assert parent.info.status == "FINISHED"
+    name = ens._ctx.tracker().model_name
+    assert [str(v.version) for v in client.search_model_versions(f"name = '{name}'")] == ["2"]
+    model = load_model(f"models:/{name}@current", f"sqlite:///{tmp_path / 'w' / 'mlflow.db'}")
+    assert np.array_equal(model.predict(X, params={"proba": True}), ens.predict_proba(X))
+
+
+def test_a_deletion_that_fails_marks_its_run_failed_and_is_finished_on_open(tmp_path, monkeypatch):
+    ens, X = _fit(tmp_path / "w")
+
+    def dies(self, *a, **k):
+        raise RuntimeError("worker lost")
+
+    monkeypatch.setattr(OpContext, "run_plans", dies)
+    with pytest.raises(RuntimeError, match="worker lost"):
+        ens.delete(GONE)
+    _, runs, (parent,) = _runs(tmp_path / "w", ens)
+    assert parent.info.status == "FAILED" and "RUNNING" not in {r.info.status for r in runs}
+    ens.close()
+    monkeypatch.undo()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing left half-done that warns on open
+        reopened = SisaEnsemble.open(tmp_path / "w", executor="inprocess")
+    assert [r["state"] for r in Ledger(tmp_path / "w" / "ledger.db").requests()] == ["done"]
+    uri = f"sqlite:///{tmp_path / 'w' / 'mlflow.db'}"
+    model = load_model(f"models:/{reopened._ctx.tracker().model_name}@current", uri)
+    assert np.array_equal(model.predict(X, params={"proba": True}), reopened.predict_proba(X))
+    assert mlflow.get_tracking_uri()  # the global URI is not ours to change
