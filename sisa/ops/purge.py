@@ -28,7 +28,6 @@ from sisa.ledger import RequestState
 from sisa.manifest import Manifest
 from sisa.ops import owed, receipts
 from sisa.ops.phases import Phases
-from sisa.tracking import registry
 from sisa.workdir import purge_unreferenced
 
 WAITS = ("effective", "done")
@@ -124,7 +123,9 @@ def settle(ctx, ph: Phases | None = None, ahead=None) -> list[str]:
         if ahead is None or not ahead.published():
             ctx.publish(m, purge=True, request_id=last, run_id=run_id)
         elif ctx.config.tracking.enabled:
-            registry.empty_log(ctx.tracker())  # after the run: every write of the batch is in the database
+            from sisa.tracking.registry import empty_log
+
+            empty_log(ctx.tracker())  # after the run: every write of the batch is in the database
     crashpoint("before_done")
     with ph("ledger_done"):
         done = [r["id"] for r in todo if not owed.unlogged(ctx, r["id"])]
