@@ -199,9 +199,6 @@ def _execute(ctx, before: Manifest, rid, hashed: set, plan: dict, t0: float, alr
         with ph("receipt"):
             receipt = _receipt(ctx, rid, hashed, plan, before, plans, removed, cost, t0, already)
             receipts.write(ctx.workdir, receipt)
-        if ahead is not None:
-            with ph("mlflow_retire"):
-                ahead.retired()
         crashpoint("before_swap")
         with ph("swap"):
             ctx.commit(after)  # the atomic swap

@@ -5,20 +5,27 @@ A ``wait="done"`` deletion with tracking on starts, right after it excluded the 
   - the MLflow run of the batch it will settle (`sisa.ops.owed.live_ids`: every effective request not
     logged yet, then this one), which `sisa.ops.owed.log_batch` adopts instead of starting one;
   - the next model version, staged (`sisa.tracking.registry.stage`): its logged model, MLflow's files,
-    hard links to the live version's files of the shards it does not retrain, and the purge's list;
-  - as each retrained shard's last stage arrives, that sub-model's outputs on the evaluation rows
-    (`sisa.context.OpContext.prefetch_outputs`), so that the evaluation only combines them. Not with the
-    in-process executor: building a sub-model seeds torch, and that executor trains on this process's RNG.
-`sisa.ops.purge.settle` then uses them. What a request's two moments mean does not change: its run, the
-publish and the purge of every version that saw its rows still come before *done*. A background step that
-fails is left out (settle does its work the usual way, and reports a failure there); a process killed while
-they run leaves what a kill at ``batch_run_started`` or ``after_model_written`` leaves, which the next open
-finishes (a run still RUNNING is closed as KILLED, a logged model never registered is purged).
+    hard links to the live version's files of the shards it does not retrain, and the purge's list; then
+    every other version is retired (`sisa.tracking.registry.retire`), before the swap waits for it;
+  - as each retrained shard's last stage arrives, its child run (with its test accuracy).
+Every deletion that retrains shards on Ray (any ``wait``, tracking on or off) also computes, as each
+retrained shard's last stage arrives, that sub-model's outputs on the evaluation rows
+(`sisa.context.OpContext.prefetch_outputs`), so that the evaluation in `sisa.ops.purge.settle` (now or
+batched later) only combines them. Not with the in-process executor: building a sub-model seeds torch,
+and that executor trains on this process's RNG.
+
+Once the request is effective the staged version is finished and registered on the background thread while
+`sisa.ops.purge.settle` evaluates and logs the run. What a request's two moments mean does not change: its
+run, the publish and the purge of every version that saw its rows still come before *done*. A background
+step that fails is left out (settle does its work the usual way, and reports a failure there); a process
+killed while they run leaves what a kill at ``batch_run_started`` or ``after_model_written`` leaves, which
+the next open finishes (a run still RUNNING is closed as KILLED, a logged model never registered is purged).
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -35,26 +42,30 @@ SWITCH = 0.0005
 class Overlap:
     @classmethod
     def start(cls, ctx, m, rid: str, plans: list, wait: str) -> Overlap | None:
-        """The work ahead for request ``rid`` (its shard ``plans``, on manifest ``m``), when there is some:
-        ``wait="done"``, tracking on, and shards to retrain (an evaluation-row-only deletion has none)."""
-        if not plans or wait != "done" or not ctx.config.tracking.enabled:
+        """The work ahead for request ``rid`` (its shard ``plans``, on manifest ``m``), when there is some
+        (an evaluation-row-only deletion retrains nothing): the outputs prefetched unless the executor is
+        in-process, and with ``wait="done"`` and tracking on, the run and the staged version too."""
+        mlflow = wait == "done" and ctx.config.tracking.enabled
+        if not plans or not (mlflow or ctx.executor_name != "inprocess"):
             return None
-        return cls(ctx, m, rid, {p.shard for p in plans})
+        return cls(ctx, m, rid, {p.shard for p in plans}, mlflow)
 
-    def __init__(self, ctx, m, rid: str, retrained: set[int]):
-        """Start the run and the staged version for request ``rid`` on manifest ``m`` (before the retrain)."""
+    def __init__(self, ctx, m, rid: str, retrained: set[int], mlflow: bool = True):
+        """Start the run and the staged version for request ``rid`` on manifest ``m`` (before the retrain;
+        not without ``mlflow``: a deletion that leaves its bookkeeping owed, or tracking off)."""
         self.ctx, self.rid = ctx, rid
-        effective = [r["id"] for r in ctx.ledger().unfinished() if r["state"] == RequestState.EFFECTIVE]
-        self.tags = owed.batch_tags(owed.live_ids(ctx, effective) + [rid])
-        self._mlflow = ThreadPoolExecutor(1, thread_name_prefix="sisa-mlflow")
         self._eval = ThreadPoolExecutor(1, thread_name_prefix="sisa-eval") if ctx.executor_name != "inprocess" else None
         self._outputs: list[Future] = []
         self._children: list[Future] = []
         self._published: Future | None = None
-        self._switch = sys.getswitchinterval()
-        sys.setswitchinterval(min(self._switch, SWITCH))  # the training loop's hand-offs wait less for the GIL
-        self._run = self._mlflow.submit(self._start_run, m)
-        self._staged = self._mlflow.submit(self._stage, m, set(retrained))
+        self._mlflow = self._run = self._staged = None
+        _short_switch(+1)  # the training loop's hand-offs wait less for the GIL
+        if mlflow:
+            effective = [r["id"] for r in ctx.ledger().unfinished() if r["state"] == RequestState.EFFECTIVE]
+            self.tags = owed.batch_tags(owed.live_ids(ctx, effective) + [rid])
+            self._mlflow = ThreadPoolExecutor(1, thread_name_prefix="sisa-mlflow")
+            self._run = self._mlflow.submit(self._start_run, m)
+            self._staged = self._mlflow.submit(self._stage, m, set(retrained))
 
     def _start_run(self, m) -> str | None:
         obs = self.ctx.observer
@@ -63,13 +74,9 @@ class Overlap:
         return obs.run_id
 
     def _stage(self, m, retrained: set[int]):
-        """The next version staged, then every version that saw the rows retired (`registry.retire`)."""
-        from sisa.tracking.registry import retire, stage
+        from sisa.tracking.registry import stage
 
-        tracker = self.ctx.tracker()
-        staged = stage(tracker, self.ctx, m, self._run.result(), retrained)
-        retire(tracker, staged)
-        return staged
+        return stage(self.ctx.tracker(), self.ctx, m, self._run.result(), retrained)
 
     def on_stage(self, m, spec):
         """The retrain's per-stage callback ``cb(plan, entry, figures)`` (``figures``: the shard's stages so
@@ -85,30 +92,28 @@ class Overlap:
                 return
             ev = self._eval.submit(self.ctx.prefetch_outputs, plan.shard, Checkpoint.from_dict(entry), m)
             self._outputs.append(ev)
-            if owed.REQUEST_ID in self.tags:  # a batch of several: a shard's child holds every request's stages
+            if self._mlflow is not None and owed.REQUEST_ID in self.tags:  # a batch: one child, all requests' stages
                 self._children.append(self._mlflow.submit(self._child, m, plan, list(figures), ev))
 
         return cb
 
     def _child(self, m, plan, figures: list[dict], ev: Future) -> None:
-        self.ctx.observer.shard_done(OP, m, plan, figures, _result(ev, "evaluation outputs"))
-
-    def retired(self) -> None:
-        """Wait for the staged version and the retirement of every version that saw the rows: the swap does,
-        so that once the new models serve, the registry serves none that saw the rows either (a failure
-        leaves that to the publish in settle)."""
-        self._staged.exception()
+        self.ctx.observer.shard_done(OP, m, plan, figures, _result(ev, f"shard {plan.shard}'s evaluation outputs"))
 
     def ready(self) -> None:
         """Wait for the run started ahead, the prefetched outputs (a failed one is computed again by the
         evaluation) and the child runs (one not logged is logged with its parent)."""
-        self._run.exception()  # its failure was the observer's warning
-        for f in self._outputs + self._children:
+        if self._run is not None:
+            self._run.exception()  # its failure was the observer's warning
+        for f in self._outputs:
             _result(f, "evaluation outputs")
+        for f in self._children:
+            _result(f, "child run")
 
     def publish(self, m) -> None:
         """Publish ``m`` (the swapped manifest) from the staged version and purge, on the background thread."""
-        self._published = self._mlflow.submit(self._publish, m)
+        if self._mlflow is not None:
+            self._published = self._mlflow.submit(self._publish, m)
 
     def _publish(self, m) -> bool:
         staged = _result(self._staged, "staged model version")
@@ -124,16 +129,34 @@ class Overlap:
     def abort(self) -> None:
         """The deletion raised: the run started ahead is marked failed once the background steps end."""
         self.close()
-        self.ctx.observer.failed(OP, None)
+        if self._run is not None:
+            self.ctx.observer.failed(OP, None)
 
     def close(self) -> None:
         """Wait for every background step (none is left running on return)."""
         try:
-            self._mlflow.shutdown(wait=True)
+            if self._mlflow is not None:
+                self._mlflow.shutdown(wait=True)
             if self._eval is not None:
                 self._eval.shutdown(wait=True)
         finally:
-            sys.setswitchinterval(self._switch)
+            _short_switch(-1)
+
+
+_switch_lock = threading.Lock()
+_switch_users: list = []  # the interval before the first user lowered it, once per user still running
+
+
+def _short_switch(step: int) -> None:
+    """Lower the GIL switch interval while any overlap runs (+1), restore it when the last one ends (-1)."""
+    with _switch_lock:
+        if step > 0:
+            _switch_users.append(_switch_users[0] if _switch_users else sys.getswitchinterval())
+            sys.setswitchinterval(min(_switch_users[0], SWITCH))
+        elif _switch_users:
+            before = _switch_users.pop()
+            if not _switch_users:
+                sys.setswitchinterval(before)
 
 
 def _result(f: Future, what: str):

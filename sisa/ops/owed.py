@@ -122,10 +122,10 @@ def log_batch(ctx, m, recs: list[dict], metrics: dict) -> str | None:
     figures["plots"] = ctx.config.tracking.deletion_plots
     slices_hit = sorted({tuple(x) for r in live for x in r["slices_hit"]})
     obs.finished(OP, m, plans, figures, tags, slices_hit)
-    if obs.run_id is not None or not ctx.config.tracking.enabled:  # a failed log (MLflow down) is retried
+    if obs.finished_run is not None or not ctx.config.tracking.enabled:  # a failed log (MLflow down) is retried
         for rec in live:
             write(ctx.workdir, rec["request_id"], {**rec, "logged": True})
-    return obs.run_id
+    return obs.finished_run
 
 
 def batch_tags(ids: list[str]) -> dict:

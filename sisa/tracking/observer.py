@@ -16,6 +16,7 @@ class Observer:
     ``finished`` or ``failed``. ``run_id`` names the current operation's run, if the observer has one."""
 
     run_id: str | None = None
+    finished_run: str | None = None  # the run the last ``finished`` logged and closed (None: it failed)
 
     def started(self, op: str, manifest, tags: dict) -> None:
         """``op`` (fit, delete, repair) begins on ``manifest``; ``tags`` (e.g. the request id)."""
@@ -60,6 +61,10 @@ class Many(Observer):
     def run_id(self):
         return next((o.run_id for o in self.observers if o.run_id is not None), None)
 
+    @property
+    def finished_run(self):
+        return next((o.finished_run for o in self.observers if o.finished_run is not None), None)
+
     def started(self, *a) -> None:
         for o in self.observers:
             o.started(*a)
@@ -94,6 +99,10 @@ class Safe(Observer):
     @property
     def run_id(self):
         return self.inner.run_id
+
+    @property
+    def finished_run(self):
+        return self.inner.finished_run
 
     def _call(self, name: str, *a) -> None:
         try:

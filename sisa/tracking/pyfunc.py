@@ -66,8 +66,8 @@ def export(ctx, m, directory: Path, reuse: dict | None = None, present: dict | N
     ``reuse``: {shard: (file, file sha256, state-dict sha256)} of a previous version's weights file for
     the same checkpoint, hard-linked instead of written (written afresh when the link fails or the linked
     file's sha256 is not the recorded one: a changed byte is never carried into a new version).
-    ``present``: {shard: (checkpoint sha256, file sha256, state-dict sha256)} of weights files `link_shards`
-    already put in ``directory``; one whose checkpoint ``m`` no longer deploys is zeroed and written afresh."""
+    ``present``: what `link_shards` already put in ``directory``; a file whose checkpoint ``m`` no longer
+    deploys, or that changed since (hashed again when its stat differs), is unlinked and written afresh."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "shards").mkdir(exist_ok=True)
     active = ctx.active_shards(m)
@@ -79,7 +79,7 @@ def export(ctx, m, directory: Path, reuse: dict | None = None, present: dict | N
         (directory / shard_file(s)).unlink(missing_ok=True)
     for s in active:
         rel = shard_file(s)
-        if s in present and present[s][0] == m.shards[s].final.sha256:
+        if s in present and present[s][0] == m.shards[s].final.sha256 and _unchanged(directory / rel, present[s]):
             files[rel], state_dicts[str(s)] = present[s][1], present[s][2]
             continue
         if s in present:
@@ -130,13 +130,28 @@ def export(ctx, m, directory: Path, reuse: dict | None = None, present: dict | N
 def link_shards(directory: Path, reuse: dict, checkpoints: dict) -> dict:
     """Hard-link the ``reuse`` weights files (see `export`) into ``directory`` ahead of `export`, while the
     retrained shards train; returns ``present`` for `export`: {shard: (checkpoint sha256, file sha256,
-    state-dict sha256)} of each file linked (``checkpoints``: {shard: the checkpoint sha256 it holds})."""
+    state-dict sha256, the file's stat when it was hashed)} of each file linked (``checkpoints``: {shard:
+    the checkpoint sha256 it holds})."""
     (directory / "shards").mkdir(parents=True, exist_ok=True)
     return {
-        s: (checkpoints[s], f, sd)
+        s: (checkpoints[s], f, sd, _stat(directory / shard_file(s)))
         for s, (src, f, sd) in sorted(reuse.items())
         if _link(src, directory / shard_file(s), f)
     }
+
+
+def _stat(path: Path) -> tuple:
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _unchanged(path: Path, present: tuple) -> bool:
+    """The linked file is still what was hashed: the same stat (a write moves the change time), else the
+    same sha256 again."""
+    try:
+        return _stat(path) == present[3] or file_sha256(path) == present[1]
+    except OSError:
+        return False
 
 
 def _link(src: Path, dst: Path, sha256: str) -> bool:

@@ -102,16 +102,6 @@ def stage(tracker, ctx, m, run_id: str | None, retrained: set[int]) -> Staged:
     return Staged(lm.model_id, lm.artifact_location, local, present, _doomed(tracker, lm.model_id))
 
 
-def retire(tracker, staged: Staged) -> None:
-    """Purge every version and logged model of this ensemble but the ``staged`` one, now: from a deletion's
-    acknowledgement the registry serves no model that saw its rows (as the workdir's predictions exclude
-    the shards it retrains), and ``current`` names nothing until the new version is registered. The files
-    the staged version links are only unlinked (`_zero_local`). The write-ahead log, which still holds the
-    retired rows' earlier pages, is emptied by the publish that registers the new version."""
-    purge_superseded(tracker, None, staged.doomed, keep_model=staged.model_id, vacuum=False)
-    staged.doomed = ([], set())
-
-
 def _ensure(tracker, ctx) -> None:
     if not tracker.registered:
         _ensure_registered(tracker.client, tracker.model_name, ctx.config)
@@ -267,15 +257,13 @@ def _register(tracker, ctx, m, model_id: str, run_id: str | None, fp: str, meta:
     return client.get_model_version(name, mv.version)
 
 
-def purge_superseded(
-    tracker, keep=None, known: tuple[list, set] | None = None, keep_model: str | None = None, vacuum: bool = True
-) -> list[str]:
+def purge_superseded(tracker, keep=None, known: tuple[list, set] | None = None, vacuum: bool = True) -> list[str]:
     """Delete every version of this ensemble's registered model except ``keep`` and every logged model of
     this ensemble that ``keep`` does not use. ``known``: the list `_doomed` made for ``keep``'s logged
-    model (a staged version), instead of searching again. ``keep_model``: a logged model to keep that no
-    version names yet (a staged one, see `retire`). Returns the purged logged-model ids."""
+    model (a staged version), instead of searching again; ``vacuum=False``: the caller empties the log
+    later (`empty_log`). Returns the purged logged-model ids."""
     client, name = tracker.client, tracker.model_name
-    keep_model = adapter.model_id(keep) if keep is not None else keep_model
+    keep_model = adapter.model_id(keep) if keep is not None else None
     versions, doomed = known if known is not None else _doomed(tracker, keep_model)
     for v in versions:
         if keep is not None and str(v.version) == str(keep.version):

@@ -217,7 +217,7 @@ class MLflowObserver(Observer):
         self._op: _Op | None = None
 
     def started(self, op: str, manifest, tags: dict) -> None:
-        self._op, self.run_id = None, None
+        self._op, self.run_id, self.finished_run = None, None, None
         if not self.ctx.config.tracking.enabled:
             return
         tracker = self.ctx.tracker()
@@ -261,7 +261,7 @@ class MLflowObserver(Observer):
         may carry the note (``mlflow.note.content``)."""
         from mlflow.entities import Metric
 
-        run, self._op = self._op, None
+        run, self._op, self.finished_run = self._op, None, None
         if run is None:
             return
         client = run.tracker.client
@@ -289,6 +289,7 @@ class MLflowObserver(Observer):
         if metrics.get("plots", True):  # a batch of settled deletions plots the state once, on its last run
             _log_plots(run, manifest, plans, metrics, slices_hit)
         client.set_terminated(run.run_id, "FINISHED")
+        self.finished_run = run.run_id
 
 
 def _note(kind: str, manifest, plans, flat: dict) -> str:

@@ -110,10 +110,7 @@ def test_a_deletion_killed_after_the_swap_is_purged_from_mlflow_on_reopen(tmp_pa
     v1 = client.get_model_version_by_alias(name, "current")
     res = delete_killed_at(w, ["u-9", "u-10"], "after_swap")
     assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
-    # not done yet, but the version that saw the rows was retired while the shards retrained
-    with pytest.raises(MlflowException, match="alias current not found"):
-        client.get_model_version_by_alias(name, "current")
-    assert not (w / "mlartifacts" / "models" / _model_id(v1)).exists()
+    assert client.get_model_version_by_alias(name, "current").version == v1.version  # not done yet
 
     reopened = SisaEnsemble.open(w, executor="inprocess")  # finishes the request, MLflow included
     v2 = client.get_model_version_by_alias(name, "current")
