@@ -195,14 +195,13 @@ class OpContext:
     def active_shards(self, m: Manifest) -> list[int]:
         return m.active_shards(self.config.sharding.slices)
 
-    def load_model(self, shard: int, m: Manifest, entry=None):
-        """The shard's final sub-model (digest-checked, ``weights_only``), cached by checkpoint digest;
-        ``entry``: the checkpoint (a `sisa.manifest.Checkpoint`) to load instead of the one ``m`` names."""
+    def load_model(self, shard: int, m: Manifest):
+        """The shard's final sub-model (digest-checked, ``weights_only``), cached by checkpoint digest."""
         import torch
 
         from shards import training
 
-        entry = entry or m.shards[shard].final
+        entry = m.shards[shard].final
         key = (shard, entry.sha256)
         with self._lock:
             if key in self._models:
@@ -292,23 +291,6 @@ class OpContext:
             with torch.no_grad():
                 X = self.encoder(m)(X)
         return hashlib.sha256(rows.tobytes()).hexdigest(), X, rows["y"]
-
-    def prefetch_outputs(self, shard: int, entry, m: Manifest) -> float | None:
-        """Compute and keep the outputs of ``shard``'s sub-model at checkpoint ``entry`` on the evaluation
-        rows, as `evaluate` will want them once a manifest deploys it (a deletion's retrained shard, while
-        the rest of its work goes on, `sisa.ops.overlap`); returns its accuracy there (None: no rows).
-        Not on a thread that trains: building the sub-model seeds torch."""
-        from sisa.aggregate import shard_outputs
-
-        rows = self._eval_rows(m)
-        if rows is None:
-            return None
-        digest, X, y = rows
-        key = (digest, shard, entry.sha256, self.config.aggregation.method)
-        out = shard_outputs(self.load_model(shard, m, entry), X, key[3], m.num_classes)
-        with self._lock:
-            self._evals[key] = out
-        return float((out[1].numpy() == y).mean())
 
     def forget_evaluations(self) -> None:
         """Drop the cached outputs on the evaluation rows (derived from them: after an erasure)."""

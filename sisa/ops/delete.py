@@ -185,7 +185,7 @@ def _execute(ctx, before: Manifest, rid, hashed: set, plan: dict, t0: float, alr
         cost = _cost(ctx, after, starts, before)
     ahead = Overlap.start(ctx, before, rid, plans, wait)  # the done path's work that needs no new weights
     try:
-        stages, wall = _retrain(ctx, after, plans, progress, ahead)
+        stages, wall = _retrain(ctx, after, plans, progress)
         _training_phases(ph, wall, stages)
         rate = wall / cost["sample_epochs"] if cost["sample_epochs"] else None
         for p in plans:
@@ -214,13 +214,12 @@ def _execute(ctx, before: Manifest, rid, hashed: set, plan: dict, t0: float, alr
             ahead.close()
 
 
-def _retrain(ctx, after: Manifest, plans: list, progress, ahead) -> tuple[dict, float]:
+def _retrain(ctx, after: Manifest, plans: list, progress) -> tuple[dict, float]:
     """Run the plans; ({shard: its stages' figures}, the wall time)."""
     stages: dict[int, list[dict]] = {}
     t = time.perf_counter()
     if plans:
-        extra = ahead.on_stage(after, ctx.spec(after)) if ahead is not None else None
-        ctx.run_plans(OP, after, plans, _on_stage(progress, stages, extra))
+        ctx.run_plans(OP, after, plans, _on_stage(progress, stages))
     return stages, time.perf_counter() - t
 
 
@@ -321,14 +320,11 @@ def _receipt(ctx, rid, hashed, plan, before: Manifest, plans, removed, cost, t0,
     return replace(receipt, signature=receipts.sign_receipt(ctx.workdir, receipt.to_dict()))
 
 
-def _on_stage(progress, stages: dict, ahead=None):
-    """The crash point, the stage's figures kept for the run (with their end time), the work done ahead
-    (`sisa.ops.overlap`), then ``progress``."""
+def _on_stage(progress, stages: dict):
+    """The crash point, the stage's figures kept for the run (with their end time), then ``progress``."""
 
     def cb(plan, entry, metrics):
         stages.setdefault(plan.shard, []).append({**metrics, "_end": time.time()})
-        if ahead:
-            ahead(plan, entry, stages[plan.shard])
         if progress:
             progress(plan, entry, metrics)
 

@@ -30,10 +30,6 @@ class Observer:
     def failed(self, op: str, error: BaseException) -> None:
         """The operation raised ``error`` (it is re-raised after the observer is told)."""
 
-    def shard_done(self, op: str, manifest, plan, figures: list[dict], accuracy: float | None) -> None:
-        """``plan.shard`` is retrained: its stages' ``figures``, its test ``accuracy`` (None: not known);
-        an observer may log it now rather than at ``finished``."""
-
     def adopt(self, tags: dict) -> bool:
         """True when the run in progress was started with ``tags`` ahead of time (a deletion starts its
         batch's run while its shards retrain, `sisa.ops.overlap`); its stage figures are then dropped, to
@@ -75,10 +71,6 @@ class Many(Observer):
 
     def adopt(self, tags: dict) -> bool:
         return any([o.adopt(tags) for o in self.observers])
-
-    def shard_done(self, *a) -> None:
-        for o in self.observers:
-            o.shard_done(*a)
 
     def finished(self, *a) -> None:
         for o in self.observers:
@@ -123,9 +115,6 @@ class Safe(Observer):
 
     def stage(self, *a) -> None:
         self._call("stage", *a)
-
-    def shard_done(self, *a) -> None:
-        self._call("shard_done", *a)
 
     def adopt(self, tags: dict) -> bool:
         try:

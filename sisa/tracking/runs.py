@@ -201,7 +201,6 @@ class _Op:
     def __init__(self, tracker: Tracker, exp: str, run_id: str, kind: str, tags: dict):
         self.tracker, self.exp, self.run_id, self.kind, self.tags = tracker, exp, run_id, kind, tags
         self.stages: dict[int, list[dict]] = {}
-        self.logged: dict[int, int] = {}  # shard -> sample-epochs of its child run, logged already
         self.t0 = time.time()
 
 
@@ -232,16 +231,6 @@ class MLflowObserver(Observer):
         op.stages = {}
         return True
 
-    def shard_done(self, op: str, manifest, plan, figures: list[dict], accuracy: float | None) -> None:
-        """Log ``plan.shard``'s child run now (its stages' ``figures``, its test ``accuracy``), not at
-        ``finished``: a deletion logs it while the rest of its work goes on (`sisa.ops.overlap`)."""
-        run = self._op
-        if run is None:
-            return
-        run.stages[plan.shard] = list(figures)
-        metrics = {} if accuracy is None else {"shard_accuracy": {str(plan.shard): accuracy}}
-        run.logged[plan.shard] = _log_child(run, manifest, plan, metrics, list(self.ctx.config.epochs_per_stage()))
-
     def stage(self, op: str, plan, entry: dict, metrics: dict) -> None:
         """Called on the driver as each stage result arrives (workers never log)."""
         if self._op is not None:
@@ -267,10 +256,7 @@ class MLflowObserver(Observer):
         client = run.tracker.client
         now = int(time.time() * 1000)
         epochs = list(self.ctx.config.epochs_per_stage())
-        sample_epochs = sum(
-            run.logged[p.shard] if p.shard in run.logged else _log_child(run, manifest, p, metrics, epochs)
-            for p in plans
-        )
+        sample_epochs = sum(_log_child(run, manifest, plan, metrics, epochs) for plan in plans)
         flat = {k: v for k, v in metrics.items() if _number(v)}
         flat.setdefault("wall_seconds", time.time() - run.t0)  # a deletion passes its own (to effective)
         flat["shards_trained"] = len(plans)

@@ -1,7 +1,7 @@
 """A ``wait="done"`` deletion with tracking on prepares its done path while its shards retrain
-(`sisa.ops.overlap`): its batch run, the next model version, each retrained shard's outputs on the
-evaluation rows and its child run. What it leaves is what the plain path
-leaves, a kill inside it is finished on open, and a failure inside it falls back to the plain path."""
+(`sisa.ops.overlap`): its batch run and the next model version, which it finishes beside the evaluation
+once the request is effective. What it leaves is what the plain path leaves, a kill inside it is finished
+on open, and a failure inside it falls back to the plain path."""
 
 import signal
 import sqlite3
@@ -52,13 +52,13 @@ def test_on_ray_the_done_path_prepared_ahead_leaves_what_the_plain_path_leaves(t
     b.delete(GONE, wait="effective")  # nothing ahead: the bookkeeping is done by settle, the plain way
     assert b.settle() and weights_equal(a, b)
 
-    # the evaluation from the prefetched outputs is the plain one, and a fresh one, bit for bit
+    # the evaluation beside the publish is the plain one, and a fresh one, bit for bit
     for key in ("ensemble_accuracy", "shard_accuracy"):
         assert a.manifest.metrics[key] == b.manifest.metrics[key]
     fresh = OpContext(a._ctx.config, a._ctx.workdir, a._ctx.commit, executor="inprocess")
     assert fresh.evaluate(a.manifest)["ensemble_accuracy"] == a.manifest.metrics["ensemble_accuracy"]
 
-    # one run, finished, whose children were logged ahead with everything the plain path logs
+    # one run, started ahead and finished, with everything the plain path logs
     client, runs_a, (pa,) = _runs(tmp_path / "a", a)
     _, runs_b, (pb,) = _runs(tmp_path / "b", b)
     assert pa.info.status == "FINISHED" and "RUNNING" not in {r.info.status for r in runs_a}
