@@ -46,7 +46,7 @@ from sisa import data as datamod
 from sisa.failpoints import crashpoint
 from sisa.ledger import RequestState
 from sisa.manifest import Checkpoint, Manifest, SliceRef
-from sisa.ops import append, compact, purge, receipts
+from sisa.ops import append, compact, owed, purge, receipts
 from sisa.ops import delete as deletion
 from sisa.ops.base import refuse_base_ids
 from sisa.ops.locate import first_stages, locate
@@ -354,7 +354,8 @@ def recover(ctx, locked: bool = False, wait: bool = True, settle: bool = True) -
     if not settle:  # effective deletions keep their owed bookkeeping for a later batch
         todo = [r for r in todo if r["state"] != RequestState.EFFECTIVE]
     stray = _stray_batches(ctx, todo)
-    if not todo and not stray:
+    runs_owed = settle and bool(owed.pending(ctx.workdir))  # done deletions whose run is not logged yet
+    if not todo and not stray and not runs_owed:
         return []
     if not locked:
         if not wait and ctx.workdir.busy():
@@ -369,6 +370,8 @@ def recover(ctx, locked: bool = False, wait: bool = True, settle: bool = True) -
             deletion.resume(ctx, req, "done" if settle else "effective")
     for p in _stray_batches(ctx, []):
         zero_and_remove(p)
+    if settle and owed.pending(ctx.workdir):
+        purge.settle(ctx)
     return [r["id"] for r in todo]
 
 

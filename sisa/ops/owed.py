@@ -93,23 +93,39 @@ def unlogged(ctx, rid: str) -> bool:
 
 
 def log_batch(ctx, m, recs: list[dict], metrics: dict) -> str | None:
-    """One MLflow run for a settled batch of requests, on manifest ``m``: its children are the retrained
-    shards (a shard retrained by several requests: one child with all their stages), its metrics the
-    evaluation of ``m`` (``metrics``) and, for more than one request, the batch's totals and each request's
-    own figures under ``request/`` at step i (its place in the batch). A request whose process died before
-    it was effective gets its own run, closed as KILLED (`_log_killed`). Marks every record logged, so a
-    crash after it does not log the runs twice. Returns the batch run's id."""
+    """`open_batch` then `close_batch`: the whole run of a settled batch at once."""
+    open_batch(ctx, m, recs)
+    return close_batch(ctx, m, recs, metrics)
+
+
+def open_batch(ctx, m, recs: list[dict]) -> str | None:
+    """Start the MLflow run of a batch of requests, on manifest ``m`` (or adopt the one a deletion started
+    ahead, `sisa.ops.overlap`), so that the version the batch publishes links to it; a request whose process
+    died before it was effective gets its own run, closed as KILLED (`_log_killed`). Returns the run's id."""
     for rec in recs:
-        if rec.get("recovered"):
+        if rec.get("recovered") and not rec.get("logged"):
             _log_killed(ctx, m, rec)
     live = [r for r in recs if not r.get("recovered")]
     if not live:
         return None
     obs = ctx.observer
     tags = batch_tags([r["request_id"] for r in live])
-    if not obs.adopt(tags):  # else started while the last request's shards retrained (`sisa.ops.overlap`)
+    if not obs.adopt(tags):
         obs.started(OP, m, tags)
         crashpoint("batch_run_started")  # a dead process's run stays RUNNING: the next attempt closes it as KILLED
+    return obs.run_id
+
+
+def close_batch(ctx, m, recs: list[dict], metrics: dict) -> str | None:
+    """Log the batch run `open_batch` started and close it: its children are the retrained shards (a shard
+    retrained by several requests: one child with all their stages), its metrics the evaluation of ``m``
+    (``metrics``) and, for more than one request, the batch's totals and each request's own figures under
+    ``request/`` at step i (its place in the batch). Marks every record logged, so a crash after it does
+    not log the runs twice. Returns the run's id, None if it was not logged (its records stay owed)."""
+    live = [r for r in recs if not r.get("recovered")]
+    if not live:
+        return None
+    obs = ctx.observer
     first: dict[int, int] = {}
     for rec in live:
         for p in rec["plans"]:
@@ -126,6 +142,13 @@ def log_batch(ctx, m, recs: list[dict], metrics: dict) -> str | None:
         for rec in live:
             write(ctx.workdir, rec["request_id"], {**rec, "logged": True})
     return obs.finished_run
+
+
+def pending(workdir) -> list[str]:
+    """Requests whose bookkeeping is still owed (their record is here), oldest first."""
+    d = workdir.path / DIR
+    files = sorted(d.glob("*.json"), key=lambda f: f.stat().st_mtime_ns) if d.is_dir() else []
+    return [f.stem for f in files]
 
 
 def batch_tags(ids: list[str]) -> dict:

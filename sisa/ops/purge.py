@@ -22,6 +22,7 @@ import time
 import warnings
 from dataclasses import replace
 
+from shards.errors import WorkdirError
 from sisa import evalfile
 from sisa.failpoints import crashpoint
 from sisa.ledger import RequestState
@@ -82,8 +83,10 @@ def effective(ctx, m: Manifest, rid: str, receipt, rec: dict | None, ph: Phases,
     crashpoint("after_effective")
     if ahead is not None:
         ahead.publish(m)
-    if wait == "done" and rid in settle(ctx, ph, ahead):  # else its run is still owed (settle warned)
-        timing.update(state="done", done_at=time.time(), seconds_to_done=ph.mark("done"))
+    if wait == "done" and rid in settle(ctx, ph, ahead):
+        done, now = ph.moments["done"], time.perf_counter() - ph.t0
+        timing.update(state="done", done_at=time.time() - (now - done), seconds_to_done=done)
+        timing["seconds_to_logged"] = ph.moments["logged"]  # the evaluation and the run, behind done
     timing["phase_seconds"] = dict(ph.seconds)
     return replace(receipt, timing=timing) if receipt is not None else None
 
@@ -93,51 +96,71 @@ def _plan(ctx, rid: str) -> dict:
 
 
 def settle(ctx, ph: Phases | None = None, ahead=None) -> list[str]:
-    """Finish what every effective deletion owes, in one batch (hold the workdir lock): one evaluation of
-    the served ensemble, one MLflow run for the batch, one publish that purges every other model version;
-    then each request whose run was logged is done. Returns their ids. ``ahead`` (`sisa.ops.overlap`):
-    the outputs, run and staged version prepared while the last request's shards retrained."""
+    """Finish what every effective deletion owes, in one batch (hold the workdir lock). First every copy:
+    one publish that purges every model version that saw their rows; then each request is *done* (the
+    moment ``ph`` marks). Then, behind that moment, the bookkeeping: one evaluation of the served ensemble
+    and one MLflow run for the batch (started before the publish, so that the new version links to it),
+    after which each request's owed record is removed. A record whose run could not be logged stays, and
+    the next settle or open logs it, as it does for requests done by a process that died before logging.
+    Returns the ids of the requests now done. ``ahead`` (`sisa.ops.overlap`): the run and the staged
+    version prepared while the last request's shards retrained."""
     ph = ph or Phases()
     ledger = ctx.ledger()
     todo = [r for r in ledger.unfinished() if r["state"] == RequestState.EFFECTIVE]
-    if not todo:
+    later = [rid for rid in owed.pending(ctx.workdir) if rid not in {r["id"] for r in todo}]
+    if not todo and not later:
         return []
     m = ctx.read_manifest()
-    with ph("evaluate"):
+    recs = [
+        owed.load(ctx.workdir, r["id"]) or owed.from_receipt(r["id"], _receipt(ctx, r["id"]), r["plan"]) for r in todo
+    ]
+    recs = [r for r in recs + [owed.load(ctx.workdir, rid) for rid in later] if r and not r.get("logged")]
+    with ph("mlflow_logging"):
         if ahead is not None:
             ahead.ready()
+        run_id = owed.open_batch(ctx, m, recs)
+    crashpoint("during_settle")
+    if todo:
+        with ph("mlflow_publish"):  # the new version; every version that saw deleted rows is purged
+            if ahead is None or not ahead.published():
+                ctx.publish(m, purge=True, request_id=todo[-1]["id"], run_id=run_id)
+        crashpoint("before_done")
+        with ph("ledger_done"):
+            for r in todo:
+                receipt = _receipt(ctx, r["id"])
+                ledger.set_state(r["id"], RequestState.DONE, receipt.to_dict() if receipt else None)
+        ph.mark("done")
+        crashpoint("after_done")
+    _bookkeeping(ctx, m, recs, ph)
+    return [r["id"] for r in todo]
+
+
+def _bookkeeping(ctx, m: Manifest, recs: list[dict], ph: Phases) -> None:
+    """Behind *done*: the evaluation, the batch's run, then the owed records removed (those logged)."""
+    with ph("evaluate"):
         metrics = ctx.evaluate(m)
     if metrics:
         with ph("metrics_commit"):
             m = m.with_metrics(**metrics)
             ctx.commit(m)
-    run_id, last = None, todo[-1]["id"]
-    with ph("mlflow_logging"):  # one run for the batch
-        recs = [
-            owed.load(ctx.workdir, r["id"]) or owed.from_receipt(r["id"], _receipt(ctx, r["id"]), r["plan"])
-            for r in todo
-        ]
-        run_id = owed.log_batch(ctx, m, [rec for rec in recs if not rec.get("logged")], metrics)
-    crashpoint("during_settle")
-    with ph("mlflow_publish"):  # the new version; every version that saw deleted rows is purged
-        if ahead is None or not ahead.published():
-            ctx.publish(m, purge=True, request_id=last, run_id=run_id)
-        elif ctx.config.tracking.enabled:
+    with ph("mlflow_logging"):
+        owed.close_batch(ctx, m, recs, metrics)
+        if ctx.config.tracking.enabled:
             from sisa.tracking.registry import empty_log
 
-            empty_log(ctx.tracker())  # after the run: every write of the batch is in the database
-    crashpoint("before_done")
-    with ph("ledger_done"):
-        done = [r["id"] for r in todo if not owed.unlogged(ctx, r["id"])]
-        for rid in done:
-            receipt = _receipt(ctx, rid)
-            ledger.set_state(rid, RequestState.DONE, receipt.to_dict() if receipt else None)
-            owed.remove(ctx.workdir, rid)
-    if len(done) < len(todo):
+            try:
+                empty_log(ctx.tracker())  # the run's pages too: the log is left empty
+            except WorkdirError as e:  # a reader holds it: no erased byte is in these pages, the next purge empties it
+                warnings.warn(str(e), RuntimeWarning, stacklevel=3)
+    left = [r["request_id"] for r in recs if owed.unlogged(ctx, r["request_id"])]
+    for rec in recs:
+        if rec["request_id"] not in left:
+            owed.remove(ctx.workdir, rec["request_id"])
+    ph.mark("logged")
+    if left:
         warnings.warn(
-            f"{len(todo) - len(done)} deletion request(s) stay effective: their MLflow run was not logged (see the "
-            "warning above; their models are published and purged). The next settle or open logs it",
+            f"the MLflow run of {len(left)} deletion request(s) is still owed (see the warning above; the requests "
+            "are done: their models are published and purged everywhere). The next settle or open logs it",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-    return done

@@ -60,7 +60,7 @@ def publish(tracker, ctx, m, run_id: str | None = None, purge: bool = False, for
             if staged is not None and keep is not None and adapter.model_id(keep) == staged.model_id
             else None
         )
-        purge_superseded(tracker, keep, known, vacuum=staged is None)  # staged: settle empties the log last
+        purge_superseded(tracker, keep, known)
     return keep
 
 
@@ -257,11 +257,10 @@ def _register(tracker, ctx, m, model_id: str, run_id: str | None, fp: str, meta:
     return client.get_model_version(name, mv.version)
 
 
-def purge_superseded(tracker, keep=None, known: tuple[list, set] | None = None, vacuum: bool = True) -> list[str]:
+def purge_superseded(tracker, keep=None, known: tuple[list, set] | None = None) -> list[str]:
     """Delete every version of this ensemble's registered model except ``keep`` and every logged model of
     this ensemble that ``keep`` does not use. ``known``: the list `_doomed` made for ``keep``'s logged
-    model (a staged version), instead of searching again; ``vacuum=False``: the caller empties the log
-    later (`empty_log`). Returns the purged logged-model ids."""
+    model (a staged version), instead of searching again. Returns the purged logged-model ids."""
     client, name = tracker.client, tracker.model_name
     keep_model = adapter.model_id(keep) if keep is not None else None
     versions, doomed = known if known is not None else _doomed(tracker, keep_model)
@@ -277,7 +276,7 @@ def purge_superseded(tracker, keep=None, known: tuple[list, set] | None = None, 
     spare = _inodes(tracker, store, keep_model) if doomed and keep_model else set()
     for mid in sorted(doomed):
         _purge_logged_model(tracker, store, mid, spare)
-    if vacuum and store is not None and (doomed or tracker.zeroing):  # zeroing: a killed purge left the log full
+    if store is not None and (doomed or tracker.zeroing):  # zeroing: a purge killed before it emptied the log
         _vacuum(tracker)
     return sorted(doomed)
 
@@ -351,8 +350,7 @@ def _zero_local(location: str, spare: set = frozenset()) -> None:
 
 
 def empty_log(tracker) -> None:
-    """Empty our sqlite store's write-ahead log (`_vacuum`): after a staged publish, once the batch's run is
-    logged too, so that the log is left empty."""
+    """Empty our sqlite store's write-ahead log (`_vacuum`), once a batch's run is logged after its purge."""
     if adapter.own_store(tracker.client, tracker.uri) is not None:
         _vacuum(tracker)
 

@@ -1,7 +1,7 @@
 """A settled batch of deletions is one MLflow run (its children: the retrained shards), and a process
 killed while logging it loses nothing: the next open closes the dead run as KILLED and logs the batch. A
 batch of any length fits MLflow's limit on a tag value (its ids beyond it: in an artifact), and a batch
-whose run could not be created stays effective, its run owed, until a later settle logs it."""
+whose run could not be created is done (every copy purged), its run owed until a later settle logs it."""
 
 import json
 import signal
@@ -85,7 +85,7 @@ def test_a_batch_of_400_requests_fits_the_tag_limit_and_lists_every_id_in_an_art
     assert client.get_run(run_id).data.metrics["requests"] == 400
 
 
-def test_a_batch_whose_run_is_not_created_stays_effective_until_a_later_settle_logs_it(tmp_path, monkeypatch):
+def test_a_batch_whose_run_is_not_created_is_done_and_its_run_logged_by_a_later_settle(tmp_path, monkeypatch):
     X, y, ids = tiny_data(n=150)
     w = tmp_path / "w"
     ens = SisaEnsemble.from_config(tiny_config(tracking={"enabled": True}), w).fit(X, y, ids=ids)
@@ -98,11 +98,13 @@ def test_a_batch_whose_run_is_not_created_stays_effective_until_a_later_settle_l
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         receipt = ens.delete(["u-7"], wait="done")
-    assert receipt.timing["state"] == "effective" and "seconds_to_done" not in receipt.timing
-    assert any("3 deletion request(s) stay effective" in str(x.message) for x in seen), [str(x.message) for x in seen]
+    assert receipt.timing["state"] == "done"  # every copy purged; the run is owed behind that moment
+    assert any("run of 3 deletion request(s) is still owed" in str(x.message) for x in seen), [
+        str(x.message) for x in seen
+    ]
     led = Ledger(w / "ledger.db")
     queued.append(receipt.request_id)
-    assert [(r["id"], r["state"]) for r in led.requests()] == [(rid, "effective") for rid in queued]
+    assert [(r["id"], r["state"]) for r in led.requests()] == [(rid, "done") for rid in queued]
     assert sorted(p.stem for p in (w / "owed").iterdir()) == sorted(queued)
     tracker = ens._ctx.tracker()
     client = MlflowClient(tracker.uri)
@@ -112,9 +114,8 @@ def test_a_batch_whose_run_is_not_created_stays_effective_until_a_later_settle_l
     assert _parents(client, exp) == []
 
     monkeypatch.setattr(MlflowClient, "create_run", _create_run)
-    assert ens.settle() == queued
+    assert ens.settle() == []  # nothing left to make done: the owed run is logged
     assert [r["state"] for r in led.requests()] == ["done"] * 3 and list((w / "owed").iterdir()) == []
     (run,) = _parents(client, exp)
     assert run.info.status == "FINISHED" and run.data.tags[REQUEST_IDS] == ",".join(queued)
     assert run.data.metrics["requests"] == 3
-

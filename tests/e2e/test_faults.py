@@ -33,6 +33,7 @@ POINTS = [
     "after_effective",
     "during_settle",
     "before_done",
+    "after_done",
 ]
 
 

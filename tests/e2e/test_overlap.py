@@ -107,6 +107,27 @@ def test_a_kill_while_the_done_path_is_prepared_is_finished_on_open(tmp_path):
     assert np.array_equal(model.predict(X, params={"proba": True}), reopened.predict_proba(X))
 
 
+def test_a_kill_after_done_leaves_the_run_owed_and_the_next_open_logs_it(tmp_path):
+    ens, X = _fit(tmp_path / "w")
+    name = ens._ctx.tracker().model_name
+    ens.close()
+    res = delete_killed_at(tmp_path / "w", GONE, "after_done")
+    assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
+    led = Ledger(tmp_path / "w" / "ledger.db")
+    (req,) = led.requests()
+    assert req["state"] == "done" and [p.stem for p in (tmp_path / "w" / "owed").iterdir()] == [req["id"]]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'w' / 'mlflow.db'}")
+    assert [str(v.version) for v in client.search_model_versions(f"name = '{name}'")] == ["2"]  # purged: done
+
+    reopened = SisaEnsemble.open(tmp_path / "w", executor="inprocess")
+    assert not list((tmp_path / "w" / "owed").iterdir())
+    _, runs, parents = _runs(tmp_path / "w", reopened)
+    assert sorted(r.info.status for r in parents) == ["FINISHED", "KILLED"] and "RUNNING" not in {
+        r.info.status for r in runs
+    }
+    assert [r for r in parents if r.info.status == "FINISHED"][0].data.metrics["rows_deleted"] == 3
+
+
 def test_a_staging_failure_falls_back_to_the_plain_publish(tmp_path, monkeypatch):
     ens, X = _fit(tmp_path / "w")
     ref, _ = _fit(tmp_path / "ref")
@@ -152,7 +173,7 @@ def test_a_deletion_that_fails_marks_its_run_failed_and_is_finished_on_open(tmp_
     assert mlflow.get_tracking_uri()  # the global URI is not ours to change
 
 
-def test_a_run_started_ahead_whose_logging_fails_leaves_the_request_effective_until_it_is_logged(tmp_path, monkeypatch):
+def test_a_run_whose_logging_fails_is_owed_after_done_and_logged_by_the_next_settle(tmp_path, monkeypatch):
     from sisa.tracking.runs import MLflowObserver
 
     ens, X = _fit(tmp_path / "w")
@@ -163,18 +184,25 @@ def test_a_run_started_ahead_whose_logging_fails_leaves_the_request_effective_un
         raise ConnectionError("tracking server unreachable")
 
     monkeypatch.setattr(MLflowObserver, "finished", down)
-    with pytest.warns(RuntimeWarning, match="stay effective: their MLflow run was not logged"):
+    with pytest.warns(RuntimeWarning, match="run of 1 deletion request.*still owed.*the requests are done"):
         receipt = ens.delete(GONE)
-    assert receipt.timing["state"] == "effective"
+    # done: every copy is purged; the run, behind that moment, is owed (durably) and not lost
+    assert receipt.timing["state"] == "done" and receipt.timing["seconds_to_logged"] > receipt.timing["seconds_to_done"]
     led = Ledger(tmp_path / "w" / "ledger.db")
-    assert [r["state"] for r in led.requests()] == ["effective"]
+    assert [r["state"] for r in led.requests()] == ["done"]
+    assert [p.stem for p in (tmp_path / "w" / "owed").iterdir()] == [receipt.request_id]
+    name = ens._ctx.tracker().model_name
+    client = MlflowClient(f"sqlite:///{tmp_path / 'w' / 'mlflow.db'}")
+    assert [str(v.version) for v in client.search_model_versions(f"name = '{name}'")] == ["2"]
     monkeypatch.setattr(MLflowObserver, "finished", finished)
-    assert ens.settle() == [receipt.request_id] and [r["state"] for r in led.requests()] == ["done"]
-    _, runs, parents = _runs(tmp_path / "w", ens)
+    ens.close()
+    reopened = SisaEnsemble.open(tmp_path / "w", executor="inprocess")  # logs what is owed
+    assert not list((tmp_path / "w" / "owed").iterdir())
+    _, runs, parents = _runs(tmp_path / "w", reopened)
     assert sorted(r.info.status for r in parents) == ["FINISHED", "KILLED"]
     assert "RUNNING" not in {r.info.status for r in runs}
     (logged,) = [r for r in parents if r.info.status == "FINISHED"]
-    assert logged.data.metrics["rows_deleted"] == 3
+    assert logged.data.metrics["rows_deleted"] == 3 and "ensemble_accuracy" in logged.data.metrics
 
 
 def test_a_staged_link_changed_during_the_retrain_is_written_afresh(tmp_path, monkeypatch):
