@@ -241,11 +241,12 @@ class SisaEnsemble:
         """Forget ``ids`` exactly (training rows and held-out evaluation rows); returns the signed Receipt.
 
         ``wait="done"`` (default): once no copy of their rows is left anywhere, MLflow's model versions
-        included. ``wait="effective"``: as soon as the retrained models serve and the store holds no byte
-        of the rows; the re-evaluation and the MLflow work (run, publish, purge of the versions that saw the
-        rows) stay owed, durably, and are finished in one batch by `settle`, by the next ``wait="done"``
-        deletion, or by the next `open`. ``receipt.timing`` has ``state``, ``effective_at`` (and
-        ``done_at``) and the fixed costs by phase (``phase_seconds``)."""
+        included, and the bookkeeping that follows that moment (re-evaluation, MLflow run) is done.
+        ``wait="effective"``: as soon as the retrained models serve and the store holds no byte of the rows;
+        the MLflow work (publish, purge of the versions that saw the rows, run) and the re-evaluation stay
+        owed, durably, and are finished in one batch by `settle`, by the next ``wait="done"`` deletion, or
+        by the next `open`. ``receipt.timing`` has ``state``, ``effective_at`` (and ``done_at``,
+        ``seconds_to_logged``) and the fixed costs by phase (``phase_seconds``)."""
         from sisa.ops.add import recover
         from sisa.ops.delete import delete
 

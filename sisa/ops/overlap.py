@@ -7,13 +7,13 @@ A ``wait="done"`` deletion with tracking on starts, right after it excluded the 
   - the next model version, staged (`sisa.tracking.registry.stage`): its logged model, MLflow's files,
     hard links to the live version's files of the shards it does not retrain, and the purge's list (the
     live version stays ``@current`` until the new one is registered).
-Once the request is effective, the staged version is finished with the retrained shards' files, registered,
-and every other version purged, on the same thread, while `sisa.ops.purge.settle` evaluates the ensemble
-and logs the run. What a request's two moments mean does not change: its run, the publish and the purge of
-every version that saw its rows still come before *done*. A background step that fails is left out (settle
-does its work the usual way, and reports a failure there); a process killed while they run leaves what a
-kill at ``batch_run_started`` or ``after_model_written`` leaves, which the next open finishes (a run still
-RUNNING is closed as KILLED, a logged model never registered is purged).
+Once the request is effective, `sisa.ops.purge.settle` finishes the staged version with the retrained shards'
+files, registers it and purges every other version, then marks the request done. What a
+request's two moments mean does not change: the publish and the purge of every version that saw its rows
+still come before *done*. A background step that fails is left out (settle does its work the usual way,
+and reports a failure there); a process killed while they run leaves what a kill at ``batch_run_started``
+or ``after_model_written`` leaves, which the next open finishes (a run still RUNNING is closed as KILLED, a
+logged model never registered is purged).
 
 Nothing runs beside the steps to *effective* themselves: measured on 2 cores, work on another thread then
 (the retrained shards' evaluation, their child runs) slowed them by more than it saved after them.
@@ -50,7 +50,6 @@ class Overlap:
         self.ctx, self.rid = ctx, rid
         effective = [r["id"] for r in ctx.ledger().unfinished() if r["state"] == RequestState.EFFECTIVE]
         self.tags = owed.batch_tags(owed.live_ids(ctx, effective) + [rid])
-        self._published: Future | None = None
         _short_switch(+1)  # the training loop's hand-offs wait less for the GIL
         self._mlflow = ThreadPoolExecutor(1, thread_name_prefix="sisa-mlflow")
         self._run = self._mlflow.submit(self._start_run, m)
@@ -71,20 +70,9 @@ class Overlap:
         """Wait for the run started ahead (its failure was the observer's warning)."""
         self._run.exception()
 
-    def publish(self, m) -> None:
-        """Publish ``m`` (the swapped manifest) from the staged version and purge, on the background thread."""
-        self._published = self._mlflow.submit(self._publish, m)
-
-    def _publish(self, m) -> bool:
-        staged = _result(self._staged, "staged model version")
-        if staged is None:
-            return False
-        self.ctx.publish(m, purge=True, request_id=self.rid, run_id=self._run.result(), staged=staged)
-        return True
-
-    def published(self) -> bool:
-        """Wait for `publish`; False if it did not happen (settle publishes the usual way)."""
-        return self._published is not None and bool(_result(self._published, "model version"))
+    def staged(self):
+        """The staged version, or None if staging failed (the publish then writes the whole version)."""
+        return _result(self._staged, "staged model version")
 
     def abort(self) -> None:
         """The deletion raised: the run started ahead is marked failed once the background steps end."""

@@ -1,12 +1,12 @@
-"""The bookkeeping an effective deletion still owes: its MLflow run (counts, cost, per-stage figures, plots,
-phase timings), kept durable until the request is done.
+"""The bookkeeping a deletion still owes: its MLflow run (counts, cost, per-stage figures, plots, phase
+timings), kept durable until the run is logged.
 
 A deletion is *effective* (`sisa.ledger.RequestState.EFFECTIVE`) once the retrained models serve and the
 store holds no byte of its rows. What is left (re-evaluation, the run, the MLflow publish and the purge of
 every superseded model version, see `sisa.ops.purge.settle`) is done behind that moment, batched over
-every effective request. The run's material is written first to ``WORKDIR/owed/<request id>.json``
-(atomic, fsynced) and removed when the request is done, so a process that dies in between loses nothing:
-the next open logs it. The file holds counts, costs, stage figures and (shard, slice) positions: never a
+every effective request; the run follows the moment the request is done. The run's material is written
+first to ``WORKDIR/owed/<request id>.json`` (atomic, fsynced) and removed once the run is logged, so a
+process that dies in between loses nothing: the next open logs it. The file holds counts, costs, stage figures and (shard, slice) positions: never a
 row, never an id (raw or hashed).
 """
 

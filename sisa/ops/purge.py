@@ -5,13 +5,14 @@ and stale copies in the workdir and the warm workers' caches are purged, and the
 ``effective`` with its owed bookkeeping durable (`sisa.ops.owed`). From then on the new models serve and
 the store holds no byte of the rows.
 
-*Done* (`settle`): for every effective request, in one batch, the held-out rows are evaluated again
-(incrementally, `sisa.context.OpContext.evaluate`), one MLflow run is logged for the batch, the ensemble is
-published and every MLflow registered version and logged model that saw the rows is purged; only then is
-each request marked done. If a step fails (MLflow down, say), the requests stay effective and the next open
-(or `SisaEnsemble.settle`, or the next deletion with ``wait="done"``) finishes them. The run is such a step
-although its logging never raises (`sisa.tracking.observer.Safe`): a request whose run was not logged stays
-effective, its owed record kept, after the publish and purge went ahead.
+*Done* (`settle`): for every effective request, in one batch, the ensemble is published and every MLflow
+registered version and logged model that saw the rows is purged; then each request is marked done: no copy
+of its rows is left anywhere. If that fails (MLflow down, say), the requests stay effective and the next
+open (or `SisaEnsemble.settle`, or the next deletion with ``wait="done"``) finishes them. Behind that
+moment comes the bookkeeping: the held-out rows are evaluated again (incrementally,
+`sisa.context.OpContext.evaluate`) and one MLflow run is logged for the batch (started before the publish,
+so that the new version links to it). Its logging never raises (`sisa.tracking.observer.Safe`): a run
+that was not logged keeps its owed record, and the next settle or open logs it.
 
 `finish` is the single-step form that additions and compactions use (retraining -> done).
 """
@@ -66,8 +67,7 @@ def effective(ctx, m: Manifest, rid: str, receipt, rec: dict | None, ph: Phases,
     """After the swap to ``m``: purge the store, record the owed bookkeeping ``rec`` (None: keep the one a
     crashed attempt wrote, else rebuild it from the receipt), mark the request effective; with
     ``wait="done"`` settle every effective request too (``ahead``: what was prepared for it while the shards
-    retrained, `sisa.ops.overlap`, which publishes ``m`` once it is effective, beside the evaluation and
-    the run). Returns the receipt with its ``timing``."""
+    retrained, `sisa.ops.overlap`). Returns the receipt with its ``timing``."""
     _store(ctx, m, ph)
     if receipt is None:
         receipt = _receipt(ctx, rid)
@@ -81,8 +81,6 @@ def effective(ctx, m: Manifest, rid: str, receipt, rec: dict | None, ph: Phases,
         ctx.ledger().set_state(rid, RequestState.EFFECTIVE)
     timing = {"state": "effective", "effective_at": time.time(), "seconds_to_effective": ph.mark("effective")}
     crashpoint("after_effective")
-    if ahead is not None:
-        ahead.publish(m)
     if wait == "done" and rid in settle(ctx, ph, ahead):
         done, now = ph.moments["done"], time.perf_counter() - ph.t0
         timing.update(state="done", done_at=time.time() - (now - done), seconds_to_done=done)
@@ -122,8 +120,8 @@ def settle(ctx, ph: Phases | None = None, ahead=None) -> list[str]:
     crashpoint("during_settle")
     if todo:
         with ph("mlflow_publish"):  # the new version; every version that saw deleted rows is purged
-            if ahead is None or not ahead.published():
-                ctx.publish(m, purge=True, request_id=todo[-1]["id"], run_id=run_id)
+            staged = ahead.staged() if ahead is not None else None
+            ctx.publish(m, purge=True, request_id=todo[-1]["id"], run_id=run_id, staged=staged)
         crashpoint("before_done")
         with ph("ledger_done"):
             for r in todo:
