@@ -28,11 +28,8 @@ class ShardWorker:
         torch.set_num_threads(threads)
         self.runner = StageRunner()
 
-    def run(self, storage, spec, shard, stage, slices, prev):
-        return self.runner.run(storage, spec, shard, stage, slices, prev)
-
-    def drop_cache(self):
-        self.runner.drop_cache()
+    def run(self, storage, spec, shard, stage, slices, prev, finish=False):
+        return self.runner.run(storage, spec, shard, stage, slices, prev, finish)
 
     def finish(self):
         self.runner.finish()
@@ -74,12 +71,16 @@ class RayExecutor(Executor):
         if self.max_workers:
             limit = min(limit, self.max_workers)
         actors = pool.borrow(key, len(todo), limit, ShardWorker)
-        written: dict = {}  # actor -> the checkpoint files it wrote in this run (not yet synced)
+        # actor -> the checkpoint files it wrote in this run, not yet synced; an actor is a key from its first
+        # call until a call that finished its run (see `submit`) came back
+        written: dict = {}
         try:
             self._drive(key, actors, storage, spec, todo, on_stage, written)
         finally:
             try:
-                _sync(actors, storage, written)
+                for actor in _sync(actors, storage, written):
+                    actors.remove(actor)
+                    pool.discard(key, actor)
             finally:
                 pool.give_back(key, actors)
         return plans
@@ -91,8 +92,11 @@ class RayExecutor(Executor):
         pending: dict = {}  # ref -> (actor, plan)
 
         def submit(actor, plan):
-            ref = actor.run.remote(storage, plan.spec(spec), plan.shard, plan.next_stage, plan.slices, plan.last)
-            pending[ref] = (actor, plan)
+            # the plan's last stage with no other shard waiting: the worker finishes its run in this call
+            last = plan.next_stage == plan.stages(spec) and not queue
+            args = (storage, plan.spec(spec), plan.shard, plan.next_stage, plan.slices, plan.last, last)
+            pending[actor.run.remote(*args)] = (actor, plan, last)
+            written.setdefault(actor, [])
 
         while queue or pending:
             while queue and free:
@@ -109,7 +113,7 @@ class RayExecutor(Executor):
                 free.append(new)
                 continue
             [ref], _ = ray.wait(list(pending), num_returns=1)
-            actor, plan = pending.pop(ref)
+            actor, plan, last = pending.pop(ref)
             try:
                 entry, metrics = ray.get(ref)
             except RayError as e:
@@ -128,7 +132,10 @@ class RayExecutor(Executor):
                     submit(actor, plan)
                 continue
             plan.record(entry, metrics)
-            written.setdefault(actor, []).append(entry["file"])
+            if last:  # its files synced, its cache emptied by the call itself
+                written.pop(actor)
+            else:
+                written[actor].append(entry["file"])
             if plan.next_stage <= plan.stages(spec):
                 submit(actor, plan)
             else:
@@ -163,27 +170,28 @@ class RayExecutor(Executor):
         return ray_ingest(source, storage, **{k: v for k, v in kwargs.items() if k in keep})
 
     def drop_caches(self) -> None:
-        if ray.is_initialized():
-            actors = pool.all_free(self._key())
-            if actors:
-                ray.get([a.drop_cache.remote() for a in actors])
+        """Nothing to do: every worker in the pool finished its last run (`_sync`), or was discarded, so
+        none holds a cached row or a model state between runs."""
 
     def shutdown(self) -> None:
         """Workers stay warm in the process-wide pool; `orchestration.pool.shutdown_all()` ends them."""
 
 
-def _sync(actors: list, storage: Storage, written: dict) -> None:
-    """Every checkpoint of this run durable before the caller commits: each live worker syncs what it
-    wrote; the files of a worker that died, or cannot sync, are synced from here (on one machine that is
-    its disk's page cache; on a shared mount, what the dead worker's node had flushed)."""
-    refs = {a: a.finish.remote() for a in actors}  # and no cached row left in any of them
-    orphans = [f for a, files in written.items() if a not in refs for f in files]
+def _sync(actors: list, storage: Storage, written: dict) -> list:
+    """Every checkpoint of this run durable before the caller commits, and no cached row or model state
+    left in any worker. ``written`` holds the workers that did not finish in a stage call (`submit`'s
+    ``last``): each live one finishes now. The files of a worker that died, or cannot finish, are synced
+    from here (on one machine that is its disk's page cache; on a shared mount, what the dead worker's
+    node had flushed). Returns the live workers that could not finish, to be discarded."""
+    refs = {a: a.finish.remote() for a in actors if a in written}
+    failed = []
     for actor, ref in refs.items():
         try:
             ray.get(ref)
         except RayError:
-            orphans.extend(written.get(actor, []))
-    storage.sync(orphans)
+            failed.append(actor)
+    storage.sync([f for a, files in written.items() if a not in refs or a in failed for f in files])
+    return failed
 
 
 def _short(e: Exception) -> str:

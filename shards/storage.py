@@ -85,8 +85,13 @@ class Storage:
     def sync(self, rels: list[str]) -> None:
         """Make files written with ``durable=False`` durable: one filesystem sync for all of them (an object
         store's PUT already is)."""
-        if self.local and rels:
-            sync_paths([self.path(r) for r in rels])
+        paths = self.local_paths(rels)
+        if paths:
+            sync_paths(paths)
+
+    def local_paths(self, rels: list[str]) -> list[str]:
+        """The local paths that `sync` of ``rels`` makes durable (none on an object store)."""
+        return [self.path(r) for r in rels] if self.local else []
 
     @contextmanager
     def deferred_sync(self):
@@ -331,12 +336,13 @@ def zero_and_remove(path, chunk: int = 1 << 24) -> bool:
     return True
 
 
-def zero_and_remove_many(paths: list, on_remove=None) -> None:
+def zero_and_remove_many(paths: list, on_remove=None, sync_also: list | tuple = ()) -> None:
     """`zero_and_remove` for many local files: all zeroed, the zeros made durable by one sync for all
-    (`sync_paths`), and only then any removed (``on_remove`` after each removal)."""
+    (`sync_paths`), and only then any removed (``on_remove`` after each removal). ``sync_also``: other local
+    files that the same sync makes durable (a worker's new checkpoints, with the zeros of its row cache)."""
     zeroed = [p for p in paths if _zero(p)]
-    if zeroed:
-        sync_paths(zeroed)
+    if zeroed or sync_also:
+        sync_paths([*sync_also, *zeroed])
     for p in zeroed:
         with contextlib.suppress(FileNotFoundError):
             os.remove(p)
