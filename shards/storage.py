@@ -37,6 +37,20 @@ OWNER_FILE = "OWNER"
 KEPT_PREFIX = "base/"  # the shared start, its base rows and the frozen encoder: trained or given once, never rebuilt
 
 
+def _walk_files(path: str, rel: str, out: list[str]) -> None:
+    """Append every file under the local directory ``path`` to ``out`` as ``rel`` + its relative path (what
+    `os.walk` finds, without a `os.path.relpath` per file: a store's listing is on a deletion's path)."""
+    try:
+        entries = list(os.scandir(path))
+    except OSError:  # as os.walk: a directory that cannot be listed is skipped
+        return
+    for e in entries:
+        if not e.is_dir():
+            out.append(rel + e.name)
+        elif not e.is_symlink():  # as os.walk: a link to a directory is not followed
+            _walk_files(e.path, rel + e.name + os.sep, out)
+
+
 def _advice(rel: str) -> str:
     if rel.startswith(KEPT_PREFIX):
         return "it cannot be rebuilt: restore it from a backup or refit with `sisa train --overwrite`"
@@ -164,9 +178,8 @@ class Storage:
         base = self.path(rel)
         out = []
         if self.local:
-            for dirpath, _, files in os.walk(base):
-                for name in files:
-                    out.append(os.path.relpath(os.path.join(dirpath, name), self._base))
+            prefix = os.path.relpath(base, self._base)
+            _walk_files(base, "" if prefix == os.curdir else prefix + os.sep, out)
         else:
             self.fs.invalidate_cache(base)  # listings are cached per process; workers wrote since
             if self.fs.exists(base):
