@@ -1,9 +1,11 @@
-"""Shards on Ray: warm actors borrowed from a process-wide pool, one shard per actor, one call per stage.
+"""Shards on Ray: warm actors borrowed from a process-wide pool, one shard per actor, one call per shard.
 
 Each actor imports torch and Lightning once and caches shard data, so deletions do not pay start-up.
-A stage call that fails because its worker or node died is re-sent to a fresh actor, resuming from the
-last stage checkpoint the driver has seen; errors of our own (corrupt checkpoint, bad model) are not
-retried and carry the shard that failed.
+A shard's call is a streaming generator that yields each stage once its checkpoint is written: the
+driver takes a stage in (records it, runs its callback) while the worker trains the next, with no round
+trip between stages. A call that fails because its worker or node died is re-sent to a fresh actor,
+resuming from the last stage checkpoint the driver has seen; errors of our own (corrupt checkpoint, bad
+model) are not retried and carry the shard that failed.
 """
 
 from __future__ import annotations
@@ -28,8 +30,16 @@ class ShardWorker:
         torch.set_num_threads(threads)
         self.runner = StageRunner()
 
-    def run(self, storage, spec, shard, stage, slices, prev, finish=False):
-        return self.runner.run(storage, spec, shard, stage, slices, prev, finish)
+    def run(self, storage, spec, shard, first, last, slices, prev, epochs, finish):
+        """Stages ``first``..``last`` of ``shard`` one after another, each yielded once written (a streaming
+        generator: the driver takes a stage in while the next one trains). ``finish``: this worker's run
+        ends with this shard, so its last stage finishes the run (`StageRunner.finish`)."""
+        for stage in range(first, last + 1):
+            out = self.runner.run(
+                storage, spec.for_stage(epochs, stage), shard, stage, slices, prev, finish and stage == last
+            )
+            yield out
+            prev = out[0]
 
     def finish(self):
         self.runner.finish()
@@ -92,10 +102,9 @@ class RayExecutor(Executor):
         pending: dict = {}  # ref -> (actor, plan)
 
         def submit(actor, plan):
-            # the plan's last stage with no other shard waiting: the worker finishes its run in this call
-            last = plan.next_stage == plan.stages(spec) and not queue
-            args = (storage, plan.spec(spec), plan.shard, plan.next_stage, plan.slices, plan.last, last)
-            pending[actor.run.remote(*args)] = (actor, plan, last)
+            finish = not queue  # no other shard waits: the worker's run ends with this one
+            args = (storage, spec, plan.shard, plan.next_stage, plan.stages(spec), plan.slices, plan.last, plan.epochs)
+            pending[actor.run.options(num_returns="streaming").remote(*args, finish)] = (actor, plan, finish)
             written.setdefault(actor, [])
 
         while queue or pending:
@@ -112,11 +121,12 @@ class RayExecutor(Executor):
                 actors.append(new)
                 free.append(new)
                 continue
-            [ref], _ = ray.wait(list(pending), num_returns=1)
-            actor, plan, last = pending.pop(ref)
+            [gen], _ = ray.wait(list(pending), num_returns=1)
+            actor, plan, finish = pending[gen]
             try:
-                entry, metrics = ray.get(ref)
+                entry, metrics = ray.get(next(gen))
             except RayError as e:
+                del pending[gen]
                 self._check_retry(e, plan)
                 if isinstance(e, RayActorError) or not isinstance(e, RayTaskError):
                     # the worker (or its node) is gone: resume this shard elsewhere from its last checkpoint
@@ -132,14 +142,12 @@ class RayExecutor(Executor):
                     submit(actor, plan)
                 continue
             plan.record(entry, metrics)
-            if last:  # its files synced, its cache emptied by the call itself
-                written.pop(actor)
-            else:
-                written[actor].append(entry["file"])
-            if plan.next_stage <= plan.stages(spec):
-                submit(actor, plan)
-            else:
+            written[actor].append(entry["file"])
+            if plan.next_stage > plan.stages(spec):
+                del pending[gen]
                 free.append(actor)
+                if finish:  # its files synced, its cache emptied by its last stage
+                    written.pop(actor)
             if on_stage:
                 on_stage(plan, entry, metrics)
 
