@@ -67,7 +67,8 @@ class RayExecutor(Executor):
         self.lost_workers = 0  # workers that died under a running stage (for reports and tests)
 
     def _key(self) -> tuple:
-        connect(self.address, self.local_num_cpus)
+        if not ray.is_initialized():
+            connect(self.address, self.local_num_cpus)
         return (ray.get_runtime_context().gcs_address, self.num_cpus, self.num_gpus, self.threads)
 
     def run(
