@@ -100,9 +100,11 @@ class StageRunner:
         name = checkpoint_name(shard, stage, digest)
         storage.write(name, data, durable=False, digest=digest)
         self._unsynced.append((storage, name))
+        self._state = (digest, ckpt)
+        if finish:
+            self.finish()
         # checkpoint and slice I/O around the compute (``seconds``): read, verify, serialise, write, fsync
         metrics["io_seconds"] = (t1 - t0) + (time.perf_counter() - t2)
-        self._state = (digest, ckpt)
         entry = {
             "stage": stage,
             "file": name,
@@ -110,8 +112,6 @@ class StageRunner:
             "rows": metrics["rows"],
             "lineage": ckpt["lineage"],
         }
-        if finish:
-            self.finish()
         return entry, metrics
 
 
