@@ -100,7 +100,7 @@ class RayExecutor(Executor):
         """Keep every actor busy; a shard sticks to its actor between stages (warm caches)."""
         queue = list(todo)
         free = list(actors)
-        pending: dict = {}  # ref -> (actor, plan)
+        pending: dict = {}  # a shard's call (a generator of its stages) -> (actor, plan, finish)
 
         def submit(actor, plan):
             finish = not queue  # no other shard waits: the worker's run ends with this one
@@ -188,8 +188,8 @@ class RayExecutor(Executor):
 
 def _sync(actors: list, storage: Storage, written: dict) -> list:
     """Every checkpoint of this run durable before the caller commits, and no cached row or model state
-    left in any worker. ``written`` holds the workers that did not finish in a stage call (`submit`'s
-    ``last``): each live one finishes now. The files of a worker that died, or cannot finish, are synced
+    left in any worker. ``written`` holds the workers that did not finish in their last call (`submit`'s
+    ``finish``): each live one finishes now. The files of a worker that died, or cannot finish, are synced
     from here (on one machine that is its disk's page cache; on a shared mount, what the dead worker's
     node had flushed). Returns the live workers that could not finish, to be discarded."""
     refs = {a: a.finish.remote() for a in actors if a in written}
