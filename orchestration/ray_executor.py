@@ -1,9 +1,11 @@
-"""Shards on Ray: warm actors borrowed from a process-wide pool, one shard per actor, one call per stage.
+"""Shards on Ray: warm actors borrowed from a process-wide pool, one shard per actor, one call per shard.
 
 Each actor imports torch and Lightning once and caches shard data, so deletions do not pay start-up.
-A stage call that fails because its worker or node died is re-sent to a fresh actor, resuming from the
-last stage checkpoint the driver has seen; errors of our own (corrupt checkpoint, bad model) are not
-retried and carry the shard that failed.
+A shard's call is a streaming generator that yields each stage once its checkpoint is written: the
+driver takes a stage in (records it, runs its callback) while the worker trains the next, with no round
+trip between stages. A call that fails because its worker or node died is re-sent to a fresh actor,
+resuming from the last stage checkpoint the driver has seen; errors of our own (corrupt checkpoint, bad
+model) are not retried and carry the shard that failed.
 """
 
 from __future__ import annotations
@@ -28,11 +30,16 @@ class ShardWorker:
         torch.set_num_threads(threads)
         self.runner = StageRunner()
 
-    def run(self, storage, spec, shard, stage, slices, prev):
-        return self.runner.run(storage, spec, shard, stage, slices, prev)
-
-    def drop_cache(self):
-        self.runner.drop_cache()
+    def run(self, storage, spec, shard, first, last, slices, prev, epochs, finish):
+        """Stages ``first``..``last`` of ``shard`` one after another, each yielded once written (a streaming
+        generator: the driver takes a stage in while the next one trains). ``finish``: this worker's run
+        ends with this shard, so its last stage finishes the run (`StageRunner.finish`)."""
+        for stage in range(first, last + 1):
+            out = self.runner.run(
+                storage, spec.for_stage(epochs, stage), shard, stage, slices, prev, finish and stage == last
+            )
+            yield out
+            prev = out[0]
 
     def finish(self):
         self.runner.finish()
@@ -60,7 +67,8 @@ class RayExecutor(Executor):
         self.lost_workers = 0  # workers that died under a running stage (for reports and tests)
 
     def _key(self) -> tuple:
-        connect(self.address, self.local_num_cpus)
+        if not ray.is_initialized():
+            connect(self.address, self.local_num_cpus)
         return (ray.get_runtime_context().gcs_address, self.num_cpus, self.num_gpus, self.threads)
 
     def run(
@@ -74,12 +82,16 @@ class RayExecutor(Executor):
         if self.max_workers:
             limit = min(limit, self.max_workers)
         actors = pool.borrow(key, len(todo), limit, ShardWorker)
-        written: dict = {}  # actor -> the checkpoint files it wrote in this run (not yet synced)
+        # actor -> the checkpoint files it wrote in this run, not yet synced; an actor is a key from its first
+        # call until a call that finished its run (see `submit`) came back
+        written: dict = {}
         try:
             self._drive(key, actors, storage, spec, todo, on_stage, written)
         finally:
             try:
-                _sync(actors, storage, written)
+                for actor in _sync(actors, storage, written):
+                    actors.remove(actor)
+                    pool.discard(key, actor)
             finally:
                 pool.give_back(key, actors)
         return plans
@@ -88,11 +100,13 @@ class RayExecutor(Executor):
         """Keep every actor busy; a shard sticks to its actor between stages (warm caches)."""
         queue = list(todo)
         free = list(actors)
-        pending: dict = {}  # ref -> (actor, plan)
+        pending: dict = {}  # a shard's call (a generator of its stages) -> (actor, plan, finish)
 
         def submit(actor, plan):
-            ref = actor.run.remote(storage, plan.spec(spec), plan.shard, plan.next_stage, plan.slices, plan.last)
-            pending[ref] = (actor, plan)
+            finish = not queue  # no other shard waits: the worker's run ends with this one
+            args = (storage, spec, plan.shard, plan.next_stage, plan.stages(spec), plan.slices, plan.last, plan.epochs)
+            pending[actor.run.options(num_returns="streaming").remote(*args, finish)] = (actor, plan, finish)
+            written.setdefault(actor, [])
 
         while queue or pending:
             while queue and free:
@@ -108,11 +122,12 @@ class RayExecutor(Executor):
                 actors.append(new)
                 free.append(new)
                 continue
-            [ref], _ = ray.wait(list(pending), num_returns=1)
-            actor, plan = pending.pop(ref)
+            [gen], _ = ray.wait(list(pending), num_returns=1)
+            actor, plan, finish = pending[gen]
             try:
-                entry, metrics = ray.get(ref)
+                entry, metrics = ray.get(next(gen))
             except RayError as e:
+                del pending[gen]
                 self._check_retry(e, plan)
                 if isinstance(e, RayActorError) or not isinstance(e, RayTaskError):
                     # the worker (or its node) is gone: resume this shard elsewhere from its last checkpoint
@@ -128,11 +143,12 @@ class RayExecutor(Executor):
                     submit(actor, plan)
                 continue
             plan.record(entry, metrics)
-            written.setdefault(actor, []).append(entry["file"])
-            if plan.next_stage <= plan.stages(spec):
-                submit(actor, plan)
-            else:
+            written[actor].append(entry["file"])
+            if plan.next_stage > plan.stages(spec):
+                del pending[gen]
                 free.append(actor)
+                if finish:  # its files synced, its cache emptied by its last stage
+                    written.pop(actor)
             if on_stage:
                 on_stage(plan, entry, metrics)
 
@@ -163,27 +179,28 @@ class RayExecutor(Executor):
         return ray_ingest(source, storage, **{k: v for k, v in kwargs.items() if k in keep})
 
     def drop_caches(self) -> None:
-        if ray.is_initialized():
-            actors = pool.all_free(self._key())
-            if actors:
-                ray.get([a.drop_cache.remote() for a in actors])
+        """Nothing to do: every worker in the pool finished its last run (`_sync`), or was discarded, so
+        none holds a cached row or a model state between runs."""
 
     def shutdown(self) -> None:
         """Workers stay warm in the process-wide pool; `orchestration.pool.shutdown_all()` ends them."""
 
 
-def _sync(actors: list, storage: Storage, written: dict) -> None:
-    """Every checkpoint of this run durable before the caller commits: each live worker syncs what it
-    wrote; the files of a worker that died, or cannot sync, are synced from here (on one machine that is
-    its disk's page cache; on a shared mount, what the dead worker's node had flushed)."""
-    refs = {a: a.finish.remote() for a in actors}  # and no cached row left in any of them
-    orphans = [f for a, files in written.items() if a not in refs for f in files]
+def _sync(actors: list, storage: Storage, written: dict) -> list:
+    """Every checkpoint of this run durable before the caller commits, and no cached row or model state
+    left in any worker. ``written`` holds the workers that did not finish in their last call (`submit`'s
+    ``finish``): each live one finishes now. The files of a worker that died, or cannot finish, are synced
+    from here (on one machine that is its disk's page cache; on a shared mount, what the dead worker's
+    node had flushed). Returns the live workers that could not finish, to be discarded."""
+    refs = {a: a.finish.remote() for a in actors if a in written}
+    failed = []
     for actor, ref in refs.items():
         try:
             ray.get(ref)
         except RayError:
-            orphans.extend(written.get(actor, []))
-    storage.sync(orphans)
+            failed.append(actor)
+    storage.sync([f for a, files in written.items() if a not in refs or a in failed for f in files])
+    return failed
 
 
 def _short(e: Exception) -> str:

@@ -1,11 +1,12 @@
 """One stage of one shard as a self-contained job: read its slices and the previous checkpoint from
 storage (digest-checked), train, write the new checkpoint under a content-addressed name. Checkpoints are
-written without their own fsyncs; `StageRunner.sync` makes all of them durable at once, and the executors
-call it before a run returns (before the manifest that names them is committed).
+written without their own fsyncs; `StageRunner.finish` makes all of them durable at once, and the executors
+call it before a run returns (before the manifest that names them is committed), or ask for it with the
+last stage a worker runs (``run(..., finish=True)``: no separate call).
 
-The executor (in-process or a Ray actor) keeps a `StageRunner` warm: it caches the shard's rows in local
-files it memory-maps (`shards.rowcache`) and the last state it produced, both keyed by digest, so a stale
-cache can never be used after a deletion.
+The executor (in-process or a Ray actor) keeps a `StageRunner` warm for the stages of one run: it caches
+the shard's rows in local files it memory-maps (`shards.rowcache`) and the last state it produced, both
+keyed by digest; `finish` drops both, so between runs a worker holds no row and no model.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 from shards import training
 from shards.rowcache import RowCache, Rows
 from shards.spec import TrainSpec
-from shards.storage import Storage
+from shards.storage import Storage, sync_paths
 
 
 def checkpoint_name(shard: int, stage: int, digest: str) -> str:
@@ -38,7 +39,7 @@ class StageRunner:
     def __init__(self):
         self._cache: RowCache | None = None  # the shards' rows, in local files, memory-mapped
         self._state: tuple[str, dict] | None = None
-        # checkpoints written without fsync since the last `sync` (the executor syncs before returning)
+        # checkpoints written without fsync since the last `finish` (before the executor returns)
         self._unsynced: list[tuple[Storage, str]] = []
 
     def _rows(self, storage: Storage, shard: int, entries: list[dict]) -> Rows:
@@ -46,23 +47,22 @@ class StageRunner:
             self._cache = RowCache()
         return self._cache.rows(storage, shard, entries)
 
-    def sync(self) -> None:
-        """Make every checkpoint written since the last call durable (one filesystem sync for all): an
-        executor calls it before its run returns, so before any manifest names them."""
-        by_store: dict[int, tuple[Storage, list[str]]] = {}
-        for storage, name in self._unsynced:
-            by_store.setdefault(id(storage), (storage, []))[1].append(name)
-        self._unsynced = []
-        for storage, names in by_store.values():
-            storage.sync(names)
-
     def finish(self) -> None:
-        """The end of an executor's run: its checkpoints durable (`sync`) and the row cache zeroed and
-        emptied, so that no raw row outlives the operation that read it (a deletion in another process
-        cannot reach this one's files)."""
-        self.sync()
+        """The end of an executor's run: its checkpoints durable, the row cache zeroed and emptied (one
+        filesystem sync for both where they share one) and the last state dropped, so that no raw row and no
+        model outlives the operation that read it (a deletion in another process cannot reach this one)."""
+        paths = [p for storage, name in self._unsynced for p in storage.local_paths([name])]
         if self._cache is not None:
-            self._cache.wipe()
+            self._cache.wipe(sync_also=paths)
+        elif paths:
+            sync_paths(paths)
+        self._unsynced = []
+        self._state = None
+
+    def held(self) -> dict:
+        """What this runner keeps between calls: cache files, cached rows, and whether a model state."""
+        files, rows = self._cache.held() if self._cache is not None else (0, 0)
+        return {"cache_files": files, "cached_rows": rows, "state": self._state is not None}
 
     def drop_cache(self) -> None:
         if self._cache is not None:
@@ -70,9 +70,17 @@ class StageRunner:
         self._state = None
 
     def run(
-        self, storage: Storage, spec: TrainSpec, shard: int, stage: int, slice_entries: list[dict], prev: dict | None
+        self,
+        storage: Storage,
+        spec: TrainSpec,
+        shard: int,
+        stage: int,
+        slice_entries: list[dict],
+        prev: dict | None,
+        finish: bool = False,
     ):
-        """Train ``stage`` (1-based); ``prev`` is the manifest entry of the checkpoint after stage-1, or None."""
+        """Train ``stage`` (1-based); ``prev`` is the manifest entry of the checkpoint after stage-1, or None.
+        ``finish``: this is the worker's last stage of the run, so `finish` before returning."""
         prev_ckpt = None
         t0 = time.perf_counter()
         if prev is not None:
@@ -92,9 +100,11 @@ class StageRunner:
         name = checkpoint_name(shard, stage, digest)
         storage.write(name, data, durable=False, digest=digest)
         self._unsynced.append((storage, name))
+        self._state = (digest, ckpt)
+        if finish:
+            self.finish()
         # checkpoint and slice I/O around the compute (``seconds``): read, verify, serialise, write, fsync
         metrics["io_seconds"] = (t1 - t0) + (time.perf_counter() - t2)
-        self._state = (digest, ckpt)
         entry = {
             "stage": stage,
             "file": name,

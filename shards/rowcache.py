@@ -6,7 +6,7 @@ digests of the slices they hold (read digest-checked from the store), so after a
 the first changed slice on are overwritten with zeros, cut off and read again. The data order is not the
 cache's business: training re-derives it from (seed, shard, stage, epoch) over rows in slice order.
 
-Cache files hold raw rows: `wipe` zeroes and removes them (after a deletion, see `StageRunner.drop_cache`),
+Cache files hold raw rows: `wipe` zeroes and removes them (at the end of every run, `StageRunner.finish`),
 at interpreter exit, and a new cache zeroes the directories that workers killed without wiping left behind.
 """
 
@@ -104,10 +104,16 @@ class RowCache:
             if os.path.exists(path):
                 _zero_tail(path, n * size)
 
-    def wipe(self) -> None:
-        """Zero and remove every cache file (they hold raw rows)."""
+    def held(self) -> tuple[int, int]:
+        """(cache files, rows) this cache holds."""
+        files = os.listdir(self.dir) if os.path.isdir(self.dir) else []
+        return len(files), sum(k for held in self._held.values() for _, k in held)
+
+    def wipe(self, sync_also: list[str] | tuple = ()) -> None:
+        """Zero and remove every cache file (they hold raw rows); ``sync_also``: other local files made
+        durable by the same filesystem sync as the zeros (`zero_and_remove_many`)."""
         names = os.listdir(self.dir) if os.path.isdir(self.dir) else []
-        zero_and_remove_many([os.path.join(self.dir, name) for name in names])
+        zero_and_remove_many([os.path.join(self.dir, name) for name in names], sync_also=sync_also)
         self._held.clear()
         self._shape.clear()
 

@@ -37,6 +37,20 @@ OWNER_FILE = "OWNER"
 KEPT_PREFIX = "base/"  # the shared start, its base rows and the frozen encoder: trained or given once, never rebuilt
 
 
+def _walk_files(path: str, rel: str, out: list[str]) -> None:
+    """Append every file under the local directory ``path`` to ``out`` as ``rel`` + its relative path (what
+    `os.walk` finds, without a `os.path.relpath` per file: a store's listing is on a deletion's path)."""
+    try:
+        entries = list(os.scandir(path))
+    except OSError:  # as os.walk: a directory that cannot be listed is skipped
+        return
+    for e in entries:
+        if not e.is_dir():
+            out.append(rel + e.name)
+        elif not e.is_symlink():  # as os.walk: a link to a directory is not followed
+            _walk_files(e.path, rel + e.name + os.sep, out)
+
+
 def _advice(rel: str) -> str:
     if rel.startswith(KEPT_PREFIX):
         return "it cannot be rebuilt: restore it from a backup or refit with `sisa train --overwrite`"
@@ -85,8 +99,13 @@ class Storage:
     def sync(self, rels: list[str]) -> None:
         """Make files written with ``durable=False`` durable: one filesystem sync for all of them (an object
         store's PUT already is)."""
-        if self.local and rels:
-            sync_paths([self.path(r) for r in rels])
+        paths = self.local_paths(rels)
+        if paths:
+            sync_paths(paths)
+
+    def local_paths(self, rels: list[str]) -> list[str]:
+        """The local paths that `sync` of ``rels`` makes durable (none on an object store)."""
+        return [self.path(r) for r in rels] if self.local else []
 
     @contextmanager
     def deferred_sync(self):
@@ -159,9 +178,8 @@ class Storage:
         base = self.path(rel)
         out = []
         if self.local:
-            for dirpath, _, files in os.walk(base):
-                for name in files:
-                    out.append(os.path.relpath(os.path.join(dirpath, name), self._base))
+            prefix = os.path.relpath(base, self._base)
+            _walk_files(base, "" if prefix == os.curdir else prefix + os.sep, out)
         else:
             self.fs.invalidate_cache(base)  # listings are cached per process; workers wrote since
             if self.fs.exists(base):
@@ -331,12 +349,13 @@ def zero_and_remove(path, chunk: int = 1 << 24) -> bool:
     return True
 
 
-def zero_and_remove_many(paths: list, on_remove=None) -> None:
+def zero_and_remove_many(paths: list, on_remove=None, sync_also: list | tuple = ()) -> None:
     """`zero_and_remove` for many local files: all zeroed, the zeros made durable by one sync for all
-    (`sync_paths`), and only then any removed (``on_remove`` after each removal)."""
+    (`sync_paths`), and only then any removed (``on_remove`` after each removal). ``sync_also``: other local
+    files that the same sync makes durable (a worker's new checkpoints, with the zeros of its row cache)."""
     zeroed = [p for p in paths if _zero(p)]
-    if zeroed:
-        sync_paths(zeroed)
+    if zeroed or sync_also:
+        sync_paths([*sync_also, *zeroed])
     for p in zeroed:
         with contextlib.suppress(FileNotFoundError):
             os.remove(p)

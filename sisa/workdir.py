@@ -92,8 +92,13 @@ class Workdir:
         return p.read_bytes()
 
     def hash_ids(self, ids) -> list[str]:
-        key = self.secret()
-        return [hmac.new(key, id_bytes(i), hashlib.sha256).hexdigest() for i in ids]
+        keyed = hmac.new(self.secret(), digestmod=hashlib.sha256)  # keyed once, copied per id
+        out = []
+        for i in ids:
+            h = keyed.copy()
+            h.update(id_bytes(i))
+            out.append(h.hexdigest())
+        return out
 
     def storage(self, uri: str | None, options: dict | None = None) -> Storage:
         return Storage(self.storage_root(uri), options)

@@ -33,3 +33,25 @@ def test_no_row_is_left_in_a_row_cache_after_an_operation(tmp_path, executor, re
 
 def scan_root(root, needles):
     return scan(Path(root), needles)
+
+
+def test_no_warm_worker_holds_a_row_or_a_model_between_operations(tmp_path, ray_session):
+    """Each worker finishes its run in its last stage call (or in the run's end, `_sync`): between runs
+    none holds a cached row or the state of a model, without a separate round trip after a deletion
+    (`RayExecutor.drop_caches` sends none)."""
+    from orchestration import pool
+
+    X, y, ids = tiny_data(n=240)
+    cfg = tiny_config(cluster={"executor": "ray", "max_workers": 2}, sharding={"shards": 5, "slices": 3})
+    ens = SisaEnsemble.from_config(cfg, tmp_path / "w").fit(X, y, ids=ids)
+    key = ens._ctx.executor._key()
+
+    def held():
+        return ray_session.get([a.__ray_call__.remote(lambda self: self.runner.held()) for a in pool.all_free(key)])
+
+    nothing = {"cache_files": 0, "cached_rows": 0, "state": False}
+    after_fit = held()
+    assert after_fit and all(h == nothing for h in after_fit), after_fit
+    ens.delete([ids[3], ids[100]])
+    after_delete = held()
+    assert after_delete and all(h == nothing for h in after_delete), after_delete

@@ -112,3 +112,27 @@ def test_a_runner_trains_another_width_after_its_run_ends(tmp_path):
     )
     runner.finish()
     assert os.listdir(runner._cache.dir) == []
+
+
+def test_a_finishing_stage_syncs_its_checkpoints_with_the_cache_zeros_and_keeps_nothing(tmp_path, monkeypatch):
+    """``run(..., finish=True)``: the run's checkpoints and the zeroed cache files made durable by one sync
+    (one filesystem: one syncfs), before the cache files are removed; no row and no state kept after."""
+    from shards import storage as storage_mod
+
+    store, entries = partition(tmp_path)
+    runner = StageRunner()
+    runner._cache = RowCache(str(tmp_path / "cache"))  # on the store's filesystem
+    calls, real = [], storage_mod.sync_paths
+
+    def recording(paths):
+        calls.append((list(paths), sorted(os.listdir(runner._cache.dir))))
+        real(paths)
+
+    monkeypatch.setattr(storage_mod, "sync_paths", recording)
+    first, _ = runner.run(store, spec((6,)), 1, 1, entries, None)
+    assert calls == [] and runner.held()["state"] and runner.held()["cached_rows"] > 0
+    second, _ = runner.run(store, spec((6,)), 1, 2, entries, first, finish=True)
+    [(synced, cache_files)] = calls
+    assert {store.path(first["file"]), store.path(second["file"])} <= set(synced)
+    assert cache_files and all(os.path.join(runner._cache.dir, f) in synced for f in cache_files)
+    assert runner.held() == {"cache_files": 0, "cached_rows": 0, "state": False}
