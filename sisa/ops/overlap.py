@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -34,6 +35,8 @@ OP = "delete"
 # Python's GIL switch interval while background steps run (default 5 ms): the thread that drives the
 # retrain gets the GIL back within this after each stage's result arrives
 SWITCH = 0.0005
+HEAD_START = 0.01  # seconds the retrain's dispatch has the interpreter to itself before this work starts
+NICE = 10  # the background thread's nice value (Linux): the CPU goes to the retrain's thread first
 
 
 class Overlap:
@@ -51,11 +54,12 @@ class Overlap:
         effective = [r["id"] for r in ctx.ledger().unfinished() if r["state"] == RequestState.EFFECTIVE]
         self.tags = owed.batch_tags(owed.live_ids(ctx, effective) + [rid])
         _short_switch(+1)  # the training loop's hand-offs wait less for the GIL
-        self._mlflow = ThreadPoolExecutor(1, thread_name_prefix="sisa-mlflow")
+        self._mlflow = ThreadPoolExecutor(1, thread_name_prefix="sisa-mlflow", initializer=_background)
         self._run = self._mlflow.submit(self._start_run, m)
         self._staged = self._mlflow.submit(self._stage, m, set(retrained))
 
     def _start_run(self, m) -> str | None:
+        time.sleep(HEAD_START)
         obs = self.ctx.observer
         obs.started(OP, m, self.tags)
         crashpoint("batch_run_started")
@@ -101,6 +105,16 @@ def _short_switch(step: int) -> None:
             before = _switch_users.pop()
             if not _switch_users:
                 sys.setswitchinterval(before)
+
+
+def _background() -> None:
+    """This thread yields the CPU to the one that drives the retrain (Linux: a thread's own nice value)."""
+    import os
+
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)
+    except (AttributeError, OSError):  # not Linux, or not allowed: it only runs at the same priority
+        pass
 
 
 def _result(f: Future, what: str):

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shards.errors import WorkdirError
-from shards.storage import zero_and_remove
+from shards.storage import zero_and_remove_many
 from sisa.failpoints import crashpoint
 from sisa.tracking import adapter
 from sisa.tracking.digest import DATA, FORMAT, META, read_record, shard_file, tree_digests, write_record
@@ -254,7 +254,7 @@ def _register(tracker, ctx, m, model_id: str, run_id: str | None, fp: str, meta:
         "files": files,
     }
     write_record(ctx.workdir, record)  # written after the alias moved: a stale record makes the next publish log anew
-    return client.get_model_version(name, mv.version)
+    return mv
 
 
 def purge_superseded(tracker, keep=None, known: tuple[list, set] | None = None) -> list[str]:
@@ -339,6 +339,7 @@ def _zero_local(location: str, spare: set = frozenset()) -> None:
     superseded weights are not left in free blocks; a file that is the same inode as one of the kept
     version (``spare``: a shard both hold) is only unlinked. Remote artifact stores delete objects whole."""
     root = adapter.local_path(location)
+    doomed = []
     for f in sorted(root.rglob("*")) if root is not None and root.is_dir() else []:
         if not f.is_file() or f.is_symlink():
             continue
@@ -346,7 +347,8 @@ def _zero_local(location: str, spare: set = frozenset()) -> None:
         if (st.st_dev, st.st_ino) in spare:
             f.unlink()
         else:
-            zero_and_remove(f)
+            doomed.append(f)
+    zero_and_remove_many(doomed)  # all zeroed, one sync, then removed
 
 
 def empty_log(tracker) -> None:
