@@ -46,7 +46,7 @@ def publish(tracker, ctx, m, run_id: str | None = None, purge: bool = False, for
     keep = None
     if ctx.active_shards(m):
         fp = fingerprint(ctx, m)
-        current = _alias(client, name)
+        current = staged.current if staged is not None else _alias(client, name)  # the lock kept it since
         if not force and current is not None and _is_recorded(ctx.workdir, current, fp):
             keep = current
         elif staged is not None and not force:
@@ -69,13 +69,15 @@ class Staged:
     """A new version prepared while a deletion's shards retrain (`stage`): its logged model, its local
     folder (None on a remote store) with MLflow's files and the links of the shards not retrained
     (``present``, see `sisa.tracking.pyfunc.export`), and what the purge will delete once it is live
-    (``doomed``: (versions, logged model ids) found then; the workdir lock keeps anything new out)."""
+    (``doomed``: (versions, logged model ids) found then, and ``current``, the version ``current`` named:
+    the workdir lock keeps anything new out)."""
 
     model_id: str
     artifact_location: str
     local: Path | None
     present: dict
     doomed: tuple[list, set]
+    current: object = None
 
 
 def stage(tracker, ctx, m, run_id: str | None, retrained: set[int]) -> Staged:
@@ -85,11 +87,8 @@ def stage(tracker, ctx, m, run_id: str | None, retrained: set[int]) -> Staged:
     from mlflow.models import Model
 
     _ensure(tracker, ctx)
-    reuse = {
-        s: v
-        for s, v in _reusable(tracker, ctx, m, _alias(tracker.client, tracker.model_name)).items()
-        if s not in retrained
-    }
+    current = _alias(tracker.client, tracker.model_name)
+    reuse = {s: v for s, v in _reusable(tracker, ctx, m, current).items() if s not in retrained}
     lm = _create_logged_model(tracker, run_id)
     local = adapter.local_path(lm.artifact_location)
     present = {}
@@ -99,7 +98,7 @@ def stage(tracker, ctx, m, run_id: str | None, retrained: set[int]) -> Staged:
             Model(artifact_path=lm.artifact_location, model_uuid=lm.model_id, run_id=run_id, model_id=lm.model_id),
         )
         present = link_shards(local / DATA, reuse, {s: m.shards[s].final.sha256 for s in reuse})
-    return Staged(lm.model_id, lm.artifact_location, local, present, _doomed(tracker, lm.model_id))
+    return Staged(lm.model_id, lm.artifact_location, local, present, _doomed(tracker, lm.model_id), current)
 
 
 def _ensure(tracker, ctx) -> None:
