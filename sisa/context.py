@@ -216,6 +216,19 @@ class OpContext:
             self._models[key] = module
         return module
 
+    def state_dict(self, shard: int, m: Manifest) -> dict:
+        """The shard's final weights: the loaded sub-model's, else its checkpoint's (digest-checked,
+        ``weights_only``), without building the sub-model (a publish right after a deletion)."""
+        from shards import training
+
+        entry = m.shards[shard].final
+        with self._lock:
+            module = self._models.get((shard, entry.sha256))
+        if module is not None:
+            return module.state_dict()
+        store = self.storage()
+        return training.load_checkpoint(store.read(entry.file, entry.sha256), store.describe(entry.file))["state_dict"]
+
     def encoder(self, m: Manifest):
         """The frozen encoder ``m`` names (digest-checked, ``weights_only``, its outputs checked against the
         probe recorded at fit), or None without one."""

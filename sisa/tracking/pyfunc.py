@@ -87,7 +87,7 @@ def export(ctx, m, directory: Path, reuse: dict | None = None, present: dict | N
         if s in (reuse or {}) and _link(reuse[s][0], directory / rel, reuse[s][1]):
             files[rel], state_dicts[str(s)] = reuse[s][1], reuse[s][2]
             continue
-        sd = ctx.load_model(s, m).state_dict()
+        sd = ctx.state_dict(s, m)
         torch.save(sd, directory / rel)
         files[rel], state_dicts[str(s)] = file_sha256(directory / rel), state_dict_sha256(sd)
     meta = {

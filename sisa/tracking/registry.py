@@ -60,7 +60,7 @@ def publish(tracker, ctx, m, run_id: str | None = None, purge: bool = False, for
             if staged is not None and keep is not None and adapter.model_id(keep) == staged.model_id
             else None
         )
-        purge_superseded(tracker, keep, known)
+        purge_superseded(tracker, keep, known, staged.local if known is not None else None)
     return keep
 
 
@@ -256,10 +256,13 @@ def _register(tracker, ctx, m, model_id: str, run_id: str | None, fp: str, meta:
     return mv
 
 
-def purge_superseded(tracker, keep=None, known: tuple[list, set] | None = None) -> list[str]:
+def purge_superseded(
+    tracker, keep=None, known: tuple[list, set] | None = None, keep_dir: Path | None = None
+) -> list[str]:
     """Delete every version of this ensemble's registered model except ``keep`` and every logged model of
     this ensemble that ``keep`` does not use. ``known``: the list `_doomed` made for ``keep``'s logged
-    model (a staged version), instead of searching again. Returns the purged logged-model ids."""
+    model (a staged version), instead of searching again, and ``keep_dir`` its local folder. Returns the
+    purged logged-model ids."""
     client, name = tracker.client, tracker.model_name
     keep_model = adapter.model_id(keep) if keep is not None else None
     versions, doomed = known if known is not None else _doomed(tracker, keep_model)
@@ -272,7 +275,7 @@ def purge_superseded(tracker, keep=None, known: tuple[list, set] | None = None) 
         client.delete_model_version(name, v.version)
     doomed = set(doomed) - {keep_model}
     store = adapter.own_store(client, tracker.uri)
-    spare = _inodes(tracker, store, keep_model) if doomed and keep_model else set()
+    spare = _inodes(tracker, store, keep_model, keep_dir) if doomed and keep_model else set()
     for mid in sorted(doomed):
         _purge_logged_model(tracker, store, mid, spare)
     if store is not None and (doomed or tracker.zeroing):  # zeroing: a purge killed before it emptied the log
@@ -300,10 +303,12 @@ def _doomed(tracker, keep_model: str | None) -> tuple[list, set]:
     return versions, doomed
 
 
-def _inodes(tracker, store, mid: str) -> set[tuple[int, int]]:
-    """(device, inode) of every file of logged model ``mid``'s local artifacts (none for a remote store)."""
-    lm = store.get_logged_model(mid) if store is not None else tracker.client.get_logged_model(mid)
-    root = adapter.local_path(lm.artifact_location)
+def _inodes(tracker, store, mid: str, root: Path | None = None) -> set[tuple[int, int]]:
+    """(device, inode) of every file of logged model ``mid``'s local artifacts (none for a remote store);
+    ``root``: its folder, known already."""
+    if root is None:
+        lm = store.get_logged_model(mid) if store is not None else tracker.client.get_logged_model(mid)
+        root = adapter.local_path(lm.artifact_location)
     files = (f.stat() for f in (root.rglob("*") if root is not None and root.is_dir() else ()) if f.is_file())
     return {(st.st_dev, st.st_ino) for st in files}
 

@@ -90,7 +90,8 @@ def test_a_kill_while_the_done_path_is_prepared_is_finished_on_open(tmp_path):
     ens.close()
     res = delete_killed_at(tmp_path / "w", GONE, "batch_run_started")  # on the background thread
     assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
-    assert [r["state"] for r in Ledger(tmp_path / "w" / "ledger.db").requests()] == ["pending"]
+    (req,) = Ledger(tmp_path / "w" / "ledger.db").requests()
+    assert req["state"] in ("pending", "effective")  # the tiny retrain may end before the thread starts its run
 
     reopened = SisaEnsemble.open(tmp_path / "w", executor="inprocess")
     assert [r["state"] for r in Ledger(tmp_path / "w" / "ledger.db").requests()] == ["done"]
