@@ -52,7 +52,9 @@ class Overlap:
         """Start the run and the staged version for request ``rid`` on manifest ``m`` (before the retrain)."""
         self.ctx, self.rid = ctx, rid
         effective = [r["id"] for r in ctx.ledger().unfinished() if r["state"] == RequestState.EFFECTIVE]
-        self.tags = owed.batch_tags(owed.live_ids(ctx, effective) + [rid])
+        order = owed.settle_order(ctx, effective + [rid])  # the batch the settle will log, in its order
+        live = set(owed.live_ids(ctx, order)) | {rid}
+        self.tags = owed.batch_tags([i for i in order if i in live])
         _short_switch(+1)  # the training loop's hand-offs wait less for the GIL
         self._mlflow = ThreadPoolExecutor(1, thread_name_prefix="sisa-mlflow", initializer=_background)
         self._run = self._mlflow.submit(self._start_run, m)

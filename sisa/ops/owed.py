@@ -144,6 +144,12 @@ def close_batch(ctx, m, recs: list[dict], metrics: dict) -> str | None:
     return obs.finished_run
 
 
+def settle_order(ctx, effective: list[str]) -> list[str]:
+    """The requests a settle takes, in its order: the ``effective`` ones, then those done whose run is still
+    owed (`pending`). A run started ahead (`sisa.ops.overlap`) names the same ones, so that it is adopted."""
+    return effective + [rid for rid in pending(ctx.workdir) if rid not in set(effective)]
+
+
 def pending(workdir) -> list[str]:
     """Requests whose bookkeeping is still owed (their record is here), oldest first."""
     d = workdir.path / DIR

@@ -105,7 +105,11 @@ def settle(ctx, ph: Phases | None = None, ahead=None) -> list[str]:
     ph = ph or Phases()
     ledger = ctx.ledger()
     todo = [r for r in ledger.unfinished() if r["state"] == RequestState.EFFECTIVE]
-    later = [rid for rid in owed.pending(ctx.workdir) if rid not in {r["id"] for r in todo}]
+    later = owed.settle_order(ctx, [r["id"] for r in todo])[len(todo) :]  # done, their run still owed
+    for rid in later:  # logged, and killed before its record went
+        if (owed.load(ctx.workdir, rid) or {}).get("logged"):
+            owed.remove(ctx.workdir, rid)
+    later = [rid for rid in later if owed.load(ctx.workdir, rid) is not None]
     if not todo and not later:
         return []
     m = ctx.read_manifest()
@@ -151,6 +155,7 @@ def _bookkeeping(ctx, m: Manifest, recs: list[dict], ph: Phases) -> None:
             except WorkdirError as e:  # a reader holds it: no erased byte is in these pages, the next purge empties it
                 warnings.warn(str(e), RuntimeWarning, stacklevel=3)
     left = [r["request_id"] for r in recs if owed.unlogged(ctx, r["request_id"])]
+    crashpoint("before_owed_removed")  # logged: the next settle only removes the records
     for rec in recs:
         if rec["request_id"] not in left:
             owed.remove(ctx.workdir, rec["request_id"])

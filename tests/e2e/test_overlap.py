@@ -245,3 +245,44 @@ def test_overlapping_deletions_restore_the_switch_interval():
     assert sys.getswitchinterval() == overlap.SWITCH, "the other one still runs"
     overlap._short_switch(-1)
     assert sys.getswitchinterval() == before
+
+
+def test_a_kill_after_the_run_is_logged_leaves_a_record_the_next_open_only_removes(tmp_path, monkeypatch):
+    ens, X = _fit(tmp_path / "w")
+    ens.close()
+    res = delete_killed_at(tmp_path / "w", GONE, "before_owed_removed")
+    assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
+    assert len(list((tmp_path / "w" / "owed").iterdir())) == 1
+    from sisa.ops import purge
+
+    evaluations = []
+    monkeypatch.setattr(OpContext, "evaluate", lambda self, m: evaluations.append(1) or {})
+    SisaEnsemble.open(tmp_path / "w", executor="inprocess").close()
+    assert not list((tmp_path / "w" / "owed").iterdir()) and evaluations == [], "removed, nothing done again"
+    assert purge.settle(SisaEnsemble.open(tmp_path / "w", executor="inprocess")._ctx) == []
+    _, runs, parents = _runs(tmp_path / "w", ens)
+    assert [r.info.status for r in parents] == ["FINISHED"], "logged once"
+
+
+def test_a_run_owed_from_an_earlier_request_joins_the_next_batch_started_ahead(tmp_path, monkeypatch):
+    from sisa.tracking.runs import MLflowObserver
+
+    ens, X = _fit(tmp_path / "w")
+    finished = MLflowObserver.finished
+
+    def down(self, *a, **k):
+        self._op = None
+        raise ConnectionError("tracking server unreachable")
+
+    monkeypatch.setattr(MLflowObserver, "finished", down)
+    with pytest.warns(RuntimeWarning, match="still owed"):
+        first = ens.delete(["u-3"])
+    monkeypatch.setattr(MLflowObserver, "finished", finished)
+    second = ens.delete(["u-50"])  # its run, started ahead, names both and is adopted
+    assert not list((tmp_path / "w" / "owed").iterdir())
+    _, runs, parents = _runs(tmp_path / "w", ens)
+    assert "RUNNING" not in {r.info.status for r in runs}
+    (batch,) = [r for r in parents if r.info.status == "FINISHED"]
+    assert batch.data.tags["sisa.request_ids"] == f"{second.request_id},{first.request_id}"
+    # only the first request's own run, which could not be finished, is closed; the one started ahead is kept
+    assert [r.data.tags.get("sisa.request_id") for r in parents if r.info.status == "KILLED"] == [first.request_id]
