@@ -140,13 +140,18 @@ def drop_version_tags(mlflow_client, uri: str, name: str, version) -> bool:
 def quiet():
     """No 'Downloading artifacts' progress bar for copying our own two files, and no warning that no input
     example was given: none is, on purpose (an example would be real rows)."""
-    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    with env("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*input example was not provided")
+        yield
+
+
+@contextlib.contextmanager
+def env(key: str, value: str):
+    """The environment variable ``key`` set to ``value`` inside, as it was after (MLflow reads switches there)."""
     old = os.environ.get(key)
-    os.environ[key] = "false"
+    os.environ[key] = value
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*input example was not provided")
-            yield
+        yield
     finally:
         if old is None:
             os.environ.pop(key, None)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import time
-from contextlib import contextmanager
+
+from sisa.tracking import adapter
 
 
 def log_child(run, manifest, plan, metrics: dict, epochs: list[int]) -> int:
@@ -84,18 +84,9 @@ def _stage_metrics(stages: list[dict], epochs: list[int]) -> tuple[list, int]:
     return ms, sample_epochs
 
 
-@contextmanager
 def no_url_print():
-    key = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
-    old = os.environ.get(key)
-    os.environ[key] = "true"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = old
+    """No "View run ..." line per run from a server client: once per operation is enough."""
+    return adapter.env("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 def _how(kind: str, plan) -> str:

@@ -17,6 +17,7 @@ from sisa import SisaEnsemble
 from sisa.context import OpContext
 from sisa.ledger import Ledger
 from sisa.tracking import registry
+from sisa.tracking import runs as runs_module
 from sisa.tracking.pyfunc import load_model
 
 GONE = ["u-3", "u-50", "u-77"]
@@ -35,6 +36,20 @@ def _runs(w, ens):
     runs = client.search_runs([exp], "tags.`sisa.operation` = 'delete'")
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     return client, runs, parents
+
+
+def _tracking_down_at_finish(monkeypatch):
+    """MLflow refuses a run's last calls (its metrics and its end): returns the real `finished`."""
+    from sisa.tracking.runs import MLflowObserver
+
+    finished = MLflowObserver.finished
+
+    def down(self, *a, **k):
+        self._op = None
+        raise ConnectionError("tracking server unreachable")
+
+    monkeypatch.setattr(MLflowObserver, "finished", down)
+    return finished
 
 
 def _children(runs, parent):
@@ -175,16 +190,8 @@ def test_a_deletion_that_fails_marks_its_run_failed_and_is_finished_on_open(tmp_
 
 
 def test_a_run_whose_logging_fails_is_owed_after_done_and_logged_by_the_next_settle(tmp_path, monkeypatch):
-    from sisa.tracking.runs import MLflowObserver
-
     ens, X = _fit(tmp_path / "w")
-    finished = MLflowObserver.finished
-
-    def down(self, *a, **k):
-        self._op = None
-        raise ConnectionError("tracking server unreachable")
-
-    monkeypatch.setattr(MLflowObserver, "finished", down)
+    finished = _tracking_down_at_finish(monkeypatch)
     with pytest.warns(RuntimeWarning, match="run of 1 deletion request.*still owed.*the requests are done"):
         receipt = ens.delete(GONE)
     # done: every copy is purged; the run, behind that moment, is owed (durably) and not lost
@@ -195,7 +202,7 @@ def test_a_run_whose_logging_fails_is_owed_after_done_and_logged_by_the_next_set
     name = ens._ctx.tracker().model_name
     client = MlflowClient(f"sqlite:///{tmp_path / 'w' / 'mlflow.db'}")
     assert [str(v.version) for v in client.search_model_versions(f"name = '{name}'")] == ["2"]
-    monkeypatch.setattr(MLflowObserver, "finished", finished)
+    monkeypatch.setattr(runs_module.MLflowObserver, "finished", finished)
     ens.close()
     reopened = SisaEnsemble.open(tmp_path / "w", executor="inprocess")  # logs what is owed
     assert not list((tmp_path / "w" / "owed").iterdir())
@@ -265,19 +272,11 @@ def test_a_kill_after_the_run_is_logged_leaves_a_record_the_next_open_only_remov
 
 
 def test_a_run_owed_from_an_earlier_request_joins_the_next_batch_started_ahead(tmp_path, monkeypatch):
-    from sisa.tracking.runs import MLflowObserver
-
     ens, X = _fit(tmp_path / "w")
-    finished = MLflowObserver.finished
-
-    def down(self, *a, **k):
-        self._op = None
-        raise ConnectionError("tracking server unreachable")
-
-    monkeypatch.setattr(MLflowObserver, "finished", down)
+    finished = _tracking_down_at_finish(monkeypatch)
     with pytest.warns(RuntimeWarning, match="still owed"):
         first = ens.delete(["u-3"])
-    monkeypatch.setattr(MLflowObserver, "finished", finished)
+    monkeypatch.setattr(runs_module.MLflowObserver, "finished", finished)
     second = ens.delete(["u-50"])  # its run, started ahead, names both and is adopted
     assert not list((tmp_path / "w" / "owed").iterdir())
     _, runs, parents = _runs(tmp_path / "w", ens)
