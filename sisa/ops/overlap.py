@@ -55,6 +55,7 @@ class Overlap:
         order = owed.settle_order(ctx, effective + [rid])  # the batch the settle will log, in its order
         live = set(owed.live_ids(ctx, order)) | {rid}
         self.tags = owed.batch_tags([i for i in order if i in live])
+        self._closed = False
         _short_switch(+1)  # the training loop's hand-offs wait less for the GIL
         self._mlflow = ThreadPoolExecutor(1, thread_name_prefix="sisa-mlflow", initializer=_background)
         self._run = self._mlflow.submit(self._start_run, m)
@@ -86,7 +87,10 @@ class Overlap:
         self.ctx.observer.failed(OP, None)
 
     def close(self) -> None:
-        """Wait for every background step (none is left running on return)."""
+        """Wait for every background step (none is left running on return). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         try:
             self._mlflow.shutdown(wait=True)
         finally:

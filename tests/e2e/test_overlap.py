@@ -5,6 +5,7 @@ on open, and a failure inside it falls back to the plain path."""
 
 import signal
 import sqlite3
+import sys
 import warnings
 
 import mlflow
@@ -173,8 +174,17 @@ def test_a_deletion_that_fails_marks_its_run_failed_and_is_finished_on_open(tmp_
         raise RuntimeError("worker lost")
 
     monkeypatch.setattr(OpContext, "run_plans", dies)
-    with pytest.raises(RuntimeError, match="worker lost"):
-        ens.delete(GONE)
+    from sisa.ops import overlap
+
+    switch = sys.getswitchinterval()
+    overlap._short_switch(+1)  # another deletion's overlap, still running
+    try:
+        with pytest.raises(RuntimeError, match="worker lost"):
+            ens.delete(GONE)
+        assert sys.getswitchinterval() == overlap.SWITCH, "aborted, then closed: one release, not two"
+    finally:
+        overlap._short_switch(-1)
+    assert sys.getswitchinterval() == switch
     _, runs, (parent,) = _runs(tmp_path / "w", ens)
     assert parent.info.status == "FAILED" and "RUNNING" not in {r.info.status for r in runs}
     ens.close()
