@@ -34,6 +34,7 @@ POINTS = [
     "during_settle",
     "before_done",
     "after_done",
+    "before_owed_removed",
 ]
 
 
