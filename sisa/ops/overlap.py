@@ -3,7 +3,7 @@ thread while its shards retrain, so that it is off the critical path (issue 18).
 
 A ``wait="done"`` deletion with tracking on starts, right after it excluded the shards it retrains:
   - the MLflow run of the batch it will settle (`sisa.ops.owed.live_ids`: every effective request not
-    logged yet, then this one), which `sisa.ops.owed.log_batch` adopts instead of starting one;
+    logged yet, then this one), which `sisa.ops.owed.open_batch` adopts instead of starting one;
   - the next model version, staged (`sisa.tracking.registry.stage`): its logged model, MLflow's files,
     hard links to the live version's files of the shards it does not retrain, and the purge's list (the
     live version stays ``@current`` until the new one is registered).

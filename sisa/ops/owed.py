@@ -92,12 +92,6 @@ def unlogged(ctx, rid: str) -> bool:
     return ctx.config.tracking.enabled and not (load(ctx.workdir, rid) or {}).get("logged")
 
 
-def log_batch(ctx, m, recs: list[dict], metrics: dict) -> str | None:
-    """`open_batch` then `close_batch`: the whole run of a settled batch at once."""
-    open_batch(ctx, m, recs)
-    return close_batch(ctx, m, recs, metrics)
-
-
 def open_batch(ctx, m, recs: list[dict]) -> str | None:
     """Start the MLflow run of a batch of requests, on manifest ``m`` (or adopt the one a deletion started
     ahead, `sisa.ops.overlap`), so that the version the batch publishes links to it; a request whose process

@@ -72,7 +72,8 @@ def test_a_batch_of_400_requests_fits_the_tag_limit_and_lists_every_id_in_an_art
     ]
     tracker, m = ens._ctx.tracker(), ens.manifest
     _, dead = tracker.start_run("delete", m, {REQUEST_IDS: ",".join(rids)})  # an attempt that died logging
-    run_id = owed.log_batch(ens._ctx, m, recs, {})  # closes the dead run (its ids: the first ones) and logs
+    owed.open_batch(ens._ctx, m, recs)  # closes the dead run (its ids: the first ones)
+    run_id = owed.close_batch(ens._ctx, m, recs, {})
 
     client = MlflowClient(tracker.uri)
     for r in (client.get_run(dead), client.get_run(run_id)):
