@@ -21,7 +21,7 @@ from sisa.context import OpContext
 from sisa.manifest import Manifest
 from sisa.serving import Server
 from sisa.tracking.runs import observer_for
-from sisa.workdir import Workdir, write_atomic
+from sisa.workdir import Workdir
 
 DEFAULT_WAIT_TIMEOUT = 60.0  # seconds predict waits while a deletion retrains every active shard
 
@@ -124,7 +124,7 @@ class SisaEnsemble:
         if m is None:
             self.workdir.manifest_path.unlink(missing_ok=True)
         else:
-            write_atomic(self.workdir.manifest_path, manifests.encode(m))
+            manifests.write(self.workdir.manifest_path, m)
         self._server.set(m)
 
     def close(self) -> None:

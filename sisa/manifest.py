@@ -1,7 +1,9 @@
 """The manifest: the typed record of what the ensemble is, and the commit point of every change.
 
 Read and written only here (`read`, `write`, `from_dict`, `to_dict`), versioned by `FORMAT`, with a
-migration from older formats, so old workdirs open. The classes are frozen: an operation builds a new
+migration from older formats, so old workdirs open. A deletion reads and writes the manifest several
+times while changing one shard: `encode` reuses each unchanged shard's JSON, and `read` returns the
+manifest this process last wrote or parsed when the file still holds the same bytes. The classes are frozen: an operation builds a new
 `Manifest` (`replace`, `with_shard`) and hands it to the ensemble, which alone commits it.
 
 ``manifest["shards"][0]["checkpoints"]`` (dict-style reads of the JSON form) still works for users who
@@ -10,11 +12,14 @@ read manifests that way; sisa's own code uses the attributes.
 
 from __future__ import annotations
 
+import copy
 import json
+import threading
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from shards.errors import WorkdirError
+from shards.storage import write_atomic
 
 FORMAT = 2
 FILE = "manifest.json"
@@ -166,6 +171,15 @@ class ShardState(_JsonView):
     def final(self) -> Checkpoint | None:
         return self.checkpoints[-1] if self.checkpoints else None
 
+    def to_json(self) -> str:
+        """Compact JSON with sorted keys, computed once per shard (it is frozen, and the manifests a deletion
+        writes share every shard but the retrained ones)."""
+        text = self.__dict__.get("_json")
+        if text is None:
+            text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+            object.__setattr__(self, "_json", text)
+        return text
+
     def to_dict(self) -> dict:
         out = {
             "slices": [e.to_dict() for e in self.slices],
@@ -282,6 +296,10 @@ class Manifest(_JsonView):
         return replace(self, metrics={**self.metrics, **metrics})
 
     def to_dict(self) -> dict:
+        return {**self._top(), "shards": [sh.to_dict() for sh in self.shards]}
+
+    def _top(self) -> dict:
+        """Every field of the JSON form but ``shards``."""
         out = {
             "format": FORMAT,
             "config_hash": self.config_hash,
@@ -291,7 +309,6 @@ class Manifest(_JsonView):
             "feature_names": None if self.feature_names is None else list(self.feature_names),
             "num_classes": self.num_classes,
             "storage": self.storage,
-            "shards": [sh.to_dict() for sh in self.shards],
             "applied_requests": list(self.applied_requests),
             "metrics": self.metrics,
             "created": self.created,
@@ -345,21 +362,65 @@ def from_dict(d: dict, where: str = "manifest") -> Manifest:
         raise WorkdirError(f"{where} is malformed ({type(e).__name__}: {e})", path=where) from None
 
 
+_CACHE_SIZE = 16
+_cache: dict[str, tuple[bytes, Manifest]] = {}  # manifest path -> the bytes this process last wrote or parsed
+_cache_lock = threading.Lock()
+
+
+def _remember(path: Path, data: bytes, m: Manifest) -> None:
+    with _cache_lock:
+        _cache.pop(str(path), None)
+        _cache[str(path)] = (data, m)
+        while len(_cache) > _CACHE_SIZE:
+            del _cache[next(iter(_cache))]
+
+
+def _own(m: Manifest) -> Manifest:
+    """A copy whose mutable fields the caller may change without reaching the cached manifest."""
+    return replace(
+        m,
+        metrics=copy.deepcopy(m.metrics),
+        input_shape=list(m.input_shape),
+        feature_names=None if m.feature_names is None else list(m.feature_names),
+    )
+
+
 def read(workdir_path: Path) -> Manifest:
     path = Path(workdir_path) / FILE
     try:
-        doc = json.loads(path.read_text())
+        data = path.read_bytes()
     except FileNotFoundError:
         raise WorkdirError(
             f"{workdir_path} holds no trained ensemble (no {FILE}); train one with "
             "`sisa train CONFIG --workdir ...` or SisaEnsemble.from_config(...).fit(...)"
         ) from None
-    except json.JSONDecodeError as e:
+    hit = _cache.get(str(path))
+    if hit is not None and hit[0] == data:
+        return _own(hit[1])
+    try:
+        doc = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise WorkdirError(f"{path} is corrupt ({e})", path=str(path)) from None
-    return from_dict(doc, str(path))
+    m = from_dict(doc, str(path))
+    _remember(path, data, m)
+    return _own(m)
+
+
+def write(path: Path, m: Manifest) -> None:
+    """Commit ``m`` to ``path`` (atomic and durable: the model swap)."""
+    data = encode(m)
+    write_atomic(path, data)
+    _remember(Path(path), data, _own(m))
 
 
 def encode(m: Manifest) -> bytes:
-    """Compact JSON: ``indent`` would route json through its pure-Python encoder, 5x slower at S=64, and the
-    manifest is written twice per deletion."""
-    return json.dumps(m.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+    """Compact JSON with sorted keys, as ``json.dumps(m.to_dict(), sort_keys=True, separators=(",", ":"))``
+    writes it (`ShardState.to_json` keeps each shard's part); ``indent`` would route json through its
+    pure-Python encoder, 5x slower at S=64."""
+    top = m._top()
+    before = {k: v for k, v in top.items() if k < "shards"}
+    after = {k: v for k, v in top.items() if k > "shards"}
+    parts = [json.dumps(before, sort_keys=True, separators=(",", ":"))[:-1]] if before else ["{"]
+    parts.append(("," if before else "") + '"shards":[' + ",".join(sh.to_json() for sh in m.shards) + "]")
+    parts.append(("," + json.dumps(after, sort_keys=True, separators=(",", ":"))[1:]) if after else "}")
+    return "".join(parts).encode()

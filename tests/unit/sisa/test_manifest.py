@@ -1,8 +1,11 @@
 """The typed manifest: round trip, migration of the untyped format-1 manifests of sisa 0.1, refusals."""
 
 import json
+from dataclasses import replace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shards.errors import WorkdirError
 from sisa import manifest as manifests
@@ -85,3 +88,48 @@ def test_a_missing_or_corrupt_file_says_what_to_do(tmp_path):
 def test_typed_classes_build_what_fit_builds():
     m = Manifest("c", "t", "int", [2], 2, "/s", shards=(ShardState(slices=(SliceRef("f", "d", 1),)),))
     assert manifests.from_dict(m.to_dict()) == m
+
+
+_text = st.text(max_size=12)  # any unicode: NUL, quotes, and keys that sort around "shards"
+_ref = st.builds(SliceRef, st.text(max_size=8), st.text(max_size=8), st.integers(0, 9), st.none() | st.floats(0, 1))
+_shard = st.builds(ShardState, st.tuples(_ref), st.just(()), st.booleans(), st.none() | st.tuples(st.integers(0, 5)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shards=st.lists(_shard, max_size=4),
+    names=st.none() | st.lists(_text, max_size=3),
+    metrics=st.dictionaries(_text, st.integers() | _text, max_size=4),
+    storage=_text,
+)
+def test_encode_is_the_plain_sorted_compact_json(shards, names, metrics, storage):
+    """`encode` splices each shard's cached JSON between the other fields: the bytes are exactly what one
+    ``json.dumps`` of the whole manifest gives, whatever the strings around it hold."""
+    m = replace(manifests.from_dict(FORMAT_1), shards=tuple(shards), feature_names=names, metrics=metrics)
+    m = replace(m, storage=storage)
+    plain = json.dumps(m.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+    assert manifests.encode(m) == plain
+    assert (
+        manifests.encode(m.with_shard(0, excluded=True) if shards else m)
+        == json.dumps(
+            (m.with_shard(0, excluded=True) if shards else m).to_dict(), sort_keys=True, separators=(",", ":")
+        ).encode()
+    ), "a changed shard is encoded afresh, not from the cache"
+
+
+def test_read_returns_what_was_written_and_notices_another_writer(tmp_path):
+    """`read` answers from the bytes this process last wrote when the file holds them; a change by anyone
+    else (another process, a restore) is read afresh; each caller gets its own mutable fields."""
+    m = manifests.from_dict(FORMAT_1)
+    manifests.write(tmp_path / manifests.FILE, m)
+    a, b = manifests.read(tmp_path), manifests.read(tmp_path)
+    assert a == m == b
+    a.metrics["ensemble_accuracy"] = 0.0
+    a.input_shape.append(9)
+    assert manifests.read(tmp_path) == m, "a caller's change does not reach the cache"
+    other = m.with_shard(0, excluded=True)
+    (tmp_path / manifests.FILE).write_bytes(manifests.encode(other))  # another process's commit
+    assert manifests.read(tmp_path).shards[0].excluded is True
+    (tmp_path / manifests.FILE).write_bytes(b"{not json")
+    with pytest.raises(WorkdirError, match="corrupt"):
+        manifests.read(tmp_path)
