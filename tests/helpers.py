@@ -70,6 +70,12 @@ def checkpoint_hashes(ens) -> list[list[str]]:
     return [[c.sha256 for c in sh.checkpoints] for sh in ens.manifest.shards]
 
 
+def store_files(ens) -> set[str]:
+    """Every file in the ensemble's local store, relative to it (what `Manifest.referenced_files` names)."""
+    root = ens.workdir.path / "store"
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+
+
 def scan(root: Path, needles: list[bytes]) -> list[tuple[str, bytes]]:
     """Every (file under ``root``, needle) where the needle's bytes occur in the file."""
     hits = []

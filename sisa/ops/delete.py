@@ -181,7 +181,7 @@ def _execute(ctx, before: Manifest, rid, hashed: set, plan: dict, t0: float, alr
                 ctx.forget_evaluations()  # cached predictions on the erased rows
     crashpoint("after_eval_rewrite")
     with ph("slice_rewrite"):
-        after, plans, removed, starts = _rewrite_slices(ctx, before, affected, plan, hashed)
+        after, plans, removed, starts, written = _rewrite_slices(ctx, before, affected, plan, hashed)
         cost = _cost(ctx, after, starts, before)
     ahead = Overlap.start(ctx, before, rid, plans, wait)  # the done path's work that needs no new weights
     try:
@@ -204,7 +204,9 @@ def _execute(ctx, before: Manifest, rid, hashed: set, plan: dict, t0: float, alr
             ctx.commit(after)  # the atomic swap
         crashpoint("after_swap")
         rec = owed.record(rid, before, receipt, plans, cost, plan, stages, {})
-        return purge.effective(ctx, after, rid, receipt, rec, ph, wait, ahead)
+        return purge.effective(
+            ctx, after, rid, receipt, rec, ph, wait, ahead, _superseded(before, after, written, plans)
+        )
     except BaseException:
         if ahead is not None:
             ahead.abort()
@@ -254,12 +256,23 @@ def _exclude(ctx, before: Manifest, rid: str, plan: dict, ph: Phases) -> None:
             ctx.commit(replace(excluded, retraining=info))
 
 
+def _superseded(before: Manifest, after: Manifest, written: list[str], plans: list) -> list[str] | None:
+    """The store files the swap left unreferenced: the superseded slices and checkpoints, and slices this
+    request wrote that `append.squeeze` dropped. None when a stage was retried (a lost worker can leave a
+    half-written file): the purge then lists the store."""
+    if any(p.attempts for p in plans):
+        return None
+    keep = after.referenced_files()
+    return sorted((before.referenced_files() | set(written)) - keep)
+
+
 def _rewrite_slices(ctx, before: Manifest, affected: list[int], plan: dict, hashed: set):
     """Write each affected slice again without the request's rows (new content-addressed files); returns the
-    new manifest (not committed), the shard plans, rows removed per shard and each shard's first stage."""
+    new manifest (not committed), the shard plans, rows removed per shard, each shard's first stage and the
+    slice files written."""
     store, key_hash, R = ctx.storage(), ctx.workdir.hash_ids, ctx.config.sharding.slices
     after = before
-    plans, removed, starts = [], {}, {}
+    plans, removed, starts, written = [], {}, {}, []
     for s in affected:
         sh = before.shards[s]
         slices = list(sh.slices)
@@ -272,6 +285,7 @@ def _rewrite_slices(ctx, before: Manifest, affected: list[int], plan: dict, hash
                 continue
             removed[s] += len(drop)
             slices[j] = SliceRef.from_dict(write_slice(store, s, j, without(rows, drop, before.id_kind)))
+            written.append(slices[j].file)
             first = j + 1 if first is None else min(first, j + 1)
         if first is None:  # nothing of this request left in the shard (a re-run after a crash)
             continue
@@ -282,7 +296,7 @@ def _rewrite_slices(ctx, before: Manifest, affected: list[int], plan: dict, hash
             ShardPlan(shard=s, start_stage=first, slices=[e.to_dict() for e in slices], prev=prev, epochs=epochs)
         )
         after = after.with_shard(s, slices=tuple(slices), epochs=epochs)
-    return after, plans, removed, starts
+    return after, plans, removed, starts, written
 
 
 def _cost(ctx, after: Manifest, starts: dict[int, int], before: Manifest) -> dict:

@@ -40,10 +40,15 @@ def unreferenced(ctx, m: Manifest | None, on_delete=None) -> list[str]:
     return purge_unreferenced(ctx.storage(), m, on_delete=on_delete)
 
 
-def _store(ctx, m: Manifest, ph: Phases | None = None) -> None:
+def _store(ctx, m: Manifest, ph: Phases | None = None, superseded: list[str] | None = None) -> None:
+    """``superseded``: every store file the operation left unreferenced, when it knows them all (a retrain
+    with no stage retried: nothing half-written); None: list the store and purge what ``m`` does not name."""
     ph = ph or Phases()
     with ph("store_purge"):
-        unreferenced(ctx, m, on_delete=lambda: crashpoint("during_purge"))
+        if superseded is None:
+            unreferenced(ctx, m, on_delete=lambda: crashpoint("during_purge"))
+        else:
+            ctx.storage().delete_many(superseded, on_delete=lambda: crashpoint("during_purge"))
         ctx.workdir.remove_stale_copies()  # temp files, a killed fit's spill and evaluation file
         evalfile.discard_old(ctx.workdir.path)  # a superseded evaluation file a crash left unzeroed
     with ph("worker_caches"):
@@ -63,12 +68,14 @@ def _receipt(ctx, rid: str):
     return receipts.load(ctx.workdir, rid) if receipts.path(ctx.workdir, rid).exists() else None
 
 
-def effective(ctx, m: Manifest, rid: str, receipt, rec: dict | None, ph: Phases, wait: str = "done", ahead=None):
-    """After the swap to ``m``: purge the store, record the owed bookkeeping ``rec`` (None: keep the one a
+def effective(
+    ctx, m: Manifest, rid: str, receipt, rec: dict | None, ph: Phases, wait: str = "done", ahead=None, superseded=None
+):
+    """After the swap to ``m``: purge the store (``superseded``: the files to purge, see `_store`), record the owed bookkeeping ``rec`` (None: keep the one a
     crashed attempt wrote, else rebuild it from the receipt), mark the request effective; with
     ``wait="done"`` settle every effective request too (``ahead``: what was prepared for it while the shards
     retrained, `sisa.ops.overlap`). Returns the receipt with its ``timing``."""
-    _store(ctx, m, ph)
+    _store(ctx, m, ph, superseded)
     if receipt is None:
         receipt = _receipt(ctx, rid)
     with ph("owed_record"):

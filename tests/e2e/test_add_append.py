@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import tiny_config, tiny_data, weights_equal
+from helpers import store_files, tiny_config, tiny_data, weights_equal
 
 from sisa import SisaEnsemble, costmodel
 from sisa.ledger import Ledger
@@ -62,6 +62,7 @@ def test_append_history_equals_replay_without_the_deleted_rows(tmp_path, over, s
     s1 = [ids[3], ids[170], *in_a1]
     d1 = a.delete(s1)
     assert d1.cost["appended_stages_sample_epochs"] > 0
+    assert store_files(a) == a.manifest.referenced_files(), "superseded files and the emptied slice written are purged"
     a.add(*_rows(X, y, ids, a3))
     s2 = [ev[2][4], ids[240]]
     a.delete(s2)

@@ -6,7 +6,7 @@ import threading
 
 import numpy as np
 import pytest
-from helpers import tiny_config, tiny_data, weights_equal
+from helpers import store_files, tiny_config, tiny_data, weights_equal
 
 from shards.store import read_slice
 from sisa import SisaEnsemble
@@ -88,8 +88,10 @@ def test_on_ray_several_deletions_in_a_row_and_resume_points(tmp_path, ray_sessi
     assert r1.shards[0]["from_stage"] == 3 and r1.shards[2]["from_stage"] == 4
     assert r1.shards[0]["resumed_from"] == before["shards"][0]["checkpoints"][1]["sha256"]
     assert 1 not in r1.shards, "an untouched shard is not retrained"
+    assert store_files(ens) == ens.manifest.referenced_files(), "every superseded slice and checkpoint is purged"
     second = pick(ens, ids, [(1, 0), (0, 1)])
     ens.delete(second)
+    assert store_files(ens) == ens.manifest.referenced_files()
     ref = fit(cfg, tmp_path / "b", *drop(X, y, ids, first + second), executor="ray")
     assert weights_equal(ens, ref)
     assert np.array_equal(ens.predict_proba(X), ref.predict_proba(X))
@@ -111,6 +113,7 @@ def test_whole_slice_and_whole_shard(tmp_path):
     ref = fit(cfg, tmp_path / "b", *drop(X, y, ids, slice0 + shard2))
     assert weights_equal(ens, ref) and np.array_equal(ens.predict_proba(X), ref.predict_proba(X))
     assert ens.status()["shards"][2]["rows"] == 0
+    assert store_files(ens) == ens.manifest.referenced_files()
 
 
 def test_predictions_stay_defined_while_one_shard_has_data(tmp_path):
