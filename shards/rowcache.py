@@ -1,5 +1,6 @@
-"""A shard worker's local cache of the rows it trains on: features and labels of slices 1..r as two flat
-files per shard, memory-mapped, instead of decoded slices held in memory.
+"""A shard worker's local cache of the rows it trains on: features and labels of slices 1..r, in memory while
+the cache holds at most `MEMORY_BYTES` of them (a small shard: no file to write, zero and sync), else as two
+flat files per shard, memory-mapped, so that a shard larger than memory trains.
 
 Stage r of a shard trains on slices 1..r, so the files grow by one slice per stage; they are keyed by the
 digests of the slices they hold (read digest-checked from the store), so after a deletion the rows from
@@ -8,6 +9,7 @@ cache's business: training re-derives it from (seed, shard, stage, epoch) over r
 
 Cache files hold raw rows: `wipe` zeroes and removes them (at the end of every run, `StageRunner.finish`),
 at interpreter exit, and a new cache zeroes the directories that workers killed without wiping left behind.
+It zeroes the rows held in memory too before it lets them go.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from shards.schema import FEATURE, LABEL, decode_rows
 from shards.storage import Storage, zero_and_remove, zero_and_remove_many
 
 ROOT_ENV = "SISA_ROW_CACHE"  # where the cache directories live (default: the system temp directory)
+MEMORY_BYTES = 32 << 20  # rows a cache holds in memory, all shards together; beyond, a shard's rows go to files
 
 
 class Rows:
@@ -63,41 +66,66 @@ class RowCache:
         _wipe_orphans(base)
         self.dir = tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=base)
         self._finalizer = weakref.finalize(self, _wipe_dir, self.dir)  # also at interpreter exit
-        self._held: dict[int, list[tuple[str, int]]] = {}  # shard -> (digest, rows) of the slices in its files
+        self._held: dict[int, list[tuple[str, int]]] = {}  # shard -> (digest, rows) of the slices it holds
         self._shape: dict[int, tuple] = {}
+        self._memory: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}  # shard -> its slices' (x, y), in memory
 
     def _paths(self, shard: int) -> tuple[str, str]:
         return os.path.join(self.dir, f"shard-{shard}.x"), os.path.join(self.dir, f"shard-{shard}.y")
 
     def rows(self, storage: Storage, shard: int, entries: list[dict]) -> Rows:
-        """The rows of ``entries`` (slice entries, in order), memory-mapped."""
+        """The rows of ``entries`` (slice entries, in order), in memory or memory-mapped."""
         held = self._held.get(shard, [])
         keep = 0
         while keep < min(len(held), len(entries)) and held[keep][0] == entries[keep]["sha256"]:
             keep += 1
-        px, py = self._paths(shard)
         if keep < min(len(held), len(entries)):  # a slice changed: what follows it is stale
             self._cut(shard, held, keep)
             held = held[:keep]
         for e in entries[keep:]:
             rows = decode_rows(storage.read(e["file"], e["sha256"]))
             x = np.ascontiguousarray(rows["x"], dtype=FEATURE)
+            y = np.ascontiguousarray(rows["y"], dtype=LABEL)
             if len(rows) and not any(k for _, k in held):  # the first rows in the shard's files set the width
                 self._shape[shard] = x.shape[1:]
-            with open(px, "ab") as f:
-                f.write(x.tobytes())
-            with open(py, "ab") as f:
-                f.write(np.ascontiguousarray(rows["y"], dtype=LABEL).tobytes())
+            self._add(shard, x, y)
             held.append((e["sha256"], len(rows)))
         self._held[shard] = held
         n = sum(k for _, k in held[: len(entries)])
         shape = self._shape.get(shard, (0,))
         if n == 0:
             return Rows(np.zeros((0, *shape), FEATURE), np.zeros(0, LABEL))
+        if shard in self._memory:
+            parts = self._memory[shard][: len(entries)]
+            if len(parts) == 1:
+                return Rows(parts[0][0], parts[0][1])
+            return Rows(np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts]))
+        px, py = self._paths(shard)
         return Rows(np.memmap(px, FEATURE, "r", shape=(n, *shape)), np.memmap(py, LABEL, "r", shape=(n,)))
+
+    def _add(self, shard: int, x: np.ndarray, y: np.ndarray) -> None:
+        """Append one slice's rows: in memory while the cache stays within `MEMORY_BYTES`, else to the
+        shard's files (its rows held in memory so far move there first)."""
+        in_memory = sum(a.nbytes + b.nbytes for parts in self._memory.values() for a, b in parts)
+        files = os.path.exists(self._paths(shard)[0])
+        if not files and in_memory + x.nbytes + y.nbytes <= MEMORY_BYTES:
+            self._memory.setdefault(shard, []).append((x, y))
+            return
+        parts = self._memory.pop(shard, [])
+        px, py = self._paths(shard)
+        for a, b in [*parts, (x, y)]:
+            with open(px, "ab") as f:
+                f.write(a.tobytes())
+            with open(py, "ab") as f:
+                f.write(b.tobytes())
+        _zero_arrays(parts)
 
     def _cut(self, shard: int, held: list, keep: int) -> None:
         """Zero the rows after the first ``keep`` slices, then cut them off."""
+        if shard in self._memory:
+            _zero_arrays(self._memory[shard][keep:])
+            del self._memory[shard][keep:]
+            return
         n = sum(k for _, k in held[:keep])
         width = int(np.prod(self._shape.get(shard, (0,)))) * FEATURE.itemsize
         for path, size in zip(self._paths(shard), (width, LABEL.itemsize)):
@@ -114,8 +142,17 @@ class RowCache:
         durable by the same filesystem sync as the zeros (`zero_and_remove_many`)."""
         names = os.listdir(self.dir) if os.path.isdir(self.dir) else []
         zero_and_remove_many([os.path.join(self.dir, name) for name in names], sync_also=sync_also)
+        for parts in self._memory.values():
+            _zero_arrays(parts)
+        self._memory.clear()
         self._held.clear()
         self._shape.clear()
+
+
+def _zero_arrays(parts: list) -> None:
+    for x, y in parts:
+        x.fill(0)
+        y.fill(0)
 
 
 def _wipe_dir(path: str) -> None:

@@ -341,11 +341,12 @@ def _fit(spec: TrainSpec, stage: int, module, loader, cb: _ExactResume) -> _Exac
 
 @torch.no_grad()
 def _tensor(a: np.ndarray, dtype) -> torch.Tensor:
-    """A worker's memory-mapped rows (`shards.rowcache`) as a tensor over the mapping, so a shard larger
-    than memory trains (every batch is gathered into a fresh tensor, and nothing writes to these); other
-    arrays are copied, not ascontiguousarray'd: a one-row field view counts as contiguous with the record's
-    stride. Either way the batches hold the same values, so the same bits."""
-    if isinstance(a, np.memmap) and a.dtype == dtype and a.flags.c_contiguous:
+    """A worker's cached rows (`shards.rowcache`) as a tensor over them, without a copy: over the mapping,
+    so a shard larger than memory trains (every batch is gathered into a fresh tensor, and nothing writes to
+    these). Other arrays are copied, not ascontiguousarray'd: a one-row field view counts as contiguous
+    with the record's stride. Either way the batches hold the same values, so the same bits."""
+    own = isinstance(a, np.memmap) or a.flags.owndata
+    if own and a.dtype == dtype and a.flags.c_contiguous:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             return torch.from_numpy(a)

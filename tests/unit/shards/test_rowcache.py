@@ -1,5 +1,5 @@
-"""A shard worker's rows in local memory-mapped files (`shards.rowcache`): the same checkpoints as training
-on the decoded slices in memory; a changed slice and what follows it re-read; no cached row left behind
+"""A shard worker's cached rows (`shards.rowcache`), in memory or in local memory-mapped files: the same
+checkpoints as training on the decoded slices; a changed slice and what follows it re-read; no cached row left behind
 after a wipe or by a worker that died."""
 
 import os
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from helpers import REPO, TESTS, tiny_data
 
-from shards import training
+from shards import rowcache, training
 from shards.job import StageRunner
 from shards.rowcache import RowCache
 from shards.spec import TrainSpec
@@ -34,7 +34,9 @@ def files_bytes(d):
     return b"".join(open(os.path.join(d, f), "rb").read() for f in os.listdir(d))
 
 
-def test_checkpoints_equal_those_of_rows_in_memory(tmp_path):
+@pytest.mark.parametrize("memory", [rowcache.MEMORY_BYTES, 0], ids=["in-memory", "files"])
+def test_checkpoints_equal_those_of_rows_in_memory(tmp_path, monkeypatch, memory):
+    monkeypatch.setattr(rowcache, "MEMORY_BYTES", memory)
     store, entries = partition(tmp_path)
     runner, prev, in_memory = StageRunner(), None, None
     for stage in (1, 2, 3):
@@ -47,23 +49,51 @@ def test_checkpoints_equal_those_of_rows_in_memory(tmp_path):
     runner.drop_cache()
 
 
-def test_a_changed_slice_is_reread_and_wipe_leaves_no_row(tmp_path):
+def held_bytes(cache: RowCache) -> bytes:
+    """Every raw byte the cache holds: its files, and its rows in memory."""
+    mem = b"".join(a.tobytes() + b.tobytes() for parts in cache._memory.values() for a, b in parts)
+    return files_bytes(cache.dir) + mem
+
+
+@pytest.mark.parametrize("memory", [rowcache.MEMORY_BYTES, 0], ids=["in-memory", "files"])
+def test_a_changed_slice_is_reread_and_wipe_leaves_no_row(tmp_path, monkeypatch, memory):
+    monkeypatch.setattr(rowcache, "MEMORY_BYTES", memory)
     X, _, ids = tiny_data(n=240)
     store, entries = partition(tmp_path)
     cache = RowCache(str(tmp_path / "cache"))
     cache.rows(store, 1, entries)
+    assert bool(os.listdir(cache.dir)) == (memory == 0), "a small shard stays in memory, unless none is allowed"
     gone = read_slice(store, entries[1])["id"][0]
     needle = X[ids == gone][0].tobytes()
-    assert needle in files_bytes(cache.dir)
+    assert needle in held_bytes(cache)
+    held = [a for parts in cache._memory.values() for pair in parts for a in pair]
     store2, after = partition(tmp_path / "b", drop=[gone])
     assert after[0] == entries[0] and after[1] != entries[1], "the row sits in slice 2"
     got = cache.rows(store2, 1, after)
     want = np.concatenate([read_slice(store2, e) for e in after])
     assert np.array_equal(got["x"], want["x"]) and np.array_equal(got["y"], want["y"])
-    assert needle not in files_bytes(cache.dir), "the erased row's features are gone from the cache files"
-    assert len(cache.rows(store2, 1, after[:1])) == after[0]["rows"], "a shorter prefix is a view"
+    assert needle not in held_bytes(cache), "the erased row's features are gone from the cache"
+    assert needle not in b"".join(a.tobytes() for a in held), "the dropped slice was zeroed, not only let go"
+    assert len(cache.rows(store2, 1, after[:1])) == after[0]["rows"], "a shorter prefix"
+    held = [a for parts in cache._memory.values() for pair in parts for a in pair]
     cache.wipe()
-    assert os.listdir(cache.dir) == []
+    assert os.listdir(cache.dir) == [] and held_bytes(cache) == b""
+    assert not any(a.any() for a in held), "rows held in memory are zeroed by the wipe"
+
+
+def test_a_shard_beyond_the_memory_budget_moves_to_files_with_the_same_rows(tmp_path, monkeypatch):
+    store, entries = partition(tmp_path)
+    first = read_slice(store, entries[0])
+    monkeypatch.setattr(rowcache, "MEMORY_BYTES", first["x"].astype(np.float32).nbytes + 8 * len(first) + 1)
+    cache = RowCache(str(tmp_path / "cache"))
+    assert isinstance(cache.rows(store, 1, entries[:1])["x"], np.ndarray) and not os.listdir(cache.dir)
+    moved = cache._memory[1][0][0]
+    got = cache.rows(store, 1, entries)
+    want = np.concatenate([read_slice(store, e) for e in entries])
+    assert isinstance(got["x"], np.memmap) and 1 not in cache._memory
+    assert np.array_equal(got["x"], want["x"]) and np.array_equal(got["y"], want["y"])
+    assert not moved.any(), "the rows that moved to files are zeroed in memory"
+    cache.wipe()
 
 
 def test_a_dead_workers_cache_is_wiped(tmp_path):
@@ -75,7 +105,8 @@ def test_a_dead_workers_cache_is_wiped(tmp_path):
     assert not dead.exists()
 
 
-def test_the_cache_directory_goes_with_the_cache(tmp_path):
+def test_the_cache_directory_goes_with_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(rowcache, "MEMORY_BYTES", 0)  # rows in files
     store, entries = partition(tmp_path)
     cache = RowCache(str(tmp_path / "cache"))
     cache.rows(store, 0, entries)
@@ -114,11 +145,14 @@ def test_a_runner_trains_another_width_after_its_run_ends(tmp_path):
     assert os.listdir(runner._cache.dir) == []
 
 
-def test_a_finishing_stage_syncs_its_checkpoints_with_the_cache_zeros_and_keeps_nothing(tmp_path, monkeypatch):
+@pytest.mark.parametrize("memory", [rowcache.MEMORY_BYTES, 0], ids=["in-memory", "files"])
+def test_a_finishing_stage_syncs_its_checkpoints_with_the_cache_zeros_and_keeps_nothing(tmp_path, monkeypatch, memory):
     """``run(..., finish=True)``: the run's checkpoints and the zeroed cache files made durable by one sync
-    (one filesystem: one syncfs), before the cache files are removed; no row and no state kept after."""
+    (one filesystem: one syncfs), before the cache files are removed; no row and no state kept after. Rows
+    held in memory need no sync: only the checkpoints are synced."""
     from shards import storage as storage_mod
 
+    monkeypatch.setattr(rowcache, "MEMORY_BYTES", memory)
     store, entries = partition(tmp_path)
     runner = StageRunner()
     runner._cache = RowCache(str(tmp_path / "cache"))  # on the store's filesystem
@@ -134,5 +168,6 @@ def test_a_finishing_stage_syncs_its_checkpoints_with_the_cache_zeros_and_keeps_
     second, _ = runner.run(store, spec((6,)), 1, 2, entries, first, finish=True)
     [(synced, cache_files)] = calls
     assert {store.path(first["file"]), store.path(second["file"])} <= set(synced)
-    assert cache_files and all(os.path.join(runner._cache.dir, f) in synced for f in cache_files)
+    assert bool(cache_files) == (memory == 0)
+    assert all(os.path.join(runner._cache.dir, f) in synced for f in cache_files)
     assert runner.held() == {"cache_files": 0, "cached_rows": 0, "state": False}
