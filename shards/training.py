@@ -31,7 +31,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from shards import loop
+from shards import ckptfile, loop
 from shards.errors import ConfigError, IntegrityError
 from shards.models import SisaModule, build_module
 from shards.spec import FP32, SisaContext, TrainSpec, derive_seed
@@ -214,9 +214,14 @@ def init_module(spec: TrainSpec, shard: int) -> pl.LightningModule:
 
 
 def load_checkpoint(data: bytes, where: str = "checkpoint") -> dict:
+    """A stage checkpoint from its file's bytes (`shards.ckptfile`, or torch's format read with
+    ``weights_only``: older workdirs, and checkpoints holding values the header cannot describe)."""
     try:
-        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated zip, a pickle with forbidden globals, ...
+        if ckptfile.is_own(data):
+            ckpt = ckptfile.decode(data)
+        else:
+            ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated file, a pickle with forbidden globals, a malformed header, ...
         raise IntegrityError(f"{where} cannot be loaded safely ({e})", path=where) from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise IntegrityError(f"{where} is not a sisa checkpoint of format {FORMAT}", path=where)
@@ -224,9 +229,12 @@ def load_checkpoint(data: bytes, where: str = "checkpoint") -> dict:
 
 
 def save_checkpoint(ckpt: dict) -> bytes:
-    buf = io.BytesIO()
-    torch.save(ckpt, buf)
-    return buf.getvalue()
+    try:
+        return ckptfile.encode(ckpt)
+    except ckptfile.Unsupported:
+        buf = io.BytesIO()
+        torch.save(ckpt, buf)
+        return buf.getvalue()
 
 
 def run_stage(

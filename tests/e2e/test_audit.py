@@ -1,7 +1,6 @@
 """Deletion certificates: the audit passes after real deletions and fails, saying where, after tampering
 with a checkpoint, a store file, a receipt or the ledger's promise (a deleted row put back)."""
 
-import io
 import json
 import os
 import shutil
@@ -10,10 +9,10 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from helpers import tiny_config, tiny_data
 
 from orchestration import ShardPlan
+from shards import training
 from shards.store import read_slice, write_slice
 from sisa import Receipt, SisaEnsemble
 from sisa import manifest as manifests
@@ -79,10 +78,11 @@ def test_checkpoint_overwritten_in_place_fails_and_names_the_file(audited, tmp_p
     ens = clone(audited, tmp_path)
     c = ens.manifest["shards"][0]["checkpoints"][-1]
     path = ens.storage().path(c["file"])
-    ckpt = torch.load(path, weights_only=True)
+    ckpt = training.load_checkpoint(open(path, "rb").read())
     key = next(iter(ckpt["state_dict"]))
     ckpt["state_dict"][key] += 1e-3
-    torch.save(ckpt, path)
+    with open(path, "wb") as f:
+        f.write(training.save_checkpoint(ckpt))
     report = ens.verify(audited["receipts"][1])
     assert not report.ok and report.shards == {0: False}
     msgs = failed(report)
@@ -95,12 +95,10 @@ def test_checkpoint_swapped_with_a_consistent_manifest_fails_bit_for_bit(audited
     m = ens.manifest.to_dict()
     c = m["shards"][2]["checkpoints"][-1]
     store = ens.storage()
-    ckpt = torch.load(store.path(c["file"]), weights_only=True)
+    ckpt = training.load_checkpoint(store.read(c["file"]))
     key = sorted(ckpt["state_dict"])[0]
     ckpt["state_dict"][key].view(-1)[0] += 1e-6  # one float, by a millionth
-    buf = io.BytesIO()
-    torch.save(ckpt, buf)
-    c["sha256"] = store.write(c["file"], buf.getvalue())
+    c["sha256"] = store.write(c["file"], training.save_checkpoint(ckpt))
     ens._commit(manifests.from_dict(m))
     report = ens.verify()
     assert report.shards == {0: True, 1: True, 2: False}

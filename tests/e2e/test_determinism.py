@@ -1,7 +1,6 @@
 """Bit-exact determinism: straight vs resumed from every stage in a fresh process; Ray vs in-process."""
 
 import dataclasses
-import io
 import json
 import subprocess
 import sys
@@ -9,12 +8,12 @@ import sys
 import torch
 from helpers import tiny_config, tiny_data, weights_equal
 
-from shards.training import EpochBatches
+from shards.training import EpochBatches, load_checkpoint
 from sisa import SisaEnsemble
 
 
 def _state(storage, entry):
-    return torch.load(io.BytesIO(storage.read(entry["file"], entry["sha256"])), weights_only=True)
+    return load_checkpoint(storage.read(entry["file"], entry["sha256"]))
 
 
 def test_resume_from_every_stage_in_fresh_process_is_bit_identical(tmp_path):
