@@ -128,7 +128,7 @@ def delete(ctx, m: Manifest, ids, progress=None, wait: str = "done") -> Receipt:
         with ph("ledger_commit"):
             rid = ctx.ledger().record(hashed, plan)  # the ack point: from here on the deletion is never lost
         crashpoint("after_ledger")
-        return _execute(ctx, m, rid, set(hashed), plan, t0, len(gone), progress, ph, wait)
+        return _execute(ctx, m, rid, set(hashed), plan, t0, len(gone), progress, ph, wait, found)
 
 
 def recover(ctx, locked: bool = False, wait: bool = True, settle: bool = True) -> list[str]:
@@ -171,7 +171,9 @@ def resume(ctx, req: dict, wait: str = "done") -> None:
         _execute(ctx, m, rid, hashed, req["plan"], time.time(), 0, None, Phases(), wait)
 
 
-def _execute(ctx, before: Manifest, rid, hashed: set, plan: dict, t0: float, already: int, progress, ph, wait):
+def _execute(ctx, before: Manifest, rid, hashed: set, plan: dict, t0: float, already: int, progress, ph, wait, found=None):
+    """Run a committed request. ``found`` (a fresh request, not a resumed one): its canonical ids by
+    (shard, slice), as `locate` matched them; a resumed request has only the ledger's hashes."""
     affected = sorted({s for s, _ in plan["slices"]})
     _exclude(ctx, before, rid, plan, ph)  # no prediction from a shard that saw the rows, from here on
     crashpoint("before_eval_rewrite")
@@ -181,7 +183,7 @@ def _execute(ctx, before: Manifest, rid, hashed: set, plan: dict, t0: float, alr
                 ctx.forget_evaluations()  # cached predictions on the erased rows
     crashpoint("after_eval_rewrite")
     with ph("slice_rewrite"):
-        after, plans, removed, starts, written = _rewrite_slices(ctx, before, affected, plan, hashed)
+        after, plans, removed, starts, written = _rewrite_slices(ctx, before, affected, plan, hashed, found)
         cost = _cost(ctx, after, starts, before)
     ahead = Overlap.start(ctx, before, rid, plans, wait)  # the done path's work that needs no new weights
     try:
@@ -266,10 +268,11 @@ def _superseded(before: Manifest, after: Manifest, written: list[str], plans: li
     return sorted((before.referenced_files() | set(written)) - keep)
 
 
-def _rewrite_slices(ctx, before: Manifest, affected: list[int], plan: dict, hashed: set):
+def _rewrite_slices(ctx, before: Manifest, affected: list[int], plan: dict, hashed: set, found: dict | None = None):
     """Write each affected slice again without the request's rows (new content-addressed files); returns the
     new manifest (not committed), the shard plans, rows removed per shard, each shard's first stage and the
-    slice files written."""
+    slice files written. A row goes when its id is one `locate` matched in that slice (``found``), or, for a
+    resumed request, when its keyed hash is one the ledger holds."""
     store, key_hash, R = ctx.storage(), ctx.workdir.hash_ids, ctx.config.sharding.slices
     after = before
     plans, removed, starts, written = [], {}, {}, []
@@ -280,7 +283,11 @@ def _rewrite_slices(ctx, before: Manifest, affected: list[int], plan: dict, hash
         removed[s] = 0
         for j in sorted(j for s2, j in plan["slices"] if s2 == s):
             rows = read_slice(store, slices[j].to_dict())
-            drop = {i for i, h in zip(rows["id"].tolist(), key_hash(rows["id"].tolist())) if h in hashed}
+            present = rows["id"].tolist()
+            if found is not None:
+                drop = set(found.get((s, j), ())) & set(present)
+            else:
+                drop = {i for i, h in zip(present, key_hash(present)) if h in hashed}
             if not drop:
                 continue
             removed[s] += len(drop)
