@@ -78,10 +78,13 @@ class RayExecutor(Executor):
         if not todo:
             return plans
         key = self._key()
-        limit = capacity(self.num_cpus, self.num_gpus)
-        if self.max_workers:
-            limit = min(limit, self.max_workers)
-        actors = pool.borrow(key, len(todo), limit, ShardWorker)
+
+        def limit() -> int:
+            n = capacity(self.num_cpus, self.num_gpus)
+            return min(n, self.max_workers) if self.max_workers else n
+
+        wanted = min(len(todo), self.max_workers) if self.max_workers else len(todo)
+        actors = pool.borrow(key, wanted, limit, ShardWorker)
         # actor -> the checkpoint files it wrote in this run, not yet synced; an actor is a key from its first
         # call until a call that finished its run (see `submit`) came back
         written: dict = {}
