@@ -53,12 +53,19 @@ StageCallback = Callable[[ShardPlan, dict, dict], None]
 
 
 class Executor:
-    """Runs plans; ``on_stage(plan, entry, metrics)`` is called on the driver after every stage."""
+    """Runs plans; ``on_stage(plan, entry, metrics)`` is called on the driver after every stage, and
+    ``meanwhile()`` once, while the first stages train where the shards train elsewhere (the caller's work
+    that need not wait for the weights), else before they start."""
 
     name = "base"
 
     def run(
-        self, storage: Storage, spec: TrainSpec, plans: list[ShardPlan], on_stage: StageCallback | None = None
+        self,
+        storage: Storage,
+        spec: TrainSpec,
+        plans: list[ShardPlan],
+        on_stage: StageCallback | None = None,
+        meanwhile: Callable[[], None] | None = None,
     ) -> list[ShardPlan]:
         raise NotImplementedError
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from orchestration.base import Executor, ShardPlan, StageCallback
 from shards.errors import ShardTrainingError, SisaError
 from shards.job import StageRunner
@@ -16,8 +18,15 @@ class InProcessExecutor(Executor):
         self.runner = StageRunner()
 
     def run(
-        self, storage: Storage, spec: TrainSpec, plans: list[ShardPlan], on_stage: StageCallback | None = None
+        self,
+        storage: Storage,
+        spec: TrainSpec,
+        plans: list[ShardPlan],
+        on_stage: StageCallback | None = None,
+        meanwhile: Callable[[], None] | None = None,
     ) -> list[ShardPlan]:
+        if meanwhile is not None:  # the stages train in this thread: nothing to overlap with
+            meanwhile()
         try:
             self._run(storage, spec, plans, on_stage)
         finally:

@@ -10,6 +10,8 @@ model) are not retried and carry the shard that failed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import ray
 import torch
 from ray.exceptions import RayActorError, RayError, RayTaskError
@@ -72,10 +74,17 @@ class RayExecutor(Executor):
         return (ray.get_runtime_context().gcs_address, self.num_cpus, self.num_gpus, self.threads)
 
     def run(
-        self, storage: Storage, spec: TrainSpec, plans: list[ShardPlan], on_stage: StageCallback | None = None
+        self,
+        storage: Storage,
+        spec: TrainSpec,
+        plans: list[ShardPlan],
+        on_stage: StageCallback | None = None,
+        meanwhile: Callable[[], None] | None = None,
     ) -> list[ShardPlan]:
         todo = [p for p in plans if p.next_stage <= p.stages(spec)]
         if not todo:
+            if meanwhile is not None:
+                meanwhile()
             return plans
         key = self._key()
 
@@ -89,7 +98,7 @@ class RayExecutor(Executor):
         # call until a call that finished its run (see `submit`) came back
         written: dict = {}
         try:
-            self._drive(key, actors, storage, spec, todo, on_stage, written)
+            self._drive(key, actors, storage, spec, todo, on_stage, written, meanwhile)
         finally:
             try:
                 for actor in _sync(actors, storage, written):
@@ -99,8 +108,9 @@ class RayExecutor(Executor):
                 pool.give_back(key, actors)
         return plans
 
-    def _drive(self, key, actors, storage, spec, todo, on_stage, written: dict):
-        """Keep every actor busy; a shard sticks to its actor between stages (warm caches)."""
+    def _drive(self, key, actors, storage, spec, todo, on_stage, written: dict, meanwhile=None):
+        """Keep every actor busy; a shard sticks to its actor between stages (warm caches). ``meanwhile``
+        runs once the first calls are sent."""
         queue = list(todo)
         free = list(actors)
         pending: dict = {}  # a shard's call (a generator of its stages) -> (actor, plan, finish)
@@ -114,6 +124,9 @@ class RayExecutor(Executor):
         while queue or pending:
             while queue and free:
                 submit(free.pop(0), queue.pop(0))
+            if meanwhile is not None:
+                meanwhile, then = None, meanwhile
+                then()
             if not pending:  # every worker was lost: wait for the cluster to place a new one
                 new = pool.try_new(key, capacity(self.num_cpus, self.num_gpus), ShardWorker, timeout=120)
                 if new is None:

@@ -166,9 +166,10 @@ class OpContext:
                 "which reads its config.yaml, restore that config, or train a new workdir"
             )
 
-    def run_plans(self, op: str, m: Manifest, plans: list, on_stage=None) -> list:
+    def run_plans(self, op: str, m: Manifest, plans: list, on_stage=None, meanwhile=None) -> list:
         """Train ``plans`` (each a shard from some stage to the last); every finished stage goes to the
-        observer, then to ``on_stage`` (crash points). The caller's torch RNG and thread count are kept."""
+        observer, then to ``on_stage`` (crash points); ``meanwhile()`` runs once while the first stages train
+        (on Ray; in-process, before). The caller's torch RNG and thread count are kept."""
         import torch
 
         self.engine(m)
@@ -186,10 +187,10 @@ class OpContext:
             with torch.random.fork_rng(devices=[]):
                 threads = torch.get_num_threads()
                 try:
-                    return self.executor.run(self.storage(), self.spec(m), plans, stage)
+                    return self.executor.run(self.storage(), self.spec(m), plans, stage, meanwhile)
                 finally:
                     torch.set_num_threads(threads)
-        return self.executor.run(self.storage(), self.spec(m), plans, stage)
+        return self.executor.run(self.storage(), self.spec(m), plans, stage, meanwhile)
 
     # -- models -------------------------------------------------------------------------------------------
     def active_shards(self, m: Manifest) -> list[int]:

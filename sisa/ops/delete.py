@@ -6,12 +6,14 @@ a rewrite of the evaluation file, so a request may hold training rows, evaluatio
 
 Order of events (each step is safe to crash after; `recover` finishes the request on reopen):
   1. the request is committed to the ledger (hashed ids + which slices they sit in): the ack point;
-  2. the affected shards are excluded from prediction (manifest commit, naming the request and its
-     expected duration for predictors that wait, see `sisa.serving`);
-  3. the evaluation file is rewritten without the request's rows (atomic, idempotent);
-  4. the slices are rewritten without the rows and the shards retrained, into new files (with appended
-     stages, ``sharding.new_rows: append``, the later appended stages too; an appended slice left empty is
-     removed with its stage, `sisa.ops.append.squeeze`);
+  2. the slices are rewritten without the rows, into new files (with appended stages,
+     ``sharding.new_rows: append``, the later appended stages too; an appended slice left empty is removed
+     with its stage, `sisa.ops.append.squeeze`), and the shards' retrain is sent to the workers;
+  3. while their first stages train: the affected shards are excluded from prediction (manifest commit,
+     naming the request and its expected duration for predictors that wait, see `sisa.serving`), the
+     evaluation file is rewritten without the request's rows (atomic, idempotent), and the done path's
+     MLflow work that needs no new weights is started (`sisa.ops.overlap`);
+  4. the retrain finishes, into new checkpoint files;
   5. the receipt is written, then the manifest switches to the new files (the atomic model swap);
   6. superseded slices and checkpoints are purged from the store, worker caches and stale copies dropped,
      the owed bookkeeping written (`sisa.ops.owed`) and the request marked *effective* (`sisa.ops.purge`);
@@ -175,19 +177,23 @@ def _execute(ctx, before: Manifest, rid, hashed: set, plan: dict, t0: float, alr
     """Run a committed request. ``found`` (a fresh request, not a resumed one): its canonical ids by
     (shard, slice), as `locate` matched them; a resumed request has only the ledger's hashes."""
     affected = sorted({s for s, _ in plan["slices"]})
-    _exclude(ctx, before, rid, plan, ph)  # no prediction from a shard that saw the rows, from here on
-    crashpoint("before_eval_rewrite")
-    if plan.get("eval_rows", 1):  # the plan counted the held-out rows named; none: the file is not read
-        with ph("eval_rewrite"):
-            if evalfile.erase(ctx.workdir, hashed, before.id_kind):  # idempotent: a re-run finds nothing
-                ctx.forget_evaluations()  # cached predictions on the erased rows
-    crashpoint("after_eval_rewrite")
     with ph("slice_rewrite"):
         after, plans, removed, starts, written = _rewrite_slices(ctx, before, affected, plan, hashed, found)
-        cost = _cost(ctx, after, starts, before)
-    ahead = Overlap.start(ctx, before, rid, plans, wait)  # the done path's work that needs no new weights
+    ahead = []
+
+    def meanwhile():  # sent the retrain: what needs no new weights runs while the first stages train
+        _exclude(ctx, before, rid, plan, ph)  # no prediction from a shard that saw the rows, from here on
+        crashpoint("before_eval_rewrite")
+        if plan.get("eval_rows", 1):  # the plan counted the held-out rows named; none: the file is not read
+            with ph("eval_rewrite"):
+                if evalfile.erase(ctx.workdir, hashed, before.id_kind):  # idempotent: a re-run finds nothing
+                    ctx.forget_evaluations()  # cached predictions on the erased rows
+        crashpoint("after_eval_rewrite")
+        ahead.append(Overlap.start(ctx, before, rid, plans, wait))  # the done path's work ahead (MLflow)
+
     try:
-        stages, wall = _retrain(ctx, after, plans, progress)
+        stages, wall = _retrain(ctx, after, plans, progress, meanwhile)
+        cost = _cost(ctx, after, starts, before)
         _training_phases(ph, wall, stages)
         rate = wall / cost["sample_epochs"] if cost["sample_epochs"] else None
         for p in plans:
@@ -206,24 +212,26 @@ def _execute(ctx, before: Manifest, rid, hashed: set, plan: dict, t0: float, alr
             ctx.commit(after)  # the atomic swap
         crashpoint("after_swap")
         rec = owed.record(rid, before, receipt, plans, cost, plan, stages, {})
-        return purge.effective(
-            ctx, after, rid, receipt, rec, ph, wait, ahead, _superseded(before, after, written, plans)
-        )
+        superseded = _superseded(before, after, written, plans)
+        return purge.effective(ctx, after, rid, receipt, rec, ph, wait, ahead[0], superseded)
     except BaseException:
-        if ahead is not None:
-            ahead.abort()
+        if ahead and ahead[0] is not None:
+            ahead[0].abort()
         raise
     finally:
-        if ahead is not None:
-            ahead.close()
+        if ahead and ahead[0] is not None:
+            ahead[0].close()
 
 
-def _retrain(ctx, after: Manifest, plans: list, progress) -> tuple[dict, float]:
-    """Run the plans; ({shard: its stages' figures}, the wall time)."""
+def _retrain(ctx, after: Manifest, plans: list, progress, meanwhile) -> tuple[dict, float]:
+    """Run the plans, and ``meanwhile`` once while they train; ({shard: its stages' figures}, the wall
+    time). ``meanwhile``'s phases overlap the retrain's wall time, they do not add to it."""
     stages: dict[int, list[dict]] = {}
     t = time.perf_counter()
     if plans:
-        ctx.run_plans(OP, after, plans, _on_stage(progress, stages))
+        ctx.run_plans(OP, after, plans, _on_stage(progress, stages), meanwhile)
+    else:
+        meanwhile()
     return stages, time.perf_counter() - t
 
 
