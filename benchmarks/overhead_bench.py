@@ -96,6 +96,18 @@ def summarise(runs: list[dict]) -> dict:
     return out
 
 
+def _settle(ens: SisaEnsemble) -> tuple[list, float, float]:
+    """`SisaEnsemble.settle`, timed: (the requests done, seconds to their *done* moment, seconds to the end
+    of the bookkeeping behind it: the evaluation and the batch's run)."""
+    from sisa.ops.phases import Phases
+    from sisa.ops.purge import settle
+
+    ph = Phases()
+    with ens.workdir.lock(what="settle"):
+        settled = settle(ens._ctx, ph)
+    return settled, ph.moments["done"], time.perf_counter() - ph.t0
+
+
 def _tracking(workdir: Path, on: bool) -> None:
     p = workdir / "config.yaml"
     cfg = yaml.safe_load(p.read_text())
@@ -129,16 +141,18 @@ def run(size_name: str = "full", out: Path | None = None, repeats: int = 4, log=
     res["first_tracked"] = _one(ens, rng)  # creates the MLflow store and registered model
     res["tracking_on"] = summarise([_one(ens, rng) for _ in range(repeats)])
     queue = [_one(ens, rng, wait="effective") for _ in range(queue_length or repeats)]
-    t1 = time.perf_counter()
-    settled = ens.settle()
-    batch = time.perf_counter() - t1
+    settled, to_done, batch = _settle(ens)
     res["queue"] = summarise(queue)
     compute = sum(r["retrain_compute_seconds"] for r in queue)
+    effective = sum(r["fixed_to_effective"] for r in queue)
     res["queue"].update(
         settled=len(settled),
         settle_seconds=batch,
-        fixed_to_done_per_request=(sum(r["fixed_to_effective"] for r in queue) + batch) / len(queue),
-        fixed_to_done_fraction_of_compute=(sum(r["fixed_to_effective"] for r in queue) + batch) / compute,
+        settle_to_done_seconds=to_done,
+        fixed_to_done_per_request=(effective + to_done) / len(queue),
+        fixed_to_done_fraction_of_compute=(effective + to_done) / compute,
+        fixed_to_logged_per_request=(effective + batch) / len(queue),
+        fixed_to_logged_fraction_of_compute=(effective + batch) / compute,
     )
     ens.close()
     res["load_after"] = os.getloadavg()
@@ -169,8 +183,10 @@ def table(res: dict) -> str:
         logged = cell(s["fixed_to_logged_seconds"]) if "fixed_to_logged_seconds" in s else "-"
         flogged = cell(f["fixed_to_logged"]) if "fixed_to_logged" in f else "-"
         if name == "queue":
-            done = f"{s['fixed_to_done_per_request']:.3f} per request (batch settle {s['settle_seconds']:.2f} s)"
+            done = f"{s['fixed_to_done_per_request']:.3f} per request (batch settle: done {s['settle_to_done_seconds']:.3f} s)"
             fdone = f"{s['fixed_to_done_fraction_of_compute']:.3f}"
+            logged = f"{s['fixed_to_logged_per_request']:.3f} per request (batch settle {s['settle_seconds']:.3f} s)"
+            flogged = f"{s['fixed_to_logged_fraction_of_compute']:.3f}"
         lines.append(
             f"| {name} | {cell(s['retrain_compute_seconds'])} | {cell(s['fixed_to_effective_seconds'])} | "
             f"{cell(f['fixed_to_effective'])} | {done} | {fdone} | {logged} | {flogged} |"

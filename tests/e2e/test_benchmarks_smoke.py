@@ -55,6 +55,9 @@ def test_benchmark_suite_smoke(ray_session, tmp_path):
         assert "eval_rewrite" not in o["phase_seconds_median"], "no held-out row named: the file is not rewritten"
     assert ov["tracking_on"]["phase_seconds_median"]["mlflow_publish"] > 0
     assert ov["queue"]["settled"] == 1 and (out / "overhead.md").exists()
+    q = ov["queue"]
+    assert 0 < q["settle_to_done_seconds"] < q["settle_seconds"], "done, then the bookkeeping behind it"
+    assert q["fixed_to_done_per_request"] < q["fixed_to_logged_per_request"]
 
     table = (out / "results.md").read_text()
     for needle in (
