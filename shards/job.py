@@ -1,17 +1,20 @@
 """One stage of one shard as a self-contained job: read its slices and the previous checkpoint from
 storage (digest-checked), train, write the new checkpoint under a content-addressed name. Checkpoints are
-written without their own fsyncs; `StageRunner.finish` makes all of them durable at once, and the executors
+written without their own fsyncs (a thread starts putting each on disk while the next stage trains);
+`StageRunner.finish` makes all of them durable at once, and the executors
 call it before a run returns (before the manifest that names them is committed), or ask for it with the
 last stage a worker runs (``run(..., finish=True)``: no separate call).
 
 The executor (in-process or a Ray actor) keeps a `StageRunner` warm for the stages of one run: it caches
-the shard's rows in local files it memory-maps (`shards.rowcache`) and the last state it produced, both
+the shard's rows (`shards.rowcache`: in memory, or in local files it memory-maps) and the last state it produced, both
 keyed by digest; `finish` drops both, so between runs a worker holds no row and no model.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import threading
 import time
 
 from shards import training
@@ -41,16 +44,28 @@ class StageRunner:
         self._state: tuple[str, dict] | None = None
         # checkpoints written without fsync since the last `finish` (before the executor returns)
         self._unsynced: list[tuple[Storage, str]] = []
+        self._flushing: list[threading.Thread] = []  # fsyncs started early (`_flush`)
 
     def _rows(self, storage: Storage, shard: int, entries: list[dict]) -> Rows:
         if self._cache is None:
             self._cache = RowCache()
         return self._cache.rows(storage, shard, entries)
 
+    def _flush(self, paths: list[str]) -> None:
+        """Start writing ``paths`` to disk on a thread (an fsync releases the GIL; an error is left to the
+        run's last sync, which alone makes the files durable)."""
+        if paths:
+            t = threading.Thread(target=_fsync_quietly, args=(paths,), daemon=True, name="sisa-ckpt-flush")
+            t.start()
+            self._flushing = [f for f in self._flushing if f.is_alive()] + [t]
+
     def finish(self) -> None:
         """The end of an executor's run: its checkpoints durable, the row cache zeroed and emptied (one
         filesystem sync for both where they share one) and the last state dropped, so that no raw row and no
         model outlives the operation that read it (a deletion in another process cannot reach this one)."""
+        for t in self._flushing:
+            t.join()
+        self._flushing = []
         paths = [p for storage, name in self._unsynced for p in storage.local_paths([name])]
         if self._cache is not None:
             self._cache.wipe(sync_also=paths)
@@ -100,6 +115,8 @@ class StageRunner:
         name = checkpoint_name(shard, stage, digest)
         storage.write(name, data, durable=False, digest=digest)
         self._unsynced.append((storage, name))
+        if not finish:  # its bytes go to disk while the next stage trains: the run's last sync waits less
+            self._flush(storage.local_paths([name]))
         self._state = (digest, ckpt)
         if finish:
             self.finish()
@@ -113,6 +130,18 @@ class StageRunner:
             "lineage": ckpt["lineage"],
         }
         return entry, metrics
+
+
+def _fsync_quietly(paths: list[str]) -> None:
+    for p in paths:
+        try:
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
 
 
 def _sha(data: bytes) -> str:

@@ -171,3 +171,27 @@ def test_a_finishing_stage_syncs_its_checkpoints_with_the_cache_zeros_and_keeps_
     assert bool(cache_files) == (memory == 0)
     assert all(os.path.join(runner._cache.dir, f) in synced for f in cache_files)
     assert runner.held() == {"cache_files": 0, "cached_rows": 0, "state": False}
+
+
+def test_a_stage_checkpoint_goes_to_disk_while_the_next_trains_and_finish_waits_for_it(tmp_path, monkeypatch):
+    """Every checkpoint but the run's last is fsynced on a thread as soon as it is written; `finish` joins
+    those threads before its one sync, so the run's checkpoints are durable when it returns."""
+    import threading
+
+    from shards import job
+
+    store, entries = partition(tmp_path)
+    flushed, release = [], threading.Event()
+
+    def slow_fsync(paths):
+        release.wait(10)
+        flushed.extend(paths)
+
+    monkeypatch.setattr(job, "_fsync_quietly", slow_fsync)
+    runner = StageRunner()
+    first, _ = runner.run(store, spec((6,)), 1, 1, entries, None)
+    assert flushed == [] and any(t.name == "sisa-ckpt-flush" for t in threading.enumerate())
+    threading.Timer(0.2, release.set).start()
+    runner.run(store, spec((6,)), 1, 2, entries, first, finish=True)
+    assert flushed == [store.path(first["file"])], "the first stage's file, flushed before finish returned"
+    assert runner._flushing == []
