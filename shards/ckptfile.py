@@ -51,13 +51,20 @@ def decode(data: bytes):
         raise ValueError("truncated header")
     tree = json.loads(data[16 : 16 + n])
     body = memoryview(data)[16 + n :]
-    return _build(tree, body)
+    end = [0]
+    out = _build(tree, body, end)
+    if end[0] != len(body):
+        raise ValueError(f"{len(body) - end[0]} bytes after the last tensor")
+    return out
 
 
 def _tree(obj, blobs: list, size: list):
     if isinstance(obj, torch.Tensor):
+        plain = type(obj) is torch.Tensor and not obj.requires_grad and obj.layout == torch.strided
+        if not plain or obj.is_quantized or obj.is_conj() or obj.is_neg():
+            raise Unsupported("a tensor subclass, one that requires grad, or a non-strided/quantized/lazy view")
         t = obj.detach().to("cpu").contiguous()
-        if str(t.dtype).removeprefix("torch.") not in _DTYPES or t.is_sparse or t.is_quantized:
+        if str(t.dtype).removeprefix("torch.") not in _DTYPES:
             raise Unsupported(f"tensor of {t.dtype}")
         raw = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b""  # joined once, not copied
         blobs.append(raw)
@@ -86,24 +93,31 @@ def _tree(obj, blobs: list, size: list):
     raise Unsupported(type(obj).__name__)
 
 
-def _build(node: dict, body: memoryview):
+def _build(node: dict, body: memoryview, end: list):
+    """The value ``node`` describes. Tensors must follow one another in the order they are met, each
+    exactly as long as its dtype and shape say (`encode` writes nothing else): one checkpoint, one file."""
     if "t" in node:
         dtype = _DTYPES[node["t"]]
-        start, n = int(node["o"]), int(node["n"])
-        if start < 0 or start + n > len(body):
+        shape, start, n = node["s"], node["o"], node["n"]
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+            raise ValueError(f"bad tensor shape {shape!r}")
+        if type(start) is not int or type(n) is not int or start != end[0]:
+            raise ValueError("tensor bytes out of order")
+        if n != math.prod(shape) * dtype.itemsize or start + n > len(body):
             raise ValueError("tensor bytes out of range")
+        end[0] = start + n
         flat = torch.empty(n, dtype=torch.uint8)  # torch's own (aligned) memory, one copy
         if n:
             flat.numpy()[:] = np.frombuffer(body[start : start + n], dtype=np.uint8)
-        return flat.view(dtype).reshape(node["s"])
+        return flat.view(dtype).reshape(shape)
     if "d" in node:
-        return {k: _build(v, body) for k, v in node["d"].items()}
+        return {k: _build(v, body, end) for k, v in node["d"].items()}
     if "k" in node:
-        return {k: _build(v, body) for k, v in node["k"]}
+        return {k: _build(v, body, end) for k, v in node["k"]}
     if "l" in node:
-        return [_build(v, body) for v in node["l"]]
+        return [_build(v, body, end) for v in node["l"]]
     if "u" in node:
-        return tuple(_build(v, body) for v in node["u"])
+        return tuple(_build(v, body, end) for v in node["u"])
     if "f" in node:
         return float(node["f"])
     return node["v"]

@@ -69,6 +69,7 @@ class RowCache:
         self._held: dict[int, list[tuple[str, int]]] = {}  # shard -> (digest, rows) of the slices it holds
         self._shape: dict[int, tuple] = {}
         self._memory: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}  # shard -> its slices' (x, y), in memory
+        self._joined: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # shard -> its slices joined for the last stage
 
     def _paths(self, shard: int) -> tuple[str, str]:
         return os.path.join(self.dir, f"shard-{shard}.x"), os.path.join(self.dir, f"shard-{shard}.y")
@@ -99,7 +100,9 @@ class RowCache:
             parts = self._memory[shard][: len(entries)]
             if len(parts) == 1:
                 return Rows(parts[0][0], parts[0][1])
-            return Rows(np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts]))
+            _zero_arrays([self._joined.pop(shard)] if shard in self._joined else [])
+            self._joined[shard] = (np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts]))
+            return Rows(*self._joined[shard])
         px, py = self._paths(shard)
         return Rows(np.memmap(px, FEATURE, "r", shape=(n, *shape)), np.memmap(py, LABEL, "r", shape=(n,)))
 
@@ -144,7 +147,9 @@ class RowCache:
         zero_and_remove_many([os.path.join(self.dir, name) for name in names], sync_also=sync_also)
         for parts in self._memory.values():
             _zero_arrays(parts)
+        _zero_arrays(list(self._joined.values()))
         self._memory.clear()
+        self._joined.clear()
         self._held.clear()
         self._shape.clear()
 

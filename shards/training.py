@@ -231,7 +231,7 @@ def load_checkpoint(data: bytes, where: str = "checkpoint") -> dict:
 def save_checkpoint(ckpt: dict) -> bytes:
     try:
         return ckptfile.encode(ckpt)
-    except ckptfile.Unsupported:
+    except Exception:  # `ckptfile.Unsupported`, or anything else its header cannot hold: torch's format holds it
         buf = io.BytesIO()
         torch.save(ckpt, buf)
         return buf.getvalue()

@@ -183,3 +183,29 @@ def test_missing_receipt_and_unfinished_request_fail(audited, tmp_path):
     assert any(f"request {pending} is 'pending'" in f for f in msgs), msgs
     with pytest.raises(Exception, match="has no request 'nope'"):
         ens.verify("nope")
+
+
+def test_a_workdir_of_torch_format_checkpoints_passes_and_a_deletion_after_the_upgrade_too(tmp_path, monkeypatch):
+    """Checkpoints an older sisa wrote (torch's zip) pass the bit-for-bit audit, which retrains in today's
+    format: the deployed checkpoint is compared as today's format would write it. A deletion after the
+    upgrade leaves the shard's early stages in the old format and its retrained ones in the new."""
+    from shards import ckptfile
+
+    def older(ckpt):
+        raise ckptfile.Unsupported("an older sisa")
+
+    monkeypatch.setattr(ckptfile, "encode", older)
+    X, y, ids = tiny_data(n=240)
+    ens = SisaEnsemble.from_config(CFG, tmp_path / "w").fit(X, y, ids=ids)
+    where = {i: ens.shard_of(i) for i in ids.tolist()}
+    ens.delete([next(i for i in ids.tolist() if where[i] == (1, 1))])
+    monkeypatch.undo()
+    files = [ens.storage().read(c.file) for sh in ens.manifest.shards for c in sh.checkpoints]
+    assert not any(ckptfile.is_own(d) for d in files), "every checkpoint in torch's format"
+    report = ens.verify()
+    assert report.ok, failed(report)
+    ens.delete([next(i for i in ids.tolist() if where[i] == (0, 2))])
+    files = [ens.storage().read(c.file) for c in ens.manifest.shards[0].checkpoints]
+    assert [ckptfile.is_own(d) for d in files] == [False, False, True]
+    report = ens.verify()
+    assert report.ok, failed(report)

@@ -104,3 +104,40 @@ def test_a_torch_format_checkpoint_of_an_older_workdir_resumes_bit_identically(t
     a, _ = StageRunner().run(store, spec, 0, 2, entries, first, finish=True)
     b, _ = StageRunner().run(store, spec, 0, 2, entries, old, finish=True)
     assert a["sha256"] == b["sha256"]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        torch.sparse_coo_tensor([[0, 1], [1, 0]], [1.0, 2.0], (2, 2)),
+        torch.tensor([1 + 2j]).conj(),
+        torch.nn.Parameter(torch.ones(2)),
+        torch.ones(2, requires_grad=True),
+    ],
+    ids=["sparse", "lazy-conj", "parameter", "requires-grad"],
+)
+def test_a_tensor_the_format_does_not_describe_exactly_goes_in_torchs_format(value):
+    data = training.save_checkpoint({"format": training.FORMAT, "v": value})
+    assert not ckptfile.is_own(data)
+    back = training.load_checkpoint(data)["v"]
+    assert type(back) is type(value) and back.layout == value.layout and back.requires_grad == value.requires_grad
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda h: h.replace(b'"s":[3]', b'"s":[-3]'),
+        lambda h: h.replace(b'"o":0', b'"o":0.0'),
+        lambda h: h.replace(b'"s":[3]', b'"s":[2]'),
+    ],
+    ids=["negative-shape", "float-offset", "short-shape"],
+)
+def test_a_header_that_does_not_describe_the_bytes_exactly_is_refused(edit):
+    data = training.save_checkpoint({"format": training.FORMAT, "w": torch.arange(3.0)})
+    n = int.from_bytes(data[8:16], "little")
+    head = edit(data[16 : 16 + n])
+    assert head != data[16 : 16 + n]
+    with pytest.raises(IntegrityError, match="cannot be loaded"):
+        training.load_checkpoint(data[:8] + len(head).to_bytes(8, "little") + head + data[16 + n :])
+    with pytest.raises(IntegrityError, match="after the last tensor"):
+        training.load_checkpoint(data + b"\0")

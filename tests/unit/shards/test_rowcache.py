@@ -76,9 +76,11 @@ def test_a_changed_slice_is_reread_and_wipe_leaves_no_row(tmp_path, monkeypatch,
     assert needle not in b"".join(a.tobytes() for a in held), "the dropped slice was zeroed, not only let go"
     assert len(cache.rows(store2, 1, after[:1])) == after[0]["rows"], "a shorter prefix"
     held = [a for parts in cache._memory.values() for pair in parts for a in pair]
+    held += [a for pair in cache._joined.values() for a in pair]
+    assert cache._joined or memory == 0, "several slices in memory are joined for a stage"
     cache.wipe()
     assert os.listdir(cache.dir) == [] and held_bytes(cache) == b""
-    assert not any(a.any() for a in held), "rows held in memory are zeroed by the wipe"
+    assert not any(a.any() for a in held), "rows held in memory, joined ones included, are zeroed by the wipe"
 
 
 def test_a_shard_beyond_the_memory_budget_moves_to_files_with_the_same_rows(tmp_path, monkeypatch):
