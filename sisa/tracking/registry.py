@@ -69,14 +69,14 @@ class Staged:
     """A new version prepared while a deletion's shards retrain (`stage`): its logged model, its local
     folder (None on a remote store) with MLflow's files and the links of the shards not retrained
     (``present``, see `sisa.tracking.pyfunc.export`), and what the purge will delete once it is live
-    (``doomed``: (versions, logged model ids) found then, and ``current``, the version ``current`` named:
+    (``doomed``: (versions, {logged model id: location}) found then, and ``current``, the version ``current`` named:
     the workdir lock keeps anything new out)."""
 
     model_id: str
     artifact_location: str
     local: Path | None
     present: dict
-    doomed: tuple[list, set]
+    doomed: tuple[list, dict]
     current: object = None
 
 
@@ -225,8 +225,8 @@ def _register(tracker, ctx, m, model_id: str, run_id: str | None, fp: str, meta:
     active = ctx.active_shards(m)
     crashpoint("after_model_written")  # a logged model not yet registered: the next purge removes it
     digests = {"sisa.format": str(FORMAT), "sisa.files": json.dumps(files, sort_keys=True, separators=(",", ":"))}
-    client.set_logged_model_tags(
-        model_id, {**digests, "sisa.fingerprint": fp, "sisa.active_shards": ",".join(map(str, active))}
+    adapter.set_logged_model_tags(
+        client, model_id, {**digests, "sisa.fingerprint": fp, "sisa.active_shards": ",".join(map(str, active))}
     )
     client.finalize_logged_model(model_id, "READY")
     # a local sqlite registry resolves models:/ sources through the *global* tracking URI (an MLflow TODO)
@@ -242,7 +242,7 @@ def _register(tracker, ctx, m, model_id: str, run_id: str | None, fp: str, meta:
             await_creation_for=0,
             model_id=model_id,
         )
-    client.set_registered_model_alias(name, ALIAS, mv.version)
+    adapter.set_alias(client, name, ALIAS, mv.version)
     record = {
         "registered_model": name,
         "version": str(mv.version),
@@ -257,10 +257,10 @@ def _register(tracker, ctx, m, model_id: str, run_id: str | None, fp: str, meta:
 
 
 def purge_superseded(
-    tracker, keep=None, known: tuple[list, set] | None = None, keep_dir: Path | None = None
+    tracker, keep=None, known: tuple[list, dict] | None = None, keep_dir: Path | None = None
 ) -> list[str]:
     """Delete every version of this ensemble's registered model except ``keep`` and every logged model of
-    this ensemble that ``keep`` does not use. ``known``: the list `_doomed` made for ``keep``'s logged
+    this ensemble that ``keep`` does not use. ``known``: the lists `_doomed` made for ``keep``'s logged
     model (a staged version), instead of searching again, and ``keep_dir`` its local folder. Returns the
     purged logged-model ids."""
     client, name = tracker.client, tracker.model_name
@@ -272,34 +272,35 @@ def purge_superseded(
         if not adapter.drop_version_tags(client, tracker.uri, name, v.version):  # MLflow keeps them: ours go first
             for k in v.tags:
                 client.delete_model_version_tag(name, v.version, k)
-        client.delete_model_version(name, v.version)
-    doomed = set(doomed) - {keep_model}
+        adapter.delete_version(client, name, v.version)
+    doomed = {mid: loc for mid, loc in doomed.items() if mid != keep_model}
     store = adapter.own_store(client, tracker.uri)
     spare = _inodes(tracker, store, keep_model, keep_dir) if doomed and keep_model else set()
     for mid in sorted(doomed):
-        _purge_logged_model(tracker, store, mid, spare)
+        _purge_logged_model(tracker, store, mid, spare, doomed[mid])
     if store is not None and (doomed or tracker.zeroing):  # zeroing: a purge killed before it emptied the log
         _vacuum(tracker)
     return sorted(doomed)
 
 
-def _doomed(tracker, keep_model: str | None) -> tuple[list, set]:
-    """(every version of the registered model, every logged model of this ensemble but ``keep_model``,
-    soft-deleted ones that an interrupted purge left included)."""
+def _doomed(tracker, keep_model: str | None) -> tuple[list, dict]:
+    """(every version of the registered model, {id: artifact location, None where not known} of every
+    logged model of this ensemble but ``keep_model``, soft-deleted ones that an interrupted purge left
+    included)."""
     client, name = tracker.client, tracker.model_name
     versions = adapter.all_pages(lambda tok: client.search_model_versions(f"name = '{name}'", page_token=tok))
-    doomed = {adapter.model_id(v) for v in versions if adapter.model_id(v)}
+    doomed = {adapter.model_id(v): None for v in versions if adapter.model_id(v)}
     exp = tracker.experiment_id()
     flt = f"tags.`sisa.ensemble` = '{name}'"
     for lm in adapter.all_pages(lambda tok: client.search_logged_models([exp], filter_string=flt, page_token=tok)):
-        doomed.add(lm.model_id)
+        doomed[lm.model_id] = lm.artifact_location
     store = adapter.own_store(client, tracker.uri)
     if store is not None:  # soft-deleted by an earlier, interrupted purge: still ours to finish
         for mid in store.deleted_logged_models():
             lm = store.get_logged_model(mid)
             if lm.experiment_id == exp and lm.tags.get("sisa.ensemble") == name:
-                doomed.add(mid)
-    doomed.discard(keep_model)
+                doomed[mid] = lm.artifact_location
+    doomed.pop(keep_model, None)
     return versions, doomed
 
 
@@ -313,29 +314,33 @@ def _inodes(tracker, store, mid: str, root: Path | None = None) -> set[tuple[int
     return {(st.st_dev, st.st_ino) for st in files}
 
 
-def _purge_logged_model(tracker, store, mid: str, spare: set = frozenset()) -> None:
-    """Artifacts first (the weights), then the entity; hard delete of the row where the store is ours.
+def _purge_logged_model(tracker, store, mid: str, spare: set = frozenset(), location: str | None = None) -> None:
+    """Artifacts first (the weights), then the entity: where the store is ours its rows are hard-deleted
+    (one transaction, no soft delete first), else the public delete. ``location``: its artifact location,
+    known from `_doomed`'s search (None: looked up).
 
     Not `mlflow gc`: with only --logged-model-ids it also hard-deletes every deleted run in the store."""
     from mlflow.exceptions import MlflowException
 
     client = tracker.client
-    try:
-        lm = store.get_logged_model(mid) if store is not None else client.get_logged_model(mid)
-    except MlflowException:
-        return
-    loc = lm.artifact_location.rstrip("/")
+    if location is None:
+        try:
+            lm = store.get_logged_model(mid) if store is not None else client.get_logged_model(mid)
+        except MlflowException:
+            return
+        location = lm.artifact_location
+    loc = location.rstrip("/")
     if loc.endswith(f"/{mid}/artifacts"):  # .../models/<id>/artifacts: remove the model's whole folder
         loc = loc.removesuffix("/artifacts")
     _zero_local(loc, spare)
     adapter.artifact_repository(loc, tracker.uri).delete_artifacts()
-    try:
+    if store is None:
         client.delete_logged_model(mid)
-    except MlflowException:  # soft-deleted already, by an interrupted purge
-        if store is None:
-            raise
-    if store is not None:
+        return
+    try:
         store.hard_delete_logged_model(mid)
+    except MlflowException:  # gone already
+        pass
 
 
 def _zero_local(location: str, spare: set = frozenset()) -> None:
