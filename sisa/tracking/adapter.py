@@ -3,10 +3,10 @@
 Erasure needs a few things MLflow's public API does not offer: the hard delete of a logged model's row
 (the public delete only marks it), the list of soft-deleted logged models (an interrupted purge leaves
 some), a models:/ source resolved against our own store, the artifact repository of a location, and a
-version's tags deleted in one transaction. A deletion's way to *done* also calls three writes one level
-below `MlflowClient` (`set_alias`, `delete_version`, `set_logged_model_tags`): the same call on the same
-store, without the read the client makes first (a check that the name is not a prompt, or that the
-logged model exists), which `sisa.tracking.registry` has made once already.
+version's tags deleted in one transaction. A deletion's way to *done* also calls two writes one level
+below `MlflowClient` (`set_alias`, `delete_version`): the same call on the same store, without the read
+the client makes first (a check that the name is a registered model, not a prompt), which
+`sisa.tracking.registry` has made once already.
 Each is reached here and nowhere else, so that an MLflow upgrade that moves one of them breaks this
 module only. Everything is used on a ``sqlite:///`` store that belongs to the workdir (`OwnStore`);
 on a tracking server the public API is all sisa uses.
@@ -131,15 +131,6 @@ def set_alias(mlflow_client, name: str, alias: str, version) -> None:
 def delete_version(mlflow_client, name: str, version) -> None:
     """`MlflowClient.delete_model_version` without its prompt check."""
     _registry(mlflow_client, "delete_model_version")(name, version)
-
-
-def set_logged_model_tags(mlflow_client, model_id: str, tags: dict) -> None:
-    """`MlflowClient.set_logged_model_tags` without its read of the logged model first."""
-    try:
-        call = mlflow_client._tracking_client.set_logged_model_tags
-    except AttributeError:  # a moved private attribute: the public API
-        call = mlflow_client.set_logged_model_tags
-    call(model_id, tags)
 
 
 def _registry(mlflow_client, method: str):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 from pathlib import Path
 
 from shards.errors import IntegrityError
@@ -88,12 +89,22 @@ def meta_digest(meta: dict) -> str:
 MLFLOW_META = "registered_model_meta"
 
 
+def files_under(root) -> list[Path]:
+    """Every file under ``root``, sorted: what ``root.rglob("*")`` lists that ``is_file()`` (a link to a
+    file included, a linked folder not entered), found with one ``scandir`` per folder (rglob costs
+    about four times as much)."""
+    out = []
+    for folder, _, names in os.walk(root):
+        out += [p for p in (Path(folder, n) for n in names) if p.is_file()]
+    return sorted(out)
+
+
 def tree_digests(root: Path, known: dict[str, str] | None = None) -> dict[str, str]:
     """{relative path: sha256} of every file under ``root`` (but MLflow's ``registered_model_meta``);
     ``known``: digests already computed for some of them (the weights, hashed as they were written)."""
     root = Path(root)
     known = known or {}
-    rels = (p.relative_to(root).as_posix() for p in sorted(root.rglob("*")) if p.is_file())
+    rels = (p.relative_to(root).as_posix() for p in files_under(root))
     return {rel: known.get(rel) or file_sha256(root / rel) for rel in rels if rel != MLFLOW_META}
 
 

@@ -25,7 +25,7 @@ from shards.errors import WorkdirError
 from shards.storage import zero_and_remove_many
 from sisa.failpoints import crashpoint
 from sisa.tracking import adapter
-from sisa.tracking.digest import DATA, FORMAT, META, read_record, shard_file, tree_digests, write_record
+from sisa.tracking.digest import DATA, FORMAT, META, files_under, read_record, shard_file, tree_digests, write_record
 from sisa.tracking.pyfunc import export, fingerprint, link_shards, save, skeleton
 
 ALIAS = "current"
@@ -191,7 +191,7 @@ def _create_logged_model(tracker, run_id: str | None):
         tracker.experiment_id(),
         name=name,
         source_run_id=run_id,
-        tags={"sisa.ensemble": name},
+        tags={"sisa.ensemble": name, "sisa.format": str(FORMAT)},  # the digests go on the version
         model_type="sisa-ensemble",
     )
     if run_id is not None:
@@ -219,15 +219,11 @@ def _finish(tracker, ctx, m, run_id: str | None, fp: str, staged: Staged):
 
 
 def _register(tracker, ctx, m, model_id: str, run_id: str | None, fp: str, meta: dict, files: dict):
-    """Seal a written logged model (digests in its tags), register it as a version, move the alias, write
-    the workdir's signed record."""
+    """Seal a written logged model, register it as a version with the digests in its tags (one
+    transaction), move the alias, write the workdir's signed record."""
     client, name = tracker.client, tracker.model_name
     active = ctx.active_shards(m)
     crashpoint("after_model_written")  # a logged model not yet registered: the next purge removes it
-    digests = {"sisa.format": str(FORMAT), "sisa.files": json.dumps(files, sort_keys=True, separators=(",", ":"))}
-    adapter.set_logged_model_tags(
-        client, model_id, {**digests, "sisa.fingerprint": fp, "sisa.active_shards": ",".join(map(str, active))}
-    )
     client.finalize_logged_model(model_id, "READY")
     # a local sqlite registry resolves models:/ sources through the *global* tracking URI (an MLflow TODO)
     local = adapter.own_store(client, tracker.uri) is not None
@@ -236,7 +232,12 @@ def _register(tracker, ctx, m, model_id: str, run_id: str | None, fp: str, meta:
             name,
             source=f"models:/{model_id}",
             run_id=run_id,
-            tags={"sisa.fingerprint": fp, **digests},
+            tags={
+                "sisa.fingerprint": fp,
+                "sisa.format": str(FORMAT),
+                "sisa.files": json.dumps(files, sort_keys=True, separators=(",", ":")),
+                "sisa.active_shards": ",".join(map(str, active)),
+            },
             description=f"{len(active)} active shard(s); {ctx.config.aggregation.method}; ensemble.json sha256 "
             f"{files[f'{DATA}/{META}']}",
             await_creation_for=0,
@@ -262,25 +263,33 @@ def purge_superseded(
     """Delete every version of this ensemble's registered model except ``keep`` and every logged model of
     this ensemble that ``keep`` does not use. ``known``: the lists `_doomed` made for ``keep``'s logged
     model (a staged version), instead of searching again, and ``keep_dir`` its local folder. Returns the
-    purged logged-model ids."""
-    client, name = tracker.client, tracker.model_name
+    purged logged-model ids.
+
+    Each logged model's rows go only after its files, so that a purge killed in between still finds
+    what it left."""
+    client = tracker.client
     keep_model = adapter.model_id(keep) if keep is not None else None
     versions, doomed = known if known is not None else _doomed(tracker, keep_model)
+    old = [v for v in versions if keep is None or str(v.version) != str(keep.version)]
+    doomed = {mid: loc for mid, loc in doomed.items() if mid != keep_model}
+    store = adapter.own_store(client, tracker.uri)
+    _delete_versions(tracker, old)
+    found = _purge_artifacts(tracker, store, doomed, keep_model, keep_dir)
+    crashpoint("before_logged_models_deleted")
+    for mid in found:
+        _delete_logged_model(tracker, store, mid)
+    if store is not None and (doomed or tracker.zeroing):  # zeroing: a purge killed before it emptied the log
+        _vacuum(tracker)
+    return sorted(doomed)
+
+
+def _delete_versions(tracker, versions: list) -> None:
+    client, name = tracker.client, tracker.model_name
     for v in versions:
-        if keep is not None and str(v.version) == str(keep.version):
-            continue
         if not adapter.drop_version_tags(client, tracker.uri, name, v.version):  # MLflow keeps them: ours go first
             for k in v.tags:
                 client.delete_model_version_tag(name, v.version, k)
         adapter.delete_version(client, name, v.version)
-    doomed = {mid: loc for mid, loc in doomed.items() if mid != keep_model}
-    store = adapter.own_store(client, tracker.uri)
-    spare = _inodes(tracker, store, keep_model, keep_dir) if doomed and keep_model else set()
-    for mid in sorted(doomed):
-        _purge_logged_model(tracker, store, mid, spare, doomed[mid])
-    if store is not None and (doomed or tracker.zeroing):  # zeroing: a purge killed before it emptied the log
-        _vacuum(tracker)
-    return sorted(doomed)
 
 
 def _doomed(tracker, keep_model: str | None) -> tuple[list, dict]:
@@ -310,32 +319,42 @@ def _inodes(tracker, store, mid: str, root: Path | None = None) -> set[tuple[int
     if root is None:
         lm = store.get_logged_model(mid) if store is not None else tracker.client.get_logged_model(mid)
         root = adapter.local_path(lm.artifact_location)
-    files = (f.stat() for f in (root.rglob("*") if root is not None and root.is_dir() else ()) if f.is_file())
+    files = (f.stat() for f in (files_under(root) if root is not None else ()))
     return {(st.st_dev, st.st_ino) for st in files}
 
 
-def _purge_logged_model(tracker, store, mid: str, spare: set = frozenset(), location: str | None = None) -> None:
-    """Artifacts first (the weights), then the entity: where the store is ours its rows are hard-deleted
-    (one transaction, no soft delete first), else the public delete. ``location``: its artifact location,
-    known from `_doomed`'s search (None: looked up).
+def _purge_artifacts(tracker, store, doomed: dict, keep_model: str | None, keep_dir: Path | None) -> list[str]:
+    """Zero and remove the files of every logged model in ``doomed`` ({id: artifact location, None: look
+    it up}); returns the ids found (those whose rows are to go)."""
+    from mlflow.exceptions import MlflowException
+
+    spare = _inodes(tracker, store, keep_model, keep_dir) if doomed and keep_model else set()
+    found = []
+    for mid, location in sorted(doomed.items()):
+        if location is None:
+            try:
+                lm = store.get_logged_model(mid) if store is not None else tracker.client.get_logged_model(mid)
+            except MlflowException:
+                continue
+            location = lm.artifact_location
+        loc = location.rstrip("/")
+        if loc.endswith(f"/{mid}/artifacts"):  # .../models/<id>/artifacts: remove the model's whole folder
+            loc = loc.removesuffix("/artifacts")
+        _zero_local(loc, spare)
+        adapter.artifact_repository(loc, tracker.uri).delete_artifacts()
+        found.append(mid)
+    return found
+
+
+def _delete_logged_model(tracker, store, mid: str) -> None:
+    """The entity, once its files are gone: where the store is ours its rows are hard-deleted (one
+    transaction, no soft delete first), else the public delete.
 
     Not `mlflow gc`: with only --logged-model-ids it also hard-deletes every deleted run in the store."""
     from mlflow.exceptions import MlflowException
 
-    client = tracker.client
-    if location is None:
-        try:
-            lm = store.get_logged_model(mid) if store is not None else client.get_logged_model(mid)
-        except MlflowException:
-            return
-        location = lm.artifact_location
-    loc = location.rstrip("/")
-    if loc.endswith(f"/{mid}/artifacts"):  # .../models/<id>/artifacts: remove the model's whole folder
-        loc = loc.removesuffix("/artifacts")
-    _zero_local(loc, spare)
-    adapter.artifact_repository(loc, tracker.uri).delete_artifacts()
     if store is None:
-        client.delete_logged_model(mid)
+        tracker.client.delete_logged_model(mid)
         return
     try:
         store.hard_delete_logged_model(mid)
@@ -349,8 +368,8 @@ def _zero_local(location: str, spare: set = frozenset()) -> None:
     version (``spare``: a shard both hold) is only unlinked. Remote artifact stores delete objects whole."""
     root = adapter.local_path(location)
     doomed = []
-    for f in sorted(root.rglob("*")) if root is not None and root.is_dir() else []:
-        if not f.is_file() or f.is_symlink():
+    for f in files_under(root) if root is not None else []:
+        if f.is_symlink():
             continue
         st = f.stat()
         if (st.st_dev, st.st_ino) in spare:
