@@ -90,13 +90,22 @@ MLFLOW_META = "registered_model_meta"
 
 
 def files_under(root) -> list[Path]:
-    """Every file under ``root``, sorted: what ``root.rglob("*")`` lists that ``is_file()`` (a link to a
-    file included, a linked folder not entered), found with one ``scandir`` per folder (rglob costs
-    about four times as much)."""
-    out = []
-    for folder, _, names in os.walk(root):
-        out += [p for p in (Path(folder, n) for n in names) if p.is_file()]
-    return sorted(out)
+    """Every file under ``root``, in path-string order: what ``root.rglob("*")`` lists that ``is_file()``
+    (a link to a file included, a linked folder not entered, an unreadable folder skipped), found with
+    ``scandir``, whose entries know their type without a stat (three times faster than rglob)."""
+    out, folders = [], [os.fspath(root)]
+    while folders:
+        try:
+            entries = os.scandir(folders.pop())
+        except OSError:  # missing, not a folder, or unreadable
+            continue
+        with entries:
+            for e in entries:
+                if e.is_dir(follow_symlinks=False):
+                    folders.append(e.path)
+                elif e.is_file():
+                    out.append(e.path)
+    return [Path(p) for p in sorted(out)]
 
 
 def tree_digests(root: Path, known: dict[str, str] | None = None) -> dict[str, str]:

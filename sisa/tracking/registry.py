@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -369,9 +370,9 @@ def _zero_local(location: str, spare: set = frozenset()) -> None:
     root = adapter.local_path(location)
     doomed = []
     for f in files_under(root) if root is not None else []:
-        if f.is_symlink():
+        st = f.lstat()
+        if stat.S_ISLNK(st.st_mode):
             continue
-        st = f.stat()
         if (st.st_dev, st.st_ino) in spare:
             f.unlink()
         else:
