@@ -70,8 +70,8 @@ class Staged:
     """A new version prepared while a deletion's shards retrain (`stage`): its logged model, its local
     folder (None on a remote store) with MLflow's files and the links of the shards not retrained
     (``present``, see `sisa.tracking.pyfunc.export`), and what the purge will delete once it is live
-    (``doomed``: (versions, {logged model id: location}) found then, and ``current``, the version ``current`` named:
-    the workdir lock keeps anything new out)."""
+    (``doomed``: (versions, {logged model id: its location}) found then, and ``current``, the version
+    ``current`` named: the workdir lock keeps anything new out)."""
 
     model_id: str
     artifact_location: str
@@ -285,6 +285,7 @@ def purge_superseded(
 
 
 def _delete_versions(tracker, versions: list) -> None:
+    """Each version's tags, then the version (MLflow keeps a deleted version's row, redacted)."""
     client, name = tracker.client, tracker.model_name
     for v in versions:
         if not adapter.drop_version_tags(client, tracker.uri, name, v.version):  # MLflow keeps them: ours go first
