@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from shards.errors import WorkdirError
@@ -71,7 +71,9 @@ class Staged:
     folder (None on a remote store) with MLflow's files and the links of the shards not retrained
     (``present``, see `sisa.tracking.pyfunc.export`), and what the purge will delete once it is live
     (``doomed``: (versions, {logged model id: its location}) found then, and ``current``, the version
-    ``current`` named: the workdir lock keeps anything new out)."""
+    ``current`` named: the workdir lock keeps anything new out). ``written``:
+    {file: sha256} of MLflow's files as they were written, so that one changed before the version is
+    registered is not published as it then is."""
 
     model_id: str
     artifact_location: str
@@ -79,6 +81,7 @@ class Staged:
     present: dict
     doomed: tuple[list, dict]
     current: object = None
+    written: dict = field(default_factory=dict)
 
 
 def stage(tracker, ctx, m, run_id: str | None, retrained: set[int]) -> Staged:
@@ -92,14 +95,16 @@ def stage(tracker, ctx, m, run_id: str | None, retrained: set[int]) -> Staged:
     reuse = {s: v for s, v in _reusable(tracker, ctx, m, current).items() if s not in retrained}
     lm = _create_logged_model(tracker, run_id)
     local = adapter.local_path(lm.artifact_location)
-    present = {}
+    present, written = {}, {}
     if local is not None:
         skeleton(
             local,
             Model(artifact_path=lm.artifact_location, model_uuid=lm.model_id, run_id=run_id, model_id=lm.model_id),
         )
+        written = {k: v for k, v in tree_digests(local).items() if k != f"{DATA}/{META}"}  # export rewrites it
         present = link_shards(local / DATA, reuse, {s: m.shards[s].final.sha256 for s in reuse})
-    return Staged(lm.model_id, lm.artifact_location, local, present, _doomed(tracker, lm.model_id), current)
+    doomed = _doomed(tracker, lm.model_id)
+    return Staged(lm.model_id, lm.artifact_location, local, present, doomed, current, written)
 
 
 def _ensure(tracker, ctx) -> None:
@@ -110,11 +115,11 @@ def _ensure(tracker, ctx) -> None:
 
 def _is_recorded(workdir, version, fp: str) -> bool:
     """The version is this fingerprint, published with digests, and the workdir's record names it."""
+    if version.tags.get("sisa.fingerprint") != fp or version.tags.get("sisa.format") != str(FORMAT):
+        return False  # a deletion's publish: the record is not read
     rec, _ = read_record(workdir)
     return (
-        version.tags.get("sisa.fingerprint") == fp
-        and version.tags.get("sisa.format") == str(FORMAT)
-        and rec is not None
+        rec is not None
         and str(rec.get("version")) == str(version.version)
         and rec.get("fingerprint") == fp
         and json.loads(version.tags.get("sisa.files", "null")) == rec.get("files")
@@ -212,7 +217,8 @@ def _finish(tracker, ctx, m, run_id: str | None, fp: str, staged: Staged):
 
     if staged.local is not None:
         meta = export(ctx, m, staged.local / DATA, present=staged.present)
-        files = tree_digests(staged.local, {f"{DATA}/{k}": v for k, v in meta["files"].items()})
+        weights = {f"{DATA}/{k}": v for k, v in meta["files"].items()}
+        files = tree_digests(staged.local, {**staged.written, **weights})
     else:
         lm = SimpleNamespace(model_id=staged.model_id, artifact_location=staged.artifact_location)
         meta, files = _write_model(tracker, ctx, m, lm, run_id, {})

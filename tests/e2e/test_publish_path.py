@@ -16,8 +16,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from sisa import SisaEnsemble
+from sisa.errors import IntegrityError
 from sisa.ledger import Ledger
-from sisa.tracking import adapter
+from sisa.tracking import adapter, registry
 from sisa.tracking.digest import RECORD, files_under
 from sisa.tracking.pyfunc import fingerprint, load_model
 
@@ -71,6 +72,25 @@ def test_a_done_deletion_leaves_one_sealed_version_and_nothing_of_the_old_one(tm
     assert _rows(w, "select model_id, lifecycle_stage from logged_models") == [(adapter.model_id(v2), "active")]
     assert _rows(w, "select count(*) from logged_model_tags where model_id = ?", old) == [(0,)]
     assert not (w / "mlartifacts" / "models" / old).exists()
+
+
+def test_an_mlflow_file_changed_while_the_shards_retrain_is_not_published_as_changed(tmp_path, monkeypatch):
+    """MLflow's files of the staged version are hashed as they are written: one changed before the version
+    is registered keeps its written digest, so that loading refuses it instead of trusting it."""
+    w = tmp_path / "w"
+    ens, X = _fit(w)
+    uri = f"sqlite:///{w / 'mlflow.db'}"
+    finish = registry._finish
+
+    def planted(tracker, ctx, m, run_id, fp, staged):
+        with open(staged.local / "MLmodel", "a") as f:
+            f.write("# planted while the shards retrained\n")
+        return finish(tracker, ctx, m, run_id, fp, staged)
+
+    monkeypatch.setattr(registry, "_finish", planted)
+    assert ens.delete(GONE).timing["state"] == "done"
+    with pytest.raises(IntegrityError, match="MLmodel: sha256 differs from the published digest"):
+        load_model(f"models:/{ens._ctx.tracker().model_name}@current", uri)
 
 
 def test_a_purge_killed_between_the_files_and_the_rows_is_finished_on_open(tmp_path):
