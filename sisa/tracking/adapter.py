@@ -3,7 +3,10 @@
 Erasure needs a few things MLflow's public API does not offer: the hard delete of a logged model's row
 (the public delete only marks it), the list of soft-deleted logged models (an interrupted purge leaves
 some), a models:/ source resolved against our own store, the artifact repository of a location, and a
-version's tags deleted in one transaction.
+version's tags deleted in one transaction. A deletion's way to *done* also calls two writes one level
+below `MlflowClient` (`set_alias`, `delete_version`): the same call on the same store, without the read
+the client makes first (a check that the name is a registered model, not a prompt), which
+`sisa.tracking.registry` has made once already.
 Each is reached here and nowhere else, so that an MLflow upgrade that moves one of them breaks this
 module only. Everything is used on a ``sqlite:///`` store that belongs to the workdir (`OwnStore`);
 on a tracking server the public API is all sisa uses.
@@ -117,6 +120,24 @@ def own_store(mlflow_client, uri: str) -> OwnStore | None:
     store = mlflow_client._tracking_client.store
     needed = ("_get_deleted_logged_models", "_hard_delete_logged_model", "get_logged_model")
     return OwnStore(store) if all(hasattr(store, k) for k in needed) else None
+
+
+def set_alias(mlflow_client, name: str, alias: str, version) -> None:
+    """`MlflowClient.set_registered_model_alias` without its prompt check (a read of the registered model
+    and every version it ever had, which grows with each deletion)."""
+    _registry(mlflow_client, "set_registered_model_alias")(name, alias, version)
+
+
+def delete_version(mlflow_client, name: str, version) -> None:
+    """`MlflowClient.delete_model_version` without its prompt check."""
+    _registry(mlflow_client, "delete_model_version")(name, version)
+
+
+def _registry(mlflow_client, method: str):
+    try:
+        return getattr(mlflow_client._get_registry_client(), method)
+    except AttributeError:  # a moved private attribute: the public API
+        return getattr(mlflow_client, method)
 
 
 def drop_version_tags(mlflow_client, uri: str, name: str, version) -> bool:

@@ -88,8 +88,7 @@ def export(ctx, m, directory: Path, reuse: dict | None = None, present: dict | N
             files[rel], state_dicts[str(s)] = reuse[s][1], reuse[s][2]
             continue
         sd = ctx.state_dict(s, m)
-        torch.save(sd, directory / rel)
-        files[rel], state_dicts[str(s)] = file_sha256(directory / rel), state_dict_sha256(sd)
+        files[rel], state_dicts[str(s)] = _save(sd, directory / rel), state_dict_sha256(sd)
     meta = {
         "format": FORMAT,
         "name": c.name,
@@ -120,11 +119,21 @@ def export(ctx, m, directory: Path, reuse: dict | None = None, present: dict | N
             "probe": e.probe,
         }
         sd = ctx.encoder(m).state_dict()  # e.module: a user's encoder by import path (None: the start's body)
-        torch.save(sd, directory / ENCODER_FILE)
-        files[ENCODER_FILE], state_dicts[ENCODER] = file_sha256(directory / ENCODER_FILE), state_dict_sha256(sd)
+        files[ENCODER_FILE], state_dicts[ENCODER] = _save(sd, directory / ENCODER_FILE), state_dict_sha256(sd)
     meta["digest"] = meta_digest(meta)
     (directory / META).write_text(json.dumps(meta, indent=1, sort_keys=True))
     return meta
+
+
+def _save(state_dict: dict, path: Path) -> str:
+    """``torch.save`` to ``path``; returns the sha256 of the bytes written, hashed in memory (not read back)."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save(state_dict, buf)
+    data = buf.getvalue()
+    path.write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def link_shards(directory: Path, reuse: dict, checkpoints: dict) -> dict:

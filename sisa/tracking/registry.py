@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import dataclass
+import stat
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from shards.errors import WorkdirError
 from shards.storage import zero_and_remove_many
 from sisa.failpoints import crashpoint
 from sisa.tracking import adapter
-from sisa.tracking.digest import DATA, FORMAT, META, read_record, shard_file, tree_digests, write_record
+from sisa.tracking.digest import DATA, FORMAT, META, files_under, read_record, shard_file, tree_digests, write_record
 from sisa.tracking.pyfunc import export, fingerprint, link_shards, save, skeleton
 
 ALIAS = "current"
@@ -69,15 +70,18 @@ class Staged:
     """A new version prepared while a deletion's shards retrain (`stage`): its logged model, its local
     folder (None on a remote store) with MLflow's files and the links of the shards not retrained
     (``present``, see `sisa.tracking.pyfunc.export`), and what the purge will delete once it is live
-    (``doomed``: (versions, logged model ids) found then, and ``current``, the version ``current`` named:
-    the workdir lock keeps anything new out)."""
+    (``doomed``: (versions, {logged model id: its location}) found then, and ``current``, the version
+    ``current`` named: the workdir lock keeps anything new out). ``written``:
+    {file: sha256} of MLflow's files as they were written, so that one changed before the version is
+    registered is not published as it then is."""
 
     model_id: str
     artifact_location: str
     local: Path | None
     present: dict
-    doomed: tuple[list, set]
+    doomed: tuple[list, dict]
     current: object = None
+    written: dict = field(default_factory=dict)
 
 
 def stage(tracker, ctx, m, run_id: str | None, retrained: set[int]) -> Staged:
@@ -91,14 +95,16 @@ def stage(tracker, ctx, m, run_id: str | None, retrained: set[int]) -> Staged:
     reuse = {s: v for s, v in _reusable(tracker, ctx, m, current).items() if s not in retrained}
     lm = _create_logged_model(tracker, run_id)
     local = adapter.local_path(lm.artifact_location)
-    present = {}
+    present, written = {}, {}
     if local is not None:
         skeleton(
             local,
             Model(artifact_path=lm.artifact_location, model_uuid=lm.model_id, run_id=run_id, model_id=lm.model_id),
         )
+        written = {k: v for k, v in tree_digests(local).items() if k != f"{DATA}/{META}"}  # export rewrites it
         present = link_shards(local / DATA, reuse, {s: m.shards[s].final.sha256 for s in reuse})
-    return Staged(lm.model_id, lm.artifact_location, local, present, _doomed(tracker, lm.model_id), current)
+    doomed = _doomed(tracker, lm.model_id)
+    return Staged(lm.model_id, lm.artifact_location, local, present, doomed, current, written)
 
 
 def _ensure(tracker, ctx) -> None:
@@ -109,11 +115,11 @@ def _ensure(tracker, ctx) -> None:
 
 def _is_recorded(workdir, version, fp: str) -> bool:
     """The version is this fingerprint, published with digests, and the workdir's record names it."""
+    if version.tags.get("sisa.fingerprint") != fp or version.tags.get("sisa.format") != str(FORMAT):
+        return False  # a deletion's publish: the record is not read
     rec, _ = read_record(workdir)
     return (
-        version.tags.get("sisa.fingerprint") == fp
-        and version.tags.get("sisa.format") == str(FORMAT)
-        and rec is not None
+        rec is not None
         and str(rec.get("version")) == str(version.version)
         and rec.get("fingerprint") == fp
         and json.loads(version.tags.get("sisa.files", "null")) == rec.get("files")
@@ -191,7 +197,7 @@ def _create_logged_model(tracker, run_id: str | None):
         tracker.experiment_id(),
         name=name,
         source_run_id=run_id,
-        tags={"sisa.ensemble": name},
+        tags={"sisa.ensemble": name, "sisa.format": str(FORMAT)},  # the digests go on the version
         model_type="sisa-ensemble",
     )
     if run_id is not None:
@@ -211,7 +217,8 @@ def _finish(tracker, ctx, m, run_id: str | None, fp: str, staged: Staged):
 
     if staged.local is not None:
         meta = export(ctx, m, staged.local / DATA, present=staged.present)
-        files = tree_digests(staged.local, {f"{DATA}/{k}": v for k, v in meta["files"].items()})
+        weights = {f"{DATA}/{k}": v for k, v in meta["files"].items()}
+        files = tree_digests(staged.local, {**staged.written, **weights})
     else:
         lm = SimpleNamespace(model_id=staged.model_id, artifact_location=staged.artifact_location)
         meta, files = _write_model(tracker, ctx, m, lm, run_id, {})
@@ -219,15 +226,11 @@ def _finish(tracker, ctx, m, run_id: str | None, fp: str, staged: Staged):
 
 
 def _register(tracker, ctx, m, model_id: str, run_id: str | None, fp: str, meta: dict, files: dict):
-    """Seal a written logged model (digests in its tags), register it as a version, move the alias, write
-    the workdir's signed record."""
+    """Seal a written logged model, register it as a version with the digests in its tags (one
+    transaction), move the alias, write the workdir's signed record."""
     client, name = tracker.client, tracker.model_name
     active = ctx.active_shards(m)
     crashpoint("after_model_written")  # a logged model not yet registered: the next purge removes it
-    digests = {"sisa.format": str(FORMAT), "sisa.files": json.dumps(files, sort_keys=True, separators=(",", ":"))}
-    client.set_logged_model_tags(
-        model_id, {**digests, "sisa.fingerprint": fp, "sisa.active_shards": ",".join(map(str, active))}
-    )
     client.finalize_logged_model(model_id, "READY")
     # a local sqlite registry resolves models:/ sources through the *global* tracking URI (an MLflow TODO)
     local = adapter.own_store(client, tracker.uri) is not None
@@ -236,13 +239,18 @@ def _register(tracker, ctx, m, model_id: str, run_id: str | None, fp: str, meta:
             name,
             source=f"models:/{model_id}",
             run_id=run_id,
-            tags={"sisa.fingerprint": fp, **digests},
+            tags={
+                "sisa.fingerprint": fp,
+                "sisa.format": str(FORMAT),
+                "sisa.files": json.dumps(files, sort_keys=True, separators=(",", ":")),
+                "sisa.active_shards": ",".join(map(str, active)),
+            },
             description=f"{len(active)} active shard(s); {ctx.config.aggregation.method}; ensemble.json sha256 "
             f"{files[f'{DATA}/{META}']}",
             await_creation_for=0,
             model_id=model_id,
         )
-    client.set_registered_model_alias(name, ALIAS, mv.version)
+    adapter.set_alias(client, name, ALIAS, mv.version)
     record = {
         "registered_model": name,
         "version": str(mv.version),
@@ -257,49 +265,59 @@ def _register(tracker, ctx, m, model_id: str, run_id: str | None, fp: str, meta:
 
 
 def purge_superseded(
-    tracker, keep=None, known: tuple[list, set] | None = None, keep_dir: Path | None = None
+    tracker, keep=None, known: tuple[list, dict] | None = None, keep_dir: Path | None = None
 ) -> list[str]:
     """Delete every version of this ensemble's registered model except ``keep`` and every logged model of
-    this ensemble that ``keep`` does not use. ``known``: the list `_doomed` made for ``keep``'s logged
+    this ensemble that ``keep`` does not use. ``known``: the lists `_doomed` made for ``keep``'s logged
     model (a staged version), instead of searching again, and ``keep_dir`` its local folder. Returns the
-    purged logged-model ids."""
-    client, name = tracker.client, tracker.model_name
+    purged logged-model ids.
+
+    Each logged model's rows go only after its files, so that a purge killed in between still finds
+    what it left."""
+    client = tracker.client
     keep_model = adapter.model_id(keep) if keep is not None else None
     versions, doomed = known if known is not None else _doomed(tracker, keep_model)
-    for v in versions:
-        if keep is not None and str(v.version) == str(keep.version):
-            continue
-        if not adapter.drop_version_tags(client, tracker.uri, name, v.version):  # MLflow keeps them: ours go first
-            for k in v.tags:
-                client.delete_model_version_tag(name, v.version, k)
-        client.delete_model_version(name, v.version)
-    doomed = set(doomed) - {keep_model}
+    old = [v for v in versions if keep is None or str(v.version) != str(keep.version)]
+    doomed = {mid: loc for mid, loc in doomed.items() if mid != keep_model}
     store = adapter.own_store(client, tracker.uri)
-    spare = _inodes(tracker, store, keep_model, keep_dir) if doomed and keep_model else set()
-    for mid in sorted(doomed):
-        _purge_logged_model(tracker, store, mid, spare)
+    _delete_versions(tracker, old)
+    found = _purge_artifacts(tracker, store, doomed, keep_model, keep_dir)
+    crashpoint("before_logged_models_deleted")
+    for mid in found:
+        _delete_logged_model(tracker, store, mid)
     if store is not None and (doomed or tracker.zeroing):  # zeroing: a purge killed before it emptied the log
         _vacuum(tracker)
     return sorted(doomed)
 
 
-def _doomed(tracker, keep_model: str | None) -> tuple[list, set]:
-    """(every version of the registered model, every logged model of this ensemble but ``keep_model``,
-    soft-deleted ones that an interrupted purge left included)."""
+def _delete_versions(tracker, versions: list) -> None:
+    """Each version's tags, then the version (MLflow keeps a deleted version's row, redacted)."""
+    client, name = tracker.client, tracker.model_name
+    for v in versions:
+        if not adapter.drop_version_tags(client, tracker.uri, name, v.version):  # MLflow keeps them: ours go first
+            for k in v.tags:
+                client.delete_model_version_tag(name, v.version, k)
+        adapter.delete_version(client, name, v.version)
+
+
+def _doomed(tracker, keep_model: str | None) -> tuple[list, dict]:
+    """(every version of the registered model, {id: artifact location, None where not known} of every
+    logged model of this ensemble but ``keep_model``, soft-deleted ones that an interrupted purge left
+    included)."""
     client, name = tracker.client, tracker.model_name
     versions = adapter.all_pages(lambda tok: client.search_model_versions(f"name = '{name}'", page_token=tok))
-    doomed = {adapter.model_id(v) for v in versions if adapter.model_id(v)}
+    doomed = {adapter.model_id(v): None for v in versions if adapter.model_id(v)}
     exp = tracker.experiment_id()
     flt = f"tags.`sisa.ensemble` = '{name}'"
     for lm in adapter.all_pages(lambda tok: client.search_logged_models([exp], filter_string=flt, page_token=tok)):
-        doomed.add(lm.model_id)
+        doomed[lm.model_id] = lm.artifact_location
     store = adapter.own_store(client, tracker.uri)
     if store is not None:  # soft-deleted by an earlier, interrupted purge: still ours to finish
         for mid in store.deleted_logged_models():
             lm = store.get_logged_model(mid)
             if lm.experiment_id == exp and lm.tags.get("sisa.ensemble") == name:
-                doomed.add(mid)
-    doomed.discard(keep_model)
+                doomed[mid] = lm.artifact_location
+    doomed.pop(keep_model, None)
     return versions, doomed
 
 
@@ -309,33 +327,47 @@ def _inodes(tracker, store, mid: str, root: Path | None = None) -> set[tuple[int
     if root is None:
         lm = store.get_logged_model(mid) if store is not None else tracker.client.get_logged_model(mid)
         root = adapter.local_path(lm.artifact_location)
-    files = (f.stat() for f in (root.rglob("*") if root is not None and root.is_dir() else ()) if f.is_file())
+    files = (f.stat() for f in (files_under(root) if root is not None else ()))
     return {(st.st_dev, st.st_ino) for st in files}
 
 
-def _purge_logged_model(tracker, store, mid: str, spare: set = frozenset()) -> None:
-    """Artifacts first (the weights), then the entity; hard delete of the row where the store is ours.
+def _purge_artifacts(tracker, store, doomed: dict, keep_model: str | None, keep_dir: Path | None) -> list[str]:
+    """Zero and remove the files of every logged model in ``doomed`` ({id: artifact location, None: look
+    it up}); returns the ids found (those whose rows are to go)."""
+    from mlflow.exceptions import MlflowException
+
+    spare = _inodes(tracker, store, keep_model, keep_dir) if doomed and keep_model else set()
+    found = []
+    for mid, location in sorted(doomed.items()):
+        if location is None:
+            try:
+                lm = store.get_logged_model(mid) if store is not None else tracker.client.get_logged_model(mid)
+            except MlflowException:
+                continue
+            location = lm.artifact_location
+        loc = location.rstrip("/")
+        if loc.endswith(f"/{mid}/artifacts"):  # .../models/<id>/artifacts: remove the model's whole folder
+            loc = loc.removesuffix("/artifacts")
+        _zero_local(loc, spare)
+        adapter.artifact_repository(loc, tracker.uri).delete_artifacts()
+        found.append(mid)
+    return found
+
+
+def _delete_logged_model(tracker, store, mid: str) -> None:
+    """The entity, once its files are gone: where the store is ours its rows are hard-deleted (one
+    transaction, no soft delete first), else the public delete.
 
     Not `mlflow gc`: with only --logged-model-ids it also hard-deletes every deleted run in the store."""
     from mlflow.exceptions import MlflowException
 
-    client = tracker.client
-    try:
-        lm = store.get_logged_model(mid) if store is not None else client.get_logged_model(mid)
-    except MlflowException:
+    if store is None:
+        tracker.client.delete_logged_model(mid)
         return
-    loc = lm.artifact_location.rstrip("/")
-    if loc.endswith(f"/{mid}/artifacts"):  # .../models/<id>/artifacts: remove the model's whole folder
-        loc = loc.removesuffix("/artifacts")
-    _zero_local(loc, spare)
-    adapter.artifact_repository(loc, tracker.uri).delete_artifacts()
     try:
-        client.delete_logged_model(mid)
-    except MlflowException:  # soft-deleted already, by an interrupted purge
-        if store is None:
-            raise
-    if store is not None:
         store.hard_delete_logged_model(mid)
+    except MlflowException:  # gone already
+        pass
 
 
 def _zero_local(location: str, spare: set = frozenset()) -> None:
@@ -344,10 +376,10 @@ def _zero_local(location: str, spare: set = frozenset()) -> None:
     version (``spare``: a shard both hold) is only unlinked. Remote artifact stores delete objects whole."""
     root = adapter.local_path(location)
     doomed = []
-    for f in sorted(root.rglob("*")) if root is not None and root.is_dir() else []:
-        if not f.is_file() or f.is_symlink():
+    for f in files_under(root) if root is not None else []:
+        st = f.lstat()
+        if stat.S_ISLNK(st.st_mode):
             continue
-        st = f.stat()
         if (st.st_dev, st.st_ino) in spare:
             f.unlink()
         else:
