@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shards.errors import WorkdirError
-from shards.storage import zero_and_remove_many
+from shards.storage import sync_paths, zero_and_remove_many
 from sisa.failpoints import crashpoint
 from sisa.tracking import adapter
 from sisa.tracking.digest import DATA, FORMAT, META, files_under, read_record, shard_file, tree_digests, write_record
@@ -181,7 +181,9 @@ def _write_model(tracker, ctx, m, lm, run_id: str | None, reuse: dict) -> tuple[
     local = adapter.local_path(lm.artifact_location)
     if local is not None:
         meta = save(ctx, m, local, mlflow_model=mm, reuse=reuse)
-        return meta, tree_digests(local, {f"{DATA}/{k}": v for k, v in meta["files"].items()})
+        files = tree_digests(local, {f"{DATA}/{k}": v for k, v in meta["files"].items()})
+        sync_paths([str(local / f) for f in files])  # on disk before any alias can name the version
+        return meta, files
     with tempfile.TemporaryDirectory() as tmp:
         meta = save(ctx, m, Path(tmp) / "model", mlflow_model=mm)
         files = tree_digests(Path(tmp) / "model", {f"{DATA}/{k}": v for k, v in meta["files"].items()})
@@ -219,6 +221,7 @@ def _finish(tracker, ctx, m, run_id: str | None, fp: str, staged: Staged):
         meta = export(ctx, m, staged.local / DATA, present=staged.present)
         weights = {f"{DATA}/{k}": v for k, v in meta["files"].items()}
         files = tree_digests(staged.local, {**staged.written, **weights})
+        sync_paths([str(staged.local / f) for f in files])  # on disk before any alias can name the version
     else:
         lm = SimpleNamespace(model_id=staged.model_id, artifact_location=staged.artifact_location)
         meta, files = _write_model(tracker, ctx, m, lm, run_id, {})

@@ -144,3 +144,33 @@ def test_files_under_lists_what_rglob_lists(tmp_path):
     assert sorted(files_under(root)) == want
     assert [p.relative_to(root).as_posix() for p in want] == ["a/b/z.json", "a/to_file", "a/y.pt", "x.txt"]
     assert files_under(tmp_path / "missing") == [] and files_under(root / "x.txt") == []
+
+
+@pytest.mark.parametrize("wait", ["done", "effective"], ids=["staged-ahead", "settled"])
+def test_every_file_of_a_new_version_is_on_disk_before_the_alias_names_it(tmp_path, monkeypatch, wait):
+    """A power loss must not leave ``@current`` naming files that never reached the disk: the version's
+    files are synced before it is registered, on the staged path and the plain one."""
+    w = tmp_path / "w"
+    ens, _ = _fit(w)
+    events, real_sync, real_alias = [], registry.sync_paths, adapter.set_alias
+
+    def sync(paths):
+        events.append(("sync", set(paths)))
+        real_sync(paths)
+
+    def alias(client, name, a, version):
+        events.append(("alias", version))
+        real_alias(client, name, a, version)
+
+    monkeypatch.setattr(registry, "sync_paths", sync)
+    monkeypatch.setattr(adapter, "set_alias", alias)
+    ens.delete(GONE, wait=wait)
+    if wait == "effective":
+        ens.settle()
+    uri = f"sqlite:///{w / 'mlflow.db'}"
+    client, name = MlflowClient(uri, registry_uri=uri), ens._ctx.tracker().model_name
+    v = client.get_model_version_by_alias(name, "current")
+    root = adapter.local_path(client.get_logged_model(adapter.model_id(v)).artifact_location)
+    files = {str(root / f) for f in json.loads(v.tags["sisa.files"])}
+    at = events.index(("alias", v.version))
+    assert any(kind == "sync" and files <= paths for kind, paths in events[:at]), events
