@@ -155,7 +155,7 @@ def _bookkeeping(ctx, m: Manifest, recs: list[dict], ph: Phases) -> None:
     with ph("mlflow_logging"):
         owed.close_batch(ctx, m, recs, metrics)
         if ctx.config.tracking.enabled:
-            from sisa.tracking.registry import empty_log
+            from sisa.tracking.superseded import empty_log
 
             try:
                 empty_log(ctx.tracker())  # the run's pages too: the log is left empty
