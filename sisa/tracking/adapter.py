@@ -157,6 +157,24 @@ def drop_version_tags(mlflow_client, uri: str, name: str, version) -> bool:
     return True
 
 
+def registered_model_tags(mlflow_client, uri: str, name: str) -> dict | None:
+    """The tags of the registered model ``name`` read in one query on our own ``sqlite:///`` store; None
+    when there is no such model, or the store is not ours (the caller asks the public API)."""
+    if sqlite_path(uri) is None:
+        return None
+    try:
+        from mlflow.store.model_registry.dbmodels.models import SqlRegisteredModel as Model
+        from mlflow.store.model_registry.dbmodels.models import SqlRegisteredModelTag as Tag
+
+        maker = mlflow_client._get_registry_client().store.ManagedSessionMaker
+    except Exception:  # noqa: BLE001 - a moved private attribute: the public API
+        return None
+    with maker() as session:
+        if session.query(Model.name).filter(Model.name == name).first() is None:
+            return None
+        return dict(session.query(Tag.key, Tag.value).filter(Tag.name == name).all())
+
+
 @contextlib.contextmanager
 def quiet():
     """No 'Downloading artifacts' progress bar for copying our own two files, and no warning that no input

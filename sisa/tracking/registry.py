@@ -30,6 +30,7 @@ from sisa.tracking.pyfunc import export, fingerprint, link_shards, save, skeleto
 from sisa.tracking.superseded import doomed_of, purge_superseded
 
 ALIAS = "current"
+PROMPT_TAG = "mlflow.prompt.is_prompt"  # mlflow.prompt.constants.IS_PROMPT_TAG_KEY
 
 
 def publish(tracker, ctx, m, run_id: str | None = None, purge: bool = False, force: bool = False, staged=None):
@@ -108,9 +109,12 @@ def stage(tracker, ctx, m, run_id: str | None, retrained: set[int]) -> Staged:
 
 
 def _ensure(tracker, ctx) -> None:
-    if not tracker.registered:
-        _ensure_registered(tracker.client, tracker.model_name, ctx.config)
-        tracker.registered = True
+    """The registered model exists and is no prompt, checked at every publish: between two, a user can
+    delete it and register a prompt under its name, and the alias move and version delete skip MLflow's
+    own check (`adapter.set_alias`). On our own store one read of its tags; else MLflow's lookup."""
+    tags = adapter.registered_model_tags(tracker.client, tracker.uri, tracker.model_name)
+    if tags is None or tags.get(PROMPT_TAG, "").lower() == "true":
+        _ensure_registered(tracker.client, tracker.model_name, ctx.config)  # MLflow refuses a prompt
 
 
 def _is_recorded(workdir, version, fp: str) -> bool:
@@ -220,7 +224,11 @@ def _finish(tracker, ctx, m, run_id: str | None, fp: str, staged: Staged):
     if staged.local is not None:
         meta = export(ctx, m, staged.local / DATA, present=staged.present)
         weights = {f"{DATA}/{k}": v for k, v in meta["files"].items()}
-        files = tree_digests(staged.local, {**staged.written, **weights})
+        files = tree_digests(staged.local, weights)  # MLflow's own files hashed again: a few KB
+        if {k: v for k, v in files.items() if k not in weights and k != f"{DATA}/{META}"} != staged.written:
+            # one lost, changed or added while the shards retrained: log the version afresh (the purge
+            # finds the staged one with the other superseded models)
+            return _log_version(tracker, ctx, m, run_id, fp, _reusable(tracker, ctx, m, staged.current))
         sync_paths([str(staged.local / f) for f in files])  # on disk before any alias can name the version
     else:
         lm = SimpleNamespace(model_id=staged.model_id, artifact_location=staged.artifact_location)

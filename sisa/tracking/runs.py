@@ -55,7 +55,6 @@ class Tracker:
         self._client = None
         self._experiment_id: str | None = None
         self.zeroing = False  # sqlite deletes zero the freed bytes (`adapter.zero_on_delete`): no VACUUM
-        self.registered = False  # the registered model is known to exist (`registry.publish`)
 
     @property
     def client(self):

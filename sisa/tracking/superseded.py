@@ -93,7 +93,9 @@ def _purge_artifacts(tracker, store, doomed: dict, keep_model: str | None, keep_
         if location is None:
             try:
                 lm = store.get_logged_model(mid) if store is not None else tracker.client.get_logged_model(mid)
-            except MlflowException:
+            except MlflowException as e:
+                if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
                 continue
             location = lm.artifact_location
         loc = location.rstrip("/")
@@ -117,8 +119,9 @@ def _delete_logged_model(tracker, store, mid: str) -> None:
         return
     try:
         store.hard_delete_logged_model(mid)
-    except MlflowException:  # gone already
-        pass
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":  # a locked or failing database: the request stays effective
+            raise
 
 
 def _zero_local(location: str, spare: set = frozenset()) -> None:

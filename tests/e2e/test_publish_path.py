@@ -16,7 +16,6 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from sisa import SisaEnsemble
-from sisa.errors import IntegrityError
 from sisa.ledger import Ledger
 from sisa.tracking import adapter, registry
 from sisa.tracking.digest import RECORD, files_under
@@ -74,23 +73,36 @@ def test_a_done_deletion_leaves_one_sealed_version_and_nothing_of_the_old_one(tm
     assert not (w / "mlartifacts" / "models" / old).exists()
 
 
-def test_an_mlflow_file_changed_while_the_shards_retrain_is_not_published_as_changed(tmp_path, monkeypatch):
-    """MLflow's files of the staged version are hashed as they are written: one changed before the version
-    is registered keeps its written digest, so that loading refuses it instead of trusting it."""
+@pytest.mark.parametrize("change", ["changed", "lost", "added"])
+def test_an_mlflow_file_changed_while_the_shards_retrain_is_not_published(tmp_path, monkeypatch, change):
+    """MLflow's files of the staged version are hashed as they are written, and again when the version is
+    finished: one changed, lost or added meanwhile is not published; the version is logged afresh, whole
+    and loadable, and the staged one is purged with the superseded models."""
     w = tmp_path / "w"
     ens, X = _fit(w)
     uri = f"sqlite:///{w / 'mlflow.db'}"
-    finish = registry._finish
+    client, name = MlflowClient(uri, registry_uri=uri), ens._ctx.tracker().model_name
+    finish, seen = registry._finish, []
 
     def planted(tracker, ctx, m, run_id, fp, staged):
-        with open(staged.local / "MLmodel", "a") as f:
-            f.write("# planted while the shards retrained\n")
+        seen.append(staged.model_id)
+        if change == "changed":
+            with open(staged.local / "MLmodel", "a") as f:
+                f.write("# planted while the shards retrained\n")
+        elif change == "lost":
+            (staged.local / "requirements.txt").unlink()
+        else:
+            (staged.local / "extra.py").write_text("print('planted')\n")
         return finish(tracker, ctx, m, run_id, fp, staged)
 
     monkeypatch.setattr(registry, "_finish", planted)
     assert ens.delete(GONE).timing["state"] == "done"
-    with pytest.raises(IntegrityError, match="MLmodel: sha256 differs from the published digest"):
-        load_model(f"models:/{ens._ctx.tracker().model_name}@current", uri)
+    current = client.get_model_version_by_alias(name, "current")
+    assert seen and adapter.model_id(current) != seen[0], "not the staged version"
+    model = load_model(f"models:/{name}@current", uri)  # every file checked against sisa.files first
+    assert np.array_equal(model.predict(X), ens.predict(X))
+    assert [str(v.version) for v in client.search_model_versions(f"name = '{name}'")] == [str(current.version)]
+    assert _rows(w, "select count(*) from logged_models where model_id = ?", seen[0]) == [(0,)]
 
 
 def test_a_purge_killed_between_the_files_and_the_rows_is_finished_on_open(tmp_path):
@@ -174,3 +186,49 @@ def test_every_file_of_a_new_version_is_on_disk_before_the_alias_names_it(tmp_pa
     files = {str(root / f) for f in json.loads(v.tags["sisa.files"])}
     at = events.index(("alias", v.version))
     assert any(kind == "sync" and files <= paths for kind, paths in events[:at]), events
+
+
+def test_a_hard_delete_that_fails_leaves_the_request_effective_until_the_next_open(tmp_path, monkeypatch):
+    """Only a logged model that is already gone is skipped: a locked or failing database leaves the
+    request effective, with the old model's rows in place, and the next open finishes it."""
+    w = tmp_path / "w"
+    ens, X = _fit(w)
+    old = adapter.model_id(
+        ens._ctx.tracker().client.get_model_version_by_alias(ens._ctx.tracker().model_name, "current")
+    )
+
+    def locked(self, model_id):
+        raise MlflowException("database is locked", error_code="TEMPORARILY_UNAVAILABLE")
+
+    monkeypatch.setattr(adapter.OwnStore, "hard_delete_logged_model", locked)
+    with pytest.raises(MlflowException, match="database is locked"):
+        ens.delete(GONE)
+    [req] = Ledger(w / "ledger.db").requests()
+    assert req["state"] == "effective"
+    ens.close()
+    monkeypatch.undo()
+    reopened = SisaEnsemble.open(w, executor="inprocess")
+    assert Ledger(w / "ledger.db").state(req["id"]) == "done"
+    assert _rows(w, "select count(*) from logged_models where model_id = ?", old) == [(0,)]
+    reopened.close()
+
+
+def test_a_prompt_registered_under_the_name_after_the_fit_stops_the_publish(tmp_path, monkeypatch):
+    """A user deletes the registered model and registers a prompt under its name between two publishes:
+    the next publish refuses it (the request stays effective), and the prompt gets no version or alias."""
+    w = tmp_path / "w"
+    ens, X = _fit(w)
+    uri = f"sqlite:///{w / 'mlflow.db'}"
+    name = ens._ctx.tracker().model_name
+    client = MlflowClient(uri, registry_uri=uri)
+    client.delete_registered_model(name)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
+    mlflow.genai.register_prompt(name=name, template="hello {{x}}")
+    with pytest.raises(MlflowException, match="taken by a prompt"):
+        ens.delete(GONE)
+    [req] = Ledger(w / "ledger.db").requests()
+    assert req["state"] == "effective"
+    assert _rows(w, "select count(*) from model_versions where name = ?", name) == [(1,)], "only the prompt's"
+    assert _rows(w, "select count(*) from registered_model_aliases where name = ?", name) == [(0,)]
+    ens.close()
