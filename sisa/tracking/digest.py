@@ -89,6 +89,19 @@ def meta_digest(meta: dict) -> str:
 MLFLOW_META = "registered_model_meta"
 
 
+def mlflow_files(root) -> dict[str, str]:
+    """{relative path: sha256} of MLflow's own files of the model folder ``root`` (MLmodel, the environment
+    files): everything but the data folder and `MLFLOW_META`. ``ensemble.json`` records them, so that
+    MLflow's own loader (which reads MLmodel before sisa's code runs) refuses a changed one too."""
+    root = Path(root)
+    out = {}
+    for p in files_under(root):
+        rel = p.relative_to(root).as_posix()
+        if rel != MLFLOW_META and not rel.startswith(DATA.split("/")[0] + "/"):
+            out[rel] = file_sha256(p)
+    return out
+
+
 def files_under(root) -> list[Path]:
     """Every file under ``root``, in path-string order: what ``root.rglob("*")`` lists that ``is_file()``
     (a link to a file included, a linked folder not entered, an unreadable folder skipped), found with
@@ -149,6 +162,10 @@ def check_model_dir(root: Path, files: dict[str, str] | None = None):
     check_flavor(root)
     data = root / DATA
     meta = _check_meta(data / META)
+    if "mlflow_files" in meta:  # absent from older versions: their MLflow files are checked by sisa.files only
+        problems = diff_files(mlflow_files(root), meta["mlflow_files"], str(root))
+        if problems:
+            raise IntegrityError(f"{problems[0]}. {WHAT_TO_DO}", path=problems[0].split(":")[0])
     extra = sorted(
         rel
         for rel in (p.relative_to(data).as_posix() for p in data.rglob("*") if not p.is_dir())

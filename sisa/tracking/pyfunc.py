@@ -44,6 +44,7 @@ from sisa.tracking.digest import (
     check_model_dir,
     file_sha256,
     meta_digest,
+    mlflow_files,
     shard_file,
     state_dict_sha256,
 )
@@ -120,6 +121,9 @@ def export(ctx, m, directory: Path, reuse: dict | None = None, present: dict | N
         }
         sd = ctx.encoder(m).state_dict()  # e.module: a user's encoder by import path (None: the start's body)
         files[ENCODER_FILE], state_dicts[ENCODER] = _save(sd, directory / ENCODER_FILE), state_dict_sha256(sd)
+    root = directory.parents[1]  # the model folder: ``directory`` is its DATA folder
+    if (root / "MLmodel").exists():
+        meta["mlflow_files"] = mlflow_files(root)
     meta["digest"] = meta_digest(meta)
     (directory / META).write_text(json.dumps(meta, indent=1, sort_keys=True))
     return meta

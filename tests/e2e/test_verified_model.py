@@ -145,6 +145,26 @@ def test_an_mlmodel_pointed_at_planted_code_is_refused_before_mlflow_reads_it(tm
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("after_a_deletion", [False, True], ids=["fit", "deletion"])
+def test_an_mlmodel_edited_in_place_is_refused_by_mlflows_own_loader_too(tmp_path, monkeypatch, after_a_deletion):
+    """An edit that keeps sisa's loader (the signature's ``proba`` default flipped: probabilities where
+    labels were asked for) is refused by plain `mlflow.pyfunc.load_model` as well: ensemble.json records
+    MLflow's own files of the version (a staged one's included, `sisa.tracking.registry.stage`)."""
+    ens, X, uri, _, name, root = _published(tmp_path, monkeypatch, delete=("u-3",) if after_a_deletion else ())
+    labels = mlflow.pyfunc.load_model(f"models:/{name}@current").predict(X[:3])
+    assert labels.ndim == 1
+    text = (root / "MLmodel").read_text()
+    assert "proba" in text
+    (root / "MLmodel").write_text(text.replace('"default": false', '"default": true'))
+    assert (root / "MLmodel").read_text() != text
+    with pytest.raises(IntegrityError, match=r"MLmodel: sha256 differs from the published digest"):
+        mlflow.pyfunc.load_model(f"models:/{name}@current")
+    (root / "MLmodel").write_text(text)
+    (root / "extra.yaml").write_text("a: 1\n")
+    with pytest.raises(IntegrityError, match=r"extra.yaml: a file that was not published"):
+        mlflow.pyfunc.load_model(f"models:/{name}@current")
+
+
 def test_audit_passes_on_an_untouched_ensemble_and_writes_nothing(tmp_path, monkeypatch):
     ens, X, uri, client, name, root = _published(tmp_path, monkeypatch, delete=["u-3", "u-40"])
     w = ens.workdir.path
