@@ -140,39 +140,46 @@ def _registry(mlflow_client, method: str):
         return getattr(mlflow_client, method)
 
 
+def _registry_tables(mlflow_client, uri: str):
+    """(session maker, MLflow's registry table classes) of our own ``sqlite:///`` store; None for a
+    server, or where MLflow moved them (the caller uses the public API)."""
+    if sqlite_path(uri) is None:
+        return None
+    try:
+        from mlflow.store.model_registry.dbmodels import models as tables
+
+        return mlflow_client._get_registry_client().store.ManagedSessionMaker, tables
+    except Exception:  # noqa: BLE001 - a moved private attribute
+        return None
+
+
 def drop_version_tags(mlflow_client, uri: str, name: str, version) -> bool:
     """Delete every tag of a model version (MLflow keeps a deleted version's tags; ours hold digests and
     fingerprints) in one transaction on our own ``sqlite:///`` store. False where that is not possible
     (a server, or MLflow moved its tables): the caller deletes them one by one through the public API."""
-    if sqlite_path(uri) is None:
+    own = _registry_tables(mlflow_client, uri)
+    if own is None:
         return False
-    try:
-        from mlflow.store.model_registry.dbmodels.models import SqlModelVersionTag as Tag
-
-        maker = mlflow_client._get_registry_client().store.ManagedSessionMaker
-    except Exception:  # noqa: BLE001 - a moved private attribute: the public API
-        return False
+    maker, t = own
     with maker() as session:
-        session.query(Tag).filter(Tag.name == name, Tag.version == int(version)).delete()
+        session.query(t.SqlModelVersionTag).filter(
+            t.SqlModelVersionTag.name == name, t.SqlModelVersionTag.version == int(version)
+        ).delete()
     return True
 
 
 def registered_model_tags(mlflow_client, uri: str, name: str) -> dict | None:
     """The tags of the registered model ``name`` read in one query on our own ``sqlite:///`` store; None
     when there is no such model, or the store is not ours (the caller asks the public API)."""
-    if sqlite_path(uri) is None:
+    own = _registry_tables(mlflow_client, uri)
+    if own is None:
         return None
-    try:
-        from mlflow.store.model_registry.dbmodels.models import SqlRegisteredModel as Model
-        from mlflow.store.model_registry.dbmodels.models import SqlRegisteredModelTag as Tag
-
-        maker = mlflow_client._get_registry_client().store.ManagedSessionMaker
-    except Exception:  # noqa: BLE001 - a moved private attribute: the public API
-        return None
+    maker, t = own
     with maker() as session:
-        if session.query(Model.name).filter(Model.name == name).first() is None:
+        if session.query(t.SqlRegisteredModel.name).filter(t.SqlRegisteredModel.name == name).first() is None:
             return None
-        return dict(session.query(Tag.key, Tag.value).filter(Tag.name == name).all())
+        tags = session.query(t.SqlRegisteredModelTag.key, t.SqlRegisteredModelTag.value)
+        return dict(tags.filter(t.SqlRegisteredModelTag.name == name).all())
 
 
 @contextlib.contextmanager
