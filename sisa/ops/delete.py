@@ -26,6 +26,7 @@ Each phase's wall time is measured (`sisa.ops.phases`) and returned in the recei
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import replace
 
@@ -227,11 +228,23 @@ def _retrain(ctx, after: Manifest, plans: list, progress, meanwhile) -> tuple[di
     """Run the plans, and ``meanwhile`` once while they train; ({shard: its stages' figures}, the wall
     time). ``meanwhile``'s phases overlap the retrain's wall time, they do not add to it."""
     stages: dict[int, list[dict]] = {}
-    t = time.perf_counter()
-    if plans:
-        ctx.run_plans(OP, after, plans, _on_stage(progress, stages), meanwhile)
-    else:
+    ran = []
+
+    def once():
+        ran.append(True)
         meanwhile()
+
+    t = time.perf_counter()
+    try:
+        if plans:
+            ctx.run_plans(OP, after, plans, _on_stage(progress, stages), once)
+        else:
+            once()
+    except BaseException:
+        if not ran:  # the retrain failed before it was sent: the shards are excluded all the same
+            with contextlib.suppress(Exception):
+                once()
+        raise
     return stages, time.perf_counter() - t
 
 

@@ -140,6 +140,33 @@ def test_affected_shards_are_excluded_while_retraining(tmp_path):
     assert ens.active_shards() == [0, 1, 2]
 
 
+def test_a_retrain_that_fails_before_it_is_sent_still_excludes_the_shards(tmp_path, monkeypatch):
+    """The exclusion is committed while the retrain runs (`Executor.run`'s ``meanwhile``); a retrain that
+    fails before it is sent (no worker could be placed, say) commits it all the same, and the next open
+    finishes the request."""
+    from sisa.context import OpContext
+
+    cfg = tiny_config(sharding={"shards": 3, "slices": 2})
+    X, y, ids = tiny_data(n=150)
+    ens = fit(cfg, tmp_path / "a", X, y, ids)
+    gone = [ids[5]]
+    shard = ens.shard_of(gone[0])[0]
+
+    def unplaced(self, *a, **k):
+        raise RuntimeError("no shard worker could be placed")
+
+    monkeypatch.setattr(OpContext, "run_plans", unplaced)
+    with pytest.raises(RuntimeError, match="no shard worker could be placed"):
+        ens.delete(gone)
+    m = ens._ctx.read_manifest()
+    assert m.shards[shard].excluded and m.retraining is not None and shard not in ens.active_shards()
+    monkeypatch.undo()
+    reopened = SisaEnsemble.open(tmp_path / "a", executor="inprocess")
+    assert shard in reopened.active_shards() and reopened.manifest.retraining is None
+    ref = fit(cfg, tmp_path / "b", *drop(X, y, ids, gone))
+    assert weights_equal(reopened, ref)
+
+
 def test_ledger_is_durable_hashed_and_moves_to_done(tmp_path):
     X, y, ids = tiny_data(n=120)
     ens = fit(tiny_config(), tmp_path / "a", X, y, ids)
