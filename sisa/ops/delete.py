@@ -174,7 +174,9 @@ def resume(ctx, req: dict, wait: str = "done") -> None:
         _execute(ctx, m, rid, hashed, req["plan"], time.time(), 0, None, Phases(), wait)
 
 
-def _execute(ctx, before: Manifest, rid, hashed: set, plan: dict, t0: float, already: int, progress, ph, wait, found=None):
+def _execute(
+    ctx, before: Manifest, rid, hashed: set, plan: dict, t0: float, already: int, progress, ph, wait, found=None
+):
     """Run a committed request. ``found`` (a fresh request, not a resumed one): its canonical ids by
     (shard, slice), as `locate` matched them; a resumed request has only the ledger's hashes."""
     affected = sorted({s for s, _ in plan["slices"]})
