@@ -224,11 +224,11 @@ def _finish(tracker, ctx, m, run_id: str | None, fp: str, staged: Staged):
     if staged.local is not None:
         meta = export(ctx, m, staged.local / DATA, present=staged.present)
         weights = {f"{DATA}/{k}": v for k, v in meta["files"].items()}
-        files = tree_digests(staged.local, weights)  # MLflow's own files hashed again: a few KB
-        if {k: v for k, v in files.items() if k not in weights and k != f"{DATA}/{META}"} != staged.written:
+        if meta.get("mlflow_files") != staged.written:  # export hashed MLflow's files again, as it recorded them
             # one lost, changed or added while the shards retrained: log the version afresh (the purge
             # finds the staged one with the other superseded models)
             return _log_version(tracker, ctx, m, run_id, fp, _reusable(tracker, ctx, m, staged.current))
+        files = tree_digests(staged.local, {**weights, **staged.written})
         sync_paths([str(staged.local / f) for f in files])  # on disk before any alias can name the version
     else:
         lm = SimpleNamespace(model_id=staged.model_id, artifact_location=staged.artifact_location)
